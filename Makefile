@@ -1,0 +1,61 @@
+# ttsfleet: `make demo` runs the main job locally, `make test` passes the tests.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PY := python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+CLUSTER ?= ttsfleet
+PYTEST_ARGS ?=
+
+.PHONY: help deps tools cluster cluster-down demo lint fmt typecheck test test-unit test-integration bench-cluster clean
+
+help: ## List the targets.
+	@grep -E '^[a-z.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip==25.3
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+.venv: $(VENV)/.installed ## Create the virtualenv (.venv/bin/ttsfleet is the CLI).
+
+deps: ## Install the Debian packages that are missing.
+	bash hack/deps.sh
+
+tools: deps ## Build the control plane, etcd, kubectl, kwok, helm, Prometheus once (cached).
+	bash hack/tools.sh build
+
+cluster: tools .venv ## Start (or reuse) the local cluster with simulated GPU nodes.
+	$(BIN)/ttsfleet cluster up --name $(CLUSTER) --reuse
+
+cluster-down: .venv ## Stop the local cluster and remove all it made.
+	$(BIN)/ttsfleet cluster down $(CLUSTER)
+
+demo: cluster ## The main job on the local default: cluster, GPU nodes, what was made.
+	$(BIN)/ttsfleet cluster status
+	eval "$$($(BIN)/ttsfleet cluster env $(CLUSTER))" && \
+	  kubectl get nodes -L ttsfleet.io/pool,nvidia.com/gpu.product,nvidia.com/mig.strategy
+
+lint: .venv ## ruff (lint and format check) and mypy.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: .venv ## Format and fix what ruff can.
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test-unit: .venv ## Unit tests only (no cluster, no builds).
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test: deps tools .venv lint ## Everything: installs, lint, types, unit, integration and e2e tests.
+	$(BIN)/pytest tests $(PYTEST_ARGS)
+
+bench-cluster: tools .venv ## Measure builds, cluster start, memory, 1,000 nodes and pods (JSON).
+	$(BIN)/python benchmarks/cluster_bench.py --out benchmarks/results/cluster.json
+
+clean: ## Remove the virtualenv and caches of this checkout (not the built binaries).
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

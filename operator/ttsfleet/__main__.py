@@ -1,0 +1,3 @@
+from ttsfleet.cli import app
+
+app()

@@ -1,0 +1,150 @@
+"""The `ttsfleet` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ttsfleet import __version__
+from ttsfleet.cluster import local, toolchain
+from ttsfleet.cluster.pool import PoolError, load_pool_file, scale_gpu_pools
+
+app = typer.Typer(
+    help="ttsfleet: Kubernetes operator for GPU text-to-speech fleets.", no_args_is_help=True
+)
+cluster_app = typer.Typer(
+    help="A local Kubernetes cluster with simulated GPU nodes.", no_args_is_help=True
+)
+app.add_typer(cluster_app, name="cluster")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+@app.command()
+def version() -> None:
+    """Print the version of ttsfleet and of the components it builds on."""
+    console.print(f"ttsfleet {__version__}")
+    for key, value in toolchain.versions().items():
+        console.print(f"  {key.removesuffix('_VERSION').lower()}: {value}")
+
+
+NameOption = Annotated[str, typer.Option("--name", "-n", help="Cluster name.")]
+
+
+@cluster_app.command("up")
+def cluster_up(
+    name: NameOption = local.DEFAULT_NAME,
+    nodes: Annotated[
+        int | None,
+        typer.Option(min=0, max=5000, help="GPU nodes in all, spread over the GPU pools."),
+    ] = None,
+    pool: Annotated[
+        Path | None, typer.Option(help="Node-pool file (YAML); the shipped default if left out.")
+    ] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Apiserver port.")] = None,
+    reuse: Annotated[
+        bool, typer.Option(help="Keep a cluster of this name that is already up.")
+    ] = False,
+    qps_limits: Annotated[
+        bool, typer.Option(help="Keep the components' default client QPS limits.")
+    ] = False,
+) -> None:
+    """Start a local cluster: real control plane, kwok GPU nodes."""
+    try:
+        pools = load_pool_file(pool)
+        if nodes is not None:
+            pools = scale_gpu_pools(pools, nodes)
+        with console.status(f"Starting cluster {name}..."):
+            result = local.up(name, pools, port=port, reuse=reuse, qps_limits=qps_limits)
+    except (PoolError, local.ClusterError, toolchain.MissingToolError) as err:
+        raise _fail(str(err)) from None
+    record = result.record
+    verb = "Started" if result.created else "Reused"
+    console.print(f"[green]{verb}[/green] cluster [bold]{name}[/bold] in {result.seconds:.1f}s")
+    console.print(f"  apiserver:    https://127.0.0.1:{record.apiserver_port}")
+    console.print(f"  kubeconfig:   {record.kubeconfig}")
+    console.print(f"  pod CIDR:     {record.pod_cidr} (routed to a blackhole on this host)")
+    console.print(f"  service CIDR: {record.service_cidr}")
+    table = Table("pool", "nodes", "GPU", "per node", title="Node pools", title_justify="left")
+    for p in pools.pools:
+        if p.gpu is None:
+            gpu, per_node = ("local processes" if p.local else "-"), f"{p.cpu} CPU"
+        else:
+            gpu = f"{p.gpu.product} x{p.gpu.count}"
+            per_node = ", ".join(f"{k} {v}" for k, v in p.gpu.mig_layout.items()) or "whole GPUs"
+            if p.gpu.mig_layout:
+                per_node = f"MIG {p.gpu.mig_strategy}: {per_node} per GPU"
+        table.add_row(p.name, str(p.count), gpu, per_node)
+    console.print(table)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+    console.print(
+        f"Use it: export KUBECONFIG=$(ttsfleet cluster kubeconfig {name})", highlight=False
+    )
+
+
+@cluster_app.command("down")
+def cluster_down(
+    name: Annotated[str, typer.Argument(help="Cluster name.")] = local.DEFAULT_NAME,
+) -> None:
+    """Stop a local cluster and remove everything it made."""
+    try:
+        local.down(name)
+    except local.ClusterError as err:
+        raise _fail(str(err)) from None
+    console.print(f"Removed cluster [bold]{name}[/bold]")
+
+
+@cluster_app.command("kubeconfig")
+def cluster_kubeconfig(
+    name: Annotated[str, typer.Argument(help="Cluster name.")] = local.DEFAULT_NAME,
+) -> None:
+    """Print the path of a cluster's kubeconfig."""
+    try:
+        typer.echo(local.kubeconfig(name))
+    except local.ClusterError as err:
+        raise _fail(str(err)) from None
+
+
+@cluster_app.command("status")
+def cluster_status() -> None:
+    """List local clusters and their health."""
+    table = Table("NAME", "APISERVER", "CONTROLLER-MANAGER", "SCHEDULER", "NODES", "KUBECONFIG")
+
+    def mark(ok: bool) -> str:
+        return "[green]ok[/green]" if ok else "[red]down[/red]"
+
+    rows = list(local.statuses())
+    for h in rows:
+        table.add_row(
+            h.name, mark(h.apiserver), mark(h.controller_manager), mark(h.scheduler),
+            f"{h.ready_nodes}/{h.nodes} Ready", str(h.kubeconfig),
+        )  # fmt: skip
+    if rows:
+        console.print(table)
+    else:
+        console.print("No local clusters. Start one with `ttsfleet cluster up`.")
+
+
+@cluster_app.command("env")
+def cluster_env(
+    name: Annotated[str, typer.Argument(help="Cluster name.")] = local.DEFAULT_NAME,
+) -> None:
+    """Print shell exports: `eval "$(ttsfleet cluster env)"` sets KUBECONFIG and PATH."""
+    try:
+        path = local.kubeconfig(name)
+        dirs = ":".join(str(d) for d in toolchain.bin_dirs())
+    except (local.ClusterError, toolchain.MissingToolError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"export KUBECONFIG={path}")
+    typer.echo(f'export PATH="{dirs}:$PATH"')

@@ -1,0 +1,1 @@
+"""GPU knowledge: the catalogue of products and MIG profiles (pure data)."""

@@ -1,0 +1,115 @@
+"""The one module that talks to the Kubernetes API.
+
+Everything else builds plain manifests (dicts) and hands them here.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+
+Manifest = dict[str, Any]
+
+
+def api_client(kubeconfig: Path | None = None, pool_size: int = 32) -> client.ApiClient:
+    """A client for the cluster of `kubeconfig`, else in-cluster config, else the default."""
+    configuration = client.Configuration()
+    if kubeconfig is not None:
+        config.load_kube_config(
+            config_file=str(kubeconfig), client_configuration=configuration, persist_config=False
+        )
+    else:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration, persist_config=False)
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
+
+
+def readyz(api: client.ApiClient, timeout: float = 2.0) -> bool:
+    """Whether the apiserver answers its readiness endpoint."""
+    try:
+        response = api.call_api("GET", f"{api.configuration.host}/readyz", _request_timeout=timeout)
+    except Exception:  # urllib3 and the client raise unrelated hierarchies
+        return False
+    return bool(response.status == 200)
+
+
+def create_nodes(api: client.ApiClient, nodes: Sequence[Manifest], workers: int = 16) -> int:
+    """Create Nodes, in parallel; those that already exist are left as they are.
+
+    Returns how many were created. Status (capacity, allocatable) is taken from
+    the manifest at create time, which is what kwok keeps.
+    """
+    core: Any = client.CoreV1Api(api)  # takes plain dicts as bodies
+
+    def create(node: Manifest) -> bool:
+        try:
+            core.create_node(body=node, _preload_content=False)
+        except ApiException as err:
+            if err.status == 409:
+                return False
+            raise
+        return True
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return sum(pool.map(create, nodes))
+
+
+def list_nodes(api: client.ApiClient) -> list[Manifest]:
+    core: Any = client.CoreV1Api(api)
+    response = core.list_node(_preload_content=False)
+    items: list[Manifest] = json.loads(response.data)["items"]
+    return items
+
+
+def node_is_ready(node: Manifest) -> bool:
+    conditions = node.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def lease_age_seconds(
+    api: client.ApiClient, name: str, namespace: str = "kube-system"
+) -> float | None:
+    """Seconds since the Lease was last renewed, or None when it does not exist."""
+    try:
+        lease = client.CoordinationV1Api(api).read_namespaced_lease(name, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+    renewed = lease.spec.renew_time if lease.spec else None
+    if renewed is None:
+        return None
+    return (datetime.now(UTC) - renewed).total_seconds()
+
+
+def dynamic_client(api: client.ApiClient) -> Any:
+    """A DynamicClient with its own discovery cache file.
+
+    The default cache is keyed on the host alone, so a cluster recreated on the
+    same port would read a stale one.
+    """
+    cache_file = Path(tempfile.mkdtemp(prefix="ttsfleet-discovery-")) / "cache.json"
+    return DynamicClient(api, cache_file=str(cache_file))
+
+
+def apply(api: client.ApiClient, manifests: Iterable[Manifest], field_manager: str) -> None:
+    """Server-side apply of whole objects under one field manager."""
+    dyn = dynamic_client(api)
+    for manifest in manifests:
+        resource = dyn.resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])
+        namespace = manifest["metadata"].get("namespace")
+        resource.server_side_apply(
+            body=manifest, namespace=namespace, field_manager=field_manager, force_conflicts=True
+        )

@@ -1,0 +1,94 @@
+"""Fixtures for every suite: a session-wide real local cluster and a fresh namespace per test.
+
+Clusters made by tests live in their own TTSFLEET_HOME, so they never touch a
+developer's clusters; the session's cluster is removed when the session ends.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from ttsfleet import kube
+from ttsfleet.cluster import local, toolchain
+from ttsfleet.cluster.pool import load_pool_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if "TTSFLEET_HOME" not in os.environ:
+        os.environ["TTSFLEET_HOME"] = tempfile.mkdtemp(prefix="ttsfleet-test-home-")
+
+
+@dataclass
+class Cluster:
+    """A running local cluster, with clients for it."""
+
+    name: str
+    kubeconfig: Path
+    api: client.ApiClient
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
+        result = subprocess.run(
+            [str(toolchain.binary("kubectl")), "--kubeconfig", str(self.kubeconfig), *args],
+            capture_output=True, text=True, input=input, check=False, timeout=120,
+        )  # fmt: skip
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+        return result.stdout
+
+
+def ttsfleet(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the `ttsfleet` CLI as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "ttsfleet", *args],
+        capture_output=True, text=True, timeout=300, check=False,
+        env=os.environ | {"COLUMNS": "200"} | (env or {}),
+    )  # fmt: skip
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, every: float = 0.25) -> Any:
+    """Poll `probe` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    name = f"pytest-{os.getpid() % 100000}"
+    result = local.up(name, load_pool_file(None))
+    try:
+        yield Cluster(name, result.record.kubeconfig, kube.api_client(result.record.kubeconfig))
+    finally:
+        local.down(name)
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(cluster.api)
+    core.create_namespace({"metadata": {"name": name}})
+    wait_for(
+        f"the default ServiceAccount in {name}",
+        lambda: core.list_namespaced_service_account(name).items,
+    )
+    yield name
+    core.delete_namespace(name)
