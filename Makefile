@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CLUSTER ?= ttsfleet
 PYTEST_ARGS ?=
 
-.PHONY: help deps tools cluster cluster-down demo lint fmt typecheck test test-unit test-integration bench-cluster clean
+.PHONY: help deps tools cluster cluster-down demo manifests lint fmt test test-unit bench-cluster clean
 
 help: ## List the targets.
 	@grep -E '^[a-z.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -39,10 +39,14 @@ demo: cluster ## The main job on the local default: cluster, GPU nodes, what was
 	eval "$$($(BIN)/ttsfleet cluster env $(CLUSTER))" && \
 	  kubectl get nodes -L ttsfleet.io/pool,nvidia.com/gpu.product,nvidia.com/mig.strategy
 
+manifests: .venv ## Regenerate the CRD, the chart's copy and the Triton configs from their sources.
+	$(BIN)/python -m ttsfleet.manifests
+
 lint: .venv ## ruff (lint and format check) and mypy.
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/python -m ttsfleet.manifests --check
 
 fmt: .venv ## Format and fix what ruff can.
 	$(BIN)/ruff format .

@@ -7,10 +7,12 @@ developer's clusters; the session's cluster is removed when the session ends.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -92,3 +94,79 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     )
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def crd(cluster: Cluster) -> None:
+    """The TtsDeployment CRD, installed from crds/ as a user would."""
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/ttsdeployments.ttsfleet.io", "--timeout=60s"
+    )
+
+
+@dataclass
+class Operator:
+    """`ttsfleet operator` running as a process against the test cluster."""
+
+    kubeconfig: Path
+    log: Path
+    metrics_port: int
+    health_port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "ttsfleet", "operator",
+                    "--kubeconfig", str(self.kubeconfig),
+                    "--metrics-port", str(self.metrics_port),
+                    "--health-port", str(self.health_port),
+                ],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        wait_for("the operator's /healthz", self.healthy, timeout=60)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.health_port}/healthz", timeout=1
+            ) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, as when a node dies under the operator."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            self.process = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    op = Operator(cluster.kubeconfig, log, free_port(), free_port())
+    op.start()
+    yield op
+    op.stop()

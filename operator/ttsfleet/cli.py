@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -148,3 +149,33 @@ def cluster_env(
         raise _fail(str(err)) from None
     typer.echo(f"export KUBECONFIG={path}")
     typer.echo(f'export PATH="{dirs}:$PATH"')
+
+
+@app.command()
+def operator(
+    kubeconfig: Annotated[
+        Path | None, typer.Option(help="Kubeconfig; in-cluster config or the default if unset.")
+    ] = None,
+    namespace: Annotated[
+        list[str] | None, typer.Option("--namespace", "-n", help="Watch only these namespaces.")
+    ] = None,
+    metrics_port: Annotated[int, typer.Option(help="Port of the operator's /metrics.")] = 8080,
+    health_port: Annotated[int, typer.Option(help="Port of /healthz (liveness).")] = 8081,
+) -> None:
+    """Run the operator: reconcile TtsDeployments into Triton workloads."""
+    import kopf  # the operator's dependencies load only when it runs
+    from prometheus_client import start_http_server
+
+    from ttsfleet import handlers
+
+    handlers.configure(kubeconfig)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # kopf logs every handler run at INFO; keep its warnings and errors.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    start_http_server(metrics_port)
+    kopf.run(
+        standalone=True,
+        clusterwide=not namespace,
+        namespaces=namespace or [],
+        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
+    )

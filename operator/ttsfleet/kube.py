@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import weakref
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -94,14 +95,21 @@ def lease_age_seconds(
     return (datetime.now(UTC) - renewed).total_seconds()
 
 
-def dynamic_client(api: client.ApiClient) -> Any:
-    """A DynamicClient with its own discovery cache file.
+_dynamic_clients: weakref.WeakKeyDictionary[client.ApiClient, Any] = weakref.WeakKeyDictionary()
 
-    The default cache is keyed on the host alone, so a cluster recreated on the
-    same port would read a stale one.
+
+def dynamic_client(api: client.ApiClient) -> Any:
+    """The DynamicClient of `api` (made once: discovery is costly), with its own cache file.
+
+    The default discovery cache is keyed on the host alone, so a cluster recreated
+    on the same port would read a stale one.
     """
-    cache_file = Path(tempfile.mkdtemp(prefix="ttsfleet-discovery-")) / "cache.json"
-    return DynamicClient(api, cache_file=str(cache_file))
+    dyn = _dynamic_clients.get(api)
+    if dyn is None:
+        cache_file = Path(tempfile.mkdtemp(prefix="ttsfleet-discovery-")) / "cache.json"
+        dyn = DynamicClient(api, cache_file=str(cache_file))
+        _dynamic_clients[api] = dyn
+    return dyn
 
 
 def apply(api: client.ApiClient, manifests: Iterable[Manifest], field_manager: str) -> None:
@@ -113,3 +121,90 @@ def apply(api: client.ApiClient, manifests: Iterable[Manifest], field_manager: s
         resource.server_side_apply(
             body=manifest, namespace=namespace, field_manager=field_manager, force_conflicts=True
         )
+
+
+def get(
+    api: client.ApiClient, api_version: str, kind: str, name: str, namespace: str
+) -> Manifest | None:
+    """An object as a plain dict, or None when it does not exist."""
+    resource = dynamic_client(api).resources.get(api_version=api_version, kind=kind)
+    try:
+        found = resource.get(name=name, namespace=namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+    obj: Manifest = found.to_dict()
+    return obj
+
+
+def list_pods(api: client.ApiClient, namespace: str, selector: str) -> list[Manifest]:
+    core: Any = client.CoreV1Api(api)
+    response = core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
+    items: list[Manifest] = json.loads(response.data)["items"]
+    return items
+
+
+def patch_custom_status(
+    api: client.ApiClient, group: str, version: str, plural: str, namespace: str, name: str,
+    status: Manifest,
+) -> None:  # fmt: skip
+    """Merge-patch the status subresource of a custom object."""
+    custom: Any = client.CustomObjectsApi(api)
+    custom.patch_namespaced_custom_object_status(
+        group, version, namespace, plural, name, {"status": status}
+    )
+
+
+def scale_custom(
+    api: client.ApiClient, group: str, version: str, plural: str, namespace: str, name: str,
+    replicas: int,
+) -> None:  # fmt: skip
+    """Write replicas through the scale subresource, as `kubectl scale` does."""
+    custom: Any = client.CustomObjectsApi(api)
+    custom.patch_namespaced_custom_object_scale(
+        group, version, namespace, plural, name, {"spec": {"replicas": replicas}}
+    )
+
+
+def get_custom(
+    api: client.ApiClient, group: str, version: str, plural: str, namespace: str, name: str
+) -> Manifest | None:
+    custom: Any = client.CustomObjectsApi(api)
+    try:
+        obj: Manifest = custom.get_namespaced_custom_object(group, version, namespace, plural, name)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+    return obj
+
+
+def post_event(
+    api: client.ApiClient, involved: Manifest, event_type: str, reason: str, message: str
+) -> None:
+    """Record an Event about `involved` (a full object with apiVersion, kind and metadata)."""
+    meta = involved["metadata"]
+    now = datetime.now(UTC)
+    core: Any = client.CoreV1Api(api)
+    core.create_namespaced_event(
+        meta["namespace"],
+        {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved["apiVersion"],
+                "kind": involved["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "ttsfleet-operator"},
+            "firstTimestamp": now.isoformat(),
+            "lastTimestamp": now.isoformat(),
+            "count": 1,
+        },
+    )

@@ -1,0 +1,1 @@
+"""The `TtsDeployment` API: typed models, the one source of the CRD."""

@@ -1,0 +1,325 @@
+"""`ttsfleet.io/v1alpha1` `TtsDeployment`: the typed spec and status.
+
+These models are the one source of truth. `ttsfleet.api.crd` turns them into the
+CRD's OpenAPI schema (with the CEL rules declared here), and the operator parses
+objects with them. Field names are camelCase on the wire.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+from ttsfleet.gpu.catalog import GPUS
+
+GROUP = "ttsfleet.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TtsDeployment"
+PLURAL = "ttsdeployments"
+SINGULAR = "ttsdeployment"
+SHORT_NAMES = ["ttsd"]
+
+DEFAULT_IMAGE = "ttsfleet/triton-tts:0.1.0"
+DEFAULT_VOICE = "en_US-joe-medium"
+# Every MIG profile of every GPU ttsfleet knows, for the schema's enum.
+MIG_PROFILES = sorted({p.name for g in GPUS.values() for p in g.mig_profiles})
+
+# A Kubernetes quantity: `2`, `500m`, `8Gi`.
+Quantity = Annotated[
+    int | str,
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}
+    ),
+]
+
+
+def rule(expression: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """A CEL validation rule; its message names the field and the fix."""
+    out = {"rule": expression, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+    # CEL rules of this object, in the CRD as x-kubernetes-validations.
+    cel: ClassVar[list[dict[str, str]]] = []
+
+    def wire(self) -> dict[str, Any]:
+        """The object as it appears in the API (camelCase, unset optionals left out)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class PlacementMode(StrEnum):
+    WHOLE = "whole"
+    MIG = "mig"
+    SHARED = "shared"
+    CPU = "cpu"
+    AUTO = "auto"
+
+
+class ScalingMode(StrEnum):
+    BUILTIN = "builtin"
+    EXTERNAL = "external"
+    MANUAL = "manual"
+
+
+class ModelSpec(_Model):
+    """Which voice to serve, and in which precision."""
+
+    voice: str = Field(
+        default=DEFAULT_VOICE,
+        pattern=r"^[a-z]{2,3}_[A-Z]{2}-[a-z0-9_]+-(x_low|low|medium|high)$",
+        max_length=100,
+        description="Piper voice name, <language>_<REGION>-<name>-<quality>.",
+    )
+    precision: Precision = Field(
+        default=Precision.FP16, description="Numeric precision of the model variant served."
+    )
+
+
+class BatchingSpec(_Model):
+    """Triton dynamic batching (non-streaming deployments)."""
+
+    max_batch_size: int = Field(default=8, ge=1, le=256, description="Largest batch Triton forms.")
+    max_queue_delay_microseconds: int = Field(
+        default=2000, ge=0, le=1_000_000, description="How long a request may wait for a batch."
+    )
+
+
+class CacheSpec(_Model):
+    """Triton's response cache (non-streaming deployments)."""
+
+    size_mib: int = Field(
+        default=256, ge=1, le=65536, alias="sizeMiB", description="Response cache size in MiB."
+    )
+
+
+class Resources(_Model):
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+
+class RuntimeSpec(_Model):
+    """The Triton server container."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "!has(self.extraArgs) || !self.extraArgs.exists(a, a.startsWith('--model-repository')"
+            " || a.startsWith('--http-port') || a.startsWith('--grpc-port')"
+            " || a.startsWith('--metrics-port'))",
+            "spec.runtime.extraArgs must not set --model-repository or the ports:"
+            " the operator sets them; remove those arguments",
+            ".extraArgs",
+        ),
+        rule(
+            "!has(self.resources)"
+            " || ((!has(self.resources.limits)"
+            " || !self.resources.limits.exists(k, k.startsWith('nvidia.com/')))"
+            " && (!has(self.resources.requests)"
+            " || !self.resources.requests.exists(k, k.startsWith('nvidia.com/'))))",
+            "spec.runtime.resources must not name nvidia.com/ resources:"
+            " spec.placement sets them; remove them",
+            ".resources",
+        ),
+    ]
+
+    image: str = Field(
+        default=DEFAULT_IMAGE,
+        min_length=1,
+        max_length=512,
+        description="Triton image with the model repository.",
+    )
+    resources: Resources = Field(default_factory=Resources, description="CPU and memory.")
+    instances: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Triton model instances; derived from the placement if unset.",
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, max_length=32, description="More tritonserver arguments."
+    )
+    graceful_drain_seconds: int = Field(
+        default=30, ge=0, le=3600, description="Time open streams get to finish when a pod stops."
+    )
+
+
+class Toleration(_Model):
+    key: str | None = Field(default=None, max_length=253)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(default=None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class PlacementSpec(_Model):
+    """Where replicas run: whole GPUs, MIG slices, shared (time-sliced) GPUs, or CPU."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "self.mode != 'mig' || has(self.profile)",
+            "spec.placement.profile is required when spec.placement.mode is mig:"
+            " set a MIG profile such as 1g.10gb",
+        ),
+        rule(
+            "self.mode == 'mig' || !has(self.profile)",
+            "spec.placement.profile applies only to mode mig: remove it or set mode: mig",
+            ".profile",
+        ),
+        rule(
+            "self.mode == 'mig' || !has(self.migStrategy)",
+            "spec.placement.migStrategy applies only to mode mig: remove it or set mode: mig",
+            ".migStrategy",
+        ),
+        rule(
+            "self.mode == 'whole' || !has(self.gpus)",
+            "spec.placement.gpus applies only to mode whole: remove it or set mode: whole",
+            ".gpus",
+        ),
+        rule(
+            "self.mode in ['whole', 'shared'] || !has(self.product)",
+            "spec.placement.product applies only to modes whole and shared:"
+            " remove it, or use a profile with mode mig",
+            ".product",
+        ),
+    ]
+
+    mode: PlacementMode = Field(
+        default=PlacementMode.AUTO, description="whole, mig, shared, cpu, or auto (planner)."
+    )
+    gpus: int | None = Field(default=None, ge=1, le=8, description="GPUs per replica (mode whole).")
+    product: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$",
+        description="GPU product as GPU Feature Discovery labels it, e.g. NVIDIA-L4.",
+    )
+    profile: Literal[tuple(MIG_PROFILES)] | None = Field(  # type: ignore[valid-type]
+        default=None, description="MIG profile per replica (mode mig), e.g. 1g.10gb."
+    )
+    mig_strategy: Literal["mixed", "single"] | None = Field(
+        default=None, description="The device plugin's MIG strategy (mode mig); mixed if unset."
+    )
+    streams_per_replica: int = Field(
+        default=16, ge=1, le=1024, description="Concurrent streams one replica must hold."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+
+
+class ScalingTargets(_Model):
+    queue_depth_per_replica: int = Field(
+        default=4, ge=1, le=10000, description="Pending requests per replica to aim for."
+    )
+    time_to_first_audio_ms: int = Field(
+        default=300,
+        ge=10,
+        le=60000,
+        alias="timeToFirstAudioMs",
+        description="Time to first audio (p95) to aim for, in milliseconds.",
+    )
+
+
+class ScalingSpec(_Model):
+    mode: ScalingMode = Field(
+        default=ScalingMode.BUILTIN,
+        description="builtin (ttsfleet's autoscaler), external (HPA/KEDA) or manual.",
+    )
+    targets: ScalingTargets = Field(default_factory=ScalingTargets)
+
+
+class TtsDeploymentSpec(_Model):
+    cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "self.minReplicas <= self.maxReplicas",
+            "spec.minReplicas must not exceed spec.maxReplicas:"
+            " lower minReplicas or raise maxReplicas",
+            ".minReplicas",
+        ),
+        rule(
+            "!has(self.replicas) || (self.replicas >= self.minReplicas"
+            " && self.replicas <= self.maxReplicas)",
+            "spec.replicas must lie between spec.minReplicas and spec.maxReplicas:"
+            " scale within them or change the bounds",
+            ".replicas",
+        ),
+        rule(
+            "!has(self.batching) || !self.streaming",
+            "spec.batching applies only when spec.streaming is false (streams are not batched):"
+            " remove batching or set streaming: false",
+            ".batching",
+        ),
+        rule(
+            "!has(self.cache) || !self.streaming",
+            "spec.cache applies only when spec.streaming is false (streams are not cached):"
+            " remove cache or set streaming: false",
+            ".cache",
+        ),
+    ]
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    streaming: bool = Field(
+        default=True, description="Serve the streaming model (audio in sentence chunks over gRPC)."
+    )
+    batching: BatchingSpec | None = None
+    cache: CacheSpec | None = None
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    placement: PlacementSpec = Field(default_factory=PlacementSpec)
+    replicas: int | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="Replicas now (the scale subresource); minReplicas if unset.",
+    )
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    max_replicas: int = Field(default=4, ge=1, le=1000)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+
+    @property
+    def desired_replicas(self) -> int:
+        return self.min_replicas if self.replicas is None else self.replicas
+
+
+class Condition(_Model):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class Endpoints(_Model):
+    http: str | None = None
+    grpc: str | None = None
+    metrics: str | None = None
+
+
+class TtsDeploymentStatus(_Model):
+    model_config = ConfigDict(extra="allow")
+
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    replicas: int = 0
+    ready_replicas: int = 0
+    desired_replicas: int = 0
+    selector: str | None = None
+    precision: str | None = None
+    placement: str | None = None
+    endpoints: Endpoints | None = None

@@ -1,0 +1,143 @@
+"""The kopf layer: thin handlers that read an object and call the reconciler.
+
+Everything is level-based (`on.event`): the first sight of an object after start
+and any change of its spec apply its children; a child deleted or edited by hand
+re-applies its owner (a child's status change too: it is how readiness reaches the
+owner); pod changes refresh the owner's status. Reconciles of one object never
+overlap.
+kopf keeps no state of its own on our objects (no progress or diff-base
+annotations, no finalizers: owner references collect the children).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import kopf
+from kubernetes import client
+from prometheus_client import Counter, Histogram
+
+from ttsfleet import kube
+from ttsfleet.api import v1alpha1 as api
+from ttsfleet.reconcile import reconcile
+from ttsfleet.resources.common import DEPLOYMENT_LABEL
+
+log = logging.getLogger("ttsfleet.operator")
+
+RECONCILES = Counter(
+    "ttsfleet_operator_reconciles_total", "Reconciles of TtsDeployments.", ["result"]
+)
+RECONCILE_SECONDS = Histogram(
+    "ttsfleet_operator_reconcile_duration_seconds",
+    "Time one reconcile takes.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+MANAGED = {"app.kubernetes.io/managed-by": "ttsfleet"}
+_state: dict[str, Any] = {}
+
+
+def configure(kubeconfig: Path | None) -> None:
+    """Called before kopf starts: the client our reconciler uses."""
+    _state["api"] = kube.api_client(kubeconfig)
+
+
+def _api() -> client.ApiClient:
+    api_client: client.ApiClient = _state["api"]
+    return api_client
+
+
+@kopf.on.startup()
+def _settings(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.posting.enabled = False  # our own Events say what happened
+    settings.execution.max_workers = 16
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+
+
+@kopf.on.login()
+def _login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf talks to the cluster with the same credentials as our client."""
+    cfg = _api().configuration
+    token = (cfg.api_key or {}).get("authorization", "").removeprefix("Bearer ").strip()
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+        scheme="Bearer" if token else None,
+        token=token or None,
+    )
+
+
+_locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+
+
+def _reconcile(namespace: str, name: str, apply: bool) -> None:
+    """Reconcile one TtsDeployment, one reconcile of it at a time, from a fresh read.
+
+    Events about it and its children arrive on several workers at once; reading it
+    again under its lock means each reconcile starts from what the last one wrote.
+    """
+    with _locks[namespace, name]:
+        body = kube.get_custom(_api(), api.GROUP, api.VERSION, api.PLURAL, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        try:
+            outcome = reconcile(_api(), body, apply=apply)
+        except Exception:
+            RECONCILES.labels(result="error").inc()
+            raise
+    RECONCILES.labels(result="stalled" if outcome.stalled_reason else "ok").inc()
+    RECONCILE_SECONDS.observe(outcome.seconds)
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, id="ttsdeployment")
+def tts_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        _locks.pop((body.metadata.namespace or "", body.metadata.name or ""), None)
+        return
+    observed = (body.get("status") or {}).get("observedGeneration")
+    # None: the first sight after start (a restart re-applies everything once).
+    apply = event.get("type") is None or observed != body.metadata.get("generation")
+    _reconcile(body.metadata.namespace or "", body.metadata.name or "", apply)
+
+
+def _owner_key(body: kopf.Body) -> tuple[str, str] | None:
+    name = body.metadata.labels.get(DEPLOYMENT_LABEL)
+    namespace = body.metadata.namespace
+    return (namespace, name) if name and namespace else None
+
+
+def child_event(body: kopf.Body, **_: Any) -> None:
+    """A child changed, was edited by hand or deleted: apply its owner again.
+
+    Server-side apply of unchanged content writes nothing, so this settles at once;
+    a field someone else changed is taken back (our field manager forces). A
+    Deployment's status change arrives here too: it is how readiness reaches the owner.
+    """
+    key = _owner_key(body)
+    if key is not None:
+        _reconcile(*key, apply=True)
+
+
+for _group, _version, _plural in (
+    ("apps", "v1", "deployments"),
+    ("", "v1", "services"),
+    ("", "v1", "configmaps"),
+    ("policy", "v1", "poddisruptionbudgets"),
+):
+    kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"child-{_plural}")(child_event)
+
+
+@kopf.on.event("", "v1", "pods", labels=MANAGED, id="pods")
+def pod_event(body: kopf.Body, **_: Any) -> None:
+    """A pod was scheduled, became ready, or could not be placed: refresh the status."""
+    key = _owner_key(body)
+    if key is not None:
+        _reconcile(*key, apply=False)

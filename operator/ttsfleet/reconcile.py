@@ -1,0 +1,130 @@
+"""One reconcile of a `TtsDeployment`: read it, build its children, apply them, report.
+
+Level-based and idempotent: every call converges on the same children whatever
+happened before (an operator killed mid-way, a child deleted or edited by hand),
+and an unchanged object changes nothing (server-side apply of the same content
+writes nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+from pydantic import ValidationError
+
+from ttsfleet import kube, status
+from ttsfleet.api import v1alpha1 as api
+from ttsfleet.resources import PlacementError, TtsObject, build_children
+from ttsfleet.resources.common import DEPLOYMENT_LABEL, FIELD_MANAGER
+from ttsfleet.resources.placement import resolve_placement
+from ttsfleet.resources.service import endpoints
+
+log = logging.getLogger(__name__)
+Manifest = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    applied: bool
+    stalled_reason: str | None
+    seconds: float
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        parts.append(f"spec.{where}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def reconcile(api_client: client.ApiClient, body: Manifest, *, apply: bool = True) -> Outcome:
+    """Bring the children of `body` in line with its spec and report in its status.
+
+    With `apply=False` only the status is refreshed (a child or pod changed).
+    """
+    start = time.monotonic()
+    meta = body["metadata"]
+    generation = int(meta.get("generation") or 0)
+    old_status = body.get("status") or {}
+    try:
+        tts = TtsObject.from_body(body)
+        placement = resolve_placement(tts.spec)
+        children = build_children(tts)
+    except (ValidationError, PlacementError) as err:
+        reason = "InvalidSpec" if isinstance(err, ValidationError) else "PlacementUnavailable"
+        message = _describe(err) if isinstance(err, ValidationError) else str(err)
+        conditions = status.stalled_conditions(reason, message)
+        new = {
+            "observedGeneration": generation,
+            "conditions": status.merge_conditions(
+                old_status.get("conditions") or [], conditions, generation, _now()
+            ),
+        }
+        if _changed(old_status, new):
+            kube.patch_custom_status(
+                api_client, api.GROUP, api.VERSION, api.PLURAL, meta["namespace"], meta["name"], new
+            )
+            kube.post_event(api_client, body, "Warning", reason, message)
+        return Outcome(False, reason, time.monotonic() - start)
+
+    spec = tts.spec
+    if spec.replicas is None:
+        # spec.replicas defaults to minReplicas; written as any scaler would.
+        kube.scale_custom(
+            api_client, api.GROUP, api.VERSION, api.PLURAL, tts.namespace, tts.name,
+            spec.min_replicas,
+        )  # fmt: skip
+    if apply:
+        kube.apply(api_client, children, FIELD_MANAGER)
+    deployment = kube.get(api_client, "apps/v1", "Deployment", tts.name, tts.namespace)
+    pods = kube.list_pods(api_client, tts.namespace, f"{DEPLOYMENT_LABEL}={tts.name}")
+    observed = status.Observed(
+        generation=generation,
+        desired_replicas=spec.desired_replicas,
+        deployment=deployment,
+        pods=pods,
+        scaling_mode=spec.scaling.mode.value,
+    )
+    dep_status = (deployment or {}).get("status") or {}
+    new = {
+        "observedGeneration": generation,
+        "conditions": status.merge_conditions(
+            old_status.get("conditions") or [], status.conditions_for(observed), generation, _now()
+        ),
+        "replicas": int(dep_status.get("replicas") or 0),
+        "readyReplicas": int(dep_status.get("readyReplicas") or 0),
+        "desiredReplicas": spec.desired_replicas,
+        "selector": f"{DEPLOYMENT_LABEL}={tts.name}",
+        "precision": spec.model.precision.value,
+        "placement": placement.summary,
+        "endpoints": endpoints(tts),
+    }
+    if _changed(old_status, new):
+        kube.patch_custom_status(
+            api_client, api.GROUP, api.VERSION, api.PLURAL, tts.namespace, tts.name, new
+        )
+        if old_status.get("observedGeneration") != generation:
+            kinds = ", ".join(c["kind"] for c in children)
+            kube.post_event(
+                api_client,
+                body,
+                "Normal",
+                "Applied",
+                f"Applied {kinds} for generation {generation}",
+            )
+    return Outcome(apply, None, time.monotonic() - start)
+
+
+def _changed(old: Manifest, new: Manifest) -> bool:
+    """Whether `new` says something `old` does not (ignoring fields only others write)."""
+    return any(old.get(k) != v for k, v in new.items())

@@ -1,0 +1,30 @@
+"""The ConfigMap holding the Triton `config.pbtxt` of the served model."""
+
+from __future__ import annotations
+
+from ttsfleet.resources.common import Manifest, TtsObject, child, configmap_name
+from ttsfleet.resources.placement import resolve_placement
+from ttsfleet.triton.config import ModelConfig, render
+
+
+def model_config(tts: TtsObject) -> ModelConfig:
+    spec = tts.spec
+    placement = resolve_placement(spec)
+    batching = spec.batching
+    return ModelConfig(
+        streaming=spec.streaming,
+        precision=spec.model.precision.value,
+        voice=spec.model.voice,
+        instances=placement.instances,
+        gpu=placement.gpu,
+        max_batch_size=batching.max_batch_size if batching else 8,
+        max_queue_delay_microseconds=batching.max_queue_delay_microseconds if batching else 2000,
+        cache=spec.cache is not None,
+    )
+
+
+def build_configmap(tts: TtsObject) -> Manifest:
+    return child(
+        tts, "v1", "ConfigMap", configmap_name(tts),
+        {"data": {"config.pbtxt": render(model_config(tts))}},
+    )  # fmt: skip

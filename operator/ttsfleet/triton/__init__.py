@@ -1,0 +1,1 @@
+"""Triton: the serving contract and the model configurations."""

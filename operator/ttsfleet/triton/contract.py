@@ -1,0 +1,45 @@
+"""The serving contract: model names, tensors, ports and metric names.
+
+The client, the benchmarks, the autoscaler and the operator all read these
+names from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STREAM_MODEL = "tts_stream"
+BATCH_MODEL = "tts_batch"
+MODEL_REPOSITORY = "/models"
+
+HTTP_PORT = 8000
+GRPC_PORT = 8001
+METRICS_PORT = 8002
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+    optional: bool = False
+
+
+INPUTS = (
+    Tensor("TEXT", "TYPE_STRING", (1,)),
+    Tensor("VOICE", "TYPE_STRING", (1,), optional=True),
+    Tensor("SPEAKING_RATE", "TYPE_FP32", (1,), optional=True),
+    Tensor("FORMAT", "TYPE_STRING", (1,), optional=True),
+)
+OUTPUTS = (
+    Tensor("AUDIO", "TYPE_INT16", (-1,)),
+    Tensor("SAMPLE_RATE", "TYPE_INT32", (1,)),
+)
+
+# Metrics the autoscaler reads: Triton's own, and those the models export.
+PENDING_REQUESTS = "nv_inference_pending_request_count"
+QUEUE_DURATION_US = "nv_inference_queue_duration_us"
+REQUEST_SUCCESS = "nv_inference_request_success"
+TIME_TO_FIRST_AUDIO = "ttsfleet_time_to_first_audio_seconds"
+AUDIO_SECONDS = "ttsfleet_audio_seconds_total"
+INFLIGHT_STREAMS = "ttsfleet_inflight_streams"

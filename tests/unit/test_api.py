@@ -1,0 +1,43 @@
+"""The CRD comes from the typed models, stays small, and says what the API promises."""
+
+from __future__ import annotations
+
+import yaml
+
+from tests.helpers import EXAMPLES, REPO, load_example
+from ttsfleet import manifests
+from ttsfleet.api import crd
+from ttsfleet.api.v1alpha1 import TtsDeploymentSpec
+
+
+def test_generated_files_are_up_to_date() -> None:
+    """CI fails on drift: regenerate with `make manifests` and commit the result."""
+    for rel, content in manifests.generated().items():
+        assert (REPO / rel).read_text() == content, f"{rel} is stale: run `make manifests`"
+
+
+def test_the_crd_fits_client_side_apply() -> None:
+    # kubectl's client-side apply keeps the whole object in an annotation (256 KiB).
+    assert len(crd.render().encode()) < 64 * 1024
+
+
+def test_the_crd_has_scale_status_and_printer_columns() -> None:
+    doc = yaml.safe_load(crd.render())
+    version = doc["spec"]["versions"][0]
+    assert doc["spec"]["names"]["shortNames"] == ["ttsd"]
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
+    assert "status" in version["subresources"]
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Ready", "Replicas", "Precision", "Placement", "Age"]
+
+
+def test_every_example_parses_with_the_models() -> None:
+    assert EXAMPLES
+    for path in EXAMPLES:
+        doc = load_example(path)
+        assert doc["apiVersion"] == "ttsfleet.io/v1alpha1"
+        TtsDeploymentSpec.model_validate(doc["spec"])

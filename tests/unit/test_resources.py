@@ -1,0 +1,181 @@
+"""The pure builders: golden files for each child, placement mapping, no mutation."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import EXAMPLES, dump_yaml, load_example
+from ttsfleet.api.v1alpha1 import MIG_PROFILES, TtsDeploymentSpec
+from ttsfleet.resources import PlacementError, TtsObject, build_children, resolve_placement
+from ttsfleet.resources.common import HASH_ANNOTATION
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def tts(spec: dict[str, Any], name: str = "joe") -> TtsObject:
+    return TtsObject(name, "voices", "0000-uid", TtsDeploymentSpec.model_validate(spec))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_children_match_the_golden_files(example: Path) -> None:
+    """Regenerate with UPDATE_GOLDEN=1 after a deliberate change, and review the diff."""
+    doc = load_example(example)
+    rendered = dump_yaml(build_children(tts(doc["spec"], doc["metadata"]["name"])))
+    golden = GOLDEN / f"{example.stem}.yaml"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(rendered)
+    assert rendered == golden.read_text()
+
+
+def by_kind(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {c["kind"]: c for c in children}
+
+
+MINIMAL = {
+    "model": {"voice": "en_US-joe-medium", "precision": "fp16"},
+    "placement": {"mode": "mig", "profile": "1g.10gb"},
+    "minReplicas": 1,
+    "maxReplicas": 8,
+}
+
+
+def test_the_minimal_manifest_builds_a_triton_workload_on_a_mig_slice() -> None:
+    children = by_kind(build_children(tts(MINIMAL)))
+    assert set(children) == {"ConfigMap", "Service", "Deployment", "PodDisruptionBudget"}
+    dep = children["Deployment"]
+    assert dep["spec"]["replicas"] == 1  # replicas default to minReplicas
+    pod = dep["spec"]["template"]
+    assert pod["metadata"]["labels"]["ttsfleet.io/deployment"] == "joe"
+    container = pod["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/mig-1g.10gb"] == "1"
+    assert "--metrics-config=histogram_latencies=true" in container["args"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+    assert pod["spec"]["terminationGracePeriodSeconds"] > 30  # the drain time plus margins
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    owner = dep["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "TtsDeployment" and owner["controller"] is True
+    assert 'string_value: "fp16"' in children["ConfigMap"]["data"]["config.pbtxt"]
+    assert "decoupled: true" in children["ConfigMap"]["data"]["config.pbtxt"]
+
+
+@pytest.mark.parametrize(
+    ("placement", "resource", "summary"),
+    [
+        ({"mode": "mig", "profile": "3g.40gb"}, {"nvidia.com/mig-3g.40gb": "1"}, "mig-3g.40gb"),
+        (
+            {"mode": "mig", "profile": "1g.10gb", "migStrategy": "single"},
+            {"nvidia.com/gpu": "1"},
+            "mig-1g.10gb",
+        ),
+        (
+            {"mode": "whole", "gpus": 2, "product": "NVIDIA-L4"},
+            {"nvidia.com/gpu": "2"},
+            "2xNVIDIA-L4",
+        ),
+        ({"mode": "shared"}, {"nvidia.com/gpu": "1"}, "shared"),
+        ({"mode": "cpu"}, {}, "cpu"),
+    ],
+)
+def test_placement_sets_the_device_plugins_resources(
+    placement: dict[str, Any], resource: dict[str, str], summary: str
+) -> None:
+    resolved = resolve_placement(tts({"placement": placement}).spec)
+    assert resolved.resources == resource
+    assert resolved.summary == summary
+    assert (placement["mode"] != "cpu") == resolved.gpu
+
+
+def test_single_strategy_selects_nodes_whose_gpus_are_sliced_that_way() -> None:
+    resolved = resolve_placement(
+        tts({"placement": {"mode": "mig", "profile": "1g.10gb", "migStrategy": "single"}}).spec
+    )
+    assert resolved.affinity is not None
+    term = resolved.affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ][0]["matchExpressions"][0]
+    assert "NVIDIA-H100-80GB-HBM3-MIG-1g.10gb" in term["values"]
+
+
+def test_triton_instances_follow_the_slice_unless_set() -> None:
+    assert (
+        resolve_placement(tts({"placement": {"mode": "mig", "profile": "3g.40gb"}}).spec).instances
+        == 3
+    )
+    explicit = {"placement": {"mode": "mig", "profile": "3g.40gb"}, "runtime": {"instances": 5}}
+    assert resolve_placement(tts(explicit).spec).instances == 5
+
+
+def test_auto_placement_is_refused_with_what_to_do() -> None:
+    with pytest.raises(PlacementError, match=r"set placement\.mode to whole, mig, shared or cpu"):
+        build_children(tts({"placement": {"mode": "auto"}}))
+
+
+def test_a_new_model_config_rolls_the_pods_and_hashes_track_content() -> None:
+    one = by_kind(build_children(tts(MINIMAL)))
+    two = by_kind(build_children(tts(MINIMAL | {"model": {"precision": "int8"}})))
+    pods = [c["Deployment"]["spec"]["template"]["metadata"]["annotations"] for c in (one, two)]
+    assert pods[0] != pods[1]
+    assert one["Service"]["metadata"]["annotations"] == two["Service"]["metadata"]["annotations"]
+    assert (
+        one["ConfigMap"]["metadata"]["annotations"][HASH_ANNOTATION]
+        != (two["ConfigMap"]["metadata"]["annotations"][HASH_ANNOTATION])
+    )
+
+
+def test_builders_never_mutate_their_input() -> None:
+    obj = tts(MINIMAL)
+    before = copy.deepcopy(obj.spec.model_dump())
+    children = build_children(obj)
+    children[2]["spec"]["template"]["spec"]["containers"][0]["args"].append("--x")
+    assert obj.spec.model_dump() == before
+    assert "--x" not in build_children(obj)[2]["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+# Valid specs, as the CRD accepts them.
+valid_specs = st.builds(
+    lambda mode, profile, gpus, precision, streaming, low, extra, instances, drain: (
+        {
+            "model": {"precision": precision},
+            "streaming": streaming,
+            "placement": {"mode": mode}
+            | ({"profile": profile} if mode == "mig" else {})
+            | ({"gpus": gpus} if mode == "whole" else {}),
+            "minReplicas": low,
+            "maxReplicas": max(1, low + extra),
+            "runtime": {"gracefulDrainSeconds": drain}
+            | ({"instances": instances} if instances else {}),
+        }
+        | ({} if streaming else {"batching": {"maxBatchSize": 4}, "cache": {"sizeMiB": 64}})
+    ),
+    mode=st.sampled_from(["whole", "mig", "shared", "cpu"]),
+    profile=st.sampled_from(MIG_PROFILES),
+    gpus=st.integers(1, 8),
+    precision=st.sampled_from(["fp32", "fp16", "int8"]),
+    streaming=st.booleans(),
+    low=st.integers(0, 50),
+    extra=st.integers(0, 50),
+    instances=st.none() | st.integers(1, 64),
+    drain=st.integers(0, 3600),
+)
+
+
+@given(spec=valid_specs)
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_any_valid_spec_builds_without_errors(spec: dict[str, Any]) -> None:
+    children = build_children(tts(spec))
+    assert [c["kind"] for c in children] == [
+        "ConfigMap",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
+    ]
+    assert children[2]["spec"]["replicas"] == spec["minReplicas"]
