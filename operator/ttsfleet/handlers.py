@@ -2,9 +2,11 @@
 
 Everything is level-based (`on.event`): the first sight of an object after start
 and any change of its spec apply its children; a child deleted or edited by hand
-re-applies its owner (a child's status change too: it is how readiness reaches the
-owner); pod changes refresh the owner's status. Reconciles of one object never
-overlap.
+re-applies its owner, and any child change refreshes the owner's status (a
+Deployment's status is how readiness arrives); while an object is not Ready a timer
+looks again every few seconds (unschedulable pods change no Deployment). Pods are
+not watched: kopf filters labels in the client, so a pod watch would read every pod
+of the cluster. Reconciles of one object never overlap.
 kopf keeps no state of its own on our objects (no progress or diff-base
 annotations, no finalizers: owner references collect the children).
 """
@@ -78,7 +80,9 @@ def _login(**_: Any) -> kopf.ConnectionInfo:
 _locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 
 
-def _reconcile(namespace: str, name: str, apply: bool) -> None:
+def _reconcile(
+    namespace: str, name: str, apply: bool, live_child: dict[str, Any] | None = None
+) -> None:
     """Reconcile one TtsDeployment, one reconcile of it at a time, from a fresh read.
 
     Events about it and its children arrive on several workers at once; reading it
@@ -89,7 +93,7 @@ def _reconcile(namespace: str, name: str, apply: bool) -> None:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         try:
-            outcome = reconcile(_api(), body, apply=apply)
+            outcome = reconcile(_api(), body, apply=apply, live_child=live_child)
         except Exception:
             RECONCILES.labels(result="error").inc()
             raise
@@ -114,16 +118,20 @@ def _owner_key(body: kopf.Body) -> tuple[str, str] | None:
     return (namespace, name) if name and namespace else None
 
 
-def child_event(body: kopf.Body, **_: Any) -> None:
-    """A child changed, was edited by hand or deleted: apply its owner again.
+def child_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """A child changed: re-apply its owner if it was deleted or edited by hand, and
+    refresh the owner's status (a Deployment's status is how readiness arrives).
 
-    Server-side apply of unchanged content writes nothing, so this settles at once;
-    a field someone else changed is taken back (our field manager forces). A
-    Deployment's status change arrives here too: it is how readiness reaches the owner.
+    Server-side apply under our field manager forces, so a field someone else
+    changed is taken back; content that is already right is not written again.
     """
     key = _owner_key(body)
-    if key is not None:
+    if key is None:
+        return
+    if event.get("type") == "DELETED":
         _reconcile(*key, apply=True)
+    else:
+        _reconcile(*key, apply=False, live_child=dict(body))
 
 
 for _group, _version, _plural in (
@@ -135,9 +143,15 @@ for _group, _version, _plural in (
     kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"child-{_plural}")(child_event)
 
 
-@kopf.on.event("", "v1", "pods", labels=MANAGED, id="pods")
-def pod_event(body: kopf.Body, **_: Any) -> None:
-    """A pod was scheduled, became ready, or could not be placed: refresh the status."""
-    key = _owner_key(body)
-    if key is not None:
-        _reconcile(*key, apply=False)
+def _not_ready(status: kopf.Status, **_: Any) -> bool:
+    return not any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+
+
+@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, id="not-ready", interval=5, when=_not_ready)
+def not_ready_timer(body: kopf.Body, **_: Any) -> None:
+    """While not Ready, look again every few seconds: a pod the scheduler cannot place
+    changes no Deployment, so nothing else would tell us (CapacityExhausted)."""
+    _reconcile(body.metadata.namespace or "", body.metadata.name or "", apply=False)

@@ -1,6 +1,7 @@
 """Write (or check) every generated file: `make manifests`.
 
-- `crds/ttsfleet.io_ttsdeployments.yaml` and the chart's copy, from the typed models;
+- `crds/ttsfleet.io_ttsdeployments.yaml`, the chart's copy and
+  `docs/api-reference.md`, from the typed models;
 - `triton_models/<model>/config.pbtxt`, from the same generator the operator's
   ConfigMaps use (defaults: CPU, FP32, one instance).
 
@@ -24,6 +25,7 @@ def generated() -> dict[str, str]:
     files = {
         f"crds/{CRD_FILE}": crd_text,
         f"charts/tts-operator/crds/{CRD_FILE}": crd_text,
+        "docs/api-reference.md": crd.reference(),
     }
     for streaming in (True, False):
         config = ModelConfig(streaming=streaming, cache=not streaming)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from ttsfleet import kube, status
 from ttsfleet.api import v1alpha1 as api
 from ttsfleet.resources import PlacementError, TtsObject, build_children
-from ttsfleet.resources.common import DEPLOYMENT_LABEL, FIELD_MANAGER
+from ttsfleet.resources.common import DEPLOYMENT_LABEL, FIELD_MANAGER, drifted
 from ttsfleet.resources.placement import resolve_placement
 from ttsfleet.resources.service import endpoints
 
@@ -47,10 +47,18 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def reconcile(api_client: client.ApiClient, body: Manifest, *, apply: bool = True) -> Outcome:
+def reconcile(
+    api_client: client.ApiClient,
+    body: Manifest,
+    *,
+    apply: bool = True,
+    live_child: Manifest | None = None,
+) -> Outcome:
     """Bring the children of `body` in line with its spec and report in its status.
 
-    With `apply=False` only the status is refreshed (a child or pod changed).
+    With `apply=False` only the status is refreshed (a pod changed). With a
+    `live_child` (a child as a watch event showed it), the children are applied
+    only if that child drifted from what it should be: gone, or edited by hand.
     """
     start = time.monotonic()
     meta = body["metadata"]
@@ -84,10 +92,18 @@ def reconcile(api_client: client.ApiClient, body: Manifest, *, apply: bool = Tru
             api_client, api.GROUP, api.VERSION, api.PLURAL, tts.namespace, tts.name,
             spec.min_replicas,
         )  # fmt: skip
+    if live_child is not None:
+        apply = _child_drifted(children, live_child)
     if apply:
         kube.apply(api_client, children, FIELD_MANAGER)
     deployment = kube.get(api_client, "apps/v1", "Deployment", tts.name, tts.namespace)
-    pods = kube.list_pods(api_client, tts.namespace, f"{DEPLOYMENT_LABEL}={tts.name}")
+    ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
+    # Pods matter only while some are not ready (why: the scheduler's reason).
+    pods = (
+        kube.list_pods(api_client, tts.namespace, f"{DEPLOYMENT_LABEL}={tts.name}")
+        if ready < spec.desired_replicas
+        else []
+    )
     observed = status.Observed(
         generation=generation,
         desired_replicas=spec.desired_replicas,
@@ -123,6 +139,18 @@ def reconcile(api_client: client.ApiClient, body: Manifest, *, apply: bool = Tru
                 f"Applied {kinds} for generation {generation}",
             )
     return Outcome(apply, None, time.monotonic() - start)
+
+
+def _child_drifted(children: list[Manifest], live: Manifest) -> bool:
+    kind, name = live.get("kind"), live.get("metadata", {}).get("name")
+    desired = next(
+        (c for c in children if c["kind"] == kind and c["metadata"]["name"] == name), None
+    )
+    if desired is None:
+        return False  # not one of ours any more (renamed); garbage collection removes it
+    if live.get("metadata", {}).get("deletionTimestamp"):
+        return True
+    return drifted({k: v for k, v in desired.items() if k != "status"}, live)
 
 
 def _changed(old: Manifest, new: Manifest) -> bool:

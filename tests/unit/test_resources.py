@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tests.helpers import EXAMPLES, dump_yaml, load_example
 from ttsfleet.api.v1alpha1 import MIG_PROFILES, TtsDeploymentSpec
 from ttsfleet.resources import PlacementError, TtsObject, build_children, resolve_placement
-from ttsfleet.resources.common import HASH_ANNOTATION
+from ttsfleet.resources.common import HASH_ANNOTATION, drifted
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -179,3 +179,21 @@ def test_any_valid_spec_builds_without_errors(spec: dict[str, Any]) -> None:
         "PodDisruptionBudget",
     ]
     assert children[2]["spec"]["replicas"] == spec["minReplicas"]
+
+
+def test_drift_is_a_field_we_set_that_no_longer_holds() -> None:
+    desired = by_kind(build_children(tts(MINIMAL)))["Deployment"]
+    live = copy.deepcopy(desired)
+    live["metadata"]["resourceVersion"] = "42"  # what the apiserver adds is not drift
+    live["spec"]["template"]["spec"]["dnsPolicy"] = "ClusterFirst"
+    live["status"] = {"readyReplicas": 1}
+    assert not drifted(desired, live)
+    edited = copy.deepcopy(live)
+    edited["spec"]["template"]["spec"]["containers"][0]["image"] = "someone/else:1"
+    assert drifted(desired, edited)
+    scaled = copy.deepcopy(live)
+    scaled["spec"]["replicas"] = 5
+    assert drifted(desired, scaled)
+    lost_port = copy.deepcopy(live)
+    lost_port["spec"]["template"]["spec"]["containers"][0]["ports"].pop()
+    assert drifted(desired, lost_port)

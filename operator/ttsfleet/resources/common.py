@@ -87,3 +87,23 @@ def child(tts: TtsObject, api_version: str, kind: str, name: str, body: Manifest
 
 def configmap_name(tts: TtsObject) -> str:
     return f"{tts.name}-triton"
+
+
+def drifted(desired: Any, live: Any) -> bool:
+    """Whether `live` no longer holds everything `desired` sets.
+
+    Fields that `live` has beyond `desired` (defaults, status, other managers' fields)
+    are not drift. Quantities and ports the apiserver writes back in another form
+    would only cost one more, unchanged, apply.
+    """
+    if isinstance(desired, dict):
+        return not isinstance(live, dict) or any(
+            drifted(value, live.get(key)) for key, value in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            not isinstance(live, list)
+            or len(desired) != len(live)
+            or any(drifted(d, x) for d, x in zip(desired, live, strict=True))
+        )
+    return bool(desired != live)
