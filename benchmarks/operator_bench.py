@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,13 @@ def tts(name: str) -> dict[str, Any]:
             "maxReplicas": 8,
         },
     }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -99,11 +107,14 @@ class ChildWatch:
     def _run(self, api: client.ApiClient, namespace: str) -> None:
         policy = client.PolicyV1Api(api)
         while not self._stop.is_set():
-            for event in watch.Watch().stream(
-                policy.list_namespaced_pod_disruption_budget, namespace, timeout_seconds=5
-            ):
-                name = event["object"].metadata.name
-                self.seen.setdefault(name, time.monotonic())
+            try:
+                for event in watch.Watch().stream(
+                    policy.list_namespaced_pod_disruption_budget, namespace, timeout_seconds=5
+                ):
+                    name = event["object"].metadata.name
+                    self.seen.setdefault(name, time.monotonic())
+            except Exception:  # a watch the server ended early: start another
+                time.sleep(0.1)
 
     def stop(self) -> None:
         self._stop.set()
@@ -217,7 +228,7 @@ def main() -> None:
             operator = subprocess.Popen(
                 [sys.executable, "-m", "ttsfleet", "operator",
                  "--kubeconfig", str(record.kubeconfig),
-                 "--metrics-port", "18090", "--health-port", "18091"],
+                 "--metrics-port", str(free_port()), "--health-port", str(free_port())],
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         time.sleep(3)

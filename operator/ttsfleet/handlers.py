@@ -3,8 +3,8 @@
 Everything is level-based (`on.event`): the first sight of an object after start
 and any change of its spec apply its children; a child deleted or edited by hand
 re-applies its owner, and any child change refreshes the owner's status (a
-Deployment's status is how readiness arrives); while an object is not Ready a timer
-looks again every few seconds (unschedulable pods change no Deployment). Pods are
+Deployment's status is how readiness arrives); while an object is not Ready it is
+looked at again every few seconds (unschedulable pods change no Deployment). Pods are
 not watched: kopf filters labels in the client, so a pod watch would read every pod
 of the cluster. Reconciles of one object never overlap.
 kopf keeps no state of its own on our objects (no progress or diff-base
@@ -57,6 +57,10 @@ def _api() -> client.ApiClient:
 def _settings(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.enabled = False  # our own Events say what happened
     settings.execution.max_workers = 16
+    # Bounded per-object workers: a burst of thousands of new objects waits in the
+    # watch streams instead of as thousands of queued bodies in memory.
+    settings.queueing.worker_limit = 64
+    settings.queueing.idle_timeout = 2.0
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
 
@@ -91,12 +95,17 @@ def _reconcile(
     with _locks[namespace, name]:
         body = kube.get_custom(_api(), api.GROUP, api.VERSION, api.PLURAL, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
+            _not_ready.discard((namespace, name))
             return
         try:
             outcome = reconcile(_api(), body, apply=apply, live_child=live_child)
         except Exception:
             RECONCILES.labels(result="error").inc()
             raise
+    if outcome.ready or outcome.stalled_reason:
+        _not_ready.discard((namespace, name))
+    else:
+        _not_ready.add((namespace, name))
     RECONCILES.labels(result="stalled" if outcome.stalled_reason else "ok").inc()
     RECONCILE_SECONDS.observe(outcome.seconds)
 
@@ -143,15 +152,33 @@ for _group, _version, _plural in (
     kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"child-{_plural}")(child_event)
 
 
-def _not_ready(status: kopf.Status, **_: Any) -> bool:
-    return not any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in status.get("conditions") or []
-    )
+# TtsDeployments that are not Ready, looked at again every few seconds: a pod the
+# scheduler cannot place changes no Deployment, so no event would tell us
+# (CapacityExhausted). A plain thread rather than a kopf timer: kopf puts a
+# finalizer on every object with a timer, and deleting one while the operator is
+# down would then hang.
+_not_ready: set[tuple[str, str]] = set()
+RECHECK_SECONDS = 5.0
 
 
-@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, id="not-ready", interval=5, when=_not_ready)
-def not_ready_timer(body: kopf.Body, **_: Any) -> None:
-    """While not Ready, look again every few seconds: a pod the scheduler cannot place
-    changes no Deployment, so nothing else would tell us (CapacityExhausted)."""
-    _reconcile(body.metadata.namespace or "", body.metadata.name or "", apply=False)
+def _recheck_forever(stop: threading.Event) -> None:
+    while not stop.wait(RECHECK_SECONDS):
+        for key in list(_not_ready):
+            try:
+                _reconcile(*key, apply=False)
+            except Exception:
+                log.exception("Re-checking %s/%s failed", *key)
+
+
+@kopf.on.startup()
+def _start_rechecks(**_: Any) -> None:
+    stop = threading.Event()
+    _state["stop"] = stop
+    threading.Thread(target=_recheck_forever, args=(stop,), daemon=True, name="recheck").start()
+
+
+@kopf.on.cleanup()
+def _stop_rechecks(**_: Any) -> None:
+    stop = _state.get("stop")
+    if stop is not None:
+        stop.set()

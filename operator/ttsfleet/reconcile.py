@@ -33,6 +33,7 @@ class Outcome:
     applied: bool
     stalled_reason: str | None
     seconds: float
+    ready: bool = False
 
 
 def _now() -> str:
@@ -112,11 +113,12 @@ def reconcile(
         scaling_mode=spec.scaling.mode.value,
     )
     dep_status = (deployment or {}).get("status") or {}
+    conditions = status.merge_conditions(
+        old_status.get("conditions") or [], status.conditions_for(observed), generation, _now()
+    )
     new = {
         "observedGeneration": generation,
-        "conditions": status.merge_conditions(
-            old_status.get("conditions") or [], status.conditions_for(observed), generation, _now()
-        ),
+        "conditions": conditions,
         "replicas": int(dep_status.get("replicas") or 0),
         "readyReplicas": int(dep_status.get("readyReplicas") or 0),
         "desiredReplicas": spec.desired_replicas,
@@ -138,7 +140,8 @@ def reconcile(
                 "Applied",
                 f"Applied {kinds} for generation {generation}",
             )
-    return Outcome(apply, None, time.monotonic() - start)
+    ready = any(c["type"] == status.READY and c["status"] == "True" for c in conditions)
+    return Outcome(apply, None, time.monotonic() - start, ready)
 
 
 def _child_drifted(children: list[Manifest], live: Manifest) -> bool:

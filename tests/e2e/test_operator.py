@@ -4,6 +4,7 @@ with a status that tells the truth, and keep it so whatever happens to it."""
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import Cluster, Operator, wait_for
+from tests.conftest import Cluster, Operator, ttsfleet, wait_for
 from tests.helpers import EXAMPLES, REPO, load_example
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -243,3 +244,38 @@ def test_the_operator_serves_metrics_and_health(operator: Operator) -> None:
         text = r.read().decode()
     assert 'ttsfleet_operator_reconciles_total{result="ok"}' in text
     assert "ttsfleet_operator_reconcile_duration_seconds_bucket" in text
+
+
+def test_a_metrics_port_in_use_is_a_one_line_error(cluster: Cluster) -> None:
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = ttsfleet(
+            "operator", "--kubeconfig", str(cluster.kubeconfig), "--metrics-port", str(port)
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot serve metrics on port {port} (Address already in use): "
+        "pick another --metrics-port"
+    ]
+
+
+def test_no_finalizers_so_deleting_while_the_operator_is_down_completes(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    doc = load_example(REPO / "examples" / "joe-mig.yaml")
+    doc["spec"]["placement"] = {"mode": "mig", "profile": "3g.40gb"}
+    doc["spec"]["replicas"] = doc["spec"]["maxReplicas"] = 20  # never Ready: rechecked
+    apply(cluster, namespace, doc)
+    wait_for(
+        "a status",
+        lambda: condition(get(cluster, namespace, "ttsd", "joe"), "CapacityExhausted"),
+    )
+    assert not get(cluster, namespace, "ttsd", "joe")["metadata"].get("finalizers")
+    operator.kill()
+    try:
+        cluster.kubectl("delete", "-n", namespace, "ttsd/joe", "--timeout=30s")
+    finally:
+        operator.start()
+    assert "joe" not in cluster.kubectl("get", "-n", namespace, "ttsd", "-o", "name")
