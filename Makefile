@@ -17,7 +17,7 @@ help: ## List the targets.
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip==25.3
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,serve]'
 	touch $@
 
 .venv: $(VENV)/.installed ## Create the virtualenv (.venv/bin/ttsfleet is the CLI).
@@ -34,10 +34,8 @@ cluster: tools .venv ## Start (or reuse) the local cluster with simulated GPU no
 cluster-down: .venv ## Stop the local cluster and remove all it made.
 	$(BIN)/ttsfleet cluster down $(CLUSTER)
 
-demo: cluster ## The main job on the local default: cluster, GPU nodes, what was made.
-	$(BIN)/ttsfleet cluster status
-	eval "$$($(BIN)/ttsfleet cluster env $(CLUSTER))" && \
-	  kubectl get nodes -L ttsfleet.io/pool,nvidia.com/gpu.product,nvidia.com/mig.strategy
+demo: deps tools .venv ## The main job locally: cluster, operator, a TtsDeployment, speech in out/demo.wav.
+	$(BIN)/ttsfleet demo --name $(CLUSTER) --output out/demo.wav
 
 manifests: .venv ## Regenerate the CRD, the chart's copy and the Triton configs from their sources.
 	$(BIN)/python -m ttsfleet.manifests

@@ -6,7 +6,7 @@ import contextlib
 import ctypes
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -139,6 +139,31 @@ def cluster_status() -> None:
         console.print("No local clusters. Start one with `ttsfleet cluster up`.")
 
 
+@cluster_app.command("runner")
+def cluster_runner(
+    name: Annotated[str, typer.Argument(help="Cluster name.")] = local.DEFAULT_NAME,
+    state_dir: Annotated[Path | None, typer.Option(help="Where pods' files go.")] = None,
+) -> None:
+    """Act as kubelet and network plugin of the cluster's local nodes (needs root).
+
+    `cluster up` starts it in the background when the pool has local nodes.
+    """
+    import signal
+    import threading
+
+    from ttsfleet.cluster.runner import Runner
+
+    try:
+        path = local.kubeconfig(name)
+    except local.ClusterError as err:
+        raise _fail(str(err)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    Runner(name, path, state_dir or local.runner_dir(name)).run(stop)
+
+
 @cluster_app.command("env")
 def cluster_env(
     name: Annotated[str, typer.Argument(help="Cluster name.")] = local.DEFAULT_NAME,
@@ -162,6 +187,96 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
     m_arena_max = -8  # from glibc's malloc.h
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(m_arena_max, arenas)
+
+
+def _api_for(kubeconfig: Path | None, cluster: str | None) -> Any:
+    from ttsfleet import kube
+
+    if cluster is not None:
+        kubeconfig = local.kubeconfig(cluster)
+    return kube.api_client(kubeconfig)
+
+
+def resolve_target(
+    target: str, namespace: str, kubeconfig: Path | None, cluster: str | None
+) -> str:
+    """An address as given, or a TtsDeployment's first ready gRPC endpoint."""
+    from ttsfleet import kube
+
+    if ":" in target:
+        return target
+    addresses = kube.ready_endpoints(_api_for(kubeconfig, cluster), namespace, target, "grpc")
+    if not addresses:
+        raise _fail(
+            f"TtsDeployment {namespace}/{target} has no ready endpoints: "
+            f"check `kubectl get ttsd -n {namespace} {target}`"
+        )
+    return addresses[0]
+
+
+@app.command()
+def say(
+    text: Annotated[str, typer.Argument(help="What to say.")],
+    target: Annotated[
+        str, typer.Option(help="A TtsDeployment name (its ready endpoints) or HOST:PORT (gRPC).")
+    ] = "joe-local",
+    namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
+    output: Annotated[Path, typer.Option("--output", "-o", help="WAV file to write.")] = Path(
+        "out/say.wav"
+    ),
+    stream: Annotated[bool, typer.Option(help="Stream sentence by sentence.")] = True,
+    rate: Annotated[float | None, typer.Option(help="Speaking rate, 0.5 to 2.")] = None,
+    cluster: Annotated[
+        str | None, typer.Option(help="A local cluster's name, for its kubeconfig.")
+    ] = None,
+    kubeconfig: Annotated[Path | None, typer.Option(help="Kubeconfig to resolve NAME.")] = None,
+) -> None:
+    """Speak TEXT through a TtsDeployment (or a Triton address) and write a WAV."""
+    from ttsfleet import client
+
+    try:
+        address = resolve_target(target, namespace, kubeconfig, cluster)
+        result = (client.stream if stream else client.synthesize)(address, text, rate=rate)
+    except (client.SynthesisError, local.ClusterError) as err:
+        raise _fail(str(err)) from None
+    client.write_wav(output, result.audio, result.sample_rate)
+    console.print(
+        f"Wrote {output} ({result.audio_seconds:.2f} s of audio, {result.sample_rate} Hz) "
+        f"from {address}"
+    )
+    console.print(
+        f"  time to first audio: {result.seconds_to_first_audio * 1000:.0f} ms"
+        f" ({result.chunks} chunk{'s' if result.chunks != 1 else ''}), "
+        f"total {result.seconds_total * 1000:.0f} ms, RTF {result.real_time_factor:.3f}"
+    )
+
+
+@app.command()
+def demo(
+    name: Annotated[str, typer.Option("--name", help="Cluster name.")] = local.DEFAULT_NAME,
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("out/demo.wav"),
+) -> None:
+    """The main job, locally: cluster, operator, a TtsDeployment, real speech to a WAV."""
+    from ttsfleet import demo as demo_module
+
+    try:
+        result = demo_module.run(name, output, say=console.print)
+    except (local.ClusterError, toolchain.MissingToolError) as err:
+        raise _fail(str(err)) from None
+    speech = result.speech
+    console.print(
+        f"[green]Spoke[/green] {speech.audio_seconds:.1f} s of audio into [bold]{output}[/bold] "
+        f"from {result.name} at {result.address}"
+    )
+    console.print(
+        f"  time to first audio {speech.seconds_to_first_audio * 1000:.0f} ms, "
+        f"RTF {speech.real_time_factor:.3f} ({speech.chunks} chunks); "
+        f"demo took {result.seconds:.1f}s"
+    )
+    console.print(f"  listen: aplay {output}   (or open it in any audio player)")
+    console.print(
+        f'  look:   eval "$(ttsfleet cluster env {name})" && kubectl get ttsd,pods -o wide'
+    )
 
 
 @app.command()

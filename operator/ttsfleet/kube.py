@@ -124,7 +124,7 @@ def apply(api: client.ApiClient, manifests: Iterable[Manifest], field_manager: s
 
 
 def get(
-    api: client.ApiClient, api_version: str, kind: str, name: str, namespace: str
+    api: client.ApiClient, api_version: str, kind: str, name: str, namespace: str | None
 ) -> Manifest | None:
     """An object as a plain dict, or None when it does not exist."""
     resource = dynamic_client(api).resources.get(api_version=api_version, kind=kind)
@@ -208,3 +208,20 @@ def post_event(
             "count": 1,
         },
     )
+
+
+def ready_endpoints(api: client.ApiClient, namespace: str, service: str, port: str) -> list[str]:
+    """host:port of every ready endpoint of `service`'s named `port`, from its EndpointSlices."""
+    discovery: Any = client.DiscoveryV1Api(api)
+    response = discovery.list_namespaced_endpoint_slice(
+        namespace, label_selector=f"kubernetes.io/service-name={service}", _preload_content=False
+    )
+    found = []
+    for item in json.loads(response.data)["items"]:
+        number = next((p["port"] for p in item.get("ports") or [] if p.get("name") == port), None)
+        if number is None:
+            continue
+        for endpoint in item.get("endpoints") or []:
+            if (endpoint.get("conditions") or {}).get("ready"):
+                found += [f"{address}:{number}" for address in endpoint["addresses"]]
+    return found

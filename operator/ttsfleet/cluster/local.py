@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -293,6 +294,7 @@ def up(
         record.apiserver_port = _apiserver_port(record.kubeconfig)
         record.save()
         nodes_created = _create_nodes(record, pool_file, wait_ready)
+        warnings += _start_runner(record, pool_file)
     except BaseException:
         # Nothing of a half-made cluster stays behind.
         with contextlib.suppress(Exception):
@@ -314,6 +316,7 @@ def _reuse(record: ClusterRecord, pool_file: PoolFile, start: float, wait: float
     else:
         warnings = []
     created = _create_nodes(record, pool_file, wait)
+    warnings += _start_runner(record, pool_file)
     return UpResult(record, False, created, time.monotonic() - start, warnings)
 
 
@@ -342,6 +345,45 @@ def _create_nodes(record: ClusterRecord, pool_file: PoolFile, wait: float) -> in
                 f"{missing} simulated nodes of {record.name!r} not Ready after {wait:.0f}s"
             )
         time.sleep(0.5)
+
+
+def runner_dir(name: str) -> Path:
+    """The local runner's state (inside kwok's cluster dir, so `down` finds its processes)."""
+    return kwok_workdir() / "clusters" / name / "ttsfleet-runner"
+
+
+def runner_running(name: str) -> bool:
+    marker = f"cluster runner {name} "
+    return any(marker in cmdline(pid) for pid in processes(name))
+
+
+def _start_runner(record: ClusterRecord, pool_file: PoolFile) -> list[str]:
+    """Start the local runner in the background when the pool has local nodes."""
+    if not any(p.local and p.count for p in pool_file.pools) or runner_running(record.name):
+        return []
+    if os.geteuid() != 0:
+        return [
+            "local nodes need the local runner, which needs root (network namespaces): "
+            f"run `sudo ttsfleet cluster runner {record.name}`"
+        ]
+    state = runner_dir(record.name)
+    state.mkdir(parents=True, exist_ok=True)
+    with (state / "runner.log").open("ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "ttsfleet", "cluster", "runner", record.name,
+             "--state-dir", str(state)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    return []
+
+
+def cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            + " "
+        )
+    return ""
 
 
 def _apiserver_port(path: Path) -> int:
@@ -410,15 +452,17 @@ def _network_namespaces(name: str) -> list[str]:
 
 
 def processes(name: str) -> list[int]:
-    """PIDs of live processes that belong to cluster `name` (their command line names its dir)."""
-    marker = str(kwok_workdir() / "clusters" / name) + "/"
+    """PIDs of live processes that belong to cluster `name` (their command line names
+    one of its directories: its components, the local runner and its pods, an operator
+    started for it by `ttsfleet demo`)."""
+    markers = (str(kwok_workdir() / "clusters" / name) + "/", str(cluster_dir(name)) + "/")
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if marker in cmdline and not _is_zombie(entry):
+            if any(m in cmdline for m in markers) and not _is_zombie(entry):
                 found.append(int(entry.name))
     return found
 

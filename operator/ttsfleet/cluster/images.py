@@ -1,0 +1,146 @@
+"""Container images the local runner can run as local programs.
+
+The Triton image maps to the real `tritonserver` binary shipped in the
+`nvidia-pytriton` wheel, with this repository's `triton_models/` as the image's
+`/models`. Only the bind address (the pod IP) and the wheel's backend and cache
+directories are added to the container's own command line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import sysconfig
+from importlib import util
+from pathlib import Path
+
+from ttsfleet.cluster import toolchain
+
+Manifest = dict[str, object]
+# Container paths the runner leaves to the host (the process shares them).
+HOST_PATHS = ("/dev/shm", "/tmp")  # noqa: S108 - container paths, not files we create
+
+
+class NotRunnableLocallyError(RuntimeError):
+    """An image the runner has no local program for."""
+
+
+def model_repository() -> Path:
+    """This checkout's Triton model repository (the image's /models)."""
+    repo = Path(__file__).resolve().parents[3] / "triton_models"
+    if not repo.is_dir():
+        raise NotRunnableLocallyError(f"no Triton model repository at {repo}")
+    return repo
+
+
+def triton_home() -> Path:
+    spec = util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise NotRunnableLocallyError(
+            "the Triton image runs locally from the nvidia-pytriton wheel: "
+            "pip install -e '.[serve]' (make .venv does)"
+        )
+    return Path(spec.origin).parent / "tritonserver"
+
+
+def backend_directory() -> Path:
+    """Triton's Python backend with the stub for this Python, made once."""
+    home = triton_home()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    target = toolchain.cache_dir() / "triton-backends" / version
+    backend = target / "python"
+    stub = backend / "triton_python_backend_stub"
+    if not stub.exists():
+        tmp = target.with_suffix(".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(home / "backends" / "python", tmp / "python")
+        shutil.copy2(
+            home / "python_backend_stubs" / version / "triton_python_backend_stub", tmp / "python"
+        )
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target
+
+
+def triton_environment() -> dict[str, str]:
+    """What tritonserver and its Python stub need from the environment.
+
+    The stub's embedded Python is isolated (PYTHONPATH is ignored): it finds its
+    prefix from `python3` on PATH, so this environment's bin goes first.
+    """
+    libs = triton_home().parent.parent / "nvidia_pytriton.libs"
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    return {
+        "LD_LIBRARY_PATH": f"{libs}:{libdir}",
+        "PATH": f"{Path(sys.prefix) / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+    }
+
+
+def _is_triton(container: Manifest) -> bool:
+    command = container.get("command") or []
+    return bool(command) and Path(str(command[0])).name == "tritonserver"  # type: ignore[index]
+
+
+def _build_root(container: Manifest, volumes: dict[str, Path], root: Path) -> None:
+    """The container's file system as far as the process needs it: the image's
+    /models, then the volume mounts over it."""
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(
+        model_repository(), root / "models", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for mount in container.get("volumeMounts") or []:  # type: ignore[attr-defined]
+        path = str(mount["mountPath"])
+        if path.startswith(HOST_PATHS):
+            continue
+        source = volumes[mount["name"]]
+        if mount.get("subPath"):
+            source = source / mount["subPath"]
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        if source.is_dir():
+            target.symlink_to(source)
+        else:
+            shutil.copy2(source, target)
+
+
+def _rewrite(arg: str, root: Path) -> str:
+    """`--flag=/models/...` -> `--flag=<root>/models/...` for paths inside the root."""
+    flag, sep, value = arg.partition("=")
+    if sep and value.startswith("/") and (root / value.lstrip("/").split("/")[0]).exists():
+        return f"{flag}={root / value.lstrip('/')}"
+    return arg
+
+
+def local_command(
+    container: Manifest, volumes: dict[str, Path], workdir: Path, ip: str
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run `container` here, bound to `ip`."""
+    if not _is_triton(container):
+        raise NotRunnableLocallyError(
+            f"image {container.get('image')} has no local program: "
+            "the local runner runs Triton (command tritonserver) only"
+        )
+    root = workdir / "root"
+    _build_root(container, volumes, root)
+    home = triton_home()
+    args = [_rewrite(str(a), root) for a in container.get("args") or []]  # type: ignore[attr-defined]
+    argv = [
+        str(home / "bin" / "tritonserver"),
+        *args,
+        f"--http-address={ip}",
+        f"--grpc-address={ip}",
+        f"--metrics-address={ip}",
+        f"--backend-directory={backend_directory()}",
+        f"--cache-directory={home / 'caches'}",
+    ]
+    env = {
+        str(e["name"]): str(e.get("value", ""))
+        for e in container.get("env") or []  # type: ignore[attr-defined]
+        if "value" in e
+    }
+    return argv, {**os.environ, **env, **triton_environment()}

@@ -1,0 +1,423 @@
+"""The local runner: kubelet, container runtime and CNI for the cluster's `local` nodes.
+
+Dev and test tooling, not part of the operator. For each node labelled
+`ttsfleet.io/local=true` it
+- gives the node a network namespace (`ttsfleet-<cluster>-<node>`) joined to the
+  host by a veth pair: the host side holds the first address of the node's
+  podCIDR, the namespace side holds the pod IPs (a more specific route than the
+  blackhole that covers the cluster's pod CIDR);
+- heartbeats the node (status conditions and its Lease in kube-node-lease);
+- runs each pod bound to the node as a local process inside that namespace,
+  bound to the pod's IP: the container's own command, args and env, its
+  ConfigMap and emptyDir volumes, with the image mapped to a local program
+  (`images.py`); reports the pod Running and Ready (readiness from the pod's own
+  HTTP readiness probe) with its IP, so EndpointSlices point at live servers;
+- honours deletion: the preStop sleep, SIGTERM, the grace period, SIGKILL, then
+  deletes the pod (only a kubelet can finish that), and frees its address.
+
+It needs root or CAP_NET_ADMIN. Traffic goes only to loopback and these namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from ttsfleet import kube
+from ttsfleet.cluster import images, local
+from ttsfleet.cluster.pool import LOCAL_LABEL
+
+log = logging.getLogger("ttsfleet.runner")
+Manifest = dict[str, Any]
+HEARTBEAT_SECONDS = 10.0
+LEASE_SECONDS = 40
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+@dataclass
+class LocalNode:
+    """A local node and its network namespace."""
+
+    name: str
+    pod_cidr: ipaddress.IPv4Network
+    netns: str
+    host_if: str
+    used: set[ipaddress.IPv4Address] = field(default_factory=set)
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return self.pod_cidr.network_address + 1
+
+    def allocate(self) -> ipaddress.IPv4Address:
+        for ip in list(self.pod_cidr.hosts())[1:]:
+            if ip not in self.used:
+                self.used.add(ip)
+                return ip
+        raise RuntimeError(f"node {self.name} has no free pod address in {self.pod_cidr}")
+
+    def setup(self) -> None:
+        """Create the namespace and veth pair (idempotent: a restart finds them there)."""
+        if self.netns not in _ip("netns", "list").stdout.split():
+            _ip("netns", "add", self.netns)
+        if _ip("link", "show", self.host_if, check=False).returncode != 0:
+            _ip(
+                "link",
+                "add",
+                self.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                self.netns,
+            )
+        gateway = f"{self.gateway}/{self.pod_cidr.prefixlen}"
+        _ip("addr", "replace", gateway, "dev", self.host_if)
+        _ip("link", "set", self.host_if, "up")
+        _ip("-n", self.netns, "link", "set", "lo", "up")
+        _ip("-n", self.netns, "link", "set", "eth0", "up")
+
+    def add_address(self, ip: ipaddress.IPv4Address) -> None:
+        _ip("-n", self.netns, "addr", "replace", f"{ip}/{self.pod_cidr.prefixlen}", "dev", "eth0")
+
+    def remove_address(self, ip: ipaddress.IPv4Address) -> None:
+        _ip(
+            "-n",
+            self.netns,
+            "addr",
+            "del",
+            f"{ip}/{self.pod_cidr.prefixlen}",
+            "dev",
+            "eth0",
+            check=False,
+        )
+        self.used.discard(ip)
+
+    def teardown(self) -> None:
+        _ip("netns", "delete", self.netns, check=False)
+        _ip("link", "delete", self.host_if, check=False)
+
+
+@dataclass
+class PodProcess:
+    """One pod's container, running as a local process."""
+
+    uid: str
+    namespace: str
+    name: str
+    node: LocalNode
+    ip: ipaddress.IPv4Address
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+    started_at: str = ""
+    restarts: int = 0
+    ready: bool = False
+    waiting_reason: str = ""
+    waiting_message: str = ""
+    reported: str = ""
+    next_start: float = 0.0
+    backoff: float = 1.0
+
+
+class Runner:
+    """Acts as the kubelet of every local node of one cluster."""
+
+    def __init__(self, cluster: str, kubeconfig: Path, state_dir: Path) -> None:
+        self.cluster = cluster
+        self.api = kube.api_client(kubeconfig)
+        self.core: Any = client.CoreV1Api(self.api)
+        self.state_dir = state_dir
+        self.nodes: dict[str, LocalNode] = {}
+        self.pods: dict[str, PodProcess] = {}
+        self.stopping: set[str] = set()
+        self.last_heartbeat = 0.0
+
+    # ---- nodes -------------------------------------------------------------
+    def discover_nodes(self) -> None:
+        response = self.core.list_node(label_selector=f"{LOCAL_LABEL}=true", _preload_content=False)
+        for node in json.loads(response.data)["items"]:
+            name = node["metadata"]["name"]
+            cidr = node.get("spec", {}).get("podCIDR")
+            if name in self.nodes or not cidr:
+                continue
+            digest = hashlib.sha1(f"{self.cluster}/{name}".encode()).hexdigest()[:8]  # noqa: S324
+            local_node = LocalNode(
+                name=name,
+                pod_cidr=ipaddress.IPv4Network(cidr),
+                netns=f"{local.netns_prefix(self.cluster)}{name}",
+                host_if=f"tf{digest}",
+            )
+            local_node.setup()
+            self.nodes[name] = local_node
+            log.info("Set up network namespace %s for node %s (%s)", local_node.netns, name, cidr)
+
+    def heartbeat(self) -> None:
+        now = _now()
+        for node in self.nodes.values():
+            conditions = [
+                {"type": kind, "status": "False", "reason": f"KubeletHas{reason}",
+                 "lastHeartbeatTime": now, "lastTransitionTime": now}
+                for kind, reason in (
+                    ("MemoryPressure", "SufficientMemory"),
+                    ("DiskPressure", "NoDiskPressure"),
+                    ("PIDPressure", "SufficientPID"),
+                )
+            ]  # fmt: skip
+            conditions.append(
+                {"type": "Ready", "status": "True", "reason": "KubeletReady",
+                 "message": "ttsfleet local runner is posting ready status",
+                 "lastHeartbeatTime": now, "lastTransitionTime": now}
+            )  # fmt: skip
+            status = {
+                "conditions": conditions,
+                "addresses": [
+                    {"type": "InternalIP", "address": str(node.gateway)},
+                    {"type": "Hostname", "address": node.name},
+                ],
+            }
+            self.core.patch_node_status(node.name, {"status": status})
+            self._renew_lease(node.name)
+
+    def _renew_lease(self, name: str) -> None:
+        leases: Any = client.CoordinationV1Api(self.api)
+        now = datetime.now(UTC).isoformat()
+        body = {
+            "metadata": {"name": name, "namespace": "kube-node-lease"},
+            "spec": {
+                "holderIdentity": name,
+                "leaseDurationSeconds": LEASE_SECONDS,
+                "renewTime": now,
+            },
+        }
+        try:
+            leases.patch_namespaced_lease(name, "kube-node-lease", {"spec": body["spec"]})
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            leases.create_namespaced_lease("kube-node-lease", body)
+
+    # ---- pods --------------------------------------------------------------
+    def sync_pods(self) -> None:
+        seen: set[str] = set()
+        for node in self.nodes.values():
+            response = self.core.list_pod_for_all_namespaces(
+                field_selector=f"spec.nodeName={node.name}", _preload_content=False
+            )
+            for pod in json.loads(response.data)["items"]:
+                uid = pod["metadata"]["uid"]
+                seen.add(uid)
+                if pod["metadata"].get("deletionTimestamp") or uid in self.stopping:
+                    self._terminate(pod)
+                elif pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+                    continue
+                else:
+                    self._ensure_running(pod, node)
+        for uid in set(self.pods) - seen:  # gone from the API without us: stop it
+            self._stop(self.pods.pop(uid), grace=0)
+
+    def _ensure_running(self, pod: Manifest, node: LocalNode) -> None:
+        uid = pod["metadata"]["uid"]
+        proc = self.pods.get(uid)
+        if proc is None:
+            ip = node.allocate()
+            node.add_address(ip)
+            proc = PodProcess(
+                uid=uid, namespace=pod["metadata"]["namespace"], name=pod["metadata"]["name"],
+                node=node, ip=ip, workdir=self.state_dir / "pods" / uid,
+            )  # fmt: skip
+            self.pods[uid] = proc
+        container = pod["spec"]["containers"][0]
+        if proc.process is not None and proc.process.poll() is not None:
+            log.warning(
+                "Pod %s/%s exited with %s", proc.namespace, proc.name, proc.process.returncode
+            )
+            proc.process, proc.ready = None, False
+            proc.restarts += 1
+            proc.next_start = time.monotonic() + proc.backoff
+            proc.backoff = min(proc.backoff * 2, 60)
+        if proc.process is None and time.monotonic() >= proc.next_start:
+            self._start(pod, container, proc)
+        if proc.process is not None:
+            proc.ready = _probe(container, proc.ip)
+        self._report(pod, container, proc)
+
+    def _start(self, pod: Manifest, container: Manifest, proc: PodProcess) -> None:
+        try:
+            volumes = self._volumes(pod, proc.workdir)
+            argv, env = images.local_command(container, volumes, proc.workdir, str(proc.ip))
+        except images.NotRunnableLocallyError as err:
+            proc.waiting_reason, proc.waiting_message = "ImageNotRunnableLocally", str(err)
+            proc.next_start = time.monotonic() + 30
+            return
+        proc.workdir.mkdir(parents=True, exist_ok=True)
+        with (proc.workdir / "container.log").open("ab") as out:
+            proc.process = subprocess.Popen(
+                ["ip", "netns", "exec", proc.node.netns, *argv],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )  # fmt: skip
+        proc.started_at = _now()
+        proc.waiting_reason = proc.waiting_message = ""
+        log.info(
+            "Started pod %s/%s at %s (pid %s)", proc.namespace, proc.name, proc.ip, proc.process.pid
+        )
+
+    def _report(self, pod: Manifest, container: Manifest, proc: PodProcess) -> None:
+        running = proc.process is not None
+        state: Manifest = (
+            {"running": {"startedAt": proc.started_at}}
+            if running
+            else {"waiting": {"reason": proc.waiting_reason or "ContainerCreating",
+                              "message": proc.waiting_message}}
+        )  # fmt: skip
+        ready = "True" if proc.ready else "False"
+        conditions = [
+            {"type": kind, "status": value}
+            for kind, value in (
+                ("PodReadyToStartContainers", "True"),
+                ("Initialized", "True"),
+                ("ContainersReady", ready),
+                ("Ready", ready),
+            )
+        ]
+        status: Manifest = {
+            "phase": "Running" if running else "Pending",
+            "hostIP": str(proc.node.gateway),
+            "hostIPs": [{"ip": str(proc.node.gateway)}],
+            "podIP": str(proc.ip),
+            "podIPs": [{"ip": str(proc.ip)}],
+            "startTime": pod.get("status", {}).get("startTime") or _now(),
+            "conditions": conditions,
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "image": container["image"],
+                    "imageID": "",
+                    "containerID": f"ttsfleet-local://{proc.process.pid if proc.process else 0}",
+                    "ready": proc.ready,
+                    "started": running,
+                    "restartCount": proc.restarts,
+                    "state": state,
+                }
+            ],
+        }
+        digest = json.dumps(status, sort_keys=True)
+        if digest == proc.reported:
+            return
+        now = _now()
+        for cond in conditions:
+            cond["lastTransitionTime"] = now
+        self.core.patch_namespaced_pod_status(proc.name, proc.namespace, {"status": status})
+        proc.reported = digest
+
+    def _terminate(self, pod: Manifest) -> None:
+        """Stop a deleted pod in the background (its preStop and grace take seconds)."""
+        uid = pod["metadata"]["uid"]
+        if uid in self.stopping:
+            return
+        self.stopping.add(uid)
+        proc = self.pods.pop(uid, None)
+        grace = int(pod["metadata"].get("deletionGracePeriodSeconds") or 30)
+        container = pod["spec"]["containers"][0]
+        pre_stop = ((container.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}
+
+        def stop_and_delete() -> None:
+            if proc is not None:
+                self._stop(proc, grace=grace, pre_stop=int(pre_stop.get("seconds") or 0))
+            with contextlib.suppress(ApiException):
+                self.core.delete_namespaced_pod(
+                    pod["metadata"]["name"], pod["metadata"]["namespace"], grace_period_seconds=0
+                )
+            self.stopping.discard(uid)
+
+        threading.Thread(target=stop_and_delete, daemon=True).start()
+
+    def _volumes(self, pod: Manifest, workdir: Path) -> dict[str, Path]:
+        """Materialise the pod's ConfigMap and emptyDir volumes as directories."""
+        out: dict[str, Path] = {}
+        for volume in pod["spec"].get("volumes") or []:
+            target = workdir / "volumes" / volume["name"]
+            target.mkdir(parents=True, exist_ok=True)
+            if "configMap" in volume:
+                name = volume["configMap"]["name"]
+                data = self.core.read_namespaced_config_map(name, pod["metadata"]["namespace"]).data
+                for key, value in (data or {}).items():
+                    (target / key).write_text(value)
+            out[volume["name"]] = target
+        return out
+
+    def _stop(self, proc: PodProcess, grace: int, pre_stop: int = 0) -> None:
+        """preStop sleep (still serving, leaving the endpoints), SIGTERM, grace, SIGKILL."""
+        if proc.process is not None:
+            deadline = time.monotonic() + grace
+            if pre_stop:
+                time.sleep(min(pre_stop, grace))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.process.pid, signal.SIGTERM)
+            try:
+                proc.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.process.pid, signal.SIGKILL)
+                proc.process.wait(timeout=10)
+        proc.node.remove_address(proc.ip)
+        shutil.rmtree(proc.workdir, ignore_errors=True)
+        log.info("Stopped pod %s/%s", proc.namespace, proc.name)
+
+    # ---- loop --------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    self.discover_nodes()
+                    if time.monotonic() - self.last_heartbeat > HEARTBEAT_SECONDS:
+                        self.heartbeat()
+                        self.last_heartbeat = time.monotonic()
+                    self.sync_pods()
+                except Exception:
+                    log.exception("Runner loop failed; trying again")
+                stop.wait(1.0)
+        finally:
+            for proc in list(self.pods.values()):
+                self._stop(proc, grace=5)
+            self.pods.clear()
+
+
+def _probe(container: Manifest, ip: ipaddress.IPv4Address) -> bool:
+    """The container's HTTP readiness probe, against its pod IP (in our namespace)."""
+    probe = (container.get("readinessProbe") or {}).get("httpGet")
+    if probe is None:
+        return True
+    port = probe["port"]
+    if isinstance(port, str):
+        port = next(p["containerPort"] for p in container.get("ports", []) if p.get("name") == port)
+    url = f"http://{ip}:{port}{probe.get('path', '/')}"
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(200 <= response.status < 400)
+    except OSError:
+        return False

@@ -1,0 +1,1 @@
+"""The TTS engine the Triton models run: request checks, text normalisation, synthesis."""

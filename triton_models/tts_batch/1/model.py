@@ -1,0 +1,35 @@
+"""Whole-utterance TTS with dynamic batching; Triton's response cache serves repeats."""
+
+import time
+
+import triton_python_backend_utils as pb
+
+from ttsfleet.serving.backend import Metrics, load, outputs, read_request
+from ttsfleet.serving.engine import RequestError
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.engine, name = load(pb, args)
+        self.metrics = Metrics(pb, name)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            arrived = time.perf_counter()
+            self.metrics.inflight.increment(1)
+            try:
+                req = read_request(pb, request, self.engine.voice_name)
+                audio = self.engine.synthesize(req.text, req.rate)
+                self.metrics.ttfa.observe(time.perf_counter() - arrived)
+                self.metrics.audio_seconds.increment(len(audio) / self.engine.sample_rate)
+                responses.append(
+                    pb.InferenceResponse(
+                        output_tensors=outputs(pb, audio, self.engine.sample_rate, True)
+                    )
+                )
+            except RequestError as err:
+                responses.append(pb.InferenceResponse(error=pb.TritonError(str(err))))
+            finally:
+                self.metrics.inflight.increment(-1)
+        return responses

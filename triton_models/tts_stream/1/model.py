@@ -1,0 +1,46 @@
+"""Streaming TTS (decoupled): one response per sentence, as soon as it is synthesized."""
+
+import json
+import time
+
+import triton_python_backend_utils as pb
+
+from ttsfleet.serving.backend import Metrics, load, outputs, read_request
+from ttsfleet.serving.engine import RequestError
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.engine, name = load(pb, args)
+        if not pb.using_decoupled_model_transaction_policy(json.loads(args["model_config"])):
+            raise pb.TritonModelException(f"{name} must be decoupled")
+        self.metrics = Metrics(pb, name)
+
+    def execute(self, requests):
+        for request in requests:
+            arrived = time.perf_counter()
+            sender = request.get_response_sender()
+            self.metrics.inflight.increment(1)
+            try:
+                req = read_request(pb, request, self.engine.voice_name)
+                first = True
+                for audio in self.engine.chunks(req.text, req.rate):
+                    if request.is_cancelled():
+                        break
+                    sender.send(
+                        pb.InferenceResponse(
+                            output_tensors=outputs(pb, audio, self.engine.sample_rate, False)
+                        )
+                    )
+                    if first:
+                        self.metrics.ttfa.observe(time.perf_counter() - arrived)
+                        first = False
+                    self.metrics.audio_seconds.increment(len(audio) / self.engine.sample_rate)
+                sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except RequestError as err:
+                sender.send(
+                    pb.InferenceResponse(error=pb.TritonError(str(err))),
+                    flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
+            finally:
+                self.metrics.inflight.increment(-1)
