@@ -4,7 +4,7 @@
 #   k8s-<v>/        kube-apiserver kube-controller-manager kube-scheduler kubectl
 #   etcd-<v>/       etcd
 #   kwok-<v>/       kwok kwokctl
-#   helm-<v>/       helm
+#   helm-<v>+k8s-<k8s v>/ helm
 #   prometheus-<v>/ prometheus
 # A second run finds every binary and builds nothing.
 # Usage: hack/tools.sh [build|path NAME|check]
@@ -102,7 +102,12 @@ build_all() {
   build_etcd
   install_module kwok "$KWOK_VERSION" "-s -w" \
     "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION"
-  install_module helm "$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+  # Helm assumes the Kubernetes version it was built against (lint, template, --dry-run):
+  # stamp ours, as Helm's own Makefile does, and key the build on it.
+  local k8s_minor h=helm.sh/helm/v3
+  k8s_minor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2)
+  install_module helm "$HELM_VERSION+k8s-$KUBERNETES_VERSION" \
+    "-s -w -X $h/internal/version.version=$HELM_VERSION -X $h/pkg/chartutil.k8sVersionMajor=1 -X $h/pkg/chartutil.k8sVersionMinor=$k8s_minor -X $h/pkg/lint/rules.k8sVersionMajor=1 -X $h/pkg/lint/rules.k8sVersionMinor=$k8s_minor" \
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   # Prometheus v3.X.Y is published as Go module version v0.3XX.Y.
   local promver

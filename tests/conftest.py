@@ -23,7 +23,7 @@ import pytest
 from kubernetes import client
 
 from ttsfleet import kube
-from ttsfleet.cluster import local, toolchain
+from ttsfleet.cluster import images, local, toolchain
 from ttsfleet.cluster.pool import load_pool_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,3 +170,71 @@ def operator(
     op.start()
     yield op
     op.stop()
+
+
+@dataclass
+class Triton:
+    """A real tritonserver serving this repository's models on loopback."""
+
+    http: int
+    grpc: int
+    metrics: int
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample on the metrics endpoint (0 if absent)."""
+        url = f"http://127.0.0.1:{self.metrics}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        wanted = [f'{k}="{v}"' for k, v in labels.items()]
+        for line in text.splitlines():
+            named = line.startswith((name + "{", name + " "))
+            if named and all(w in line for w in wanted):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
+    ports = Triton(free_port(), free_port(), free_port())
+    home = images.triton_home()
+    log = tmp_path_factory.mktemp("triton") / "triton.log"
+    argv = [
+        str(home / "bin" / "tritonserver"),
+        f"--model-repository={REPO / 'triton_models'}",
+        f"--backend-directory={images.backend_directory()}",
+        f"--cache-directory={home / 'caches'}",
+        "--cache-config=local,size=67108864",
+        "--model-control-mode=explicit",
+        "--load-model=tts_stream",
+        "--load-model=tts_batch",
+        "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
+        f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}",
+        "--exit-timeout-secs=5",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | images.triton_environment()
+        )
+
+    def ready() -> bool:
+        assert process.poll() is None, log.read_text()[-3000:]
+        try:
+            url = f"http://127.0.0.1:{ports.http}/v2/health/ready"
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    try:
+        wait_for("tritonserver to be ready", ready, timeout=120)
+        yield ports
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -69,7 +69,11 @@ def _settings(settings: kopf.OperatorSettings, **_: Any) -> None:
 def _login(**_: Any) -> kopf.ConnectionInfo:
     """kopf talks to the cluster with the same credentials as our client."""
     cfg = _api().configuration
-    token = (cfg.api_key or {}).get("authorization", "").removeprefix("Bearer ").strip()
+    # "Bearer <token>" from a kubeconfig token or the in-cluster ServiceAccount
+    # (this also runs the in-cluster refresh hook, so rotated tokens are picked up
+    # when kopf logs in again); None with client certificates.
+    header = cfg.get_api_key_with_prefix("BearerToken", alias="authorization") or ""
+    token = header.removeprefix("Bearer ").strip()
     return kopf.ConnectionInfo(
         server=cfg.host,
         ca_path=cfg.ssl_ca_cert,

@@ -45,12 +45,26 @@ def test_a_second_cluster_runs_beside_the_first_and_down_leaves_nothing(cluster:
     status = ttsfleet("cluster", "status").stdout
     assert "side" in status and cluster.name in status
     assert local.processes("side"), "the cluster's components should be running"
+    # The default pool has a local node: the runner gives it a network namespace.
+    wait_for(
+        "the local node's network namespace",
+        lambda: (
+            "ttsfleet-side-local-0"
+            in subprocess.run(
+                ["ip", "netns", "list"], capture_output=True, text=True, check=False
+            ).stdout
+        ),
+    )
     assert f"blackhole {second.pod_cidr}" in routes()
 
     down = ttsfleet("cluster", "down", "side")
     assert down.returncode == 0, down.stderr
     wait_for("every process of the removed cluster to end", lambda: not local.processes("side"), 10)
     assert f"blackhole {second.pod_cidr}" not in routes()
+    namespaces = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=False
+    ).stdout
+    assert "ttsfleet-side-" not in namespaces
     assert not local.cluster_dir("side").exists()
     assert not (local.kwok_workdir() / "clusters" / "side").exists()
     assert healthy(cluster.name), "removing one cluster must not disturb another"

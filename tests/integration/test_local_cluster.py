@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import pytest
@@ -176,14 +177,28 @@ def test_a_cel_rule_rejects_a_bad_object_through_the_apiserver(
     assert "spec.minReplicas must not exceed spec.maxReplicas" in str(rejected.value.body)
 
 
-def test_local_nodes_are_left_to_the_local_runner(cluster: Cluster) -> None:
-    node = client.CoreV1Api(cluster.api).read_node("local-0")
+def test_local_nodes_are_run_by_the_local_runner_not_kwok(cluster: Cluster) -> None:
+    core = client.CoreV1Api(cluster.api)
+    node = core.read_node("local-0")
     assert "kwok.x-k8s.io/node" not in (node.metadata.annotations or {})
     assert node.metadata.labels["ttsfleet.io/local"] == "true"
     taints = {(t.key, t.effect) for t in node.spec.taints}
     assert ("ttsfleet.io/local", "NoSchedule") in taints
-    # Nothing heartbeats it yet: kwok does not, so it is not Ready.
-    assert not kube.node_is_ready(client.ApiClient().sanitize_for_serialization(node))
+    # The runner heartbeats it: Ready, with its Lease, and an address in its podCIDR.
+    node = wait_for(
+        "the runner to make local-0 Ready",
+        lambda: (
+            (n := core.read_node("local-0"))
+            and any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])
+            and n
+        ),
+    )
+    lease = client.CoordinationV1Api(cluster.api).read_namespaced_lease(
+        "local-0", "kube-node-lease"
+    )
+    assert lease.spec.holder_identity == "local-0"
+    internal = next(a.address for a in node.status.addresses if a.type == "InternalIP")
+    assert ipaddress.ip_address(internal) in ipaddress.ip_network(node.spec.pod_cidr)
 
 
 def test_simulated_gpu_nodes_carry_gfd_labels_and_a_pod_cidr(cluster: Cluster) -> None:

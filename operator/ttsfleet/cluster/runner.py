@@ -101,6 +101,13 @@ class LocalNode:
         _ip("link", "set", self.host_if, "up")
         _ip("-n", self.netns, "link", "set", "lo", "up")
         _ip("-n", self.netns, "link", "set", "eth0", "up")
+        # Pod IPs share eth0 and one subnet: without this, removing the first one
+        # (the primary) would silently remove every other pod's address with it.
+        subprocess.run(
+            ["ip", "netns", "exec", self.netns, "sysctl", "-qw",
+             "net.ipv4.conf.all.promote_secondaries=1", "net.ipv4.conf.eth0.promote_secondaries=1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
 
     def add_address(self, ip: ipaddress.IPv4Address) -> None:
         _ip("-n", self.netns, "addr", "replace", f"{ip}/{self.pod_cidr.prefixlen}", "dev", "eth0")
@@ -275,6 +282,7 @@ class Runner:
             proc.next_start = time.monotonic() + 30
             return
         proc.workdir.mkdir(parents=True, exist_ok=True)
+        proc.node.add_address(proc.ip)  # idempotent; a restart finds it in place
         with (proc.workdir / "container.log").open("ab") as out:
             proc.process = subprocess.Popen(
                 ["ip", "netns", "exec", proc.node.netns, *argv],

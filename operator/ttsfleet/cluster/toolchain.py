@@ -48,6 +48,8 @@ def binary(name: str) -> Path:
     """The path of a built binary; a clear error if it is not built yet."""
     prefix, key = _BINARIES[name]
     version = versions()[key]
+    if prefix == "helm":  # built against our Kubernetes version (see hack/tools.sh)
+        version += f"+k8s-{kubernetes_version()}"
     path = cache_dir() / "bin" / f"{prefix}-{version}" / name
     if not os.access(path, os.X_OK):
         raise MissingToolError(

@@ -1,0 +1,76 @@
+{{/*
+tts-operator.name: the chart name, or nameOverride; at most 63 characters (a label value).
+*/}}
+{{- define "tts-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+tts-operator.fullname: the name of every object of a release: fullnameOverride, else
+the release name when it already contains the chart name, else "<release>-<chart>".
+At most 63 characters (DNS label).
+*/}}
+{{- define "tts-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+tts-operator.chart: "<chart>-<version>" for the helm.sh/chart label.
+*/}}
+{{- define "tts-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+tts-operator.selectorLabels: the labels the Deployment and the Service select pods by.
+Never change them in an upgrade: a Deployment's selector is immutable.
+*/}}
+{{- define "tts-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tts-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/*
+tts-operator.labels: the recommended labels, on every object of the chart.
+*/}}
+{{- define "tts-operator.labels" -}}
+{{ include "tts-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: ttsfleet
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ include "tts-operator.chart" . }}
+{{- end }}
+
+{{/*
+tts-operator.serviceAccountName: the ServiceAccount the operator runs as, created by
+the chart (the full name unless serviceAccount.name is set) or an existing one.
+*/}}
+{{- define "tts-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "tts-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+tts-operator.image: "<repository>@<digest>" when a digest is set, else
+"<repository>:<tag>" with the chart's appVersion as the default tag.
+*/}}
+{{- define "tts-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,93 @@
+"""Real speech through the cluster: a TtsDeployment on the local node is served by a
+real tritonserver in the node's network namespace, found through its EndpointSlices."""
+
+from __future__ import annotations
+
+import json
+import wave
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Cluster, ttsfleet, wait_for
+from tests.helpers import REPO
+from ttsfleet import kube
+from ttsfleet.cluster import local
+
+pytestmark = pytest.mark.usefixtures("operator")
+EXAMPLE = REPO / "examples" / "local-cpu.yaml"
+
+
+def pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl(
+        "get", "pods", "-n", namespace, "-l", "ttsfleet.io/deployment=joe-local", "-o", "json"
+    )
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items
+
+
+def serving(cluster: Cluster, namespace: str, count: int) -> list[str]:
+    def ready() -> list[str]:
+        found = kube.ready_endpoints(cluster.api, namespace, "joe-local", "grpc")
+        return found if len(found) == count else []
+
+    try:
+        result: list[str] = wait_for(f"{count} ready endpoint(s)", ready, timeout=120)
+    except AssertionError:
+        print(cluster.kubectl("get", "pods", "-A", "-o", "wide"))
+        runner = local.runner_dir(cluster.name)
+        print((runner / "runner.log").read_text()[-3000:])
+        for log in runner.glob("pods/*/container.log"):
+            print(log, log.read_text()[-2000:])
+        raise
+    return result
+
+
+def test_say_speaks_through_a_real_triton_pod(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLE))
+    (address,) = serving(cluster, namespace, 1)
+    pod = pods(cluster, namespace)[0]
+    assert pod["spec"]["nodeName"] == "local-0"
+    assert address == f"{pod['status']['podIP']}:8001"
+    out = tmp_path / "hello.wav"
+    result = ttsfleet(
+        "say", "Hello from the local node. It really speaks.", "--target", "joe-local",
+        "-n", namespace, "--cluster", cluster.name, "-o", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "time to first audio" in result.stdout and "RTF" in result.stdout
+    with wave.open(str(out)) as wav:
+        assert wav.getframerate() == 22050
+        assert wav.getnframes() / wav.getframerate() > 1.5
+
+
+def test_a_deleted_pod_stops_its_process_and_a_new_one_serves(
+    cluster: Cluster, namespace: str
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLE))
+    serving(cluster, namespace, 1)
+    old = pods(cluster, namespace)[0]
+    uid = old["metadata"]["uid"]
+
+    def running(pod_uid: str) -> bool:
+        return any(pod_uid in local.cmdline(pid) for pid in local.processes(cluster.name))
+
+    assert running(uid)
+    cluster.kubectl("delete", "pod", "-n", namespace, old["metadata"]["name"], "--wait=true")
+    wait_for("the old pod's process to end", lambda: not running(uid), timeout=60)
+    (address,) = serving(cluster, namespace, 1)
+    assert address.split(":")[0] != "" and pods(cluster, namespace)[0]["metadata"]["uid"] != uid
+
+
+def test_scaling_up_adds_an_endpoint_that_serves(cluster: Cluster, namespace: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLE))
+    serving(cluster, namespace, 1)
+    cluster.kubectl("scale", "-n", namespace, "ttsd/joe-local", "--replicas=2")
+    addresses = serving(cluster, namespace, 2)
+    assert len(set(addresses)) == 2
+    for address in addresses:
+        result = ttsfleet("say", "One of two.", "--target", address, "-o", "/dev/null")
+        assert result.returncode == 0, result.stderr

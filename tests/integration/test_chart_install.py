@@ -1,0 +1,335 @@
+"""The tts-operator chart against the real cluster: install, upgrade, uninstall, and RBAC
+that is enough for the operator and no more.
+
+The chart installs the CRD itself (from its crds/ directory) when it is missing; the
+session's `crd` fixture may have installed it first, in which case Helm skips it. Either
+way the CRD stays after `helm uninstall`, as the chart documents (other tests need it).
+The simulated nodes run no containers, so the operator's Deployment is installed with
+`replicaCount=0`; the operator runs here as a process with the chart's ServiceAccount
+token instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import Cluster, Operator, free_port, wait_for
+from tests.helpers import REPO, load_example
+from ttsfleet.cluster import toolchain
+
+CHART = REPO / "charts" / "tts-operator"
+CRD = "customresourcedefinition/ttsdeployments.ttsfleet.io"
+
+
+def run_helm(cluster: Cluster, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run helm against the test cluster, with its own config and cache under `home`."""
+    env = os.environ | {
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+    return subprocess.run(
+        [str(toolchain.binary("helm")), "--kubeconfig", str(cluster.kubeconfig), *args],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def helm(cluster: Cluster, home: Path, *args: str) -> str:
+    """helm's standard output; fails the test when helm fails."""
+    result = run_helm(cluster, home, *args)
+    if result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
+    return result.stdout
+
+
+def exists(cluster: Cluster, *what: str) -> bool:
+    out = cluster.kubectl("get", *what, "--ignore-not-found", "-o", "name")
+    return bool(out.strip())
+
+
+def crd_established(cluster: Cluster) -> bool:
+    cluster.kubectl("wait", "--for=condition=Established", CRD, "--timeout=60s")
+    return True
+
+
+def release_objects(cluster: Cluster, release: str, namespace: str) -> set[str]:
+    """Everything labelled as the release's: namespaced in `namespace`, and cluster-wide."""
+    selector = f"app.kubernetes.io/instance={release}"
+    namespaced = cluster.kubectl(
+        "get", "-n", namespace, "deploy,sa,svc", "-l", selector, "-o", "name"
+    )  # fmt: skip
+    clusterwide = cluster.kubectl(
+        "get", "clusterrole,clusterrolebinding", "-l", selector, "-o", "name"
+    )
+    return set((namespaced + clusterwide).split())
+
+
+def install(cluster: Cluster, home: Path, release: str, namespace: str, *sets: str) -> str:
+    args = ["install", release, str(CHART), "-n", namespace, "--set", "replicaCount=0"]
+    for value in sets:
+        args += ["--set", value]
+    out = helm(cluster, home, *args)
+    crd_established(cluster)
+    return out
+
+
+def test_install_upgrade_uninstall_keeps_the_crd(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    release = f"tts-{uuid.uuid4().hex[:6]}"
+    name = f"{release}-tts-operator"
+    crd_before = exists(cluster, CRD)
+    out = install(cluster, tmp_path, release, namespace)
+    if not crd_before:  # installed from the chart's crds/ (else Helm skipped it)
+        crd = json.loads(cluster.kubectl("get", CRD, "-o", "json", "--show-managed-fields"))
+        assert "helm" in {f["manager"] for f in crd["metadata"]["managedFields"]}
+    # NOTES tell how to upgrade the CRD, which Helm never does.
+    assert "kubectl apply --server-side -f charts/tts-operator/crds/" in out
+    try:
+        assert release_objects(cluster, release, namespace) == {
+            f"deployment.apps/{name}",
+            f"serviceaccount/{name}",
+            f"service/{name}",
+            f"clusterrole.rbac.authorization.k8s.io/{name}",
+            f"clusterrolebinding.rbac.authorization.k8s.io/{name}",
+        }
+        deployment = json.loads(
+            cluster.kubectl("get", "-n", namespace, "deploy", name, "-o", "json")
+        )
+        assert deployment["spec"]["replicas"] == 0
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == name
+        # The apiserver accepted the restricted pod spec as rendered.
+        assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+        helm(
+            cluster, tmp_path, "upgrade", release, str(CHART), "-n", namespace,
+            "--reuse-values", "--set", "podAnnotations.ttsfleet\\.io/upgraded=yes",
+        )  # fmt: skip
+        deployment = json.loads(
+            cluster.kubectl("get", "-n", namespace, "deploy", name, "-o", "json")
+        )
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["ttsfleet.io/upgraded"] == "yes"
+        assert deployment["spec"]["replicas"] == 0  # --reuse-values kept it
+        # The schema stops a value the operator cannot run with before the cluster sees it.
+        refused = run_helm(
+            cluster, tmp_path, "upgrade", release, str(CHART), "-n", namespace,
+            "--set", "replicaCount=2",
+        )  # fmt: skip
+        assert refused.returncode != 0
+        assert "at '/replicaCount': maximum: got 2, want 1" in refused.stderr
+        history = json.loads(
+            helm(cluster, tmp_path, "history", release, "-n", namespace, "-o", "json")
+        )
+        assert [h["revision"] for h in history] == [1, 2]
+    finally:
+        helm(cluster, tmp_path, "uninstall", release, "-n", namespace, "--wait", "--timeout", "60s")
+    wait_for(
+        "the release's objects to go",
+        lambda: not release_objects(cluster, release, namespace),
+        timeout=60,
+    )
+    # The CRD stays: Helm never deletes what it installed from crds/.
+    assert exists(cluster, CRD)
+    crd_established(cluster)
+
+
+@dataclass
+class Installed:
+    release: str
+    namespace: str
+    service_account: str
+    kubeconfig: Path  # the cluster's server and CA, the ServiceAccount's token
+
+    @property
+    def user(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.service_account}"
+
+
+def service_account_kubeconfig(cluster: Cluster, token: str, path: Path) -> Path:
+    """A kubeconfig for the cluster of `cluster` that authenticates with `token` only."""
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    server = admin["clusters"][0]["cluster"]  # server and certificate-authority
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "test", "cluster": server}],
+                "users": [{"name": "operator", "user": {"token": token}}],
+                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "operator"}}],
+                "current-context": "test",
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    """The chart installed in a namespace of its own, and a kubeconfig of its ServiceAccount."""
+    home = tmp_path_factory.mktemp("helm")
+    namespace = f"op-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", namespace)
+    release = f"tts-{uuid.uuid4().hex[:6]}"
+    try:
+        install(cluster, home, release, namespace)
+        sa = f"{release}-tts-operator"
+        token = cluster.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").strip()
+        kubeconfig = service_account_kubeconfig(cluster, token, home / "operator.kubeconfig")
+        yield Installed(release, namespace, sa, kubeconfig)
+    finally:
+        run_helm(cluster, home, "uninstall", release, "-n", namespace)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    assert exists(cluster, CRD)
+
+
+def can_i(cluster: Cluster, installed: Installed, *args: str) -> bool:
+    out = cluster.kubectl("auth", "can-i", f"--as={installed.user}", *args, check=False)
+    return out.strip() == "yes"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("patch", "ttsdeployments.ttsfleet.io", "--subresource=status"),
+        ("patch", "ttsdeployments.ttsfleet.io", "--subresource=scale"),
+        ("watch", "ttsdeployments.ttsfleet.io"),
+        ("patch", "deployments.apps"),
+        ("create", "deployments.apps"),
+        ("get", "deployments.apps"),
+        ("patch", "services"),
+        ("patch", "configmaps"),
+        ("patch", "poddisruptionbudgets.policy"),
+        ("list", "pods"),
+        ("create", "events"),
+        ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
+    ],
+    ids=" ".join,
+)
+def test_the_service_account_may_do_what_the_operator_does(
+    cluster: Cluster, installed: Installed, namespace: str, args: tuple[str, ...]
+) -> None:
+    assert can_i(cluster, installed, *args, "-n", namespace)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("delete", "deployments.apps"),
+        ("update", "deployments.apps"),
+        ("delete", "ttsdeployments.ttsfleet.io"),
+        ("update", "ttsdeployments.ttsfleet.io"),
+        ("patch", "ttsdeployments.ttsfleet.io"),
+        ("create", "ttsdeployments.ttsfleet.io"),
+        ("get", "secrets"),
+        ("list", "secrets"),
+        ("create", "pods"),
+        ("delete", "pods"),
+        ("watch", "pods"),
+        ("patch", "nodes"),
+        ("create", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("create", "clusterroles.rbac.authorization.k8s.io"),
+        ("delete", "namespaces"),
+        ("*", "*"),
+    ],
+    ids=" ".join,
+)
+def test_the_service_account_may_do_nothing_more(
+    cluster: Cluster, installed: Installed, namespace: str, args: tuple[str, ...]
+) -> None:
+    assert not can_i(cluster, installed, *args, "-n", namespace)
+
+
+def test_server_side_apply_creates_children_with_the_service_accounts_token(
+    cluster: Cluster, installed: Installed, namespace: str
+) -> None:
+    """What the reconciler does to a child, done with kubectl and the same credentials."""
+    as_operator = Cluster(cluster.name, installed.kubeconfig, cluster.api)
+    for value in ("1", "2"):  # created through apply, then changed through apply
+        configmap = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "rbac-check", "namespace": namespace},
+            "data": {"a": value},
+        }
+        as_operator.kubectl(
+            "apply", "--server-side", "--field-manager=ttsfleet", "-f", "-",
+            input=json.dumps(configmap),
+        )  # fmt: skip
+    live = json.loads(cluster.kubectl("get", "-n", namespace, "cm", "rbac-check", "-o", "json"))
+    assert live["data"] == {"a": "2"}
+    refused = subprocess.run(
+        [str(toolchain.binary("kubectl")), "--kubeconfig", str(installed.kubeconfig),
+         "delete", "-n", namespace, "cm", "rbac-check"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "Forbidden" in refused.stderr and "cannot delete" in refused.stderr
+    assert exists(cluster, "-n", namespace, "cm", "rbac-check")
+
+
+def _metric(port: int, sample: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_the_operator_runs_with_the_service_accounts_token(
+    cluster: Cluster, installed: Installed, namespace: str, tmp_path: Path
+) -> None:
+    """The operator, with only the chart's RBAC, brings a TtsDeployment to Ready.
+
+    Another operator (the e2e suite's, with admin credentials) may serve the same object
+    in this session: this one's own /metrics must count successful reconciles, and its
+    log must show no request refused.
+    """
+    log = tmp_path / "operator.log"
+    operator = Operator(installed.kubeconfig, log, free_port(), free_port())
+    doc = load_example(REPO / "examples" / "joe-mig.yaml")
+
+    def refused() -> list[str]:
+        text = log.read_text() if log.exists() else ""
+        return [
+            line
+            for line in text.splitlines()
+            if "forbidden" in line.lower() or "not enough permissions" in line.lower()
+        ]
+
+    def ready() -> bool:
+        lines = refused()
+        assert not lines, "\n".join(lines[:5])
+        obj = json.loads(cluster.kubectl("get", "-n", namespace, "ttsd", "joe", "-o", "json"))
+        status = obj.get("status") or {}
+        fresh = status.get("observedGeneration") == obj["metadata"]["generation"]
+        conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+        ok = _metric(operator.metrics_port, 'ttsfleet_operator_reconciles_total{result="ok"}')
+        return fresh and conditions.get("Ready") == "True" and ok > 0
+
+    operator.start()
+    try:
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+        wait_for("joe to be Ready, reconciled by this operator", ready, timeout=120)
+        for kind in ("deploy/joe", "svc/joe", "cm/joe-triton", "pdb/joe"):
+            assert exists(cluster, "-n", namespace, kind), kind
+        # Deleted while the operator runs: whatever kopf keeps on the object, it lets go.
+        cluster.kubectl("delete", "-n", namespace, "ttsd", "joe", "--wait=false")
+        wait_for(
+            "joe to be deleted", lambda: not exists(cluster, "-n", namespace, "ttsd", "joe"), 60
+        )
+    finally:
+        operator.stop()
+    assert not refused(), "\n".join(refused()[:5])

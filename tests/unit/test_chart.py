@@ -1,0 +1,343 @@
+"""The tts-operator chart, rendered by the real helm binary: lint, schema, and what it makes.
+
+No cluster: `helm template` renders against a stated Kubernetes version.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helpers import REPO
+from ttsfleet.cluster import toolchain
+
+CHART = REPO / "charts" / "tts-operator"
+# This helm is built from its Go module without the ldflags that stamp its default
+# Kubernetes version (it would assume v1.20, below the chart's kubeVersion).
+KUBE_VERSION = toolchain.kubernetes_version()
+Manifest = dict[str, Any]
+
+
+def _helm_built() -> bool:
+    try:
+        toolchain.binary("helm")
+    except toolchain.MissingToolError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _helm_built(), reason="helm is not built: run `make tools`")
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(toolchain.binary("helm")), *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def render(*sets: str, namespace: str = "ttsfleet-system") -> list[Manifest]:
+    """The objects `helm template` makes (CRDs included) with `--set` of each of `sets`."""
+    args = ["template", "tts", str(CHART), "-n", namespace, "--kube-version", KUBE_VERSION]
+    args += ["--include-crds"]
+    for value in sets:
+        args += ["--set", value]
+    result = helm(*args)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def one(objects: list[Manifest], kind: str) -> Manifest:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} objects of kind {kind}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[Manifest]:
+    return render()
+
+
+def operator_container(objects: list[Manifest]) -> Manifest:
+    containers = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["operator"]
+    container: Manifest = containers[0]
+    return container
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["lint", "lint-strict"])
+def test_the_chart_lints(strict: bool) -> None:
+    result = helm("lint", str(CHART), "--kube-version", KUBE_VERSION, *(["--strict"] * strict))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_chart_metadata() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2"
+    assert chart["name"] == "tts-operator"
+    assert chart["version"] == chart["appVersion"] == "0.1.0"
+    assert chart["kubeVersion"] == ">=1.30.0-0"
+
+
+def test_it_renders_the_crd_and_one_object_of_each_kind(objects: list[Manifest]) -> None:
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ]
+    crd = one(objects, "CustomResourceDefinition")
+    assert crd == yaml.safe_load((REPO / "crds" / "ttsfleet.io_ttsdeployments.yaml").read_text())
+    for obj in objects:
+        if obj["kind"] != "CustomResourceDefinition":
+            labels = obj["metadata"]["labels"]
+            assert labels["app.kubernetes.io/instance"] == "tts"
+            assert labels["app.kubernetes.io/managed-by"] == "Helm"
+
+
+def test_the_operator_runs_the_cli_command_in_cluster(objects: list[Manifest]) -> None:
+    container = operator_container(objects)
+    assert container["command"] == [
+        "ttsfleet", "operator", "--metrics-port", "8080", "--health-port", "8081",
+    ]  # fmt: skip
+    assert "args" not in container
+    assert not any("kubeconfig" in arg for arg in container["command"])
+    assert container["image"] == "ttsfleet/operator:0.1.0"
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": 8080, "health": 8081}
+
+
+def test_the_liveness_probe_is_kopfs_healthz(objects: list[Manifest]) -> None:
+    probe = operator_container(objects)["livenessProbe"]
+    assert probe["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert probe["periodSeconds"] > 0
+
+
+def test_the_pod_meets_the_restricted_pod_security_standard(objects: list[Manifest]) -> None:
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = operator_container(objects)
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["runAsNonRoot"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert "privileged" not in security and "hostNetwork" not in pod
+    # A read-only root needs a writable /tmp (the API client's discovery cache).
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert any(v["name"] == "tmp" and "emptyDir" in v for v in pod["volumes"])
+
+
+def test_resources_come_from_values(objects: list[Manifest]) -> None:
+    assert operator_container(objects)["resources"] == {
+        "requests": {"cpu": "100m", "memory": "128Mi"},
+        "limits": {"memory": "300Mi"},
+    }
+    changed = operator_container(render("resources.limits.memory=1Gi"))["resources"]
+    assert changed["limits"] == {"memory": "1Gi"}
+
+
+def test_one_replica_recreated_never_two_side_by_side(objects: list[Manifest]) -> None:
+    spec = one(objects, "Deployment")["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    assert one(render("replicaCount=0"), "Deployment")["spec"]["replicas"] == 0
+
+
+def test_the_image_follows_its_values() -> None:
+    container = operator_container(render("image.repository=reg.example/op", "image.tag=dev"))
+    assert container["image"] == "reg.example/op:dev"
+    digest = "sha256:" + "a" * 64
+    assert operator_container(render(f"image.digest={digest}"))["image"] == (
+        f"ttsfleet/operator@{digest}"
+    )
+
+
+def test_the_service_account_is_wired_into_the_pod_and_the_binding(
+    objects: list[Manifest],
+) -> None:
+    sa = one(objects, "ServiceAccount")
+    assert sa["metadata"]["namespace"] == "ttsfleet-system"
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == sa["metadata"]["name"]
+    assert pod["automountServiceAccountToken"] is True
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "ttsfleet-system"}
+    ]
+    role = one(objects, "ClusterRole")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+
+
+def test_an_existing_service_account_can_be_named() -> None:
+    objects = render("serviceAccount.create=false", "serviceAccount.name=mine")
+    assert not [o for o in objects if o["kind"] == "ServiceAccount"]
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "mine"
+    assert one(objects, "ClusterRoleBinding")["subjects"][0]["name"] == "mine"
+    result = helm(
+        "template", "tts", str(CHART), "--kube-version", KUBE_VERSION,
+        "--set", "serviceAccount.create=false",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "serviceAccount.name is required" in result.stderr
+
+
+def test_the_service_selects_the_operator_pod_on_the_metrics_port(
+    objects: list[Manifest],
+) -> None:
+    service = one(objects, "Service")
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+
+
+def test_the_service_monitor_exists_only_when_enabled(objects: list[Manifest]) -> None:
+    assert not [o for o in objects if o["kind"] == "ServiceMonitor"]
+    enabled = render("serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom")
+    monitor = one(enabled, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        one(enabled, "Service")["metadata"]["labels"].items()
+    )
+
+
+def test_rbac_is_least_privilege(objects: list[Manifest]) -> None:
+    rules = one(objects, "ClusterRole")["rules"]
+    for rule in rules:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+        assert not {
+            "delete",
+            "deletecollection",
+            "update",
+            "escalate",
+            "bind",
+            "impersonate",
+        } & set(rule["verbs"]), rule
+        assert "secrets" not in rule["resources"], rule
+        assert "nonResourceURLs" not in rule and "resourceNames" not in rule
+    granted = {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    for needed in [
+        ("ttsfleet.io", "ttsdeployments", "watch"),
+        ("ttsfleet.io", "ttsdeployments/status", "patch"),
+        ("ttsfleet.io", "ttsdeployments/scale", "patch"),
+        ("apps", "deployments", "patch"),
+        ("", "services", "patch"),
+        ("", "configmaps", "patch"),
+        ("policy", "poddisruptionbudgets", "patch"),
+        ("", "pods", "list"),
+        ("", "events", "create"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    ]:
+        assert needed in granted, needed
+    # Pods are only listed (nothing watches them), CRDs only watched (kopf's scanning),
+    # TtsDeployments only read: status and scale are the operator's only writes to them.
+    assert {v for g, r, v in granted if r == "pods"} == {"list"}
+    assert {v for g, r, v in granted if r == "customresourcedefinitions"} == {"list", "watch"}
+    assert {v for g, r, v in granted if r == "ttsdeployments"} == {"get", "list", "watch"}
+
+
+def test_rbac_can_be_left_out() -> None:
+    kinds = {o["kind"] for o in render("rbac.create=false")}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("replicaCount=two", "at '/replicaCount': got string, want integer"),
+        ("replicaCount=2", "at '/replicaCount': maximum: got 2, want 1"),
+        ("replicaCount=-1", "at '/replicaCount': minimum: got -1, want 0"),
+        ("replicaCunt=1", "additional properties 'replicaCunt' not allowed"),
+        ("image.pullPolicy=Sometimes", "at '/image/pullPolicy'"),
+        ("serviceMonitor.enabled=yes", "at '/serviceMonitor/enabled': got string, want boolean"),
+        ("service.port=0", "at '/service/port'"),
+    ],
+)
+def test_the_schema_rejects_wrong_values_with_a_message(value: str, message: str) -> None:
+    result = helm("template", "tts", str(CHART), "--kube-version", KUBE_VERSION, "--set", value)
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr
+
+
+def test_the_schema_types_every_default_value() -> None:
+    """Every key of values.yaml is declared in the schema, with a type (nested ones too)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    assert schema["additionalProperties"] is False
+
+    def resolve(node: Manifest) -> Manifest:
+        ref = node.get("$ref")
+        if ref is None:
+            return node
+        resolved: Manifest = schema["definitions"][ref.rsplit("/", 1)[-1]]
+        return resolved
+
+    def check(value: Any, node: Manifest, where: str) -> None:
+        node = resolve(node)
+        assert "type" in node, f"{where} has no type"
+        if isinstance(value, dict):
+            for key, child in value.items():
+                declared = node.get("properties", {}).get(key) or node.get("additionalProperties")
+                assert isinstance(declared, dict), f"{where}.{key} is not in the schema"
+                check(child, declared, f"{where}.{key}")
+
+    check(values, schema, "values")
+
+
+def test_the_readme_documents_the_crd_policy() -> None:
+    readme = (CHART / "README.md").read_text()
+    assert "kubectl apply --server-side -f charts/tts-operator/crds/" in readme
+    assert "never upgrades or\ndeletes it" in readme
+
+
+def test_helpers_are_prefixed_and_commented() -> None:
+    text = (CHART / "templates" / "_helpers.tpl").read_text()
+    lines = text.splitlines()
+    defines = [i for i, line in enumerate(lines) if line.startswith('{{- define "')]
+    assert defines
+    for i in defines:
+        name = lines[i].split('"')[1]
+        assert name.startswith("tts-operator."), name
+        assert lines[i - 1].strip() == "*/}}", f"{name} has no comment above it"
+
+
+def test_templates_are_named_component_kind() -> None:
+    names = sorted(p.name for p in (CHART / "templates").iterdir())
+    assert names == [
+        "NOTES.txt",
+        "_helpers.tpl",
+        "operator-clusterrole.yaml",
+        "operator-clusterrolebinding.yaml",
+        "operator-deployment.yaml",
+        "operator-service.yaml",
+        "operator-serviceaccount.yaml",
+        "operator-servicemonitor.yaml",
+    ]

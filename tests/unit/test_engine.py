@@ -1,0 +1,68 @@
+"""The engine with the real Piper voice (no Triton): checks, determinism, duration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ttsfleet.serving.engine import MAX_TEXT_CHARS, RequestError, Synthesizer, check_request
+
+VOICE = "en_US-joe-medium"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Synthesizer:
+    return Synthesizer(VOICE)
+
+
+@pytest.mark.parametrize(
+    ("text", "voice", "rate", "fmt", "message"),
+    [
+        ("", None, None, None, "TEXT is empty"),
+        ("   ", None, None, None, "TEXT is empty"),
+        ("a" * (MAX_TEXT_CHARS + 1), None, None, None, f"at most {MAX_TEXT_CHARS}"),
+        (b"\xff\xfe bad", None, None, None, "TEXT is not valid UTF-8"),
+        ("hi", "de_DE-thorsten-medium", None, None, "VOICE 'de_DE-thorsten-medium' is not served"),
+        ("hi", None, 5.0, None, "SPEAKING_RATE 5.0 is outside"),
+        ("hi", None, None, "mp3", "FORMAT 'mp3' is not supported: use one of pcm16"),
+    ],
+)
+def test_bad_requests_say_what_to_fix(
+    text: str | bytes, voice: str | None, rate: float | None, fmt: str | None, message: str
+) -> None:
+    with pytest.raises(RequestError, match=message):
+        check_request(text, voice, rate, fmt, default_voice=VOICE)
+
+
+def test_a_good_request_gets_defaults() -> None:
+    req = check_request(b"Hello", None, None, None, default_voice=VOICE)
+    assert (req.text, req.voice, req.rate, req.format) == ("Hello", VOICE, 1.0, "pcm16")
+
+
+def test_audio_is_deterministic_audible_and_one_chunk_per_sentence(engine: Synthesizer) -> None:
+    text = "The fleet is ready. Every replica is warm. Speak now."
+    chunks = list(engine.chunks(text))
+    assert len(chunks) == 3
+    again = engine.synthesize(text)
+    assert np.array_equal(np.concatenate(chunks), again)
+    assert np.abs(again.astype(np.int32)).mean() > 100  # not silence
+
+
+def test_duration_grows_with_the_text(engine: Synthesizer) -> None:
+    short = engine.synthesize("Hello there.")
+    long = engine.synthesize("Hello there. " * 6)
+    ratio = len(long) / len(short)
+    assert 4.0 < ratio < 8.0, ratio
+    seconds_per_char = len(long) / engine.sample_rate / len("Hello there. " * 6)
+    assert 0.03 < seconds_per_char < 0.15
+
+
+def test_a_faster_rate_is_shorter(engine: Synthesizer) -> None:
+    normal = engine.synthesize("Speaking rate changes the length of the audio.")
+    fast = engine.synthesize("Speaking rate changes the length of the audio.", rate=1.5)
+    assert len(fast) < 0.8 * len(normal)
+
+
+def test_a_precision_variant_that_is_not_built_is_refused_with_the_fix() -> None:
+    with pytest.raises(RequestError, match="ttsfleet models build --precision int8"):
+        Synthesizer(VOICE, precision="int8")
