@@ -47,10 +47,10 @@ def readyz(api: client.ApiClient, timeout: float = 2.0) -> bool:
 
 
 def create_nodes(api: client.ApiClient, nodes: Sequence[Manifest], workers: int = 16) -> int:
-    """Create Nodes, in parallel; those that already exist are left as they are.
+    """Create Nodes, in parallel; those that already exist get the manifest's
+    capacity and allocatable through their status subresource.
 
-    Returns how many were created. Status (capacity, allocatable) is taken from
-    the manifest at create time, which is what kwok keeps.
+    Returns how many were created.
     """
     core: Any = client.CoreV1Api(api)  # takes plain dicts as bodies
 
@@ -58,9 +58,13 @@ def create_nodes(api: client.ApiClient, nodes: Sequence[Manifest], workers: int 
         try:
             core.create_node(body=node, _preload_content=False)
         except ApiException as err:
-            if err.status == 409:
-                return False
-            raise
+            if err.status != 409:
+                raise
+            # kwok keeps a node's status from its creation and ignores an apply of the
+            # Node: new capacity reaches an existing node only through its status.
+            resources = {k: node["status"][k] for k in ("capacity", "allocatable")}
+            core.patch_node_status(node["metadata"]["name"], {"status": resources})
+            return False
         return True
 
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from ttsfleet import kube, status
@@ -96,7 +97,18 @@ def reconcile(
     if live_child is not None:
         apply = _child_drifted(children, live_child)
     if apply:
-        kube.apply(api_client, children, FIELD_MANAGER)
+        try:
+            kube.apply(api_client, children, FIELD_MANAGER)
+        except ApiException as err:
+            if err.status == 403 and "NamespaceTerminating" in str(err.body):
+                # The namespace is going away, and this object with it.
+                return Outcome(False, None, time.monotonic() - start)
+            # Said where users look; kopf retries the event with backoff.
+            kube.post_event(
+                api_client, body, "Warning", "ApplyFailed",
+                f"Applying the children failed ({err.status} {err.reason}): {err.body or ''}",
+            )  # fmt: skip
+            raise
     deployment = kube.get(api_client, "apps/v1", "Deployment", tts.name, tts.namespace)
     ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
     # Pods matter only while some are not ready (why: the scheduler's reason).

@@ -279,3 +279,25 @@ def test_no_finalizers_so_deleting_while_the_operator_is_down_completes(
     finally:
         operator.start()
     assert "joe" not in cluster.kubectl("get", "-n", namespace, "ttsd", "-o", "name")
+
+
+def test_a_child_that_cannot_be_applied_is_a_warning_event(
+    cluster: Cluster, namespace: str
+) -> None:
+    # An immutable ConfigMap in the way: the apply of the model config must fail.
+    cluster.kubectl(
+        "create", "configmap", "joe-triton", "-n", namespace, "--from-literal=config.pbtxt=x"
+    )
+    cluster.kubectl(
+        "patch", "configmap", "joe-triton", "-n", namespace, "-p", '{"immutable": true}'
+    )
+    apply(cluster, namespace, load_example(REPO / "examples" / "joe-mig.yaml"))
+
+    def warned() -> str:
+        return cluster.kubectl(
+            "get", "events", "-n", namespace, "--field-selector", "reason=ApplyFailed"
+        )
+
+    events = wait_for("an ApplyFailed event", lambda: "ApplyFailed" in warned() and warned())
+    assert "immutable" in events
+    assert condition(get(cluster, namespace, "ttsd", "joe"), "Ready").get("status") != "True"

@@ -9,9 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
+from kubernetes import client
 
 from tests.conftest import REPO, Cluster, ttsfleet, wait_for
 from ttsfleet.cluster import local
+from ttsfleet.cluster.pool import default_pool_text
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -137,3 +140,21 @@ def test_a_missing_or_old_go_is_a_one_line_error(
     )  # fmt: skip
     line = one_line_error(result)
     assert expected in line and "install" in line
+
+
+def test_reuse_with_a_changed_pool_updates_the_capacity_of_existing_nodes(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    default = yaml.safe_load(default_pool_text())
+    default["pools"][0]["cpu"] = "96"  # h100 nodes: 192 CPUs in the shipped pool
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(yaml.safe_dump(default))
+    try:
+        result = ttsfleet("cluster", "up", "--name", cluster.name, "--reuse", "--pool", str(pool))
+        assert result.returncode == 0, result.stderr
+        node = client.CoreV1Api(cluster.api).read_node("h100-0")
+        assert node.status.capacity["cpu"] == "96"
+        assert node.status.allocatable["cpu"] == "96"
+    finally:
+        ttsfleet("cluster", "up", "--name", cluster.name, "--reuse")
+    assert client.CoreV1Api(cluster.api).read_node("h100-0").status.capacity["cpu"] == "192"
