@@ -252,6 +252,80 @@ def say(
 
 
 @app.command()
+def bench(
+    target: Annotated[
+        list[str], typer.Option(help="TtsDeployment name or HOST:PORT (repeat for several).")
+    ] = ["joe-local"],  # noqa: B006 - typer reads the default
+    namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
+    concurrency: Annotated[str, typer.Option(help="Closed-loop levels, e.g. 1,4,8.")] = "1,4,8",
+    rate: Annotated[
+        float | None, typer.Option(help="Open loop instead: mean requests per second.")
+    ] = None,
+    seconds: Annotated[float, typer.Option(help="Duration of each level.")] = 20.0,
+    requests: Annotated[int, typer.Option(help="At most this many requests per level.")] = 10_000,
+    stream: Annotated[bool, typer.Option(help="Streaming model, else the batched one.")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
+    plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot.")] = None,
+    cluster: Annotated[str | None, typer.Option(help="A local cluster's name.")] = None,
+    kubeconfig: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Load TTS endpoints: TTFA and latency percentiles, RTF, throughput, errors."""
+    import json
+
+    from rich.progress import Progress
+
+    from ttsfleet import bench as bench_module
+    from ttsfleet import client, kube
+
+    addresses = [t for t in target if ":" in t]
+    names = [t for t in target if ":" not in t]
+
+    def resolve() -> list[str]:
+        found = list(addresses)
+        for name in names:
+            found += kube.ready_endpoints(_api_for(kubeconfig, cluster), namespace, name, "grpc")
+        return found
+
+    balancer = client.Balancer(resolve)
+    call = client.stream if stream else client.synthesize
+    levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    results = []
+    with Progress(console=console, transient=True) as progress:
+        for level in [None] if rate is not None else levels:
+            label = f"rate {rate}/s" if rate is not None else f"concurrency {level}"
+            task = progress.add_task(label, total=None)
+
+            def tick(task: Any = task) -> None:
+                progress.advance(task)
+
+            if rate is not None:
+                result = bench_module.open_loop(call, balancer, rate, seconds, tick=tick)
+            else:
+                result = bench_module.closed_loop(
+                    call, balancer, level or 1, seconds, requests, tick=tick
+                )
+            results.append(result)
+            progress.remove_task(task)
+            console.print(
+                f"{result.label:>10}: {result.requests} requests, {result.errors} errors, "
+                f"TTFA p50/p95/p99 {result.ttfa_ms['p50']:.0f}/{result.ttfa_ms['p95']:.0f}/"
+                f"{result.ttfa_ms['p99']:.0f} ms, latency p95 {result.latency_ms['p95']:.0f} ms, "
+                f"RTF {result.rtf_mean:.3f}, {result.requests_per_second:.1f} req/s"
+            )
+            for example in result.error_examples:
+                err_console.print(f"    error: {example}", highlight=False)
+    mode = "stream" if stream else "batch"
+    if json_out is not None:
+        doc = bench_module.as_json(results, target=target, mode=mode, seconds=seconds)
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(doc, indent=2) + "\n")
+        console.print(f"Wrote {json_out}")
+    if plot_out is not None:
+        bench_module.plot(results, plot_out, f"ttsfleet bench: {', '.join(target)} ({mode})")
+        console.print(f"Wrote {plot_out}")
+
+
+@app.command()
 def demo(
     name: Annotated[str, typer.Option("--name", help="Cluster name.")] = local.DEFAULT_NAME,
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("out/demo.wav"),

@@ -26,6 +26,19 @@ from ttsfleet.triton import contract
 Audio = npt.NDArray[np.int16]
 
 
+_local = threading.local()
+
+
+def _grpc_client(address: str) -> Any:
+    """This thread's client for `address`, kept open: a channel costs a handshake."""
+    from tritonclient import grpc  # noqa: PLC0415 - heavy; only clients need it
+
+    clients: dict[str, Any] = _local.__dict__.setdefault("clients", {})
+    if address not in clients:
+        clients[address] = grpc.InferenceServerClient(address)
+    return clients[address]
+
+
 class SynthesisError(RuntimeError):
     """Triton refused or failed a request; the message is the server's."""
 
@@ -102,7 +115,6 @@ def stream(
                 break
     finally:
         client.stop_stream()
-        client.close()
     total = time.perf_counter() - start
     audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
     first = times[0] if times else total
@@ -126,8 +138,6 @@ def synthesize(
         result = client.infer(contract.BATCH_MODEL, inputs, client_timeout=timeout)
     except InferenceServerException as err:
         raise SynthesisError(err.message()) from None
-    finally:
-        client.close()
     total = time.perf_counter() - start
     audio = result.as_numpy("AUDIO").astype(np.int16).reshape(-1)
     sample_rate = int(result.as_numpy("SAMPLE_RATE").reshape(-1)[0])
