@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CLUSTER ?= ttsfleet
 PYTEST_ARGS ?=
 
-.PHONY: help deps tools cluster cluster-down demo manifests lint fmt test test-unit bench-cluster bench-operator bench-serving clean
+.PHONY: help deps tools cluster cluster-down demo manifests lint fmt test test-unit bench-cluster bench-operator bench-serving bench-precision clean
 
 help: ## List the targets.
 	@grep -E '^[a-z.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ bench-operator: tools .venv ## Measure create->applied latency and 1,000 objects
 
 bench-serving: tools .venv ## Measure TTFA by concurrency, batching and the cache on real Triton (JSON).
 	$(BIN)/python benchmarks/serving_bench.py --out benchmarks/results/serving.json
+
+bench-precision: .venv ## Build, measure and gate the FP32/FP16/INT8 variants (JSON).
+	$(BIN)/python benchmarks/precision_bench.py --out benchmarks/results/precision.json
 
 clean: ## Remove the virtualenv and caches of this checkout (not the built binaries).
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

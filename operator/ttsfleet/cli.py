@@ -23,6 +23,8 @@ cluster_app = typer.Typer(
     help="A local Kubernetes cluster with simulated GPU nodes.", no_args_is_help=True
 )
 app.add_typer(cluster_app, name="cluster")
+models_app = typer.Typer(help="Precision variants of the voices.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -197,6 +199,13 @@ def _api_for(kubeconfig: Path | None, cluster: str | None) -> Any:
     return kube.api_client(kubeconfig)
 
 
+def _skip(api: Any, cluster: str | None) -> set[str]:
+    """On a local cluster, pods on simulated nodes have no host behind their IPs: skip them."""
+    from ttsfleet import kube
+
+    return kube.simulated_nodes(api) if cluster is not None else set()
+
+
 def resolve_target(
     target: str, namespace: str, kubeconfig: Path | None, cluster: str | None
 ) -> str:
@@ -205,7 +214,8 @@ def resolve_target(
 
     if ":" in target:
         return target
-    addresses = kube.ready_endpoints(_api_for(kubeconfig, cluster), namespace, target, "grpc")
+    api = _api_for(kubeconfig, cluster)
+    addresses = kube.ready_endpoints(api, namespace, target, "grpc", _skip(api, cluster))
     if not addresses:
         raise _fail(
             f"TtsDeployment {namespace}/{target} has no ready endpoints: "
@@ -251,6 +261,40 @@ def say(
     )
 
 
+@models_app.command("build")
+def models_build(
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8.")],
+    target: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    voice: Annotated[str, typer.Option()] = "en_US-joe-medium",
+    out: Annotated[Path | None, typer.Option(help="Directory of variants.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report.")] = None,
+) -> None:
+    """Build a precision variant, measure it on this CPU, and gate it against FP32."""
+    import json
+
+    from ttsfleet.serving import variants
+
+    if precision not in variants.PRECISIONS:
+        raise _fail(
+            f"unknown --precision {precision!r}: use one of {', '.join(variants.PRECISIONS)}"
+        )
+    try:
+        report = variants.build(voice, precision, target, out)
+    except variants.VariantError as err:
+        raise _fail(str(err)) from None
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    figures = (
+        f"{report.size_mib} MiB, load {report.load_seconds * 1000:.0f} ms, RTF {report.rtf}, "
+        f"first chunk {report.first_chunk_ms:.0f} ms; against fp32: mel distance "
+        f"{report.mel_distance_db} dB, duration {report.duration_difference:.1%}"
+    )
+    if not report.passed:
+        raise _fail(f"the {precision} variant of {voice} is refused ({report.reason}): {figures}")
+    console.print(f"Built {report.path}: {figures}")
+
+
 @app.command()
 def bench(
     target: Annotated[
@@ -280,10 +324,13 @@ def bench(
     addresses = [t for t in target if ":" in t]
     names = [t for t in target if ":" not in t]
 
+    api: Any = _api_for(kubeconfig, cluster) if names else None
+
     def resolve() -> list[str]:
         found = list(addresses)
         for name in names:
-            found += kube.ready_endpoints(_api_for(kubeconfig, cluster), namespace, name, "grpc")
+            skip = _skip(api, cluster)
+            found += kube.ready_endpoints(api, namespace, name, "grpc", skip)
         return found
 
     balancer = client.Balancer(resolve)

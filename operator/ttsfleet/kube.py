@@ -214,8 +214,15 @@ def post_event(
     )
 
 
-def ready_endpoints(api: client.ApiClient, namespace: str, service: str, port: str) -> list[str]:
-    """host:port of every ready endpoint of `service`'s named `port`, from its EndpointSlices."""
+def ready_endpoints(
+    api: client.ApiClient,
+    namespace: str,
+    service: str,
+    port: str,
+    skip_nodes: set[str] | None = None,
+) -> list[str]:
+    """host:port of every ready endpoint of `service`'s named `port`, from its EndpointSlices,
+    leaving out endpoints on `skip_nodes`."""
     discovery: Any = client.DiscoveryV1Api(api)
     response = discovery.list_namespaced_endpoint_slice(
         namespace, label_selector=f"kubernetes.io/service-name={service}", _preload_content=False
@@ -226,6 +233,17 @@ def ready_endpoints(api: client.ApiClient, namespace: str, service: str, port: s
         if number is None:
             continue
         for endpoint in item.get("endpoints") or []:
+            if endpoint.get("nodeName") in (skip_nodes or set()):
+                continue
             if (endpoint.get("conditions") or {}).get("ready"):
                 found += [f"{address}:{number}" for address in endpoint["addresses"]]
     return found
+
+
+def simulated_nodes(api: client.ApiClient) -> set[str]:
+    """Nodes kwok simulates: their pods' IPs have no host behind them."""
+    return {
+        n["metadata"]["name"]
+        for n in list_nodes(api)
+        if "kwok.x-k8s.io/node" in (n["metadata"].get("annotations") or {})
+    }

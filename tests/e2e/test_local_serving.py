@@ -91,3 +91,18 @@ def test_scaling_up_adds_an_endpoint_that_serves(cluster: Cluster, namespace: st
     for address in addresses:
         result = ttsfleet("say", "One of two.", "--target", address, "-o", "/dev/null")
         assert result.returncode == 0, result.stderr
+
+
+def test_clients_skip_endpoints_on_simulated_nodes(cluster: Cluster, namespace: str) -> None:
+    # The MIG example runs on kwok nodes: its endpoints exist, with no host behind them.
+    cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "joe-mig.yaml"))
+
+    def simulated() -> list[str]:
+        return kube.ready_endpoints(cluster.api, namespace, "joe", "grpc")
+
+    assert wait_for("an endpoint on a simulated node", simulated, timeout=60)
+    skip = kube.simulated_nodes(cluster.api)
+    assert kube.ready_endpoints(cluster.api, namespace, "joe", "grpc", skip) == []
+    result = ttsfleet("say", "hello", "--target", "joe", "-n", namespace, "--cluster", cluster.name)
+    assert result.returncode == 1
+    assert "has no ready endpoints" in result.stderr

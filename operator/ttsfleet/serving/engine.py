@@ -5,6 +5,7 @@ Used by the Triton models in `triton_models/`; testable without Triton.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,12 @@ def check_request(
     return Request(plain, name, speed, form)
 
 
+def default_model_dir() -> Path:
+    """Where built precision variants live: $TTSFLEET_MODEL_DIR, else ~/.cache/ttsfleet/models."""
+    default = Path(os.environ.get("TTSFLEET_CACHE", Path.home() / ".cache" / "ttsfleet")) / "models"
+    return Path(os.environ.get("TTSFLEET_MODEL_DIR", default))
+
+
 class Synthesizer:
     """One voice, loaded once; deterministic (no noise) so equal text gives equal audio."""
 
@@ -98,7 +105,7 @@ class Synthesizer:
             )
         model, config = installed[voice]
         if precision != "fp32":
-            variant = (model_dir or model.parent) / f"{voice}.{precision}.onnx"
+            variant = (model_dir or default_model_dir()) / f"{voice}.{precision}.onnx"
             if not variant.exists():
                 raise RequestError(
                     f"the {precision} variant of {voice} is not built ({variant} is missing): "

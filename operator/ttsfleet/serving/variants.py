@@ -1,0 +1,210 @@
+"""Precision variants of a voice (FP32, FP16, INT8), built with onnxruntime's tools and
+judged against FP32 before they may be served.
+
+- FP16 (`onnxruntime.transformers.float16`): weights and activations in float16,
+  inputs and outputs kept float32, and the ops that misbehave in float16 (random
+  sampling, shape arithmetic, the duration predictor's exponentials and cumulative
+  sums) left in float32.
+- INT8 for `cpu`: dynamic quantisation (int8 weights, activations quantised at run
+  time). Chosen over static QDQ because it needs no calibration set and the model's
+  cost is in MatMul/Conv weights. It has no CUDA kernels, so INT8 for `cuda` is
+  refused: that target needs QDQ calibrated for TensorRT, which is not built here.
+
+The quality gate synthesises a fixed sentence set with the variant and with FP32 and
+compares log-mel spectrograms (mean absolute difference in dB, after stretching the
+variant's frames to FP32's length) and durations. A variant over either threshold is
+refused with the figures.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ttsfleet.serving.engine import Synthesizer, default_model_dir, voices
+
+PRECISIONS = ("fp32", "fp16", "int8")
+TARGETS = ("cpu", "cuda")
+# Kept in float32 in the FP16 variant.
+FP16_KEEP_FP32 = [
+    "RandomNormalLike", "RandomUniformLike", "Range", "CumSum", "Exp", "Softplus", "Ceil",
+    "Pow", "Sqrt", "ReduceSum", "ReduceMean", "Erf", "Shape", "ConstantOfShape", "Expand",
+]  # fmt: skip
+GATE_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Your order number is 4512, and it ships on Friday.",
+    "Thanks for calling. How can I help you today?",
+    "She sells seashells by the seashore, doesn't she?",
+)
+MAX_MEL_DISTANCE_DB = 1.5
+MAX_DURATION_DIFFERENCE = 0.05
+
+
+class VariantError(RuntimeError):
+    """A variant that cannot be built for a target, or that fails the quality gate."""
+
+
+def variant_path(voice: str, precision: str, directory: Path | None = None) -> Path:
+    return (directory or default_model_dir()) / f"{voice}.{precision}.onnx"
+
+
+def convert(voice: str, precision: str, target: str, out: Path) -> Path:
+    """Write the `precision` variant of `voice` for `target` to `out`."""
+    source, _ = voices()[voice]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if precision == "fp32":
+        out.write_bytes(source.read_bytes())
+    elif precision == "fp16":
+        import onnx  # noqa: PLC0415 - build-time tools only
+        from onnxruntime.transformers.float16 import (  # noqa: PLC0415
+            convert_float_to_float16,
+        )
+
+        model = onnx.load(str(source))
+        half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32)
+        onnx.save(half, str(out))
+    elif precision == "int8":
+        if target == "cuda":
+            raise VariantError(
+                "int8 for cuda is not supported: onnxruntime's dynamic INT8 has no CUDA kernels, "
+                "and static QDQ for TensorRT is not built here; use fp16 on GPUs"
+            )
+        from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
+
+        quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8)
+    else:
+        raise VariantError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return out
+
+
+Spectrum = npt.NDArray[np.float64]
+
+
+def log_mel(audio: npt.NDArray[np.int16], sample_rate: int, bands: int = 80) -> Spectrum:
+    """Log-mel spectrogram in dB (frames x bands): 1024-sample Hann frames, hop 256."""
+    signal = audio.astype(np.float64) / 32768.0
+    size, hop = 1024, 256
+    if len(signal) < size:
+        signal = np.pad(signal, (0, size - len(signal)))
+    count = 1 + (len(signal) - size) // hop
+    frames = np.stack([signal[i * hop : i * hop + size] for i in range(count)]) * np.hanning(size)
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    mel_points = np.linspace(0, 2595 * np.log10(1 + (sample_rate / 2) / 700), bands + 2)
+    hz = 700 * (10 ** (mel_points / 2595) - 1)
+    bins = np.floor((size + 1) * hz / sample_rate).astype(int)
+    filters = np.zeros((bands, size // 2 + 1))
+    for m in range(1, bands + 1):
+        left, centre, right = bins[m - 1], bins[m], bins[m + 1]
+        for k in range(left, centre):
+            filters[m - 1, k] = (k - left) / max(centre - left, 1)
+        for k in range(centre, right):
+            filters[m - 1, k] = (right - k) / max(right - centre, 1)
+    spectrum: Spectrum = 10 * np.log10(np.maximum(power @ filters.T, 1e-10))
+    return spectrum
+
+
+def mel_distance_db(reference: Spectrum, other: Spectrum) -> float:
+    """Mean absolute difference in dB, `other`'s frames stretched to `reference`'s count."""
+    positions = np.linspace(0, len(other) - 1, len(reference))
+    stretched = np.stack(
+        [np.interp(positions, np.arange(len(other)), other[:, b]) for b in range(other.shape[1])],
+        axis=1,
+    )
+    # Floor both at 80 dB under the loudest band, so silence does not dominate.
+    floor = reference.max() - 80
+    return float(np.mean(np.abs(np.maximum(reference, floor) - np.maximum(stretched, floor))))
+
+
+@dataclass
+class Report:
+    voice: str
+    precision: str
+    target: str
+    path: str
+    size_mib: float
+    load_seconds: float
+    rtf: float
+    first_chunk_ms: float
+    mel_distance_db: float
+    duration_difference: float
+    passed: bool
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure(voice: str, precision: str, target: str, path: Path) -> Report:
+    """Load time, speed and quality of the variant at `path` against FP32, on this CPU."""
+    start = time.perf_counter()
+    engine = Synthesizer(voice, precision, model_dir=path.parent)
+    load = time.perf_counter() - start
+    reference = Synthesizer(voice, "fp32")
+    distances, differences, compute, audio_seconds, firsts = [], [], 0.0, 0.0, []
+    for sentence in GATE_SENTENCES:
+        expected = reference.synthesize(sentence)
+        start = time.perf_counter()
+        chunks: list[npt.NDArray[np.int16]] = []
+        for chunk in engine.chunks(sentence):
+            if not chunks:
+                firsts.append(time.perf_counter() - start)
+            chunks.append(chunk)
+        compute += time.perf_counter() - start
+        got = np.concatenate(chunks)
+        audio_seconds += len(got) / engine.sample_rate
+        distances.append(
+            mel_distance_db(
+                log_mel(expected, reference.sample_rate), log_mel(got, engine.sample_rate)
+            )
+        )
+        differences.append(abs(len(got) - len(expected)) / len(expected))
+    mel = float(np.mean(distances))
+    duration = float(max(differences))
+    reasons = []
+    if mel > MAX_MEL_DISTANCE_DB:
+        reasons.append(f"mel distance {mel:.2f} dB > {MAX_MEL_DISTANCE_DB} dB")
+    if duration > MAX_DURATION_DIFFERENCE:
+        reasons.append(f"duration differs by {duration:.1%} > {MAX_DURATION_DIFFERENCE:.0%}")
+    return Report(
+        voice=voice,
+        precision=precision,
+        target=target,
+        path=str(path),
+        size_mib=round(path.stat().st_size / 2**20, 1),
+        load_seconds=round(load, 3),
+        rtf=round(compute / audio_seconds, 4),
+        first_chunk_ms=round(1000 * float(np.median(firsts)), 1),
+        mel_distance_db=round(mel, 3),
+        duration_difference=round(duration, 4),
+        passed=not reasons,
+        reason="; ".join(reasons),
+    )
+
+
+def build(voice: str, precision: str, target: str, directory: Path | None = None) -> Report:
+    """Build, measure and gate a variant; a refused one is removed, and says why."""
+    if voice not in voices():
+        raise VariantError(f"voice {voice!r} is not installed (have: {', '.join(voices())})")
+    if target not in TARGETS:
+        raise VariantError(f"unknown target {target!r}: use one of {', '.join(TARGETS)}")
+    final = variant_path(voice, precision, directory)
+    scratch = final.with_suffix(".building.onnx")
+    convert(voice, precision, target, scratch)
+    try:
+        report = measure(voice, precision, target, _as_variant(scratch, final))
+    except Exception as err:  # a variant that does not load or run is refused too
+        final.unlink(missing_ok=True)
+        raise VariantError(f"the {precision} variant of {voice} does not run: {err}") from err
+    if not report.passed:
+        final.unlink(missing_ok=True)
+    return report
+
+
+def _as_variant(scratch: Path, final: Path) -> Path:
+    scratch.replace(final)
+    return final
