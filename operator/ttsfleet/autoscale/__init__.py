@@ -1,0 +1,1 @@
+"""Autoscaling: the pure policy (`policy.recommend`) and, later, its Prometheus loop."""

@@ -1,0 +1,179 @@
+"""recommend(snapshot, policy, state, now): how many replicas a TTS fleet should have.
+
+Pure: no I/O, no clock. Time comes in as `now` (seconds), so tests and the simulator
+drive a synthetic clock. Every decision keeps its reason.
+
+Signals, each turned into the replicas it asks for against the spec's targets:
+- pending requests per replica (Triton's `nv_inference_pending_request_count`),
+- queue time per request (rate of `nv_inference_queue_duration_us` over successes),
+- time to first audio p95 (`ttsfleet_time_to_first_audio_seconds`),
+- open streams (`ttsfleet_inflight_streams`), against `streamsPerReplica`.
+The desired size is the largest of them.
+
+Knative-style windows: the stable window averages what the signals asked for over
+the last `stable_window` seconds; the panic window looks at the last
+`panic_window` seconds, and when that asks for `panic_threshold` times the current
+size or more, the fleet scales up to it at once and does not scale down until the
+panic has been quiet for a stable window. Then rate limits (up and down per step),
+a scale-down delay (the largest recommendation of the last `scale_down_delay`
+seconds wins, so a dip does not cut streams), min/max and floors (scheduled,
+predicted). With no metrics it holds the current size and says so: it never scales
+down because it cannot see.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What Prometheus said about one fleet at one time (None: not measured)."""
+
+    ready_replicas: int
+    pending_requests: float | None = None
+    queue_seconds_per_request: float | None = None
+    ttfa_p95_seconds: float | None = None
+    open_streams: float | None = None
+
+    @property
+    def has_metrics(self) -> bool:
+        return any(
+            v is not None
+            for v in (
+                self.pending_requests,
+                self.queue_seconds_per_request,
+                self.ttfa_p95_seconds,
+                self.open_streams,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    min_replicas: int = 1
+    max_replicas: int = 8
+    queue_depth_per_replica: float = 4.0
+    queue_seconds_target: float = 0.1
+    ttfa_target_seconds: float = 0.3
+    streams_per_replica: int = 16
+    stable_window: float = 60.0
+    panic_window: float = 6.0
+    panic_threshold: float = 2.0
+    max_scale_up_rate: float = 2.0  # at most x2 per decision (and at least +1)
+    max_scale_down_step: int = 1  # replicas removed per decision, at most
+    scale_down_delay: float = 120.0
+    floor: int = 0  # scheduled or predicted floor, computed by the caller
+
+
+@dataclass(frozen=True)
+class State:
+    """What recommend() remembers between calls (returned anew, never mutated)."""
+
+    observations: tuple[tuple[float, float], ...] = ()  # (time, replicas the signals asked for)
+    recommendations: tuple[tuple[float, int], ...] = ()  # (time, what the signals asked, bounded)
+    panic_until: float | None = None
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    replicas: int
+    reason: str
+    signals: dict[str, float] = field(default_factory=dict)
+    panic: bool = False
+    state: State = field(default_factory=State)
+
+
+def signal_replicas(snapshot: Snapshot, policy: Policy) -> dict[str, float]:
+    """Replicas each signal asks for (fractional), from the metrics present."""
+    current = max(snapshot.ready_replicas, 1)
+    asks: dict[str, float] = {}
+    if snapshot.pending_requests is not None:
+        asks["queue_depth"] = snapshot.pending_requests / policy.queue_depth_per_replica
+    if snapshot.queue_seconds_per_request is not None:
+        asks["queue_time"] = (
+            current * snapshot.queue_seconds_per_request / policy.queue_seconds_target
+        )
+    if snapshot.ttfa_p95_seconds is not None:
+        asks["ttfa_p95"] = current * snapshot.ttfa_p95_seconds / policy.ttfa_target_seconds
+    if snapshot.open_streams is not None:
+        asks["open_streams"] = snapshot.open_streams / policy.streams_per_replica
+    return asks
+
+
+def _mean_since(samples: tuple[tuple[float, float], ...], since: float) -> float | None:
+    recent = [v for t, v in samples if t >= since]
+    return sum(recent) / len(recent) if recent else None
+
+
+def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> Recommendation:
+    """The replicas the fleet should have now, and why."""
+    current = snapshot.ready_replicas
+    if not snapshot.has_metrics:
+        held = min(max(current, policy.min_replicas, policy.floor), policy.max_replicas)
+        return Recommendation(
+            held,
+            f"metrics unavailable: holding {held} replicas (never scaling down blind)",
+            state=state,
+        )
+    asks = signal_replicas(snapshot, policy)
+    driver, asked = max(asks.items(), key=lambda kv: kv[1])
+    keep = now - max(policy.stable_window, policy.scale_down_delay)
+    observations = (*((t, v) for t, v in state.observations if t >= keep), (now, asked))
+    stable = _mean_since(observations, now - policy.stable_window) or asked
+    panicking_now = _mean_since(observations, now - policy.panic_window) or asked
+    panic_until = state.panic_until
+    if current > 0 and panicking_now >= policy.panic_threshold * current:
+        panic_until = now + policy.stable_window
+    panic = panic_until is not None and now < panic_until
+
+    if panic:
+        desired = max(math.ceil(panicking_now), current)
+        why = (
+            f"panic: {driver} asks for {panicking_now:.1f} replicas "
+            f"over the last {policy.panic_window:.0f}s"
+        )
+    else:
+        desired = math.ceil(stable)
+        why = f"{driver} asks for {stable:.1f} replicas over the last {policy.stable_window:.0f}s"
+
+    # Bounds and floors on what the signals ask for: this is what is remembered.
+    lowest = max(policy.min_replicas, policy.floor)
+    if desired < lowest:
+        desired = lowest
+        why += (
+            f"; floor {lowest}" if policy.floor > policy.min_replicas else f"; minReplicas {lowest}"
+        )
+    if desired > policy.max_replicas:
+        desired = policy.max_replicas
+        why += f"; maxReplicas {policy.max_replicas}"
+    raw = desired
+
+    # Scale-down delay: while anything in the last delay seconds asked for more, keep it.
+    window = [r for t, r in state.recommendations if t >= now - policy.scale_down_delay]
+    if desired < current and window and max(window) > desired:
+        held = min(max(window), current)
+        desired = held
+        why += f"; holding {held} for the {policy.scale_down_delay:.0f}s scale-down delay"
+
+    # Rate limits.
+    if desired > current:
+        ceiling = max(current + 1, math.ceil(current * policy.max_scale_up_rate))
+        if desired > ceiling:
+            desired, why = ceiling, why + f"; scale-up limited to {ceiling}"
+    elif desired < current:
+        step_floor = current - policy.max_scale_down_step
+        if desired < step_floor:
+            desired, why = step_floor, why + f"; scale-down limited to {step_floor}"
+    desired = min(desired, policy.max_replicas)
+
+    recommendations = (
+        *((t, r) for t, r in state.recommendations if t >= now - policy.scale_down_delay),
+        (now, raw),
+    )
+    new_state = replace(
+        state, observations=observations, recommendations=recommendations, panic_until=panic_until
+    )
+    signals = {k: round(v, 3) for k, v in asks.items()}
+    return Recommendation(desired, why, signals, panic, new_state)

@@ -1,0 +1,111 @@
+"""recommend() on a synthetic clock: windows, panic, rate limits, delay, bounds, reasons."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ttsfleet.autoscale.policy import Policy, Recommendation, Snapshot, State, recommend
+
+POLICY = Policy(min_replicas=1, max_replicas=20, queue_depth_per_replica=4, stable_window=60,
+                panic_window=6, scale_down_delay=120)  # fmt: skip
+
+
+def run(
+    pending: list[float], start: int = 1, policy: Policy = POLICY, every: float = 2.0
+) -> list[Recommendation]:
+    """Feed one pending-request reading per tick; the fleet follows each recommendation."""
+    state, replicas, out = State(), start, []
+    for i, value in enumerate(pending):
+        rec = recommend(Snapshot(replicas, pending_requests=value), policy, state, now=i * every)
+        state, replicas = rec.state, rec.replicas
+        out.append(rec)
+    return out
+
+
+def test_steady_load_asks_for_pending_over_the_target() -> None:
+    last = run([16.0] * 40, start=4)[-1]
+    assert last.replicas == 4
+    assert "queue_depth asks for 4.0 replicas" in last.reason
+    assert last.signals == {"queue_depth": 4.0}
+
+
+def test_a_steady_rise_scales_up_through_the_stable_window() -> None:
+    recs = run([4.0] * 5 + [24.0] * 60, start=1)
+    assert recs[-1].replicas == 6
+    assert not recs[-1].panic
+
+
+def test_a_burst_panics_and_scales_up_at_once_within_the_rate_limit() -> None:
+    recs = run([4.0] * 30 + [40.0] * 3, start=1)
+    burst = recs[30]
+    assert burst.panic and burst.reason.startswith("panic: queue_depth")
+    assert burst.replicas == 2  # x2 per decision at most, and at least +1
+    assert recs[31].replicas == 4 and recs[32].replicas == 8
+    assert "scale-up limited" in recs[31].reason
+
+
+def test_no_scale_down_while_panicking_or_within_the_delay() -> None:
+    recs = run([40.0] * 10 + [0.0] * 100, start=10)
+    after_drop = [r.replicas for r in recs[10:40]]
+    assert min(after_drop) == 10  # the panic window, then the scale-down delay, hold it
+    assert "scale-down delay" in recs[45].reason or recs[45].panic
+    # Then down one replica per decision, to minReplicas.
+    tail = [r.replicas for r in recs[80:]]
+    assert all(a - b in (0, 1) for a, b in itertools.pairwise(tail))
+    assert recs[-1].replicas < 10
+
+
+def test_missing_metrics_hold_the_size_and_say_so() -> None:
+    rec = recommend(Snapshot(ready_replicas=7), POLICY, State(), now=0.0)
+    assert rec.replicas == 7
+    assert "metrics unavailable" in rec.reason and "never scaling down blind" in rec.reason
+
+
+def test_the_largest_signal_wins_and_is_named() -> None:
+    snap = Snapshot(4, pending_requests=4.0, ttfa_p95_seconds=0.6, open_streams=16.0)
+    rec = recommend(snap, POLICY, State(), now=0.0)
+    assert rec.signals == {"queue_depth": 1.0, "ttfa_p95": 8.0, "open_streams": 1.0}
+    assert "ttfa_p95" in rec.reason
+    assert rec.replicas == 8  # x2 rate limit reached exactly
+
+
+def test_bounds_and_floors() -> None:
+    low = recommend(Snapshot(1, pending_requests=0.0), POLICY, State(), now=0.0)
+    assert low.replicas == 1 and "minReplicas 1" in low.reason
+    floored = recommend(
+        Snapshot(3, pending_requests=0.0), Policy(floor=3, scale_down_delay=0), State(), now=0.0
+    )
+    assert floored.replicas == 3 and "floor 3" in floored.reason
+    capped = recommend(
+        Snapshot(8, pending_requests=400.0), Policy(max_replicas=10), State(), now=0.0
+    )
+    assert capped.replicas == 10 and "maxReplicas 10" in capped.reason
+
+
+def test_pure_same_inputs_same_answer() -> None:
+    snap, state = Snapshot(2, pending_requests=12.0), State()
+    assert recommend(snap, POLICY, state, 5.0) == recommend(snap, POLICY, state, 5.0)
+    assert state == State()
+
+
+@given(
+    readings=st.lists(st.one_of(st.none(), st.floats(0, 500)), min_size=1, max_size=80),
+    start=st.integers(1, 20),
+)
+@settings(max_examples=200)
+def test_every_decision_stays_in_bounds_and_moves_within_the_rate_limits(
+    readings: list[float | None], start: int
+) -> None:
+    state, replicas = State(), start
+    for i, value in enumerate(readings):
+        rec = recommend(Snapshot(replicas, pending_requests=value), POLICY, state, now=i * 2.0)
+        assert POLICY.min_replicas <= rec.replicas <= POLICY.max_replicas
+        assert rec.replicas >= min(replicas, POLICY.max_replicas) - POLICY.max_scale_down_step
+        assert rec.replicas <= max(replicas + 1, 2 * replicas)
+        if value is None:
+            assert rec.replicas >= min(replicas, POLICY.max_replicas)  # never down blind
+        assert rec.reason
+        state, replicas = rec.state, rec.replicas
