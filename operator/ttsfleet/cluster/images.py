@@ -116,8 +116,14 @@ def _rewrite(arg: str, root: Path) -> str:
     return arg
 
 
+def shm_prefix(pod_uid: str) -> str:
+    """The Python backend's shared-memory prefix for a pod (in /dev/shm, shared here,
+    where a real pod has its own): named, so the runner can clean up after it."""
+    return f"ttsfleet_{pod_uid[:8]}_"
+
+
 def local_command(
-    container: Manifest, volumes: dict[str, Path], workdir: Path, ip: str
+    container: Manifest, volumes: dict[str, Path], workdir: Path, ip: str, pod_uid: str = ""
 ) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that run `container` here, bound to `ip`."""
     if not _is_triton(container):
@@ -137,6 +143,7 @@ def local_command(
         f"--metrics-address={ip}",
         f"--backend-directory={backend_directory()}",
         f"--cache-directory={home / 'caches'}",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix(pod_uid or ip)}",
     ]
     env = {
         str(e["name"]): str(e.get("value", ""))

@@ -423,6 +423,17 @@ def down(name: str) -> None:
 
 
 def _remove(record: ClusterRecord) -> None:
+    # The local runner first, gently: it stops its pods (preStop, SIGTERM) and cleans up.
+    runners = [p for p in processes(record.name) if f"cluster runner {record.name} " in cmdline(p)]
+    for pid in runners:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while runners and time.monotonic() < deadline:
+        runners = [
+            p for p in runners if Path(f"/proc/{p}").exists() and not _is_zombie(Path(f"/proc/{p}"))
+        ]
+        time.sleep(0.2)
     _kwokctl("delete", "cluster", "--name", record.name, "--kubeconfig", str(record.kubeconfig))
     for pid in processes(record.name):
         with contextlib.suppress(ProcessLookupError):

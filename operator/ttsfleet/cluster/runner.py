@@ -162,6 +162,7 @@ class Runner:
         self.nodes: dict[str, LocalNode] = {}
         self.pods: dict[str, PodProcess] = {}
         self.stopping: set[str] = set()
+        self.stop_threads: list[threading.Thread] = []
         self.last_heartbeat = 0.0
 
     # ---- nodes -------------------------------------------------------------
@@ -276,7 +277,9 @@ class Runner:
     def _start(self, pod: Manifest, container: Manifest, proc: PodProcess) -> None:
         try:
             volumes = self._volumes(pod, proc.workdir)
-            argv, env = images.local_command(container, volumes, proc.workdir, str(proc.ip))
+            argv, env = images.local_command(
+                container, volumes, proc.workdir, str(proc.ip), pod_uid=proc.uid
+            )
         except images.NotRunnableLocallyError as err:
             proc.waiting_reason, proc.waiting_message = "ImageNotRunnableLocally", str(err)
             proc.next_start = time.monotonic() + 30
@@ -362,7 +365,9 @@ class Runner:
                 )
             self.stopping.discard(uid)
 
-        threading.Thread(target=stop_and_delete, daemon=True).start()
+        thread = threading.Thread(target=stop_and_delete, daemon=True)
+        thread.start()
+        self.stop_threads = [t for t in self.stop_threads if t.is_alive()] + [thread]
 
     def _volumes(self, pod: Manifest, workdir: Path) -> dict[str, Path]:
         """Materialise the pod's ConfigMap and emptyDir volumes as directories."""
@@ -394,6 +399,8 @@ class Runner:
                 proc.process.wait(timeout=10)
         proc.node.remove_address(proc.ip)
         shutil.rmtree(proc.workdir, ignore_errors=True)
+        for region in Path("/dev/shm").glob(images.shm_prefix(proc.uid) + "*"):  # noqa: S108
+            region.unlink(missing_ok=True)
         log.info("Stopped pod %s/%s", proc.namespace, proc.name)
 
     # ---- loop --------------------------------------------------------------
@@ -413,6 +420,8 @@ class Runner:
             for proc in list(self.pods.values()):
                 self._stop(proc, grace=5)
             self.pods.clear()
+            for thread in self.stop_threads:  # pods already on their way out
+                thread.join(timeout=15)
 
 
 def _probe(container: Manifest, ip: ipaddress.IPv4Address) -> bool:
