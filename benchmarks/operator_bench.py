@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,13 +51,6 @@ def tts(name: str) -> dict[str, Any]:
             "maxReplicas": 8,
         },
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -228,7 +220,7 @@ def main() -> None:
             operator = subprocess.Popen(
                 [sys.executable, "-m", "ttsfleet", "operator",
                  "--kubeconfig", str(record.kubeconfig),
-                 "--metrics-port", str(free_port()), "--health-port", str(free_port())],
+                 "--metrics-port", str(local.free_port()), "--health-port", str(local.free_port())],
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         time.sleep(3)

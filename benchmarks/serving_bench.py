@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,17 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from ttsfleet import bench, client
-from ttsfleet.cluster import images
+from ttsfleet.cluster import images, local
 from ttsfleet.triton.config import ModelConfig, render
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager
@@ -53,17 +45,12 @@ def triton(config: ModelConfig, cache_mib: int = 0) -> Iterator[str]:
     model_dir = work / "models" / config.name
     shutil.copytree(REPO / "triton_models" / config.name, model_dir)
     (model_dir / "config.pbtxt").write_text(render(config))
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    home = images.triton_home()
-    argv = [
-        str(home / "bin" / "tritonserver"),
+    http, grpc, metrics = local.free_port(), local.free_port(), local.free_port()
+    argv = images.triton_argv(
         f"--model-repository={work / 'models'}",
-        f"--backend-directory={images.backend_directory()}",
-        f"--cache-directory={home / 'caches'}",
         "--model-control-mode=explicit", f"--load-model={config.name}",
-        "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
         f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
-    ]  # fmt: skip
+    )  # fmt: skip
     if cache_mib:
         argv.append(f"--cache-config=local,size={cache_mib * 1024 * 1024}")
     log = (work / "triton.log").open("wb")

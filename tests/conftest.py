@@ -7,7 +7,6 @@ developer's clusters; the session's cluster is removed when the session ends.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -154,19 +153,12 @@ class Operator:
             self.process = None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="session")
 def operator(
     cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Operator]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = Operator(cluster.kubeconfig, log, free_port(), free_port())
+    op = Operator(cluster.kubeconfig, log, local.free_port(), local.free_port())
     op.start()
     yield op
     op.stop()
@@ -199,22 +191,17 @@ class Triton:
 
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
-    ports = Triton(free_port(), free_port(), free_port())
-    home = images.triton_home()
+    ports = Triton(local.free_port(), local.free_port(), local.free_port())
     log = tmp_path_factory.mktemp("triton") / "triton.log"
-    argv = [
-        str(home / "bin" / "tritonserver"),
+    argv = images.triton_argv(
         f"--model-repository={REPO / 'triton_models'}",
-        f"--backend-directory={images.backend_directory()}",
-        f"--cache-directory={home / 'caches'}",
         "--cache-config=local,size=67108864",
         "--model-control-mode=explicit",
         "--load-model=tts_stream",
         "--load-model=tts_batch",
-        "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
         f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}",
         "--exit-timeout-secs=5",
-    ]  # fmt: skip
+    )  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | images.triton_environment()

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import Cluster, Operator, free_port, wait_for
+from tests.conftest import Cluster, Operator, wait_for
 from tests.helpers import REPO, load_example
-from ttsfleet.cluster import toolchain
+from ttsfleet.cluster import local, toolchain
 
 CHART = REPO / "charts" / "tts-operator"
 CRD = "customresourcedefinition/ttsdeployments.ttsfleet.io"
@@ -298,7 +298,7 @@ def test_the_operator_runs_with_the_service_accounts_token(
     log must show no request refused.
     """
     log = tmp_path / "operator.log"
-    operator = Operator(installed.kubeconfig, log, free_port(), free_port())
+    operator = Operator(installed.kubeconfig, log, local.free_port(), local.free_port())
     doc = load_example(REPO / "examples" / "joe-mig.yaml")
 
     def refused() -> list[str]:

@@ -77,6 +77,21 @@ def triton_environment() -> dict[str, str]:
     }
 
 
+def triton_argv(*args: str, address: str = "127.0.0.1") -> list[str]:
+    """The wheel's tritonserver with `args`, bound to `address`, with the wheel's Python
+    backend and response-cache directories (its defaults point into NVIDIA's image)."""
+    home = triton_home()
+    return [
+        str(home / "bin" / "tritonserver"),
+        *args,
+        f"--http-address={address}",
+        f"--grpc-address={address}",
+        f"--metrics-address={address}",
+        f"--backend-directory={backend_directory()}",
+        f"--cache-directory={home / 'caches'}",
+    ]
+
+
 def _is_triton(container: Manifest) -> bool:
     command = container.get("command") or []
     return bool(command) and Path(str(command[0])).name == "tritonserver"  # type: ignore[index]
@@ -133,18 +148,12 @@ def local_command(
         )
     root = workdir / "root"
     _build_root(container, volumes, root)
-    home = triton_home()
     args = [_rewrite(str(a), root) for a in container.get("args") or []]  # type: ignore[attr-defined]
-    argv = [
-        str(home / "bin" / "tritonserver"),
+    argv = triton_argv(
         *args,
-        f"--http-address={ip}",
-        f"--grpc-address={ip}",
-        f"--metrics-address={ip}",
-        f"--backend-directory={backend_directory()}",
-        f"--cache-directory={home / 'caches'}",
         f"--backend-config=python,shm-region-prefix-name={shm_prefix(pod_uid or ip)}",
-    ]
+        address=ip,
+    )
     env = {
         str(e["name"]): str(e.get("value", ""))
         for e in container.get("env") or []  # type: ignore[attr-defined]

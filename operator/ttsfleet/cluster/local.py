@@ -149,6 +149,14 @@ def port_in_use(port: int) -> bool:
     return False
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def _host_routes() -> list[ipaddress.IPv4Network]:
     """Every IPv4 destination in the host's main routing table."""
     try:
