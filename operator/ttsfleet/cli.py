@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import random
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -209,7 +210,7 @@ def _skip(api: Any, cluster: str | None) -> set[str]:
 def resolve_target(
     target: str, namespace: str, kubeconfig: Path | None, cluster: str | None
 ) -> str:
-    """An address as given, or a TtsDeployment's first ready gRPC endpoint."""
+    """An address as given, or one of a TtsDeployment's ready gRPC endpoints."""
     from ttsfleet import kube
 
     if ":" in target:
@@ -221,7 +222,8 @@ def resolve_target(
             f"TtsDeployment {namespace}/{target} has no ready endpoints: "
             f"check `kubectl get ttsd -n {namespace} {target}`"
         )
-    return addresses[0]
+    # One request: any ready endpoint will do; a random one spreads many callers.
+    return random.choice(addresses)  # noqa: S311 - load spreading, not secrets
 
 
 @app.command()
