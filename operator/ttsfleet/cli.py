@@ -81,6 +81,7 @@ def cluster_up(
     console.print(f"  kubeconfig:   {record.kubeconfig}")
     console.print(f"  pod CIDR:     {record.pod_cidr} (routed to a blackhole on this host)")
     console.print(f"  service CIDR: {record.service_cidr}")
+    console.print(f"  prometheus:   {local.prometheus_url(record)} (scrapes pods on local nodes)")
     table = Table("pool", "nodes", "GPU", "per node", title="Node pools", title_justify="left")
     for p in pools.pools:
         if p.gpu is None:
@@ -178,6 +179,9 @@ def cluster_env(
     except (local.ClusterError, toolchain.MissingToolError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"export KUBECONFIG={path}")
+    record = local.load(name)
+    if record is not None and record.prometheus_port:
+        typer.echo(f"export PROMETHEUS_URL={local.prometheus_url(record)}")
     typer.echo(f'export PATH="{dirs}:$PATH"')
 
 

@@ -4,6 +4,8 @@ real tritonserver in the node's network namespace, found through its EndpointSli
 from __future__ import annotations
 
 import json
+import urllib.parse
+import urllib.request
 import wave
 from pathlib import Path
 from typing import Any
@@ -106,3 +108,35 @@ def test_clients_skip_endpoints_on_simulated_nodes(cluster: Cluster, namespace: 
     result = ttsfleet("say", "hello", "--target", "joe", "-n", namespace, "--cluster", cluster.name)
     assert result.returncode == 1
     assert "has no ready endpoints" in result.stderr
+
+
+def prometheus(cluster: Cluster, path: str) -> dict[str, Any]:
+    record = local.load(cluster.name)
+    assert record is not None and record.prometheus_port
+    url = f"{local.prometheus_url(record)}{path}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        doc: dict[str, Any] = json.loads(response.read())
+        return doc
+
+
+def test_prometheus_scrapes_only_the_pods_that_really_run(cluster: Cluster, namespace: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLE))
+    cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "joe-mig.yaml"))
+    (address,) = serving(cluster, namespace, 1)
+    assert ttsfleet("say", "Count me.", "--target", address, "-o", "/dev/null").returncode == 0
+    query = "/api/v1/query?query=" + urllib.parse.quote(
+        f'nv_inference_request_success{{namespace="{namespace}"}}'
+    )
+
+    def scraped() -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = prometheus(cluster, query)["data"]["result"]
+        return [r for r in results if float(r["value"][1]) >= 1]
+
+    (sample,) = wait_for("the request in Prometheus", scraped, timeout=60)
+    assert sample["metric"]["deployment"] == "joe-local"
+    assert sample["metric"]["pod"].startswith("joe-local-")
+    # Only pods on local nodes are targets: the MIG replicas on kwok nodes are not.
+    targets = prometheus(cluster, "/api/v1/targets")["data"]["activeTargets"]
+    ours = [t for t in targets if t["labels"].get("namespace") == namespace]
+    assert {t["labels"]["deployment"] for t in ours} == {"joe-local"}
+    assert all(t["health"] == "up" for t in ours)

@@ -62,6 +62,7 @@ class ClusterRecord:
     pod_cidr: str
     service_cidr: str
     apiserver_port: int = 0
+    prometheus_port: int = 0
     blackhole_routes: list[str] = field(default_factory=list)
     created: float = 0.0
 
@@ -303,6 +304,7 @@ def up(
         record.save()
         nodes_created = _create_nodes(record, pool_file, wait_ready)
         warnings += _start_runner(record, pool_file)
+        _start_prometheus(record)
     except BaseException:
         # Nothing of a half-made cluster stays behind.
         with contextlib.suppress(Exception):
@@ -325,6 +327,7 @@ def _reuse(record: ClusterRecord, pool_file: PoolFile, start: float, wait: float
         warnings = []
     created = _create_nodes(record, pool_file, wait)
     warnings += _start_runner(record, pool_file)
+    _start_prometheus(record)
     return UpResult(record, False, created, time.monotonic() - start, warnings)
 
 
@@ -353,6 +356,28 @@ def _create_nodes(record: ClusterRecord, pool_file: PoolFile, wait: float) -> in
                 f"{missing} simulated nodes of {record.name!r} not Ready after {wait:.0f}s"
             )
         time.sleep(0.5)
+
+
+def prometheus_dir(name: str) -> Path:
+    """Prometheus's config and data (inside kwok's cluster dir, so `down` finds it)."""
+    return kwok_workdir() / "clusters" / name / "prometheus"
+
+
+def prometheus_url(record: ClusterRecord) -> str:
+    return f"http://127.0.0.1:{record.prometheus_port}"
+
+
+def _start_prometheus(record: ClusterRecord) -> None:
+    """Prometheus scraping the cluster's Triton pods, unless it already runs."""
+    from ttsfleet.cluster import prometheus  # noqa: PLC0415 - only when a cluster starts
+
+    directory = prometheus_dir(record.name)
+    if any(str(directory) in cmdline(pid) for pid in processes(record.name)):
+        return
+    if not record.prometheus_port or port_in_use(record.prometheus_port):
+        record.prometheus_port = free_port()
+        record.save()
+    prometheus.start(directory, record.kubeconfig, record.prometheus_port)
 
 
 def runner_dir(name: str) -> Path:
