@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import Cluster, ttsfleet, wait_for
 from tests.helpers import REPO
 from ttsfleet import kube
+from ttsfleet.autoscale.metrics import MetricsUnavailableError, PrometheusSource, Signals
 from ttsfleet.cluster import local
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -140,3 +141,26 @@ def test_prometheus_scrapes_only_the_pods_that_really_run(cluster: Cluster, name
     ours = [t for t in targets if t["labels"].get("namespace") == namespace]
     assert {t["labels"]["deployment"] for t in ours} == {"joe-local"}
     assert all(t["health"] == "up" for t in ours)
+
+
+def test_the_metrics_source_reads_every_signal_of_a_serving_fleet(
+    cluster: Cluster, namespace: str
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLE))
+    (address,) = serving(cluster, namespace, 1)
+    record = local.load(cluster.name)
+    assert record is not None
+    source = PrometheusSource(local.prometheus_url(record))
+
+    def measured() -> Signals | None:
+        ttsfleet("say", "Measure me. Twice over.", "--target", address, "-o", "/dev/null")
+        signals = source.signals().get((namespace, "joe-local"))
+        return signals if signals and signals.ttfa_p95_seconds is not None else None
+
+    signals = wait_for("the fleet's signals in Prometheus", measured, timeout=60, every=1)
+    assert 0 < signals.ttfa_p95_seconds < 5
+    assert signals.pending_requests == 0 and signals.open_streams == 0
+    assert signals.queue_seconds_per_request is not None
+    # Prometheus gone: the source says so instead of returning nothing.
+    with pytest.raises(MetricsUnavailableError, match="Prometheus at"):
+        PrometheusSource(f"http://127.0.0.1:{local.free_port()}").signals()

@@ -1,0 +1,78 @@
+"""The one module that talks to Prometheus: every fleet's signals, one query per signal.
+
+Each query groups by `namespace` and `deployment` (the labels the scrape config puts
+on every Triton sample), so one tick costs four queries however many
+TtsDeployments there are. A signal with no samples for a fleet is None, and a
+Prometheus that does not answer raises `MetricsUnavailableError`: the policy then
+holds the size and the operator says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ttsfleet.triton import contract
+
+Key = tuple[str, str]  # (namespace, TtsDeployment name)
+WINDOW = "10s"
+
+QUERIES = {
+    "pending_requests": f"sum by (namespace, deployment) ({contract.PENDING_REQUESTS})",
+    "queue_seconds_per_request": (
+        f"sum by (namespace, deployment) (rate({contract.QUEUE_DURATION_US}[{WINDOW}])) / 1e6"
+        f" / clamp_min(sum by (namespace, deployment) (rate({contract.REQUEST_SUCCESS}[{WINDOW}])),"
+        " 1e-9)"
+    ),
+    "ttfa_p95_seconds": (
+        "histogram_quantile(0.95, sum by (namespace, deployment, le) "
+        f"(rate({contract.TIME_TO_FIRST_AUDIO}_bucket[{WINDOW}])))"
+    ),
+    "open_streams": f"sum by (namespace, deployment) ({contract.INFLIGHT_STREAMS})",
+}
+
+
+class MetricsUnavailableError(RuntimeError):
+    """Prometheus did not answer; the message says what failed."""
+
+
+@dataclass(frozen=True)
+class Signals:
+    pending_requests: float | None = None
+    queue_seconds_per_request: float | None = None
+    ttfa_p95_seconds: float | None = None
+    open_streams: float | None = None
+
+
+def parse(results: Mapping[str, list[dict[str, Any]]]) -> dict[Key, Signals]:
+    """Signals per fleet from instant-query results (signal -> Prometheus vector). Pure."""
+    values: dict[Key, dict[str, float]] = {}
+    for signal, vector in results.items():
+        for sample in vector:
+            labels = sample.get("metric", {})
+            key = (labels.get("namespace", ""), labels.get("deployment", ""))
+            value = float(sample["value"][1])
+            if key[1] and not math.isnan(value):  # NaN: no traffic in the window, not measured
+                values.setdefault(key, {})[signal] = value
+    return {key: Signals(**fields) for key, fields in values.items()}
+
+
+class PrometheusSource:
+    """Signals of every fleet from a Prometheus server (prometheus-api-client)."""
+
+    def __init__(self, url: str, timeout: int = 2) -> None:
+        from prometheus_api_client import PrometheusConnect  # noqa: PLC0415 - operator only
+
+        self.url = url
+        self._prometheus = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout)
+
+    def signals(self) -> dict[Key, Signals]:
+        results: dict[str, list[dict[str, Any]]] = {}
+        for signal, query in QUERIES.items():
+            try:
+                results[signal] = self._prometheus.custom_query(query)
+            except Exception as err:  # connection refused, timeouts, HTTP errors
+                raise MetricsUnavailableError(f"Prometheus at {self.url}: {err}") from err
+        return parse(results)

@@ -1,0 +1,29 @@
+"""Parsing Prometheus vectors into per-fleet signals (pure)."""
+
+from __future__ import annotations
+
+from ttsfleet.autoscale.metrics import QUERIES, Signals, parse
+
+
+def sample(ns: str, name: str, value: str) -> dict[str, object]:
+    return {"metric": {"namespace": ns, "deployment": name}, "value": [1.0, value]}
+
+
+def test_signals_are_grouped_per_fleet_and_missing_ones_stay_none() -> None:
+    got = parse(
+        {
+            "pending_requests": [sample("a", "joe", "6"), sample("b", "joe", "0")],
+            "ttfa_p95_seconds": [sample("a", "joe", "0.25"), sample("b", "joe", "NaN")],
+            "open_streams": [sample("a", "joe", "3")],
+        }
+    )
+    assert got[("a", "joe")] == Signals(
+        pending_requests=6.0, ttfa_p95_seconds=0.25, open_streams=3.0
+    )
+    # NaN (no requests in the window) is "not measured", not a number to act on.
+    assert got[("b", "joe")] == Signals(pending_requests=0.0)
+
+
+def test_every_query_groups_by_the_labels_the_scrape_config_sets() -> None:
+    for query in QUERIES.values():
+        assert "namespace, deployment" in query
