@@ -112,6 +112,7 @@ class Operator:
     log: Path
     metrics_port: int
     health_port: int
+    prometheus_url: str | None = None
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -122,6 +123,7 @@ class Operator:
                     "--kubeconfig", str(self.kubeconfig),
                     "--metrics-port", str(self.metrics_port),
                     "--health-port", str(self.health_port),
+                    *(["--prometheus-url", self.prometheus_url] if self.prometheus_url else []),
                 ],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -158,7 +160,11 @@ def operator(
     cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Operator]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = Operator(cluster.kubeconfig, log, local.free_port(), local.free_port())
+    record = local.load(cluster.name)
+    assert record is not None
+    op = Operator(
+        cluster.kubeconfig, log, local.free_port(), local.free_port(), local.prometheus_url(record)
+    )
     op.start()
     yield op
     op.stop()

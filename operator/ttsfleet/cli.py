@@ -416,6 +416,10 @@ def operator(
     ] = None,
     metrics_port: Annotated[int, typer.Option(help="Port of the operator's /metrics.")] = 8080,
     health_port: Annotated[int, typer.Option(help="Port of /healthz (liveness).")] = 8081,
+    prometheus_url: Annotated[
+        str | None,
+        typer.Option(envvar="PROMETHEUS_URL", help="Prometheus with the Triton metrics."),
+    ] = None,
 ) -> None:
     """Run the operator: reconcile TtsDeployments into Triton workloads."""
     import kopf  # the operator's dependencies load only when it runs
@@ -424,7 +428,7 @@ def operator(
     from ttsfleet import handlers
 
     _limit_malloc_arenas()
-    handlers.configure(kubeconfig)
+    handlers.configure(kubeconfig, prometheus_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # kopf logs every handler run at INFO; keep its warnings and errors.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)

@@ -50,7 +50,8 @@ def _start_operator(record: local.ClusterRecord) -> None:
     with log.open("ab") as out:
         subprocess.Popen(
             [sys.executable, "-m", "ttsfleet", "operator", "--kubeconfig", str(record.kubeconfig),
-             "--metrics-port", "0", "--health-port", "0"],
+             "--metrics-port", "0", "--health-port", "0",
+             "--prometheus-url", local.prometheus_url(record)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ from prometheus_client import Counter, Histogram
 
 from ttsfleet import kube
 from ttsfleet.api import v1alpha1 as api
+from ttsfleet.autoscale.loop import Autoscaler, MetricsCondition
+from ttsfleet.autoscale.metrics import MetricsUnavailableError, PrometheusSource, Signals
 from ttsfleet.reconcile import reconcile
 from ttsfleet.resources.common import DEPLOYMENT_LABEL
 
@@ -43,9 +47,10 @@ MANAGED = {"app.kubernetes.io/managed-by": "ttsfleet"}
 _state: dict[str, Any] = {}
 
 
-def configure(kubeconfig: Path | None) -> None:
-    """Called before kopf starts: the client our reconciler uses."""
+def configure(kubeconfig: Path | None, prometheus_url: str | None = None) -> None:
+    """Called before kopf starts: the client our reconciler uses, and where metrics are."""
     _state["api"] = kube.api_client(kubeconfig)
+    _state["prometheus_url"] = prometheus_url
 
 
 def _api() -> client.ApiClient:
@@ -102,7 +107,10 @@ def _reconcile(
             _not_ready.discard((namespace, name))
             return
         try:
-            outcome = reconcile(_api(), body, apply=apply, live_child=live_child)
+            outcome = reconcile(
+                _api(), body, apply=apply, live_child=live_child,
+                metrics=_metrics.get((namespace, name)),
+            )  # fmt: skip
         except Exception:
             RECONCILES.labels(result="error").inc()
             raise
@@ -174,11 +182,72 @@ def _recheck_forever(stop: threading.Event) -> None:
                 log.exception("Re-checking %s/%s failed", *key)
 
 
+# The built-in autoscaler: every AUTOSCALE_SECONDS, the signals of every fleet from
+# Prometheus, a decision per `scaling.mode: builtin` object, scale writes through the
+# scale subresource, an Event per scale, MetricsUnavailable and status.autoscaling.
+AUTOSCALE_SECONDS = 2.0
+_metrics: dict[tuple[str, str], MetricsCondition] = {}
+SCALED = Counter("ttsfleet_operator_scale_writes_total", "Replica changes by the autoscaler.")
+
+
+def _autoscale_once(autoscaler: Autoscaler, source: PrometheusSource | None) -> None:
+    objects = kube.list_custom(_api(), api.GROUP, api.VERSION, api.PLURAL)
+    signals: dict[tuple[str, str], Signals] | None = None
+    error: str | None = "no Prometheus configured: start the operator with --prometheus-url"
+    if source is not None:
+        try:
+            signals, error = source.signals(), None
+        except MetricsUnavailableError as err:
+            error = str(err)
+    by_key = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in objects}
+    for decision in autoscaler.decide(objects, signals, error, time.monotonic()):
+        namespace, name = decision.key
+        body = by_key[decision.key]
+        changed = _metrics.get(decision.key) != decision.metrics
+        _metrics[decision.key] = decision.metrics
+        rec = decision.recommendation
+        if decision.scale:
+            kube.scale_custom(api_client := _api(), api.GROUP, api.VERSION, api.PLURAL,
+                              namespace, name, rec.replicas)  # fmt: skip
+            SCALED.inc()
+            message = f"Scaled from {decision.current} to {rec.replicas}: {rec.reason}"
+            kube.post_event(api_client, body, "Normal", "Scaled", message)
+            log.info("%s/%s: %s", namespace, name, message)
+        if decision.scale or changed:
+            autoscaling = {
+                "desiredReplicas": rec.replicas,
+                "lastDecision": rec.reason,
+                "signals": rec.signals,
+                "panic": rec.panic,
+            }
+            if decision.scale:
+                autoscaling["lastScaleTime"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            kube.patch_custom_status(
+                _api(), api.GROUP, api.VERSION, api.PLURAL, namespace, name,
+                {"autoscaling": autoscaling},
+            )  # fmt: skip
+            _reconcile(namespace, name, apply=False)  # the conditions say it too
+
+
+def _autoscale_forever(stop: threading.Event) -> None:
+    url = _state.get("prometheus_url")
+    source = PrometheusSource(url) if url else None
+    autoscaler = Autoscaler()
+    while not stop.wait(AUTOSCALE_SECONDS):
+        try:
+            _autoscale_once(autoscaler, source)
+        except Exception:
+            log.exception("Autoscaler tick failed")
+
+
 @kopf.on.startup()
 def _start_rechecks(**_: Any) -> None:
     stop = threading.Event()
     _state["stop"] = stop
     threading.Thread(target=_recheck_forever, args=(stop,), daemon=True, name="recheck").start()
+    threading.Thread(
+        target=_autoscale_forever, args=(stop,), daemon=True, name="autoscaler"
+    ).start()
 
 
 @kopf.on.cleanup()

@@ -247,3 +247,11 @@ def simulated_nodes(api: client.ApiClient) -> set[str]:
         for n in list_nodes(api)
         if "kwok.x-k8s.io/node" in (n["metadata"].get("annotations") or {})
     }
+
+
+def list_custom(api: client.ApiClient, group: str, version: str, plural: str) -> list[Manifest]:
+    """Every object of a custom resource, in all namespaces."""
+    custom: Any = client.CustomObjectsApi(api)
+    response = custom.list_cluster_custom_object(group, version, plural, _preload_content=False)
+    items: list[Manifest] = json.loads(response.data)["items"]
+    return items

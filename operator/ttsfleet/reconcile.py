@@ -55,6 +55,7 @@ def reconcile(
     *,
     apply: bool = True,
     live_child: Manifest | None = None,
+    metrics: tuple[bool | None, str, str] | None = None,
 ) -> Outcome:
     """Bring the children of `body` in line with its spec and report in its status.
 
@@ -123,6 +124,7 @@ def reconcile(
         deployment=deployment,
         pods=pods,
         scaling_mode=spec.scaling.mode.value,
+        metrics=metrics,
     )
     dep_status = (deployment or {}).get("status") or {}
     conditions = status.merge_conditions(

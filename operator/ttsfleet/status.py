@@ -30,6 +30,8 @@ class Observed:
     deployment: Manifest | None
     pods: Sequence[Manifest]
     scaling_mode: str
+    # The autoscaler's word on metrics: (True means unavailable, reason, message).
+    metrics: tuple[bool | None, str, str] | None = None
 
 
 def _condition(kind: str, status: bool | None, reason: str, message: str) -> dict[str, str]:
@@ -71,11 +73,12 @@ def conditions_for(observed: Observed) -> list[dict[str, str]]:
         )  # fmt: skip
     else:
         capacity = _condition(CAPACITY_EXHAUSTED, False, "Scheduled", "every replica has a node")
-    if observed.scaling_mode == "builtin":
+    if observed.scaling_mode == "builtin" and observed.metrics is not None:
+        metrics = _condition(METRICS_UNAVAILABLE, *observed.metrics)
+    elif observed.scaling_mode == "builtin":
         metrics = _condition(
-            METRICS_UNAVAILABLE, None, "NotRead",
-            "the built-in autoscaler of this version does not read metrics yet",
-        )  # fmt: skip
+            METRICS_UNAVAILABLE, None, "NotReadYet", "the autoscaler has not looked at metrics yet"
+        )
     else:
         metrics = _condition(
             METRICS_UNAVAILABLE, False, "NotNeeded",

@@ -235,11 +235,29 @@ class ScalingTargets(_Model):
 
 
 class ScalingSpec(_Model):
+    cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "self.panicWindowSeconds < self.stableWindowSeconds",
+            "spec.scaling.panicWindowSeconds must be shorter than stableWindowSeconds:"
+            " shorten the panic window or lengthen the stable one",
+            ".panicWindowSeconds",
+        )
+    ]
+
     mode: ScalingMode = Field(
         default=ScalingMode.BUILTIN,
         description="builtin (ttsfleet's autoscaler), external (HPA/KEDA) or manual.",
     )
     targets: ScalingTargets = Field(default_factory=ScalingTargets)
+    stable_window_seconds: int = Field(
+        default=60, ge=2, le=3600, description="Signals are averaged over this window."
+    )
+    panic_window_seconds: int = Field(
+        default=6, ge=1, le=600, description="A burst over this window scales up at once."
+    )
+    scale_down_delay_seconds: int = Field(
+        default=120, ge=0, le=3600, description="Scale down only after this long without need."
+    )
 
 
 class TtsDeploymentSpec(_Model):
