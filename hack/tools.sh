@@ -7,7 +7,7 @@
 #   helm-<v>+k8s-<k8s v>/ helm
 #   prometheus-<v>/ prometheus
 # A second run finds every binary and builds nothing.
-# Usage: hack/tools.sh [build|path NAME|check]
+# Usage: hack/tools.sh [build|check]
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

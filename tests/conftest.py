@@ -7,6 +7,7 @@ developer's clusters; the session's cluster is removed when the session ends.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,9 +29,18 @@ from ttsfleet.cluster.pool import load_pool_file
 REPO = Path(__file__).resolve().parent.parent
 
 
+_MADE_HOME: list[str] = []
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if "TTSFLEET_HOME" not in os.environ:
         os.environ["TTSFLEET_HOME"] = tempfile.mkdtemp(prefix="ttsfleet-test-home-")
+        _MADE_HOME.append(os.environ["TTSFLEET_HOME"])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for home in _MADE_HOME:  # the session's clusters are down by now
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @dataclass

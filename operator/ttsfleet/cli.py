@@ -204,13 +204,6 @@ def _api_for(kubeconfig: Path | None, cluster: str | None) -> Any:
     return kube.api_client(kubeconfig)
 
 
-def _skip(api: Any, cluster: str | None) -> set[str]:
-    """On a local cluster, pods on simulated nodes have no host behind their IPs: skip them."""
-    from ttsfleet import kube
-
-    return kube.simulated_nodes(api) if cluster is not None else set()
-
-
 def resolve_target(
     target: str, namespace: str, kubeconfig: Path | None, cluster: str | None
 ) -> str:
@@ -219,8 +212,7 @@ def resolve_target(
 
     if ":" in target:
         return target
-    api = _api_for(kubeconfig, cluster)
-    addresses = kube.ready_endpoints(api, namespace, target, "grpc", _skip(api, cluster))
+    addresses = kube.ready_endpoints(_api_for(kubeconfig, cluster), namespace, target, "grpc")
     if not addresses:
         raise _fail(
             f"TtsDeployment {namespace}/{target} has no ready endpoints: "
@@ -248,13 +240,18 @@ def say(
     kubeconfig: Annotated[Path | None, typer.Option(help="Kubeconfig to resolve NAME.")] = None,
 ) -> None:
     """Speak TEXT through a TtsDeployment (or a Triton address) and write a WAV."""
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config import ConfigException
+
     from ttsfleet import client
 
     try:
         address = resolve_target(target, namespace, kubeconfig, cluster)
         result = (client.stream if stream else client.synthesize)(address, text, rate=rate)
-    except (client.SynthesisError, local.ClusterError) as err:
+    except (client.SynthesisError, local.ClusterError, ConfigException) as err:
         raise _fail(str(err)) from None
+    except ApiException as err:
+        raise _fail(f"the Kubernetes API refused: {err.status} {err.reason}") from None
     client.write_wav(output, result.audio, result.sample_rate)
     console.print(
         f"Wrote {output} ({result.audio_seconds:.2f} s of audio, {result.sample_rate} Hz) "
@@ -335,8 +332,7 @@ def bench(
     def resolve() -> list[str]:
         found = list(addresses)
         for name in names:
-            skip = _skip(api, cluster)
-            found += kube.ready_endpoints(api, namespace, name, "grpc", skip)
+            found += kube.ready_endpoints(api, namespace, name, "grpc")
         return found
 
     balancer = client.Balancer(resolve)
@@ -384,12 +380,17 @@ def demo(
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("out/demo.wav"),
 ) -> None:
     """The main job, locally: cluster, operator, a TtsDeployment, real speech to a WAV."""
+    from kubernetes.client.exceptions import ApiException
+
+    from ttsfleet import client
     from ttsfleet import demo as demo_module
 
     try:
         result = demo_module.run(name, output, say=console.print)
-    except (local.ClusterError, toolchain.MissingToolError) as err:
+    except (local.ClusterError, toolchain.MissingToolError, client.SynthesisError) as err:
         raise _fail(str(err)) from None
+    except ApiException as err:
+        raise _fail(f"the Kubernetes API refused: {err.status} {err.reason}") from None
     speech = result.speech
     console.print(
         f"[green]Spoke[/green] {speech.audio_seconds:.1f} s of audio into [bold]{output}[/bold] "
@@ -428,7 +429,7 @@ def operator(
     from ttsfleet import handlers
 
     _limit_malloc_arenas()
-    handlers.configure(kubeconfig, prometheus_url)
+    handlers.configure(kubeconfig, prometheus_url, namespace or [])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # kopf logs every handler run at INFO; keep its warnings and errors.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)

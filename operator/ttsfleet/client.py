@@ -35,7 +35,10 @@ def _grpc_client(address: str) -> Any:
 
     clients: dict[str, Any] = _local.__dict__.setdefault("clients", {})
     if address not in clients:
-        clients[address] = grpc.InferenceServerClient(address)
+        # Pod IPs are reached directly (our namespaces), never through an HTTP proxy.
+        clients[address] = grpc.InferenceServerClient(
+            address, channel_args=[("grpc.enable_http_proxy", 0)]
+        )
     return clients[address]
 
 
@@ -102,7 +105,10 @@ def stream(
         times: list[float] = []
         sample_rate = 0
         while True:
-            result, error = responses.get(timeout=timeout)
+            try:
+                result, error = responses.get(timeout=timeout)
+            except queue.Empty:
+                raise SynthesisError(f"no response from {address} within {timeout:.0f}s") from None
             if error is not None:
                 raise SynthesisError(str(error))
             final = result.get_response().parameters.get("triton_final_response")

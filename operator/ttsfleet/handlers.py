@@ -47,10 +47,14 @@ MANAGED = {"app.kubernetes.io/managed-by": "ttsfleet"}
 _state: dict[str, Any] = {}
 
 
-def configure(kubeconfig: Path | None, prometheus_url: str | None = None) -> None:
-    """Called before kopf starts: the client our reconciler uses, and where metrics are."""
+def configure(
+    kubeconfig: Path | None, prometheus_url: str | None = None, namespaces: list[str] | None = None
+) -> None:
+    """Called before kopf starts: the client our reconciler uses, where metrics are, and
+    the namespaces watched (none: all)."""
     _state["api"] = kube.api_client(kubeconfig)
     _state["prometheus_url"] = prometheus_url
+    _state["namespaces"] = namespaces or []
 
 
 def _api() -> client.ApiClient:
@@ -125,7 +129,7 @@ def _reconcile(
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, id="ttsdeployment")
 def tts_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     if event.get("type") == "DELETED":
-        _locks.pop((body.metadata.namespace or "", body.metadata.name or ""), None)
+        _metrics.pop((body.metadata.namespace or "", body.metadata.name or ""), None)
         return
     observed = (body.get("status") or {}).get("observedGeneration")
     # None: the first sight after start (a restart re-applies everything once).
@@ -187,11 +191,17 @@ def _recheck_forever(stop: threading.Event) -> None:
 # scale subresource, an Event per scale, MetricsUnavailable and status.autoscaling.
 AUTOSCALE_SECONDS = 2.0
 _metrics: dict[tuple[str, str], MetricsCondition] = {}
+SIGNAL_NAMES = ("queue_depth", "queue_time", "ttfa_p95", "open_streams")
 SCALED = Counter("ttsfleet_operator_scale_writes_total", "Replica changes by the autoscaler.")
 
 
 def _autoscale_once(autoscaler: Autoscaler, source: PrometheusSource | None) -> None:
-    objects = kube.list_custom(_api(), api.GROUP, api.VERSION, api.PLURAL)
+    namespaces = _state.get("namespaces") or [None]
+    objects = [
+        o
+        for ns in namespaces
+        for o in kube.list_custom(_api(), api.GROUP, api.VERSION, api.PLURAL, ns)
+    ]
     signals: dict[tuple[str, str], Signals] | None = None
     error: str | None = "no Prometheus configured: start the operator with --prometheus-url"
     if source is not None:
@@ -217,7 +227,8 @@ def _autoscale_once(autoscaler: Autoscaler, source: PrometheusSource | None) -> 
             autoscaling = {
                 "desiredReplicas": rec.replicas,
                 "lastDecision": rec.reason,
-                "signals": rec.signals,
+                # Every signal, None when not measured: a merge patch keeps absent keys.
+                "signals": {k: rec.signals.get(k) for k in SIGNAL_NAMES},
                 "panic": rec.panic,
             }
             if decision.scale:

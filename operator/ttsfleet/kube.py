@@ -214,26 +214,26 @@ def post_event(
     )
 
 
-def ready_endpoints(
-    api: client.ApiClient,
-    namespace: str,
-    service: str,
-    port: str,
-    skip_nodes: set[str] | None = None,
-) -> list[str]:
-    """host:port of every ready endpoint of `service`'s named `port`, from its EndpointSlices,
-    leaving out endpoints on `skip_nodes`."""
+def ready_endpoints(api: client.ApiClient, namespace: str, service: str, port: str) -> list[str]:
+    """host:port of every ready endpoint of `service`'s named `port`, from its EndpointSlices.
+
+    Endpoints on nodes kwok simulates (their IPs have no host behind them) and endpoints
+    that name no node are left out: nothing ever connects to them.
+    """
     discovery: Any = client.DiscoveryV1Api(api)
     response = discovery.list_namespaced_endpoint_slice(
         namespace, label_selector=f"kubernetes.io/service-name={service}", _preload_content=False
     )
+    items = json.loads(response.data)["items"]
+    simulated = simulated_nodes(api) if items else set()
     found = []
-    for item in json.loads(response.data)["items"]:
+    for item in items:
         number = next((p["port"] for p in item.get("ports") or [] if p.get("name") == port), None)
         if number is None:
             continue
         for endpoint in item.get("endpoints") or []:
-            if endpoint.get("nodeName") in (skip_nodes or set()):
+            node = endpoint.get("nodeName")
+            if not node or node in simulated:
                 continue
             if (endpoint.get("conditions") or {}).get("ready"):
                 found += [f"{address}:{number}" for address in endpoint["addresses"]]
@@ -249,9 +249,16 @@ def simulated_nodes(api: client.ApiClient) -> set[str]:
     }
 
 
-def list_custom(api: client.ApiClient, group: str, version: str, plural: str) -> list[Manifest]:
-    """Every object of a custom resource, in all namespaces."""
+def list_custom(
+    api: client.ApiClient, group: str, version: str, plural: str, namespace: str | None = None
+) -> list[Manifest]:
+    """Every object of a custom resource, in `namespace` or in all of them."""
     custom: Any = client.CustomObjectsApi(api)
-    response = custom.list_cluster_custom_object(group, version, plural, _preload_content=False)
+    if namespace:
+        response = custom.list_namespaced_custom_object(
+            group, version, namespace, plural, _preload_content=False
+        )
+    else:
+        response = custom.list_cluster_custom_object(group, version, plural, _preload_content=False)
     items: list[Manifest] = json.loads(response.data)["items"]
     return items

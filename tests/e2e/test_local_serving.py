@@ -97,16 +97,23 @@ def test_scaling_up_adds_an_endpoint_that_serves(cluster: Cluster, namespace: st
 
 
 def test_clients_skip_endpoints_on_simulated_nodes(cluster: Cluster, namespace: str) -> None:
-    # The MIG example runs on kwok nodes: its endpoints exist, with no host behind them.
+    # The MIG example runs on kwok nodes: its EndpointSlice lists ready endpoints with no
+    # host behind them.
     cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "joe-mig.yaml"))
 
-    def simulated() -> list[str]:
-        return kube.ready_endpoints(cluster.api, namespace, "joe", "grpc")
+    def simulated_endpoints() -> list[str]:
+        out = cluster.kubectl(
+            "get", "endpointslices", "-n", namespace, "-l", "kubernetes.io/service-name=joe",
+            "-o", "jsonpath={.items[*].endpoints[?(@.conditions.ready==true)].nodeName}",
+        )  # fmt: skip
+        return out.split()
 
-    assert wait_for("an endpoint on a simulated node", simulated, timeout=60)
-    skip = kube.simulated_nodes(cluster.api)
-    assert kube.ready_endpoints(cluster.api, namespace, "joe", "grpc", skip) == []
-    result = ttsfleet("say", "hello", "--target", "joe", "-n", namespace, "--cluster", cluster.name)
+    nodes = wait_for("a ready endpoint on a simulated node", simulated_endpoints, timeout=60)
+    assert set(nodes) <= kube.simulated_nodes(cluster.api)
+    assert kube.ready_endpoints(cluster.api, namespace, "joe", "grpc") == []
+    result = ttsfleet(
+        "say", "hello", "--target", "joe", "-n", namespace, "--kubeconfig", str(cluster.kubeconfig)
+    )
     assert result.returncode == 1
     assert "has no ready endpoints" in result.stderr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -125,21 +126,39 @@ def test_kubectl_scale_drives_the_deployment_and_reapplying_the_manifest_keeps_i
         lambda: get(cluster, namespace, "deploy", "joe")["spec"]["replicas"] == 3,
     )
     assert wait_ready(cluster, namespace, "joe")["status"]["readyReplicas"] == 3
-    # A GitOps re-apply of the manifest (no spec.replicas in it) leaves the scale alone.
+    # A GitOps re-apply of the manifest (no spec.replicas in it) leaves the scale alone,
+    # also after the operator has seen it.
     apply(cluster, namespace, doc)
+    wait_ready(cluster, namespace, "joe")
+    time.sleep(3)  # a few autoscaler ticks and reconciles: a fixed span, not a timing claim
     assert get(cluster, namespace, "ttsd", "joe")["spec"]["replicas"] == 3
     assert get(cluster, namespace, "deploy", "joe")["spec"]["replicas"] == 3
 
 
-def test_an_unchanged_reapply_changes_no_child(cluster: Cluster, namespace: str) -> None:
+def reconciles_done(operator: Operator) -> float:
+    url = f"http://127.0.0.1:{operator.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("ttsfleet_operator_reconciles_total{")
+    )
+
+
+def test_an_unchanged_reapply_changes_no_child(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
     doc = load_example(REPO / "examples" / "joe-mig.yaml")
     apply(cluster, namespace, doc)
     wait_ready(cluster, namespace, "joe")
     before = children_versions(cluster, namespace, "joe")
+    reconciles = reconciles_done(operator)
     apply(cluster, namespace, doc)
-    cluster.kubectl(
-        "annotate", "-n", namespace, "ttsd/joe", "touched=yes"
-    )  # an event, no spec change
+    # An event without a spec change:
+    cluster.kubectl("annotate", "-n", namespace, "ttsd/joe", "touched=yes")
+    # The operator did look again (its counter moved) and wrote nothing.
+    wait_for("the operator to reconcile", lambda: reconciles_done(operator) > reconciles)
     wait_ready(cluster, namespace, "joe")
     assert children_versions(cluster, namespace, "joe") == before
 

@@ -52,7 +52,7 @@ def test_a_second_cluster_runs_beside_the_first_and_down_leaves_nothing(cluster:
     wait_for(
         "the local node's network namespace",
         lambda: (
-            "ttsfleet-side-local-0"
+            "ttsfleet_side_local-0"
             in subprocess.run(
                 ["ip", "netns", "list"], capture_output=True, text=True, check=False
             ).stdout
@@ -67,7 +67,7 @@ def test_a_second_cluster_runs_beside_the_first_and_down_leaves_nothing(cluster:
     namespaces = subprocess.run(
         ["ip", "netns", "list"], capture_output=True, text=True, check=False
     ).stdout
-    assert "ttsfleet-side-" not in namespaces
+    assert "ttsfleet_side_" not in namespaces
     assert not local.cluster_dir("side").exists()
     assert not (local.kwok_workdir() / "clusters" / "side").exists()
     assert healthy(cluster.name), "removing one cluster must not disturb another"

@@ -63,10 +63,15 @@ class PrometheusSource:
     """Signals of every fleet from a Prometheus server (prometheus-api-client)."""
 
     def __init__(self, url: str, timeout: int = 2) -> None:
-        from prometheus_api_client import PrometheusConnect  # noqa: PLC0415 - operator only
+        import requests  # noqa: PLC0415 - operator only
+        from prometheus_api_client import PrometheusConnect  # noqa: PLC0415
 
         self.url = url
-        self._prometheus = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout)
+        session = requests.Session()
+        session.trust_env = False  # straight to Prometheus, never through a proxy
+        self._prometheus = PrometheusConnect(
+            url=url, disable_ssl=True, timeout=timeout, session=session
+        )
 
     def signals(self) -> dict[Key, Signals]:
         results: dict[str, list[dict[str, Any]]] = {}

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import sysconfig
+from collections.abc import Mapping
 from importlib import util
 from pathlib import Path
 
@@ -61,6 +62,12 @@ def backend_directory() -> Path:
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     return target
+
+
+def without_proxies(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` less the proxy settings: local servers talk to loopback and our
+    namespaces only, never through a proxy."""
+    return {k: v for k, v in environ.items() if not k.lower().endswith("_proxy")}
 
 
 def triton_environment() -> dict[str, str]:
@@ -159,4 +166,4 @@ def local_command(
         for e in container.get("env") or []  # type: ignore[attr-defined]
         if "value" in e
     }
-    return argv, {**os.environ, **env, **triton_environment()}
+    return argv, {**without_proxies(os.environ), **env, **triton_environment()}

@@ -322,9 +322,8 @@ def _reuse(record: ClusterRecord, pool_file: PoolFile, start: float, wait: float
                 f"cluster {record.name!r} exists but is stopped and did not start again: "
                 f"remove it with `ttsfleet cluster down {record.name}`\n{result.stderr[-1000:]}"
             )
-        warnings = _add_blackhole(record)
-    else:
-        warnings = []
+    # After a reboot the route is gone while the record still lists it: check the kernel.
+    warnings = _add_blackhole(record)
     created = _create_nodes(record, pool_file, wait)
     warnings += _start_runner(record, pool_file)
     _start_prometheus(record)
@@ -427,22 +426,21 @@ def _apiserver_port(path: Path) -> int:
 
 
 def _add_blackhole(record: ClusterRecord) -> list[str]:
-    """Route the pod CIDR to a blackhole, so nothing sent there leaves the host."""
-    if record.pod_cidr in record.blackhole_routes:
-        return []
+    """Route the pod CIDR to a blackhole, so nothing sent there leaves the host.
+
+    Idempotent, and checked against the kernel's table (a reboot empties it)."""
     result = subprocess.run(
         ["ip", "route", "replace", "blackhole", record.pod_cidr],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
     if result.returncode != 0:
         return [
             f"could not route {record.pod_cidr} to a blackhole ({result.stderr.strip()}): "
             "run as root (or with CAP_NET_ADMIN) so that stray traffic to simulated pods stays here"
         ]
-    record.blackhole_routes.append(record.pod_cidr)
-    record.save()
+    if record.pod_cidr not in record.blackhole_routes:
+        record.blackhole_routes.append(record.pod_cidr)
+        record.save()
     return []
 
 
@@ -482,8 +480,9 @@ def _remove(record: ClusterRecord) -> None:
 
 
 def netns_prefix(name: str) -> str:
-    """Network namespaces made for cluster `name` start with this."""
-    return f"ttsfleet-{name}-"
+    """Network namespaces made for cluster `name` start with this (`_` appears in no
+    cluster or node name, so one cluster's prefix is never another's)."""
+    return f"ttsfleet_{name}_"
 
 
 def _network_namespaces(name: str) -> list[str]:

@@ -11,6 +11,7 @@ TtsDeployment. It listens on loopback only.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from ttsfleet.cluster import toolchain
+from ttsfleet.cluster.images import without_proxies
 
 SCRAPE_INTERVAL = "1s"
 
@@ -77,5 +79,5 @@ def start(directory: Path, kubeconfig: Path, port: int) -> subprocess.Popen[byte
                 "--storage.tsdb.retention.time=2d",
             ],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, env=without_proxies(os.environ),
         )  # fmt: skip

@@ -2,7 +2,7 @@
 
 Dev and test tooling, not part of the operator. For each node labelled
 `ttsfleet.io/local=true` it
-- gives the node a network namespace (`ttsfleet-<cluster>-<node>`) joined to the
+- gives the node a network namespace (`ttsfleet_<cluster>_<node>`) joined to the
   host by a veth pair: the host side holds the first address of the node's
   podCIDR, the namespace side holds the pod IPs (a more specific route than the
   blackhole that covers the cluster's pod CIDR);
@@ -72,7 +72,14 @@ class LocalNode:
     def gateway(self) -> ipaddress.IPv4Address:
         return self.pod_cidr.network_address + 1
 
-    def allocate(self) -> ipaddress.IPv4Address:
+    def allocate(self, previous: str | None = None) -> ipaddress.IPv4Address:
+        """A free pod IP: the pod's previous one if it still can be (a restarted runner
+        must not renumber running pods), else the lowest free."""
+        if previous:
+            ip = ipaddress.IPv4Address(previous)
+            if ip in self.pod_cidr and ip != self.gateway and ip not in self.used:
+                self.used.add(ip)
+                return ip
         for ip in list(self.pod_cidr.hosts())[1:]:
             if ip not in self.used:
                 self.used.add(ip)
@@ -186,30 +193,41 @@ class Runner:
 
     def heartbeat(self) -> None:
         now = _now()
-        for node in self.nodes.values():
-            conditions = [
-                {"type": kind, "status": "False", "reason": f"KubeletHas{reason}",
-                 "lastHeartbeatTime": now, "lastTransitionTime": now}
-                for kind, reason in (
-                    ("MemoryPressure", "SufficientMemory"),
-                    ("DiskPressure", "NoDiskPressure"),
-                    ("PIDPressure", "SufficientPID"),
-                )
-            ]  # fmt: skip
-            conditions.append(
-                {"type": "Ready", "status": "True", "reason": "KubeletReady",
-                 "message": "ttsfleet local runner is posting ready status",
-                 "lastHeartbeatTime": now, "lastTransitionTime": now}
-            )  # fmt: skip
-            status = {
-                "conditions": conditions,
-                "addresses": [
-                    {"type": "InternalIP", "address": str(node.gateway)},
-                    {"type": "Hostname", "address": node.name},
-                ],
-            }
-            self.core.patch_node_status(node.name, {"status": status})
-            self._renew_lease(node.name)
+        for node in list(self.nodes.values()):
+            try:
+                self._heartbeat(node, now)
+            except ApiException as err:
+                if err.status == 404:  # the node was deleted: forget it
+                    log.info("Node %s is gone", node.name)
+                    node.teardown()
+                    del self.nodes[node.name]
+                else:
+                    log.exception("Heartbeat of %s failed", node.name)
+
+    def _heartbeat(self, node: LocalNode, now: str) -> None:
+        conditions = [
+            {"type": kind, "status": "False", "reason": f"KubeletHas{reason}",
+             "lastHeartbeatTime": now, "lastTransitionTime": now}
+            for kind, reason in (
+                ("MemoryPressure", "SufficientMemory"),
+                ("DiskPressure", "NoDiskPressure"),
+                ("PIDPressure", "SufficientPID"),
+            )
+        ]  # fmt: skip
+        conditions.append(
+            {"type": "Ready", "status": "True", "reason": "KubeletReady",
+             "message": "ttsfleet local runner is posting ready status",
+             "lastHeartbeatTime": now, "lastTransitionTime": now}
+        )  # fmt: skip
+        status = {
+            "conditions": conditions,
+            "addresses": [
+                {"type": "InternalIP", "address": str(node.gateway)},
+                {"type": "Hostname", "address": node.name},
+            ],
+        }
+        self.core.patch_node_status(node.name, {"status": status})
+        self._renew_lease(node.name)
 
     def _renew_lease(self, name: str) -> None:
         leases: Any = client.CoordinationV1Api(self.api)
@@ -239,12 +257,14 @@ class Runner:
             for pod in json.loads(response.data)["items"]:
                 uid = pod["metadata"]["uid"]
                 seen.add(uid)
-                if pod["metadata"].get("deletionTimestamp") or uid in self.stopping:
-                    self._terminate(pod)
-                elif pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
-                    continue
-                else:
-                    self._ensure_running(pod, node)
+                try:
+                    if pod["metadata"].get("deletionTimestamp") or uid in self.stopping:
+                        self._terminate(pod)
+                    elif pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
+                        self._ensure_running(pod, node)
+                except Exception:  # one pod's trouble must not stall the others
+                    log.exception("Pod %s/%s failed to sync", pod["metadata"].get("namespace"),
+                                  pod["metadata"].get("name"))  # fmt: skip
         for uid in set(self.pods) - seen:  # gone from the API without us: stop it
             self._stop(self.pods.pop(uid), grace=0)
 
@@ -252,7 +272,7 @@ class Runner:
         uid = pod["metadata"]["uid"]
         proc = self.pods.get(uid)
         if proc is None:
-            ip = node.allocate()
+            ip = node.allocate(pod.get("status", {}).get("podIP"))
             node.add_address(ip)
             proc = PodProcess(
                 uid=uid, namespace=pod["metadata"]["namespace"], name=pod["metadata"]["name"],
@@ -309,6 +329,7 @@ class Runner:
         conditions = [
             {"type": kind, "status": value}
             for kind, value in (
+                ("PodScheduled", "True"),
                 ("PodReadyToStartContainers", "True"),
                 ("Initialized", "True"),
                 ("ContainersReady", ready),
@@ -342,7 +363,12 @@ class Runner:
         now = _now()
         for cond in conditions:
             cond["lastTransitionTime"] = now
-        self.core.patch_namespaced_pod_status(proc.name, proc.namespace, {"status": status})
+        # A JSON merge patch replaces lists whole (podIPs, conditions): a strategic merge
+        # would append a new pod IP to an old one, which the apiserver refuses.
+        self.core.patch_namespaced_pod_status(
+            proc.name, proc.namespace, {"status": status},
+            _content_type="application/merge-patch+json",
+        )  # fmt: skip
         proc.reported = digest
 
     def _terminate(self, pod: Manifest) -> None:
@@ -357,13 +383,17 @@ class Runner:
         pre_stop = ((container.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}
 
         def stop_and_delete() -> None:
-            if proc is not None:
-                self._stop(proc, grace=grace, pre_stop=int(pre_stop.get("seconds") or 0))
-            with contextlib.suppress(ApiException):
+            try:
+                if proc is not None:
+                    self._stop(proc, grace=grace, pre_stop=int(pre_stop.get("seconds") or 0))
                 self.core.delete_namespaced_pod(
                     pod["metadata"]["name"], pod["metadata"]["namespace"], grace_period_seconds=0
                 )
-            self.stopping.discard(uid)
+            except Exception:  # the next sync sees the pod again and tries again
+                log.exception("Stopping pod %s/%s failed", pod["metadata"]["namespace"],
+                              pod["metadata"]["name"])  # fmt: skip
+            finally:
+                self.stopping.discard(uid)
 
         thread = threading.Thread(target=stop_and_delete, daemon=True)
         thread.start()
@@ -424,6 +454,10 @@ class Runner:
                 thread.join(timeout=15)
 
 
+# Probes go straight to the pod IP in our namespace, never through an HTTP proxy.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _probe(container: Manifest, ip: ipaddress.IPv4Address) -> bool:
     """The container's HTTP readiness probe, against its pod IP (in our namespace)."""
     probe = (container.get("readinessProbe") or {}).get("httpGet")
@@ -434,7 +468,7 @@ def _probe(container: Manifest, ip: ipaddress.IPv4Address) -> bool:
         port = next(p["containerPort"] for p in container.get("ports", []) if p.get("name") == port)
     url = f"http://{ip}:{port}{probe.get('path', '/')}"
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:
+        with _DIRECT.open(url, timeout=1) as response:
             return bool(200 <= response.status < 400)
     except OSError:
         return False

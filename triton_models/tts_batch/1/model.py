@@ -28,8 +28,9 @@ class TritonPythonModel:
                         output_tensors=outputs(pb, audio, self.engine.sample_rate, True)
                     )
                 )
-            except RequestError as err:
-                responses.append(pb.InferenceResponse(error=pb.TritonError(str(err))))
+            except Exception as err:  # this request fails; the rest of the batch does not
+                message = str(err) if isinstance(err, RequestError) else f"synthesis failed: {err}"
+                responses.append(pb.InferenceResponse(error=pb.TritonError(message)))
             finally:
                 self.metrics.inflight.increment(-1)
         return responses

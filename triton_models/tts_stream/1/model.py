@@ -37,10 +37,14 @@ class TritonPythonModel:
                         first = False
                     self.metrics.audio_seconds.increment(len(audio) / self.engine.sample_rate)
                 sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            except RequestError as err:
-                sender.send(
-                    pb.InferenceResponse(error=pb.TritonError(str(err))),
-                    flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-                )
+            except Exception as err:  # the stream must always end, with the reason
+                message = str(err) if isinstance(err, RequestError) else f"synthesis failed: {err}"
+                try:
+                    sender.send(
+                        pb.InferenceResponse(error=pb.TritonError(message)),
+                        flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                    )
+                except Exception:  # the client is gone (cancelled): nothing to tell
+                    pb.Logger.log_warn(f"could not send the error: {message}")
             finally:
                 self.metrics.inflight.increment(-1)
