@@ -5,7 +5,10 @@ Everything else builds plain manifests (dicts) and hands them here.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import shutil
 import tempfile
 import weakref
 from collections.abc import Iterable, Sequence
@@ -110,10 +113,18 @@ def dynamic_client(api: client.ApiClient) -> Any:
     """
     dyn = _dynamic_clients.get(api)
     if dyn is None:
-        cache_file = Path(tempfile.mkdtemp(prefix="ttsfleet-discovery-")) / "cache.json"
+        cache_file = _discovery_dir() / f"{id(api)}.json"
         dyn = DynamicClient(api, cache_file=str(cache_file))
         _dynamic_clients[api] = dyn
     return dyn
+
+
+@functools.cache
+def _discovery_dir() -> Path:
+    """One temporary directory per process for discovery caches, removed at exit."""
+    directory = Path(tempfile.mkdtemp(prefix="ttsfleet-discovery-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
 
 
 def apply(api: client.ApiClient, manifests: Iterable[Manifest], field_manager: str) -> None:

@@ -104,9 +104,14 @@ def test_clients_skip_endpoints_on_simulated_nodes(cluster: Cluster, namespace: 
     def simulated_endpoints() -> list[str]:
         out = cluster.kubectl(
             "get", "endpointslices", "-n", namespace, "-l", "kubernetes.io/service-name=joe",
-            "-o", "jsonpath={.items[*].endpoints[?(@.conditions.ready==true)].nodeName}",
+            "-o", "json",
         )  # fmt: skip
-        return out.split()
+        return [
+            e["nodeName"]
+            for item in json.loads(out)["items"]
+            for e in item.get("endpoints") or []
+            if (e.get("conditions") or {}).get("ready")
+        ]
 
     nodes = wait_for("a ready endpoint on a simulated node", simulated_endpoints, timeout=60)
     assert set(nodes) <= kube.simulated_nodes(cluster.api)

@@ -8,10 +8,12 @@ directories are added to the container's own command line.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Mapping
 from importlib import util
 from pathlib import Path
@@ -52,15 +54,18 @@ def backend_directory() -> Path:
     target = toolchain.cache_dir() / "triton-backends" / version
     backend = target / "python"
     stub = backend / "triton_python_backend_stub"
-    if not stub.exists():
-        tmp = target.with_suffix(".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(home / "backends" / "python", tmp / "python")
-        shutil.copy2(
-            home / "python_backend_stubs" / version / "triton_python_backend_stub", tmp / "python"
-        )
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+    if stub.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (target.parent / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be making it right now
+        if not stub.exists():
+            tmp = Path(tempfile.mkdtemp(prefix=f"{version}.", dir=target.parent))
+            shutil.copytree(home / "backends" / "python", tmp / "python")
+            stub_source = home / "python_backend_stubs" / version / "triton_python_backend_stub"
+            shutil.copy2(stub_source, tmp / "python")
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
     return target
 
 

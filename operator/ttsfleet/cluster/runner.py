@@ -447,11 +447,18 @@ class Runner:
                     log.exception("Runner loop failed; trying again")
                 stop.wait(1.0)
         finally:
-            for proc in list(self.pods.values()):
-                self._stop(proc, grace=5)
+            # All pods at once (a few seconds of grace each), then those already on their
+            # way out: `cluster down` waits for this, but not for ever.
+            stops = [
+                threading.Thread(target=self._stop, args=(proc,), kwargs={"grace": 5})
+                for proc in self.pods.values()
+            ]
+            for thread in stops:
+                thread.start()
+            deadline = time.monotonic() + 15
+            for thread in stops + self.stop_threads:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
             self.pods.clear()
-            for thread in self.stop_threads:  # pods already on their way out
-                thread.join(timeout=15)
 
 
 # Probes go straight to the pod IP in our namespace, never through an HTTP proxy.
