@@ -8,6 +8,7 @@ ClusterIP would pin all load to one pod.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import queue
 import threading
@@ -26,20 +27,33 @@ from ttsfleet.triton import contract
 Audio = npt.NDArray[np.int16]
 
 
-_local = threading.local()
+_clients: dict[tuple[int, str], Any] = {}
+_clients_lock = threading.Lock()
 
 
 def _grpc_client(address: str) -> Any:
     """This thread's client for `address`, kept open: a channel costs a handshake."""
     from tritonclient import grpc  # noqa: PLC0415 - heavy; only clients need it
 
-    clients: dict[str, Any] = _local.__dict__.setdefault("clients", {})
-    if address not in clients:
-        # Pod IPs are reached directly (our namespaces), never through an HTTP proxy.
-        clients[address] = grpc.InferenceServerClient(
-            address, channel_args=[("grpc.enable_http_proxy", 0)]
-        )
-    return clients[address]
+    key = (threading.get_ident(), address)
+    with _clients_lock:
+        if key not in _clients:
+            if not _clients:
+                atexit.register(_close_clients)
+            # Pod IPs are reached directly (our namespaces), never through an HTTP proxy.
+            _clients[key] = grpc.InferenceServerClient(
+                address, channel_args=[("grpc.enable_http_proxy", 0)]
+            )
+        return _clients[key]
+
+
+def _close_clients() -> None:
+    """Close and drop every client while gRPC is still loaded (its own clean-up at
+    interpreter teardown fails once the module is gone)."""
+    with _clients_lock:
+        for client in _clients.values():
+            client.close()
+        _clients.clear()
 
 
 class SynthesisError(RuntimeError):
@@ -93,7 +107,7 @@ def stream(
     from tritonclient import grpc  # noqa: PLC0415 - heavy; only clients need it
 
     responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
-    client = grpc.InferenceServerClient(address)
+    client = _grpc_client(address)
     start = time.perf_counter()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
@@ -135,7 +149,7 @@ def synthesize(
     from tritonclient import grpc  # noqa: PLC0415
     from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
-    client = grpc.InferenceServerClient(address)
+    client = _grpc_client(address)
     inputs = _inputs(grpc, text, voice, rate, fmt)
     for tensor in inputs:  # the batched model takes a leading batch dimension
         tensor.set_shape([1, 1])

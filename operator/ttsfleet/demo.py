@@ -41,10 +41,6 @@ class DemoResult:
     seconds: float
 
 
-def _operator_running(name: str) -> bool:
-    return any(" operator " in local.cmdline(pid) for pid in local.processes(name))
-
-
 def _start_operator(record: local.ClusterRecord) -> None:
     log = record.dir / "operator.log"
     with log.open("ab") as out:
@@ -75,7 +71,7 @@ def run(cluster: str, output: Path, say: Callable[[str], None] = print) -> DemoR
     api_client = kube.api_client(record.kubeconfig)
     kube.apply(api_client, [crd.crd()], "ttsfleet-demo")
     _wait("the TtsDeployment CRD", lambda: _established(api_client), 60)
-    if not _operator_running(cluster):
+    if not local.running(cluster, " operator "):
         _start_operator(record)
         say(f"Started the operator (log: {record.dir / 'operator.log'})")
     doc = yaml.safe_load(EXAMPLE.read_text())

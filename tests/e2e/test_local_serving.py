@@ -171,8 +171,16 @@ def test_the_metrics_source_reads_every_signal_of_a_serving_fleet(
 
     signals = wait_for("the fleet's signals in Prometheus", measured, timeout=60, every=1)
     assert 0 < signals.ttfa_p95_seconds < 5
-    assert signals.pending_requests == 0 and signals.open_streams == 0
     assert signals.queue_seconds_per_request is not None
+    # Idle again: nothing pending, no stream open (once the last scrape has seen it end).
+    wait_for(
+        "an idle fleet in Prometheus",
+        lambda: (
+            (s := source.signals()[(namespace, "joe-local")]).pending_requests == 0
+            and s.open_streams == 0
+        ),
+        timeout=30,
+    )
     # Prometheus gone: the source says so instead of returning nothing.
     with pytest.raises(MetricsUnavailableError, match="Prometheus at"):
         PrometheusSource(f"http://127.0.0.1:{local.free_port()}").signals()

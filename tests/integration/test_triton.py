@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tritonclient import grpc
 
-from tests.conftest import Triton
+from tests.conftest import Triton, wait_for
 from ttsfleet import client
 
 TEXT = "The fleet is ready. Every replica is warm, and the queue is empty. Speak now."
@@ -42,7 +42,12 @@ def test_the_serving_contract_metrics_are_exported(triton: Triton) -> None:
     client.stream(triton.grpc_address, "Metrics, please.")
     assert triton.metric("ttsfleet_time_to_first_audio_seconds_count", model="tts_stream") >= 1
     assert triton.metric("ttsfleet_audio_seconds_total", model="tts_stream") > 0
-    assert triton.metric("ttsfleet_inflight_streams", model="tts_stream") == 0
+    # Back to none open once the model has finished the request (just after its last reply).
+    wait_for(
+        "no open streams",
+        lambda: triton.metric("ttsfleet_inflight_streams", model="tts_stream") == 0,
+        timeout=10,
+    )
     assert triton.metric("nv_inference_request_success", model="tts_stream") >= 1
 
 

@@ -371,7 +371,7 @@ def _start_prometheus(record: ClusterRecord) -> None:
     from ttsfleet.cluster import prometheus  # noqa: PLC0415 - only when a cluster starts
 
     directory = prometheus_dir(record.name)
-    if any(str(directory) in cmdline(pid) for pid in processes(record.name)):
+    if running(record.name, str(directory)):
         return
     if not record.prometheus_port or port_in_use(record.prometheus_port):
         record.prometheus_port = free_port()
@@ -384,9 +384,13 @@ def runner_dir(name: str) -> Path:
     return kwok_workdir() / "clusters" / name / "ttsfleet-runner"
 
 
+def running(name: str, marker: str) -> list[int]:
+    """PIDs of cluster `name`'s live processes whose command line holds `marker`."""
+    return [pid for pid in processes(name) if marker in cmdline(pid)]
+
+
 def runner_running(name: str) -> bool:
-    marker = f"cluster runner {name} "
-    return any(marker in cmdline(pid) for pid in processes(name))
+    return bool(running(name, f"cluster runner {name} "))
 
 
 def _start_runner(record: ClusterRecord, pool_file: PoolFile) -> list[str]:
@@ -455,7 +459,7 @@ def down(name: str) -> None:
 
 def _remove(record: ClusterRecord) -> None:
     # The local runner first, gently: it stops its pods (preStop, SIGTERM) and cleans up.
-    runners = [p for p in processes(record.name) if f"cluster runner {record.name} " in cmdline(p)]
+    runners = running(record.name, f"cluster runner {record.name} ")
     for pid in runners:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
