@@ -299,6 +299,59 @@ def models_build(
 
 
 @app.command()
+def plan(
+    concurrency: Annotated[int, typer.Option(help="Concurrent streams one replica must hold.")],
+    voice: Annotated[str, typer.Option(help="Piper voice.")] = "en_US-joe-medium",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8.")] = "fp16",
+    gpu: Annotated[
+        str | None, typer.Option(help="Only this GPU (catalogue key or GFD product label).")
+    ] = None,
+    instances: Annotated[int | None, typer.Option(help="Triton instances per replica.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """The cheapest GPU slice for a voice at a concurrency, and the memory figures behind it."""
+    import json
+
+    from ttsfleet.gpu import planner
+    from ttsfleet.gpu.catalog import GPUS
+
+    if precision not in planner.ELEMENT_BYTES:
+        raise _fail(f"--precision {precision!r}: use one of {', '.join(planner.ELEMENT_BYTES)}")
+    if concurrency < 1:
+        raise _fail("--concurrency must be at least 1")
+    products = list(GPUS.values())
+    if gpu is not None:
+        product = planner.product_for_label(gpu)
+        if product is None:
+            raise _fail(f"--gpu {gpu!r} is not in the catalogue: use one of {', '.join(GPUS)}")
+        products = [product]
+    try:
+        chosen = planner.plan(
+            voice, precision, concurrency, planner.catalogue_options(products), instances
+        )
+    except planner.PlanError as err:
+        if as_json:
+            print(json.dumps({"placement": None, "error": str(err)}))
+            raise typer.Exit(1) from err
+        raise _fail(str(err)) from err
+    if as_json:
+        print(json.dumps(chosen.as_dict()))
+        return
+    memory = chosen.memory
+    console.print(
+        f"{concurrency} streams of {voice} in {precision}: [bold]{chosen.option.name}[/bold] on "
+        f"{chosen.option.product.key} ({chosen.option.resource}), {chosen.instances} Triton "
+        "instance(s)",
+        highlight=False,
+    )
+    table = Table("GiB per replica", "", box=None)
+    for key, value in memory.as_dict().items():
+        table.add_row(key.replace("_", " "), f"{value:.2f}")
+    console.print(table)
+    console.print(f"estimate: {chosen.as_dict()['estimate']}", highlight=False, style="dim")
+
+
+@app.command()
 def bench(
     target: Annotated[
         list[str], typer.Option(help="TtsDeployment name or HOST:PORT (repeat for several).")

@@ -160,6 +160,15 @@ def list_pods(api: client.ApiClient, namespace: str, selector: str) -> list[Mani
     return items
 
 
+def list_bound_pods(api: client.ApiClient) -> list[Manifest]:
+    """Every pod in the cluster that the scheduler has placed and that has not finished."""
+    core: Any = client.CoreV1Api(api)
+    selector = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
+    response = core.list_pod_for_all_namespaces(field_selector=selector, _preload_content=False)
+    items: list[Manifest] = json.loads(response.data)["items"]
+    return items
+
+
 def patch_custom_status(
     api: client.ApiClient, group: str, version: str, plural: str, namespace: str, name: str,
     status: Manifest,

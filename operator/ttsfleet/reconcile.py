@@ -9,8 +9,10 @@ writes nothing).
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +22,7 @@ from pydantic import ValidationError
 
 from ttsfleet import kube, status
 from ttsfleet.api import v1alpha1 as api
+from ttsfleet.gpu import planner
 from ttsfleet.resources import PlacementError, TtsObject, build_children
 from ttsfleet.resources.common import DEPLOYMENT_LABEL, FIELD_MANAGER, drifted
 from ttsfleet.resources.placement import resolve_placement
@@ -27,6 +30,33 @@ from ttsfleet.resources.service import endpoints
 
 log = logging.getLogger(__name__)
 Manifest = dict[str, Any]
+
+
+class NodeCache:
+    """The cluster's nodes, listed at most once per `ttl` seconds (placement reads them)."""
+
+    def __init__(self, ttl: float = 15.0) -> None:
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._at = -math.inf
+        self._nodes: list[Manifest] = []
+
+    def nodes(self, api_client: client.ApiClient) -> list[Manifest]:
+        with self._lock:
+            if time.monotonic() - self._at > self.ttl:
+                self._nodes = kube.list_nodes(api_client)
+                self._at = time.monotonic()
+            return self._nodes
+
+    def offers(self, api_client: client.ApiClient) -> list[planner.Option]:
+        return planner.options_from_nodes(self.nodes(api_client))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._at = -math.inf
+
+
+NODES = NodeCache()
 
 
 @dataclass(frozen=True)
@@ -69,7 +99,9 @@ def reconcile(
     old_status = body.get("status") or {}
     try:
         tts = TtsObject.from_body(body)
-        placement = resolve_placement(tts.spec)
+        if tts.spec.placement.mode == api.PlacementMode.AUTO:
+            tts = replace(tts, offers=tuple(NODES.offers(api_client)))
+        placement = resolve_placement(tts.spec, tts.offers)
         children = build_children(tts)
     except (ValidationError, PlacementError) as err:
         reason = "InvalidSpec" if isinstance(err, ValidationError) else "PlacementUnavailable"
@@ -118,6 +150,12 @@ def reconcile(
         if ready < spec.desired_replicas
         else []
     )
+    have = None
+    if placement.option is not None and status.unschedulable_message(pods):
+        # Why pods wait, in the planner's numbers: slices there are, and taken.
+        have = planner.capacity(
+            placement.option, NODES.nodes(api_client), kube.list_bound_pods(api_client)
+        )
     observed = status.Observed(
         generation=generation,
         desired_replicas=spec.desired_replicas,
@@ -125,6 +163,8 @@ def reconcile(
         pods=pods,
         scaling_mode=spec.scaling.mode.value,
         metrics=metrics,
+        capacity=have,
+        slice_name=placement.summary,
     )
     dep_status = (deployment or {}).get("status") or {}
     conditions = status.merge_conditions(

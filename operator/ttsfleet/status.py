@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ttsfleet.gpu.planner import Capacity
+
 READY = "Ready"
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
@@ -32,6 +34,9 @@ class Observed:
     scaling_mode: str
     # The autoscaler's word on metrics: (True means unavailable, reason, message).
     metrics: tuple[bool | None, str, str] | None = None
+    # The planner's count of the slices the replicas need (see gpu.planner.capacity).
+    capacity: Capacity | None = None
+    slice_name: str | None = None
 
 
 def _condition(kind: str, status: bool | None, reason: str, message: str) -> dict[str, str]:
@@ -50,6 +55,16 @@ def unschedulable_message(pods: Sequence[Manifest]) -> str | None:
     return None
 
 
+def unscheduled(pods: Sequence[Manifest]) -> int:
+    """Pods still waiting for a node (not being deleted)."""
+    return sum(
+        1
+        for pod in pods
+        if not pod.get("spec", {}).get("nodeName")
+        and not pod.get("metadata", {}).get("deletionTimestamp")
+    )
+
+
 def conditions_for(observed: Observed) -> list[dict[str, str]]:
     """Conditions for a spec that was applied; see `stalled_conditions` otherwise."""
     dep = observed.deployment or {}
@@ -66,7 +81,16 @@ def conditions_for(observed: Observed) -> list[dict[str, str]]:
         and total == desired
     )
     unschedulable = unschedulable_message(observed.pods)
-    if unschedulable:
+    if unschedulable and observed.capacity is not None:
+        have = observed.capacity
+        capacity = _condition(
+            CAPACITY_EXHAUSTED, True, "InsufficientCapacity",
+            f"no capacity for {unscheduled(observed.pods)} replicas of {observed.slice_name}: "
+            f"{have.nodes} nodes have {have.allocatable}, {have.in_use} in use, {have.free} free;"
+            f" add nodes with {observed.slice_name} or lower spec.maxReplicas"
+            f" (scheduler: {unschedulable})",
+        )  # fmt: skip
+    elif unschedulable:
         capacity = _condition(
             CAPACITY_EXHAUSTED, True, "Unschedulable",
             f"no capacity for {desired - ready} of {desired} replicas: {unschedulable}",

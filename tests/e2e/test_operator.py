@@ -4,6 +4,7 @@ with a status that tells the truth, and keep it so whatever happens to it."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.request
@@ -189,7 +190,8 @@ def test_a_placement_the_operator_cannot_honour_is_stalled_with_an_event(
     cluster: Cluster, namespace: str
 ) -> None:
     doc = load_example(REPO / "examples" / "joe-mig.yaml")
-    doc["spec"]["placement"] = {"mode": "auto"}
+    # The schema accepts it; the planner knows 500 streams do not fit in 10 GB.
+    doc["spec"]["placement"] = {"mode": "mig", "profile": "1g.10gb", "streamsPerReplica": 500}
     apply(cluster, namespace, doc)
 
     def stalled() -> dict[str, Any]:
@@ -197,7 +199,8 @@ def test_a_placement_the_operator_cannot_honour_is_stalled_with_an_event(
 
     cond = wait_for("Stalled", lambda: stalled().get("status") == "True" and stalled())
     assert cond["reason"] == "PlacementUnavailable"
-    assert "set placement.mode to whole, mig, shared or cpu" in cond["message"]
+    assert "spec.placement.profile: mig-1g.10gb on " in cond["message"]
+    assert "has 9.5 GiB but 500 streams" in cond["message"]
     events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", "type=Warning")
     assert "PlacementUnavailable" in events
     assert "joe" not in cluster.kubectl("get", "-n", namespace, "deploy", "-o", "name")
@@ -220,7 +223,11 @@ def test_scaling_past_capacity_reports_capacity_exhausted(cluster: Cluster, name
         return cond if cond.get("status") == "True" else {}
 
     cond = wait_for("CapacityExhausted", exhausted, timeout=90)
-    assert "Insufficient nvidia.com/mig-3g.40gb" in cond["message"]
+    assert cond["reason"] == "InsufficientCapacity"
+    assert re.match(
+        r"no capacity for \d+ replicas of mig-3g\.40gb: 2 nodes have 16,", cond["message"]
+    )
+    assert "Insufficient nvidia.com/mig-3g.40gb" in cond["message"]  # the scheduler's words
     ready = condition(get(cluster, namespace, "ttsd", "joe"), "Ready")
     assert ready["status"] == "False" and ready["reason"] == "WaitingForCapacity"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +13,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import EXAMPLES, dump_yaml, load_example
+from tests.helpers import EXAMPLES, REPO, dump_yaml, load_example
 from ttsfleet.api.v1alpha1 import MIG_PROFILES, TtsDeploymentSpec
+from ttsfleet.cluster.pool import parse_pool_file, render_nodes
+from ttsfleet.gpu.planner import Option, options_from_nodes
 from ttsfleet.resources import PlacementError, TtsObject, build_children, resolve_placement
 from ttsfleet.resources.common import HASH_ANNOTATION, drifted
+from ttsfleet.resources.placement import Placement
 
 GOLDEN = Path(__file__).parent / "golden"
+DEFAULT_POOL = (REPO / "operator/ttsfleet/cluster/pools/default.yaml").read_text()
 
 
 def tts(spec: dict[str, Any], name: str = "joe") -> TtsObject:
@@ -114,9 +120,73 @@ def test_triton_instances_follow_the_slice_unless_set() -> None:
     assert resolve_placement(tts(explicit).spec).instances == 5
 
 
-def test_auto_placement_is_refused_with_what_to_do() -> None:
-    with pytest.raises(PlacementError, match=r"set placement\.mode to whole, mig, shared or cpu"):
+def offers(pool: str = DEFAULT_POOL) -> tuple[Option, ...]:
+    nodes = render_nodes(parse_pool_file(pool), "v1.34.2")
+    return tuple(options_from_nodes(nodes))
+
+
+def planned(spec: dict[str, Any], pool: str = DEFAULT_POOL) -> Placement:
+    return resolve_placement(tts(spec).spec, offers(pool))
+
+
+def test_auto_places_a_default_voice_on_the_smallest_mig_slice_the_cluster_has() -> None:
+    resolved = planned({"placement": {"mode": "auto"}})
+    assert resolved.resources == {"nvidia.com/mig-1g.10gb": "1"}
+    assert resolved.summary == "mig-1g.10gb"
+    assert resolved.instances == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in (
+        resolved.tolerations
+    )
+    # The builders emit the choice: the Deployment's limits and Triton's instance_group.
+    children = by_kind(
+        build_children(replace(tts({"placement": {"mode": "auto"}}), offers=offers()))
+    )
+    container = children["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/mig-1g.10gb"] == "1"
+    assert "count: 1" in children["ConfigMap"]["data"]["config.pbtxt"]
+
+
+def test_auto_gives_fp16_a_bigger_slice_than_int8_at_100_streams() -> None:
+    def choice(precision: str) -> Placement:
+        spec = {"model": {"precision": precision}, "placement": {"mode": "auto",
+                "streamsPerReplica": 100}}  # fmt: skip
+        return planned(spec)
+
+    fp16, int8 = choice("fp16"), choice("int8")
+    assert fp16.summary == "mig-2g.20gb" and fp16.instances == 2
+    assert int8.summary == "mig-1g.10gb"
+
+
+def test_auto_on_whole_gpus_selects_the_product() -> None:
+    pool = "pools:\n  - name: l4\n    count: 1\n    gpu: {product: L4, count: 4}\n"
+    resolved = planned({"placement": {"mode": "auto"}}, pool)
+    assert resolved.resources == {"nvidia.com/gpu": "1"}
+    assert resolved.node_selector["nvidia.com/gpu.product"] == "NVIDIA-L4"
+    assert resolved.instances == 2
+
+
+def test_auto_with_no_gpu_in_the_cluster_says_what_to_do() -> None:
+    with pytest.raises(
+        PlacementError, match=r"mode auto: no GPU .* set spec\.placement\.mode to cpu"
+    ):
         build_children(tts({"placement": {"mode": "auto"}}))
+
+
+def test_auto_refuses_what_no_slice_holds_with_the_numbers() -> None:
+    spec = {
+        "model": {"precision": "fp32"},
+        "placement": {"mode": "auto", "streamsPerReplica": 1000},
+    }
+    with pytest.raises(PlacementError, match=r"1000 streams .* need [0-9.]+ GiB per replica"):
+        planned(spec)
+
+
+def test_an_explicit_profile_too_small_is_refused_with_the_numbers() -> None:
+    spec = {"placement": {"mode": "mig", "profile": "1g.10gb", "streamsPerReplica": 500}}
+    with pytest.raises(
+        PlacementError, match=r"spec\.placement\.profile: mig-1g\.10gb .* has 9\.5 GiB"
+    ):
+        build_children(tts(spec))
 
 
 def test_a_new_model_config_rolls_the_pods_and_hashes_track_content() -> None:
@@ -170,8 +240,14 @@ valid_specs = st.builds(
 
 @given(spec=valid_specs)
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-def test_any_valid_spec_builds_without_errors(spec: dict[str, Any]) -> None:
-    children = build_children(tts(spec))
+def test_any_valid_spec_builds_or_names_the_slice_too_small(spec: dict[str, Any]) -> None:
+    try:
+        children = build_children(tts(spec))
+    except PlacementError as err:
+        # Only an explicit MIG slice too small for the request is refused, with the numbers.
+        assert spec["placement"]["mode"] == "mig"
+        assert re.match(r"spec\.placement\.profile: mig-\S+ on \S+ has [0-9.]+ GiB but", str(err))
+        return
     assert [c["kind"] for c in children] == [
         "ConfigMap",
         "Service",

@@ -199,7 +199,9 @@ class PlacementSpec(_Model):
     ]
 
     mode: PlacementMode = Field(
-        default=PlacementMode.AUTO, description="whole, mig, shared, cpu, or auto (planner)."
+        default=PlacementMode.AUTO,
+        description="whole, mig, shared, cpu, or auto: the cheapest slice the cluster offers"
+        " that holds streamsPerReplica (see docs/placement.md).",
     )
     gpus: int | None = Field(default=None, ge=1, le=8, description="GPUs per replica (mode whole).")
     product: str | None = Field(
@@ -215,7 +217,11 @@ class PlacementSpec(_Model):
         default=None, description="The device plugin's MIG strategy (mode mig); mixed if unset."
     )
     streams_per_replica: int = Field(
-        default=16, ge=1, le=1024, description="Concurrent streams one replica must hold."
+        default=16,
+        ge=1,
+        le=1024,
+        description="Concurrent streams one replica must hold: sizes the slice under mode auto"
+        " and is checked against an explicit MIG profile.",
     )
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)

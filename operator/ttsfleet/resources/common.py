@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ttsfleet.api import v1alpha1 as api
+from ttsfleet.gpu.planner import Option
 
 Manifest = dict[str, Any]
 
@@ -25,9 +27,12 @@ class TtsObject:
     namespace: str
     uid: str
     spec: api.TtsDeploymentSpec
+    # What the cluster's nodes offer (GPU slices, whole and shared GPUs): read by
+    # `placement.mode: auto` only.
+    offers: tuple[Option, ...] = ()
 
     @classmethod
-    def from_body(cls, body: Manifest) -> TtsObject:
+    def from_body(cls, body: Manifest, offers: Sequence[Option] = ()) -> TtsObject:
         """Parse an object as the API returns it; raises pydantic's ValidationError."""
         meta = body["metadata"]
         return cls(
@@ -35,6 +40,7 @@ class TtsObject:
             namespace=meta["namespace"],
             uid=meta["uid"],
             spec=api.TtsDeploymentSpec.model_validate(body.get("spec") or {}),
+            offers=tuple(offers),
         )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ttsfleet.api.v1alpha1 import PlacementMode, TtsDeploymentSpec
+from ttsfleet.gpu import planner
 from ttsfleet.gpu.catalog import GPU_RESOURCE, GPUS, MIG_RESOURCE_PREFIX
 
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
@@ -24,25 +26,29 @@ class Placement:
     instances: int
     gpu: bool
     summary: str
+    option: planner.Option | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_placement(spec: TtsDeploymentSpec) -> Placement:
+def resolve_placement(
+    spec: TtsDeploymentSpec, offers: Sequence[planner.Option] | None = None
+) -> Placement:
     """How and where replicas run.
 
     Triton instances follow the slice unless `runtime.instances` says otherwise:
     one per MIG compute slice, two per whole GPU (one computes while the other
-    prepares text), one on a shared GPU or on CPU.
+    prepares text), one on a shared GPU or on CPU. `offers` (what the cluster's
+    nodes advertise) is needed by `mode: auto`, which asks the planner for the
+    cheapest of them that holds `streamsPerReplica`. An explicit MIG profile is
+    checked against the same memory estimate.
     """
     p = spec.placement
+    if p.mode == PlacementMode.AUTO:
+        return _planned(spec, offers)
     selector = dict(p.node_selector)
     tolerations = [t.wire() for t in p.tolerations]
     affinity = None
-    if p.mode == PlacementMode.AUTO:
-        raise PlacementError(
-            "spec.placement.mode auto needs the GPU placement planner, which this version "
-            "does not have yet: set placement.mode to whole, mig, shared or cpu"
-        )
+    option: planner.Option | None = None
     if p.mode == PlacementMode.CPU:
         resources: dict[str, str] = {}
         instances, summary = 1, "cpu"
@@ -50,7 +56,9 @@ def resolve_placement(spec: TtsDeploymentSpec) -> Placement:
         assert p.profile is not None  # the CRD's CEL rule requires it
         products = [g for g in GPUS.values() if g.profile(p.profile) is not None]
         compute = max(g.profile(p.profile).compute_slices for g in products)  # type: ignore[union-attr]
-        if (p.mig_strategy or "mixed") == "mixed":
+        strategy = p.mig_strategy or "mixed"
+        option = _check_profile(spec, planner.Option("mig", products[0], None, strategy), p.profile)
+        if strategy == "mixed":
             resources = {f"{MIG_RESOURCE_PREFIX}{p.profile}": "1"}
         else:
             resources = {GPU_RESOURCE: "1"}
@@ -80,6 +88,55 @@ def resolve_placement(spec: TtsDeploymentSpec) -> Placement:
         instances=spec.runtime.instances or instances,
         gpu=gpu,
         summary=summary,
+        option=option,
+    )
+
+
+def _check_profile(spec: TtsDeploymentSpec, base: planner.Option, profile: str) -> planner.Option:
+    """Refuse an explicit MIG profile whose memory cannot hold the request (with the numbers).
+
+    A profile's memory is in its name, so any GPU that has it gives the same answer.
+    """
+    option = replace(base, profile=base.product.profile(profile))
+    try:
+        planner.check(
+            spec.model.voice, spec.model.precision.value,
+            spec.placement.streams_per_replica, option, spec.runtime.instances,
+        )  # fmt: skip
+    except planner.PlanError as err:
+        raise PlacementError(f"spec.placement.profile: {err}") from err
+    return option
+
+
+def _planned(spec: TtsDeploymentSpec, offers: Sequence[planner.Option] | None) -> Placement:
+    """`mode: auto`: the planner's choice among what the cluster offers."""
+    p = spec.placement
+    try:
+        chosen = planner.plan(
+            spec.model.voice, spec.model.precision.value, p.streams_per_replica,
+            offers or [], spec.runtime.instances,
+        )  # fmt: skip
+    except planner.PlanError as err:
+        raise PlacementError(f"spec.placement.mode auto: {err}") from err
+    option = chosen.option
+    selector = dict(p.node_selector)
+    tolerations = [t.wire() for t in p.tolerations]
+    affinity = None
+    if option.kind == "mig" and option.strategy == "single":
+        affinity = _product_affinity([option.product_label])
+    elif option.kind != "mig":
+        selector["nvidia.com/gpu.product"] = option.product_label
+    if GPU_TOLERATION not in tolerations:
+        tolerations.append(GPU_TOLERATION)
+    return Placement(
+        resources={option.resource: "1"},
+        node_selector=selector,
+        tolerations=tolerations,
+        affinity=affinity,
+        instances=chosen.instances,
+        gpu=True,
+        summary=option.name,
+        option=option,
     )
 
 
