@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import random
 from pathlib import Path
@@ -458,6 +459,54 @@ def demo(
     console.print(
         f'  look:   eval "$(ttsfleet cluster env {name})" && kubectl get ttsd,pods -o wide'
     )
+
+
+@app.command()
+def agent(
+    node: Annotated[
+        str | None,
+        typer.Option(envvar="NODE_NAME", help="The Node to annotate; without it, nothing is."),
+    ] = None,
+    interval: Annotated[float, typer.Option(min=1, help="Seconds between NVML reads.")] = 30.0,
+    metrics_port: Annotated[int, typer.Option(help="Port of the agent's /metrics.")] = 9402,
+    once: Annotated[
+        bool, typer.Option("--once", help="One pass: print the annotations, then exit.")
+    ] = False,
+    replay: Annotated[
+        Path | None, typer.Option(help="Replay an NVML inventory (JSON) instead of NVML.")
+    ] = None,
+    kubeconfig: Annotated[
+        Path | None, typer.Option(help="Kubeconfig; in-cluster config or the default if unset.")
+    ] = None,
+) -> None:
+    """Run the node agent: read NVML, publish ttsfleet.io/ annotations and metrics (read-only)."""
+    from kubernetes.config import ConfigException
+
+    from ttsfleet import kube
+    from ttsfleet.agent import nvml, run
+    from ttsfleet.agent import replay as replay_module
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = run.Settings(node=node, interval=interval, metrics_port=metrics_port, once=once)
+    source: nvml.Nvml = nvml.default()
+    if replay is not None:
+        try:
+            replayed = replay_module.Replay.from_file(replay)
+        except replay_module.ReplayError as err:
+            raise _fail(str(err)) from None
+        source = replayed
+        settings = dataclasses.replace(
+            settings, source=f"replay of {replay.name}", synthetic=replayed.synthetic
+        )
+    try:
+        api = kube.api_client(kubeconfig) if node else None
+        run.run(source, settings, api, say=typer.echo)
+    except run.NoGpu as err:
+        console.print(str(err), highlight=False, soft_wrap=True)
+    except (run.AgentError, ConfigException) as err:
+        raise _fail(str(err)) from None
+    except OSError as err:
+        raise _fail(f"cannot serve metrics on port {metrics_port} ({err.strerror})") from None
 
 
 @app.command()

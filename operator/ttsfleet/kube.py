@@ -282,3 +282,13 @@ def list_custom(
         response = custom.list_cluster_custom_object(group, version, plural, _preload_content=False)
     items: list[Manifest] = json.loads(response.data)["items"]
     return items
+
+
+def annotate_node(api: client.ApiClient, name: str, annotations: dict[str, str | None]) -> None:
+    """Merge-patch `annotations` onto a Node (None removes a key), touching no other field."""
+    core: Any = client.CoreV1Api(api)
+    core.patch_node(
+        name,
+        {"metadata": {"annotations": annotations}},
+        _content_type="application/merge-patch+json",
+    )

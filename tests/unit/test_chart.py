@@ -334,6 +334,10 @@ def test_templates_are_named_component_kind() -> None:
     assert names == [
         "NOTES.txt",
         "_helpers.tpl",
+        "agent-clusterrole.yaml",
+        "agent-clusterrolebinding.yaml",
+        "agent-daemonset.yaml",
+        "agent-serviceaccount.yaml",
         "operator-clusterrole.yaml",
         "operator-clusterrolebinding.yaml",
         "operator-deployment.yaml",

@@ -74,3 +74,59 @@ tts-operator.image: "<repository>@<digest>" when a digest is set, else
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 {{- end }}
+
+{{/*
+tts-operator.agentName: the name of the agent's objects, "<fullname>-agent".
+*/}}
+{{- define "tts-operator.agentName" -}}
+{{- printf "%s-agent" (include "tts-operator.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+tts-operator.agentSelectorLabels: the labels the agent's DaemonSet selects its pods by.
+Never change them in an upgrade: a DaemonSet's selector is immutable.
+*/}}
+{{- define "tts-operator.agentSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "tts-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: agent
+{{- end }}
+
+{{/*
+tts-operator.agentLabels: the recommended labels, on every object of the agent.
+*/}}
+{{- define "tts-operator.agentLabels" -}}
+{{ include "tts-operator.agentSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: ttsfleet
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ include "tts-operator.chart" . }}
+{{- end }}
+
+{{/*
+tts-operator.agentServiceAccountName: the ServiceAccount the agent runs as, created by
+the chart (the agent's name unless agent.serviceAccount.name is set) or an existing one.
+*/}}
+{{- define "tts-operator.agentServiceAccountName" -}}
+{{- if .Values.agent.serviceAccount.create }}
+{{- default (include "tts-operator.agentName" .) .Values.agent.serviceAccount.name }}
+{{- else }}
+{{- required "agent.serviceAccount.name is required when agent.serviceAccount.create is false" .Values.agent.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+tts-operator.agentImage: the agent's image; the operator's image (the same CLI) unless
+agent.image.repository is set.
+*/}}
+{{- define "tts-operator.agentImage" -}}
+{{- $image := .Values.agent.image }}
+{{- $repository := default .Values.image.repository $image.repository }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $repository $image.digest }}
+{{- else if $image.repository }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion $image.tag) }}
+{{- else }}
+{{- include "tts-operator.image" . }}
+{{- end }}
+{{- end }}
