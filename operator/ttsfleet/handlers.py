@@ -27,8 +27,13 @@ from prometheus_client import Counter, Histogram
 
 from ttsfleet import kube
 from ttsfleet.api import v1alpha1 as api
-from ttsfleet.autoscale.loop import Autoscaler, MetricsCondition
-from ttsfleet.autoscale.metrics import MetricsUnavailableError, PrometheusSource, Signals
+from ttsfleet.autoscale.loop import DELETION_COST, Autoscaler, Decision, MetricsCondition
+from ttsfleet.autoscale.metrics import (
+    MetricsUnavailableError,
+    PodStreams,
+    PrometheusSource,
+    Signals,
+)
 from ttsfleet.reconcile import reconcile
 from ttsfleet.resources.common import DEPLOYMENT_LABEL
 
@@ -188,11 +193,26 @@ def _recheck_forever(stop: threading.Event) -> None:
 
 # The built-in autoscaler: every AUTOSCALE_SECONDS, the signals of every fleet from
 # Prometheus, a decision per `scaling.mode: builtin` object, scale writes through the
-# scale subresource, an Event per scale, MetricsUnavailable and status.autoscaling.
+# scale subresource, an Event per scale, MetricsUnavailable and status.autoscaling,
+# and each replica's open streams as its pod deletion cost (the idlest go first).
 AUTOSCALE_SECONDS = 2.0
 _metrics: dict[tuple[str, str], MetricsCondition] = {}
 SIGNAL_NAMES = ("queue_depth", "queue_time", "ttfa_p95", "open_streams")
 SCALED = Counter("ttsfleet_operator_scale_writes_total", "Replica changes by the autoscaler.")
+
+
+def _write_deletion_costs(autoscaler: Autoscaler, decision: Decision) -> None:
+    """Annotate the fleet's pods with their deletion costs (merge patch of that key only)."""
+    namespace, _ = decision.key
+    written = {}
+    for pod, cost in decision.deletion_costs.items():
+        try:
+            kube.annotate_pod(_api(), namespace, pod, {DELETION_COST: str(cost)})
+        except Exception as err:  # a refused patch must not stop the scale write
+            log.warning("Could not set the deletion cost of pod %s/%s: %s", namespace, pod, err)
+            continue
+        written[pod] = cost  # or the pod is gone: nothing to write again either way
+    autoscaler.annotated(decision.key, written)
 
 
 def _autoscale_once(autoscaler: Autoscaler, source: PrometheusSource | None) -> None:
@@ -209,13 +229,21 @@ def _autoscale_once(autoscaler: Autoscaler, source: PrometheusSource | None) -> 
             signals, error = source.signals(), None
         except MetricsUnavailableError as err:
             error = str(err)
+    pod_streams: PodStreams | None = None
+    if source is not None and signals is not None:
+        try:
+            pod_streams = source.pod_streams()
+        except MetricsUnavailableError as err:
+            log.warning("No open streams per pod this tick: %s", err)
     by_key = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in objects}
-    for decision in autoscaler.decide(objects, signals, error, time.monotonic()):
+    for decision in autoscaler.decide(objects, signals, error, time.monotonic(), pod_streams):
         namespace, name = decision.key
         body = by_key[decision.key]
         changed = _metrics.get(decision.key) != decision.metrics
         _metrics[decision.key] = decision.metrics
         rec = decision.recommendation
+        if decision.scale_down and decision.deletion_costs:
+            _write_deletion_costs(autoscaler, decision)  # the idlest replicas go first
         if decision.scale:
             kube.scale_custom(api_client := _api(), api.GROUP, api.VERSION, api.PLURAL,
                               namespace, name, rec.replicas)  # fmt: skip
@@ -223,6 +251,8 @@ def _autoscale_once(autoscaler: Autoscaler, source: PrometheusSource | None) -> 
             message = f"Scaled from {decision.current} to {rec.replicas}: {rec.reason}"
             kube.post_event(api_client, body, "Normal", "Scaled", message)
             log.info("%s/%s: %s", namespace, name, message)
+        if decision.deletion_costs and not decision.scale_down:
+            _write_deletion_costs(autoscaler, decision)  # after a scale-up: it comes first
         if decision.scale or changed:
             autoscaling = {
                 "desiredReplicas": rec.replicas,

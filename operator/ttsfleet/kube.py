@@ -284,6 +284,23 @@ def list_custom(
     return items
 
 
+def annotate_pod(
+    api: client.ApiClient, namespace: str, name: str, annotations: dict[str, str]
+) -> bool:
+    """Merge-patch `annotations` onto a pod, touching no other field; False when it is gone."""
+    core: Any = client.CoreV1Api(api)
+    try:
+        core.patch_namespaced_pod(
+            name, namespace, {"metadata": {"annotations": annotations}},
+            _content_type="application/merge-patch+json",
+        )  # fmt: skip
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
 def annotate_node(api: client.ApiClient, name: str, annotations: dict[str, str | None]) -> None:
     """Merge-patch `annotations` onto a Node (None removes a key), touching no other field."""
     core: Any = client.CoreV1Api(api)

@@ -1,5 +1,6 @@
 """The closed loop on real metrics: load raises the queue signal, a replica is added and
-serves, load stops and the fleet shrinks after the delay; Prometheus gone, size held."""
+serves, load stops and the fleet shrinks after the delay; a scale-down removes the idle
+replica, not the one with an open stream, and cuts no stream; Prometheus gone, size held."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from tests.helpers import REPO, load_example
 from ttsfleet import bench, client, kube
 from ttsfleet.cluster import local
 from ttsfleet.cluster.pool import load_pool_file
+from ttsfleet.resources.common import DEPLOYMENT_LABEL
+from ttsfleet.triton import contract
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -80,6 +83,91 @@ def test_load_scales_up_a_serving_replica_and_idle_scales_down(
     assert condition(scaled, "MetricsUnavailable")["status"] == "False"
     # Load gone: back to one replica after the scale-down delay.
     wait_for("scale down", lambda: obj(cluster, namespace)["spec"]["replicas"] == 1, timeout=90)
+
+
+# A short first sentence (first audio at once, whatever the load), then about a minute
+# and a half of speech: a few seconds of synthesis, one stream after another.
+LONG_TEXT = "Hello. " + " ".join(bench.TEXTS * 6)
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+
+
+def pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    return kube.list_pods(cluster.api, namespace, f"{DEPLOYMENT_LABEL}=scaled")
+
+
+def test_scale_down_removes_the_idle_replica_and_cuts_no_stream(
+    cluster: Cluster, namespace: str
+) -> None:
+    doc = manifest()
+    # Only the floor moves the size here; the latency targets stay out of the way.
+    doc["spec"]["scaling"]["targets"]["timeToFirstAudioMs"] = 60000
+    doc["spec"]["scaling"]["scaleDownDelaySeconds"] = 2
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+    wait_for("one ready endpoint", lambda: len(endpoints(cluster, namespace)) == 1, timeout=120)
+    # A second replica, well after the first: without deletion costs the ReplicaSet
+    # controller removes the replica that has been ready for less time, this one.
+    cluster.kubectl(
+        "patch", "-n", namespace, "ttsd", "scaled", "--type=merge",
+        "-p", json.dumps({"spec": {"minReplicas": 2, "replicas": 2}}),
+    )  # fmt: skip
+    wait_for("two ready endpoints", lambda: len(endpoints(cluster, namespace)) == 2, timeout=120)
+    newest, oldest = sorted(
+        pods(cluster, namespace), key=lambda p: p["metadata"]["creationTimestamp"], reverse=True
+    )
+    busy, idle = newest["metadata"]["name"], oldest["metadata"]["name"]
+    address = f"{newest['status']['podIP']}:{contract.GRPC_PORT}"
+
+    # One stream after another to the newest replica: one is always open there.
+    streams: list[tuple[float, float, client.Result | Exception]] = []
+    stop = threading.Event()
+
+    def speak() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                outcome: client.Result | Exception = client.stream(address, LONG_TEXT)
+            except Exception as err:  # a cut stream is a result to report
+                outcome = err
+            streams.append((started, time.monotonic(), outcome))
+
+    speaker = threading.Thread(target=speak)
+    speaker.start()
+    try:
+
+        def costs() -> dict[str, str]:
+            return {
+                p["metadata"]["name"]: (p["metadata"].get("annotations") or {}).get(
+                    DELETION_COST, ""
+                )
+                for p in pods(cluster, namespace)
+            }
+
+        wait_for("deletion costs", lambda: costs() == {busy: "1", idle: "0"}, timeout=60)
+        cluster.kubectl(
+            "patch", "-n", namespace, "ttsd", "scaled", "--type=merge",
+            "-p", json.dumps({"spec": {"minReplicas": 1}}),
+        )  # fmt: skip
+
+        def deleting() -> list[str]:
+            return [p["metadata"]["name"] for p in pods(cluster, namespace)
+                    if p["metadata"].get("deletionTimestamp")]  # fmt: skip
+
+        assert wait_for("a replica to be removed", deleting, timeout=60) == [idle]
+        removed_at = time.monotonic()
+        wait_for("the idle replica gone", lambda: costs().keys() == {busy}, timeout=60)
+    finally:
+        stop.set()
+        speaker.join(timeout=300)
+    assert obj(cluster, namespace)["spec"]["replicas"] == 1
+    events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", "reason=Scaled")
+    assert "Scaled from 2 to 1" in events
+    errors = [o for _, _, o in streams if isinstance(o, Exception)]
+    assert not errors, errors
+    # The stream open when the idle replica went finished, with all its audio: every
+    # stream of this text gives the same audio (the voice is deterministic).
+    assert any(start < removed_at < end for start, end, _ in streams)
+    lengths = {len(o.audio) for _, _, o in streams if isinstance(o, client.Result)}
+    assert len(lengths) == 1 and lengths.pop() > 0
 
 
 def test_prometheus_down_holds_the_size_and_says_so(cluster: Cluster, namespace: str) -> None:

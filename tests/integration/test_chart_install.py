@@ -22,9 +22,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from tests.conftest import Cluster, Operator, wait_for
 from tests.helpers import REPO, load_example
+from ttsfleet import kube
 from ttsfleet.cluster import local, toolchain
 
 CHART = REPO / "charts" / "tts-operator"
@@ -213,6 +216,7 @@ def can_i(cluster: Cluster, installed: Installed, *args: str) -> bool:
         ("patch", "configmaps"),
         ("patch", "poddisruptionbudgets.policy"),
         ("list", "pods"),
+        ("patch", "pods"),
         ("create", "events"),
         ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
     ],
@@ -237,7 +241,9 @@ def test_the_service_account_may_do_what_the_operator_does(
         ("list", "secrets"),
         ("create", "pods"),
         ("delete", "pods"),
+        ("update", "pods"),
         ("watch", "pods"),
+        ("patch", "pods", "--subresource=status"),
         ("patch", "nodes"),
         ("create", "customresourcedefinitions.apiextensions.k8s.io"),
         ("create", "clusterroles.rbac.authorization.k8s.io"),
@@ -278,6 +284,28 @@ def test_server_side_apply_creates_children_with_the_service_accounts_token(
     assert refused.returncode != 0
     assert "Forbidden" in refused.stderr and "cannot delete" in refused.stderr
     assert exists(cluster, "-n", namespace, "cm", "rbac-check")
+
+
+def test_the_service_account_sets_a_pods_deletion_cost_and_nothing_else(
+    cluster: Cluster, installed: Installed, namespace: str
+) -> None:
+    """The autoscaler's only pod write (`kube.annotate_pod`, a merge patch that reads
+    nothing first), with the ServiceAccount's token."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "drain-check", "namespace": namespace},
+        "spec": {"containers": [{"name": "c", "image": "registry.invalid/none"}]},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
+    as_operator = kube.api_client(installed.kubeconfig)
+    cost = "controller.kubernetes.io/pod-deletion-cost"
+    assert kube.annotate_pod(as_operator, namespace, "drain-check", {cost: "3"})
+    live = json.loads(cluster.kubectl("get", "-n", namespace, "pod", "drain-check", "-o", "json"))
+    assert live["metadata"]["annotations"][cost] == "3"
+    with pytest.raises(ApiException) as refused:
+        client.CoreV1Api(as_operator).delete_namespaced_pod("drain-check", namespace)
+    assert refused.value.status == 403
 
 
 def _metric(port: int, sample: str) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ttsfleet.autoscale.metrics import QUERIES, Signals, parse
+from ttsfleet.autoscale.metrics import POD_STREAMS, QUERIES, Signals, parse, parse_pod_streams
 
 
 def sample(ns: str, name: str, value: str) -> dict[str, object]:
@@ -27,3 +27,14 @@ def test_signals_are_grouped_per_fleet_and_missing_ones_stay_none() -> None:
 def test_every_query_groups_by_the_labels_the_scrape_config_sets() -> None:
     for query in QUERIES.values():
         assert "namespace, deployment" in query
+
+
+def test_open_streams_per_pod_are_grouped_per_fleet() -> None:
+    def pod(ns: str, name: str, pod: str, value: str) -> dict[str, object]:
+        return {"metric": {"namespace": ns, "deployment": name, "pod": pod}, "value": [1.0, value]}
+
+    got = parse_pod_streams(
+        [pod("a", "joe", "joe-1", "2"), pod("a", "joe", "joe-2", "0"), pod("b", "joe", "x", "NaN")]
+    )
+    assert got == {("a", "joe"): {"joe-1": 2.0, "joe-2": 0.0}}
+    assert "namespace, deployment, pod" in POD_STREAMS

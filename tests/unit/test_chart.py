@@ -251,14 +251,18 @@ def test_rbac_is_least_privilege(objects: list[Manifest]) -> None:
         ("", "configmaps", "patch"),
         ("policy", "poddisruptionbudgets", "patch"),
         ("", "pods", "list"),
+        ("", "pods", "patch"),
         ("", "events", "create"),
+        ("", "nodes", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
     ]:
         assert needed in granted, needed
-    # Pods are only listed (nothing watches them), CRDs only watched (kopf's scanning),
-    # TtsDeployments only read: status and scale are the operator's only writes to them.
-    assert {v for g, r, v in granted if r == "pods"} == {"list"}
+    # Pods are only listed (nothing watches them) and patched (their deletion cost), CRDs
+    # only watched (kopf's scanning), TtsDeployments only read: status and scale are the
+    # operator's only writes to them.
+    assert {v for g, r, v in granted if r == "pods"} == {"list", "patch"}
     assert {v for g, r, v in granted if r == "customresourcedefinitions"} == {"list", "watch"}
+    assert {v for g, r, v in granted if r == "nodes"} == {"list"}
     assert {v for g, r, v in granted if r == "ttsdeployments"} == {"get", "list", "watch"}
 
 

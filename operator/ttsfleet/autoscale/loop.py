@@ -3,23 +3,37 @@
 The operator calls `Autoscaler.decide` every couple of seconds with the objects and
 the signals Prometheus gave (or the error it gave instead), and carries out what
 comes back: scale writes through the scale subresource, Events, the
-`MetricsUnavailable` condition and `status.autoscaling`.
+`MetricsUnavailable` condition and `status.autoscaling`, and pod deletion costs.
+
+Drain order: each replica's open streams become its
+`controller.kubernetes.io/pod-deletion-cost` (more streams, higher cost), so the
+ReplicaSet controller removes the idlest replicas first when the fleet shrinks;
+preStop and the grace period let the streams still open there finish. A cost is
+written when it changes, and every pod's cost again just before a scale-down.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
 
 from ttsfleet.api.v1alpha1 import ScalingMode, TtsDeploymentSpec
-from ttsfleet.autoscale.metrics import Key, Signals
+from ttsfleet.autoscale.metrics import Key, PodStreams, Signals
 from ttsfleet.autoscale.policy import Policy, Recommendation, Snapshot, State, recommend
 
 Manifest = dict[str, Any]
 # (True means unavailable, reason, message): the MetricsUnavailable condition.
 MetricsCondition = tuple[bool | None, str, str]
+
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+MAX_DELETION_COST = 2**31 - 1  # the annotation is an int32
+
+
+def deletion_cost(open_streams: float) -> int:
+    """The pod deletion cost of a replica with `open_streams` streams: the count itself."""
+    return min(max(round(open_streams), 0), MAX_DELETION_COST)
 
 
 @dataclass(frozen=True)
@@ -28,10 +42,16 @@ class Decision:
     current: int
     recommendation: Recommendation
     metrics: MetricsCondition
+    # Pod name -> deletion cost to write now (before the scale write when it shrinks).
+    deletion_costs: dict[str, int] = field(default_factory=dict)
 
     @property
     def scale(self) -> bool:
         return self.recommendation.replicas != self.current
+
+    @property
+    def scale_down(self) -> bool:
+        return self.recommendation.replicas < self.current
 
 
 def policy_for(spec: TtsDeploymentSpec) -> Policy:
@@ -51,12 +71,18 @@ def policy_for(spec: TtsDeploymentSpec) -> Policy:
 @dataclass
 class Autoscaler:
     states: dict[Key, State] = field(default_factory=dict)
+    # The deletion costs known to be on the pods (told through `annotated`).
+    costs: dict[Key, dict[str, int]] = field(default_factory=dict)
 
     def decide(
         self, objects: list[Manifest], signals: dict[Key, Signals] | None, error: str | None,
-        now: float,
+        now: float, pod_streams: PodStreams | None = None,
     ) -> list[Decision]:  # fmt: skip
-        """Decisions for the builtin-scaled objects; `signals` is None when `error` says why."""
+        """Decisions for the builtin-scaled objects; `signals` is None when `error` says why.
+
+        `pod_streams` (None: not read this tick) gives each replica's open streams,
+        from which come the deletion costs to write.
+        """
         decisions = []
         live: set[Key] = set()
         for obj in objects:
@@ -84,7 +110,29 @@ class Autoscaler:
                 snapshot = Snapshot(current, **asdict(found))
             rec = recommend(snapshot, policy_for(spec), self.states.get(key, State()), now)
             self.states[key] = rec.state
-            decisions.append(Decision(key, current, rec, metrics))
+            decision = Decision(key, current, rec, metrics)
+            if pod_streams is not None:
+                costs = self._costs_to_write(key, pod_streams.get(key, {}), decision.scale_down)
+                decision = replace(decision, deletion_costs=costs)
+            decisions.append(decision)
         for gone in set(self.states) - live:
             del self.states[gone]
+        for gone in set(self.costs) - live:
+            del self.costs[gone]
         return decisions
+
+    def _costs_to_write(
+        self, key: Key, streams: dict[str, float], all_pods: bool
+    ) -> dict[str, int]:
+        """The costs that differ from those on the pods; every pod's before a scale-down."""
+        wanted = {pod: deletion_cost(value) for pod, value in streams.items()}
+        known = self.costs.get(key, {})
+        # Forget pods Prometheus no longer sees (deleted): their costs no longer matter.
+        self.costs[key] = {pod: cost for pod, cost in known.items() if pod in wanted}
+        if all_pods:
+            return wanted
+        return {pod: cost for pod, cost in wanted.items() if known.get(pod) != cost}
+
+    def annotated(self, key: Key, costs: dict[str, int]) -> None:
+        """The operator wrote these costs (or found the pods gone): not written again."""
+        self.costs.setdefault(key, {}).update(costs)

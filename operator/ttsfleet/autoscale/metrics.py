@@ -5,6 +5,10 @@ on every Triton sample), so one tick costs four queries however many
 TtsDeployments there are. A signal with no samples for a fleet is None, and a
 Prometheus that does not answer raises `MetricsUnavailableError`: the policy then
 holds the size and the operator says so.
+
+One more query, per pod (`POD_STREAMS`), gives each replica's open streams: the
+operator turns them into pod deletion costs so that a scale-down removes the
+idlest replicas first.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ QUERIES = {
     "open_streams": f"sum by (namespace, deployment) ({contract.INFLIGHT_STREAMS})",
 }
 
+# Open streams of every replica (the scrape config's `pod` label): drain order.
+POD_STREAMS = f"sum by (namespace, deployment, pod) ({contract.INFLIGHT_STREAMS})"
+PodStreams = dict[Key, dict[str, float]]  # fleet -> pod name -> open streams
+
 
 class MetricsUnavailableError(RuntimeError):
     """Prometheus did not answer; the message says what failed."""
@@ -59,6 +67,19 @@ def parse(results: Mapping[str, list[dict[str, Any]]]) -> dict[Key, Signals]:
     return {key: Signals(**fields) for key, fields in values.items()}
 
 
+def parse_pod_streams(vector: list[dict[str, Any]]) -> PodStreams:
+    """Open streams per pod, per fleet, from the `POD_STREAMS` instant vector. Pure."""
+    out: PodStreams = {}
+    for sample in vector:
+        labels = sample.get("metric", {})
+        key = (labels.get("namespace", ""), labels.get("deployment", ""))
+        pod = labels.get("pod", "")
+        value = float(sample["value"][1])
+        if key[1] and pod and not math.isnan(value):
+            out.setdefault(key, {})[pod] = value
+    return out
+
+
 class PrometheusSource:
     """Signals of every fleet from a Prometheus server (prometheus-api-client)."""
 
@@ -73,11 +94,16 @@ class PrometheusSource:
             url=url, disable_ssl=True, timeout=timeout, session=session
         )
 
+    def _query(self, query: str) -> list[dict[str, Any]]:
+        try:
+            vector: list[dict[str, Any]] = self._prometheus.custom_query(query)
+        except Exception as err:  # connection refused, timeouts, HTTP errors
+            raise MetricsUnavailableError(f"Prometheus at {self.url}: {err}") from err
+        return vector
+
     def signals(self) -> dict[Key, Signals]:
-        results: dict[str, list[dict[str, Any]]] = {}
-        for signal, query in QUERIES.items():
-            try:
-                results[signal] = self._prometheus.custom_query(query)
-            except Exception as err:  # connection refused, timeouts, HTTP errors
-                raise MetricsUnavailableError(f"Prometheus at {self.url}: {err}") from err
-        return parse(results)
+        return parse({signal: self._query(query) for signal, query in QUERIES.items()})
+
+    def pod_streams(self) -> PodStreams:
+        """Open streams of every replica Prometheus scrapes, per fleet."""
+        return parse_pod_streams(self._query(POD_STREAMS))
