@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CLUSTER ?= ttsfleet
 PYTEST_ARGS ?=
 
-.PHONY: help deps tools cluster cluster-down demo manifests lint fmt test test-unit bench-cluster bench-operator bench-serving bench-precision bench-placement bench-autoscale clean
+.PHONY: help deps tools cluster cluster-down demo manifests lint fmt test test-unit bench-cluster bench-operator bench-serving bench-precision bench-placement bench-autoscale bench-sim clean
 
 help: ## List the targets.
 	@grep -E '^[a-z.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ bench-placement: .venv ## Measure the planner's model footprint; placement table
 
 bench-autoscale: tools .venv ## Breach -> scale write and TTFA around a scale-up on the real loop (JSON).
 	$(BIN)/python benchmarks/autoscale_bench.py --out benchmarks/results/autoscale.json --run-out benchmarks/results/autoscale_run.json
+
+bench-sim: .venv ## Simulate every trace with ttsfleet and its peers, check the goals (JSON).
+	$(BIN)/python benchmarks/sim_bench.py --out benchmarks/results/sim.json
 
 clean: ## Remove the virtualenv and caches of this checkout (not the built binaries).
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -429,6 +429,77 @@ def bench(
 
 
 @app.command()
+def sim(
+    trace: Annotated[
+        str | None,
+        typer.Option(help="diurnal, spike, flash-crowd, ramp, or a CSV file (t_s,requests_per_s)."),
+    ] = None,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="ttsfleet, hpa, hpa-queue, keda, kpa, static-peak (repeat); all if unset."
+        ),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+    plot_dir: Annotated[Path | None, typer.Option("--plot", help="Write PNGs here.")] = None,
+    validate: Annotated[
+        Path | None, typer.Option(help="Replay a recorded run of the real loop (JSON) instead.")
+    ] = None,
+    cold_start: Annotated[
+        float, typer.Option(min=0, help="Seconds until a new replica is Ready.")
+    ] = 30.0,
+    slo_ms: Annotated[float, typer.Option(min=1, help="TTFA SLO in milliseconds.")] = 300.0,
+) -> None:
+    """Simulate a fleet under a traffic trace with ttsfleet's autoscaler and its peers."""
+    import json
+
+    from ttsfleet.sim import compare, report, traces
+    from ttsfleet.sim import validate as validation
+    from ttsfleet.sim.engine import SimConfig
+
+    config = SimConfig(slo_s=slo_ms / 1000, cold_start_s=cold_start)
+    if validate is not None:
+        try:
+            checked = validation.validate(validation.load_record(validate, config))
+        except validation.RecordError as err:
+            raise _fail(str(err)) from None
+        if json_out:
+            typer.echo(json.dumps(checked, indent=2))
+            return
+        table = Table(
+            "t (s)", "req/s", "replicas", "sim", "ready", "sim", "TTFA p95 (ms)", "sim",
+            title=f"Recorded run {validate} against the simulator", title_justify="left",
+        )  # fmt: skip
+        for row in checked["rows"]:
+            table.add_row(*(
+                "-" if v is None else f"{v * 1000:.0f}" if k.endswith("ttfa_p95_s") else f"{v:g}"
+                for k, v in row.items()
+            ))  # fmt: skip
+        console.print(table)
+        console.print(f"error: {checked['error']}", highlight=False)
+        return
+    if trace is None:
+        raise _fail(f"give --trace: one of {', '.join(traces.BUILTIN)} or a CSV file")
+    bad = compare.unknown_policies(policy or [])
+    if bad:
+        raise _fail(f"unknown --policy {bad[0]!r}: use one of {', '.join(compare.POLICIES)}")
+    try:
+        loaded = traces.load(trace)
+    except traces.TraceError as err:
+        raise _fail(str(err)) from None
+    result = compare.compare(loaded, policy, config)
+    if json_out:
+        typer.echo(json.dumps(report.as_json(result) | {"goals": report.goals(result)}, indent=2))
+    else:
+        console.print(report.table(result, config.slo_s))
+    if plot_dir is not None:
+        for path in report.plot(result, plot_dir):
+            (err_console if json_out else console).print(f"Wrote {path}")
+
+
+@app.command()
 def demo(
     name: Annotated[str, typer.Option("--name", help="Cluster name.")] = local.DEFAULT_NAME,
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("out/demo.wav"),

@@ -8,14 +8,17 @@ Signals, each turned into the replicas it asks for against the spec's targets:
 - queue time per request (rate of `nv_inference_queue_duration_us` over successes),
 - time to first audio p95 (`ttsfleet_time_to_first_audio_seconds`),
 - open streams (`ttsfleet_inflight_streams`), against `streamsPerReplica`.
-The desired size is the largest of them.
+The desired size is the largest of them. The proportional ones (queue time, TTFA)
+scale from `Snapshot.serving_replicas` (the Ready replicas) when the caller gives it.
 
 Knative-style windows: the stable window averages what the signals asked for over
 the last `stable_window` seconds; the panic window looks at the last
 `panic_window` seconds, and when that asks for `panic_threshold` times the current
 size or more, the fleet scales up to it at once and does not scale down until the
-panic has been quiet for a stable window. Then rate limits (up and down per step),
-a scale-down delay (the largest recommendation of the last `scale_down_delay`
+panic has been quiet for a stable window. Outside a panic, a change within
+`tolerance` (10 %) of the current size is held as noise. Then rate limits (up x2 per
+step; down by `max_scale_down_step` or `max_scale_down_fraction` of the fleet,
+whichever is more), a scale-down delay (the largest recommendation of the last `scale_down_delay`
 seconds wins, so a dip does not cut streams), min/max and floors (scheduled,
 predicted). With no metrics it holds the current size and says so: it never scales
 down because it cannot see.
@@ -36,6 +39,10 @@ class Snapshot:
     queue_seconds_per_request: float | None = None
     ttfa_p95_seconds: float | None = None
     open_streams: float | None = None
+    # Ready replicas behind the measurements (None: ready_replicas). The proportional
+    # signals (queue time, TTFA) scale from these: replicas still starting have not
+    # changed the measurements yet, and counting them compounds every scale-up.
+    serving_replicas: int | None = None
 
     @property
     def has_metrics(self) -> bool:
@@ -62,9 +69,12 @@ class Policy:
     panic_window: float = 6.0
     panic_threshold: float = 2.0
     max_scale_up_rate: float = 2.0  # at most x2 per decision (and at least +1)
-    max_scale_down_step: int = 1  # replicas removed per decision, at most
+    max_scale_down_step: int = 1  # replicas removed per decision, at most (see the next)
+    max_scale_down_fraction: float = 0.05  # or this share of the fleet, when that is more
     scale_down_delay: float = 120.0
+    tolerance: float = 0.1  # outside panic, hold while within 10 % of the current size
     floor: int = 0  # scheduled or predicted floor, computed by the caller
+    floor_reason: str = ""  # why that floor (named in the decision when it binds)
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,10 @@ class Recommendation:
 
 def signal_replicas(snapshot: Snapshot, policy: Policy) -> dict[str, float]:
     """Replicas each signal asks for (fractional), from the metrics present."""
-    current = max(snapshot.ready_replicas, 1)
+    serving = (
+        snapshot.ready_replicas if snapshot.serving_replicas is None else snapshot.serving_replicas
+    )
+    current = max(serving, 1)
     asks: dict[str, float] = {}
     if snapshot.pending_requests is not None:
         asks["queue_depth"] = snapshot.pending_requests / policy.queue_depth_per_replica
@@ -107,16 +120,27 @@ def _mean_since(samples: tuple[tuple[float, float], ...], since: float) -> float
     return sum(recent) / len(recent) if recent else None
 
 
+def _within_tolerance(desired: int, current: int, lowest: int, policy: Policy) -> bool:
+    """A change of at most `tolerance` of a size that is within the bounds."""
+    in_bounds = lowest <= current <= policy.max_replicas
+    return in_bounds and 0 < abs(desired - current) <= policy.tolerance * current
+
+
+def _hold_without_metrics(current: int, policy: Policy, state: State) -> Recommendation:
+    """Blind: keep the size (never down), or lift it to a floor, which needs no metrics."""
+    held = min(max(current, policy.min_replicas, policy.floor), policy.max_replicas)
+    lifted = policy.floor > max(current, policy.min_replicas)
+    why = policy.floor_reason or f"floor {held}" if lifted else f"holding {held} replicas"
+    return Recommendation(
+        held, f"metrics unavailable: {why} (never scaling down blind)", state=state
+    )
+
+
 def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> Recommendation:
     """The replicas the fleet should have now, and why."""
     current = snapshot.ready_replicas
     if not snapshot.has_metrics:
-        held = min(max(current, policy.min_replicas, policy.floor), policy.max_replicas)
-        return Recommendation(
-            held,
-            f"metrics unavailable: holding {held} replicas (never scaling down blind)",
-            state=state,
-        )
+        return _hold_without_metrics(current, policy, state)
     asks = signal_replicas(snapshot, policy)
     driver, asked = max(asks.items(), key=lambda kv: kv[1])
     keep = now - max(policy.stable_window, policy.scale_down_delay)
@@ -142,13 +166,17 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
     lowest = max(policy.min_replicas, policy.floor)
     if desired < lowest:
         desired = lowest
-        why += (
-            f"; floor {lowest}" if policy.floor > policy.min_replicas else f"; minReplicas {lowest}"
-        )
+        named = policy.floor_reason or f"floor {lowest}"
+        why += f"; {named}" if policy.floor > policy.min_replicas else f"; minReplicas {lowest}"
     if desired > policy.max_replicas:
         desired = policy.max_replicas
         why += f"; maxReplicas {policy.max_replicas}"
     raw = desired
+
+    # Tolerance: a change within it is noise, not a need (HPA's 10 % band).
+    if not panic and _within_tolerance(desired, current, lowest, policy):
+        why += f"; within {policy.tolerance:.0%} of {current}: holding"
+        desired = current
 
     # Scale-down delay: while anything in the last delay seconds asked for more, keep it.
     window = [r for t, r in state.recommendations if t >= now - policy.scale_down_delay]
@@ -163,7 +191,8 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
         if desired > ceiling:
             desired, why = ceiling, why + f"; scale-up limited to {ceiling}"
     elif desired < current:
-        step_floor = current - policy.max_scale_down_step
+        step = max(policy.max_scale_down_step, math.floor(current * policy.max_scale_down_fraction))
+        step_floor = current - step
         if desired < step_floor:
             desired, why = step_floor, why + f"; scale-down limited to {step_floor}"
     desired = min(desired, policy.max_replicas)

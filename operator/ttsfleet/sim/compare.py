@@ -1,0 +1,114 @@
+"""Every policy on one trace, each baseline at its best swept target.
+
+ttsfleet runs first: its replica-hours are the budget, its SLO attainment the bar.
+- hpa, hpa-queue, keda, kpa: every target of `policies.SWEEPS` runs; the one kept is
+  the cheapest that spends at least ttsfleet's replica-hours (the peer with the same
+  budget or more, as close to it as the sweep allows); when no target spends that
+  much, the most expensive one (`within_budget` is then False).
+- static-peak: the smallest fixed size whose SLO attainment is at least ttsfleet's
+  (bisection between one replica and the maximum); the size the trace's peak needs at
+  the SLO is recorded too (`peak_sized_replicas`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from ttsfleet.sim import policies
+from ttsfleet.sim.engine import Result, SimConfig, simulate
+from ttsfleet.sim.service import ServiceModel, calibrated
+from ttsfleet.sim.traces import Trace
+
+
+@dataclass(frozen=True)
+class Tried:
+    target: float
+    result: Result
+
+
+@dataclass
+class Comparison:
+    trace: str
+    results: dict[str, Result] = field(default_factory=dict)
+    targets: dict[str, float] = field(default_factory=dict)
+    within_budget: dict[str, bool] = field(default_factory=dict)
+    sweeps: dict[str, list[Tried]] = field(default_factory=dict)
+    # Sized for the trace's peak at the SLO (utilisation_for), all the time: the
+    # textbook static peak, next to the smallest fixed size that matches ttsfleet.
+    peak_sized_replicas: int = 0
+    peak_sized_replica_hours: float = 0.0
+
+
+POLICIES = policies.POLICIES
+
+
+def unknown_policies(names: list[str]) -> list[str]:
+    return [n for n in names if n not in policies.POLICIES]
+
+
+def compare(
+    trace: Trace,
+    names: list[str] | None = None,
+    config: SimConfig | None = None,
+    service: ServiceModel | None = None,
+) -> Comparison:
+    """Run the named policies (all by default) on the trace; see the module docstring."""
+    config = config or SimConfig()
+    service = service or calibrated()
+    wanted = list(names or policies.POLICIES)
+    bad = unknown_policies(wanted)
+    if bad:
+        raise ValueError(f"unknown policy {bad[0]!r}: use one of {', '.join(policies.POLICIES)}")
+    out = Comparison(trace.name)
+    per_replica = service.replica_rate * service.utilisation_for(config.slo_s)
+    out.peak_sized_replicas = min(math.ceil(trace.peak / per_replica), config.max_replicas)
+    out.peak_sized_replica_hours = (
+        out.peak_sized_replicas * math.ceil(trace.duration_s / config.tick_s) * config.tick_s / 3600
+    )
+    own = simulate(
+        trace,
+        policies.TtsfleetScaler(policies.ttsfleet_policy(config.max_replicas, config.min_replicas)),
+        config,
+        service,
+    )
+    if "ttsfleet" in wanted:
+        out.results["ttsfleet"] = own
+    for name in policies.BASELINES:
+        if name not in wanted:
+            continue
+        tried = [
+            Tried(t, simulate(trace, policies.baseline(name, t, config.max_replicas,
+                                                       config.min_replicas), config, service))
+            for t in policies.SWEEPS[name]
+        ]  # fmt: skip
+        # The cheapest target that spends at least ttsfleet's replica-hours.
+        fits = [x for x in tried if x.result.replica_hours >= own.replica_hours - 1e-9]
+        best = (
+            min(fits, key=lambda x: x.result.replica_hours)
+            if fits
+            else max(tried, key=lambda x: x.result.replica_hours)
+        )
+        out.sweeps[name] = tried
+        out.results[name], out.targets[name] = best.result, best.target
+        out.within_budget[name] = bool(fits)
+    if "static-peak" in wanted:
+        lo, hi = config.min_replicas, config.max_replicas
+
+        def fixed(n: int) -> SimConfig:
+            return replace(config, initial_replicas=n)
+
+        found: dict[int, Result] = {}
+        while lo < hi:
+            mid = (lo + hi) // 2
+            found[mid] = simulate(trace, policies.Static(mid), fixed(mid), service)
+            if found[mid].slo_attainment >= own.slo_attainment:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo not in found:
+            found[lo] = simulate(trace, policies.Static(lo), fixed(lo), service)
+        out.results["static-peak"], out.targets["static-peak"] = found[lo], float(lo)
+        out.within_budget["static-peak"] = found[lo].slo_attainment >= own.slo_attainment
+        out.sweeps["static-peak"] = [Tried(float(n), r) for n, r in sorted(found.items())]
+    return out

@@ -1,0 +1,198 @@
+"""The fleet simulator: traces, the fluid model, the policies' clocks, output and CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ttsfleet.api.v1alpha1 import TtsDeploymentSpec
+from ttsfleet.autoscale.loop import policy_for
+from ttsfleet.cli import app
+from ttsfleet.sim import compare, policies, report, traces, validate
+from ttsfleet.sim.engine import SimConfig, View, count_oscillations, simulate, steps
+from ttsfleet.sim.service import MEASURED_TTFA_P50_S, calibrated
+
+SERVICE = calibrated(samples=4000)
+STEP = traces.Trace("step", ((0.0, 100.0), (300.0, 100.0), (301.0, 800.0), (1500.0, 800.0)))
+UP_DOWN = traces.Trace(
+    "up-down", ((0.0, 100.0), (300.0, 100.0), (301.0, 800.0), (900.0, 800.0), (901.0, 100.0),
+                (2400.0, 100.0))
+)  # fmt: skip
+
+
+def test_builtin_traces_have_their_shapes() -> None:
+    spike = traces.load("spike")
+    before, after = spike.rate(899.0), spike.rate(930.0)
+    assert after >= 10 * before * 0.999  # x10 ...
+    assert spike.rate(900.0) == before and after == spike.peak  # ... within 30 s
+    assert traces.load("diurnal").duration_s == 24 * 3600
+    crowd = traces.load("flash-crowd")
+    assert crowd.rate(610.0) > 10 * crowd.rate(0.0) > crowd.rate(3600.0) * 0.9
+    ramp = traces.load("ramp")
+    assert ramp.rate(0.0) < ramp.rate(1800.0) < ramp.rate(3600.0) == ramp.peak
+    assert traces.load("diurnal").sampled(60.0) == traces.load("diurnal").sampled(60.0)
+
+
+def test_csv_traces_are_interpolated(tmp_path: Path) -> None:
+    path = tmp_path / "load.csv"
+    path.write_text("t_s,requests_per_s\n0,10\n10,30\n60,30\n")
+    trace = traces.load(str(path))
+    assert trace.rate(5.0) == 20.0 and trace.rate(30.0) == 30.0 and trace.duration_s == 60.0
+    assert trace.sampled(10.0)[:2] == [20.0, 30.0]  # the middle of each tick
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("time,rps\n0,1\n1,2\n", "the header must be `t_s,requests_per_s`"),
+        ("t_s,requests_per_s\n0,1\n0,2\n", "line 3: t_s must increase"),
+        ("t_s,requests_per_s\n0,1\n1,x\n", "line 3: not numbers"),
+        ("t_s,requests_per_s\n0,1\n1,-2\n", "line 3: requests_per_s must be finite and >= 0"),
+        ("t_s,requests_per_s\n0,1\n", "needs at least 2 rows"),
+    ],
+)
+def test_csv_errors_name_the_problem(tmp_path: Path, text: str, says: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(traces.TraceError, match=says):
+        traces.load(str(path))
+
+
+def test_unknown_trace_names_the_choices() -> None:
+    with pytest.raises(traces.TraceError, match="diurnal, spike, flash-crowd, ramp"):
+        traces.load("tsunami")
+
+
+def test_service_model_reproduces_the_benchmark() -> None:
+    assert SERVICE.replica_rate == pytest.approx(9.66, rel=1e-6)
+    for concurrency, measured in MEASURED_TTFA_P50_S.items():
+        assert SERVICE.closed_loop_ttfa_p50(concurrency) == pytest.approx(measured, rel=0.1)
+    assert SERVICE.within(0.3, 0.2) > SERVICE.within(0.3, 0.6)  # busier is slower
+    assert SERVICE.within(0.3, 0.2, delay=1.0) == 0.0  # a backlog delay shows
+
+
+def test_the_fluid_model_conserves_requests() -> None:
+    result = simulate(STEP, policies.Static(5), SimConfig(initial_replicas=5), SERVICE)
+    assert result.requests == pytest.approx(sum(STEP.sampled(1.0)))
+    assert result.served + result.backlog == pytest.approx(result.requests)
+    assert result.backlog > 0  # 5 replicas cannot carry 800 req/s: it queues, nothing is lost
+    assert result.slo_attainment < 0.5
+
+
+def test_ttsfleet_scales_up_on_a_step_and_down_after_the_delay() -> None:
+    result = simulate(UP_DOWN, policies.TtsfleetScaler(), None, SERVICE)
+    ups = [t for t, a, b in result.scale_events if b > a]
+    downs = [t for t, a, b in result.scale_events if b < a]
+    assert ups and 300 < ups[0] <= 320  # within seconds of the step
+    assert max(result.series.replicas) >= 800 / SERVICE.replica_rate
+    # After the drop at 900 s, the fleet keeps what 800 req/s needed for the 120 s delay...
+    need = 800 / (SERVICE.replica_rate * SERVICE.utilisation_for(0.3))
+    held = [n for t, n in zip(result.series.t_s, result.series.replicas, strict=True)
+            if 900 < t < 1015]  # fmt: skip
+    assert min(held) >= 0.9 * need
+    # ... then goes down.
+    assert any(1020 <= t < 1100 for t in downs)
+    assert result.series.replicas[-1] < 30 and result.oscillations == 0
+
+
+def test_reaction_time_counts_from_the_step_onset() -> None:
+    spike = traces.load("spike")
+    assert steps(spike.sampled(1.0), SimConfig()) == [899]
+    assert steps(traces.load("ramp").sampled(1.0), SimConfig()) == []
+    reacted = simulate(spike, policies.TtsfleetScaler(), None, SERVICE)
+    assert reacted.reaction_s_p95 is not None and 30 < reacted.reaction_s_p95 < 90
+
+
+def test_hpa_waits_out_its_300s_stabilisation_before_scaling_down() -> None:
+    result = simulate(UP_DOWN, policies.baseline("hpa", 0.5), None, SERVICE)
+    assert all(t % 15 == 0 for t, _, _ in result.scale_events)  # 15 s sync period
+    downs = [t for t, a, b in result.scale_events if b < a and t > 900]
+    assert downs and min(downs) >= 900 + 300
+
+
+def test_keda_polls_every_30s_and_kpa_ticks_every_2s() -> None:
+    keda = simulate(UP_DOWN, policies.baseline("keda", 0.5), None, SERVICE)
+    assert keda.scale_events and all(t % 30 == 0 for t, _, _ in keda.scale_events)
+    kpa = simulate(UP_DOWN, policies.baseline("kpa", 0.5), None, SERVICE)
+    first_up = min(t for t, a, b in kpa.scale_events if b > a and t > 300)
+    assert 300 < first_up <= 310 and all(t % 2 == 0 for t, _, _ in kpa.scale_events)
+
+
+def test_prometheus_view_lags_by_the_scrape_interval() -> None:
+    view = View(SimConfig(scrape_interval_s=5.0), SERVICE)
+    view.pending = [float(i) for i in range(20)]
+    assert view.pending_requests(12.0) == 9.0  # the scrape at 10 s saw the end of tick 9
+    assert view.queue_seconds(3.0) is None  # one scrape in the window: no rate yet
+
+
+def test_oscillations_are_flaps_not_corrections() -> None:
+    assert count_oscillations([(0, 1, 4), (200, 4, 3)], 600) == 0  # overshoot, corrected
+    assert count_oscillations([(0, 1, 4), (200, 4, 3), (400, 3, 5)], 600) == 1
+    assert count_oscillations([(0, 1, 4), (200, 4, 3), (900, 3, 5)], 600) == 0
+
+
+def test_json_output_shape() -> None:
+    short = traces.Trace("short", ((0.0, 50.0), (120.0, 50.0), (121.0, 200.0), (600.0, 200.0)))
+    result = compare.compare(short, ["ttsfleet", "hpa", "static-peak"], None, SERVICE)
+    doc = report.as_json(result)
+    assert set(doc["policies"]) == {"ttsfleet", "hpa", "static-peak"}
+    for summary in doc["policies"].values():
+        assert {"slo_attainment", "slo_misses", "replica_hours", "oscillations_per_hour",
+                "reaction_s_p95"} <= set(summary)  # fmt: skip
+    assert [p["target"] for p in doc["sweeps"]["hpa"]] == list(policies.SWEEPS["hpa"])
+    json.dumps(doc | {"goals": report.goals(result)})
+
+
+def test_validation_replays_a_recorded_run(tmp_path: Path) -> None:
+    samples = [
+        {"t_s": float(t), "requests_per_s": 5.0 if t < 30 else 30.0, "replicas": 1,
+         "ready_replicas": 1, "ttfa_p95_s": 0.1 if t else None}
+        for t in range(90)
+    ]  # fmt: skip
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"policy": {"max_replicas": 4, "tick_seconds": 2},
+                                "samples": samples}))  # fmt: skip
+    record = validate.load_record(path)
+    assert record.loop_period_s == 2 and record.config.cold_start_s == SimConfig().cold_start_s
+    checked = validate.validate(record, SERVICE)
+    assert checked["samples"] == 90 and len(checked["rows"]) == 90
+    assert max(r["sim_replicas"] for r in checked["rows"]) > 1  # it scaled on the rise
+    assert checked["error"]["replicas_mean_abs"] > 0
+    steps_up = [dict(x) for x in samples[:6]]
+    for x, (replicas, ready) in zip(steps_up, [(1, 1), (2, 1), (2, 1), (2, 2), (2, 2), (2, 2)],
+                                    strict=True):  # fmt: skip
+        x["replicas"], x["ready_replicas"] = replicas, ready
+    assert validate.cold_start(tuple(steps_up)) == 2.0  # asked at 1 s, Ready at 3 s
+    path.write_text(json.dumps({"samples": [{"t_s": 0}]}))
+    with pytest.raises(validate.RecordError, match="at least 2"):
+        validate.load_record(path)
+
+
+runner = CliRunner()
+
+
+def test_cli_rejects_unknown_trace_and_policy() -> None:
+    bad_trace = runner.invoke(app, ["sim", "--trace", "tsunami"])
+    assert bad_trace.exit_code == 1
+    assert "diurnal, spike, flash-crowd, ramp" in bad_trace.output
+    bad_policy = runner.invoke(app, ["sim", "--trace", "spike", "--policy", "vpa"])
+    assert bad_policy.exit_code == 1
+    assert "ttsfleet, hpa, hpa-queue, keda, kpa, static-peak" in bad_policy.output
+    assert runner.invoke(app, ["sim"]).exit_code == 1
+
+
+def test_cli_prints_json_for_a_csv_trace(tmp_path: Path) -> None:
+    path = tmp_path / "load.csv"
+    path.write_text("t_s,requests_per_s\n0,20\n120,20\n125,100\n400,100\n")
+    out = runner.invoke(app, ["sim", "--trace", str(path), "--policy", "ttsfleet", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert set(doc["policies"]) == {"ttsfleet"} and doc["trace"] == "load"
+
+
+def test_the_simulated_ttsfleet_policy_is_what_the_operator_builds_from_defaults() -> None:
+    spec = TtsDeploymentSpec.model_validate({"minReplicas": 1, "maxReplicas": 1000})
+    assert policy_for(spec) == policies.ttsfleet_policy(max_replicas=1000)
