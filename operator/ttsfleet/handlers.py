@@ -14,9 +14,10 @@ annotations, no finalizers: owner references collect the children).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,15 @@ from prometheus_client import Counter, Histogram
 
 from ttsfleet import kube
 from ttsfleet.api import v1alpha1 as api
-from ttsfleet.autoscale.loop import DELETION_COST, Autoscaler, Decision, MetricsCondition
+from ttsfleet.autoscale.floors import Floor
+from ttsfleet.autoscale.loop import (
+    DELETION_COST,
+    Autoscaler,
+    Decision,
+    MetricsCondition,
+    history_windows,
+    predicted_floors,
+)
 from ttsfleet.autoscale.metrics import (
     MetricsUnavailableError,
     PodStreams,
@@ -134,7 +143,9 @@ def _reconcile(
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, id="ttsdeployment")
 def tts_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     if event.get("type") == "DELETED":
-        _metrics.pop((body.metadata.namespace or "", body.metadata.name or ""), None)
+        key = (body.metadata.namespace or "", body.metadata.name or "")
+        for remembered in (_metrics, _floors, _recent):
+            remembered.pop(key, None)
         return
     observed = (body.get("status") or {}).get("observedGeneration")
     # None: the first sight after start (a restart re-applies everything once).
@@ -197,6 +208,7 @@ def _recheck_forever(stop: threading.Event) -> None:
 # and each replica's open streams as its pod deletion cost (the idlest go first).
 AUTOSCALE_SECONDS = 2.0
 _metrics: dict[tuple[str, str], MetricsCondition] = {}
+_floors: dict[tuple[str, str], Floor] = {}
 SIGNAL_NAMES = ("queue_depth", "queue_time", "ttfa_p95", "open_streams")
 SCALED = Counter("ttsfleet_operator_scale_writes_total", "Replica changes by the autoscaler.")
 
@@ -213,6 +225,28 @@ def _write_deletion_costs(autoscaler: Autoscaler, decision: Decision) -> None:
             continue
         written[pod] = cost  # or the pod is gone: nothing to write again either way
     autoscaler.annotated(decision.key, written)
+
+
+PREDICT_SECONDS = 60.0  # the predicted floors look at past days: once a minute is plenty
+_predicted: dict[str, Any] = {"at": -math.inf, "floors": {}}
+_recent: dict[tuple[str, str], deque[dict[str, Any]]] = {}
+
+
+def _predicted_floors(
+    source: PrometheusSource | None, objects: list[dict[str, Any]], wall: datetime
+) -> dict[tuple[str, str], Floor]:
+    """Predicted floors from range queries over past days, refreshed once a minute."""
+    if source is None or time.monotonic() - _predicted["at"] < PREDICT_SECONDS:
+        return dict(_predicted["floors"])
+    peaks = {}
+    for window in history_windows(objects, wall):
+        try:
+            peaks[window] = source.peaks(*window)
+        except MetricsUnavailableError as err:
+            log.warning("No history for the predicted floors: %s", err)
+            return dict(_predicted["floors"])  # keep the last ones, try again next tick
+    _predicted.update(at=time.monotonic(), floors=predicted_floors(objects, wall, peaks))
+    return dict(_predicted["floors"])
 
 
 def _autoscale_once(autoscaler: Autoscaler, source: PrometheusSource | None) -> None:
@@ -236,11 +270,20 @@ def _autoscale_once(autoscaler: Autoscaler, source: PrometheusSource | None) -> 
         except MetricsUnavailableError as err:
             log.warning("No open streams per pod this tick: %s", err)
     by_key = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in objects}
-    for decision in autoscaler.decide(objects, signals, error, time.monotonic(), pod_streams):
+    wall = datetime.now(UTC)
+    predicted = _predicted_floors(source, objects, wall)
+    decisions = autoscaler.decide(
+        objects, signals, error, time.monotonic(), pod_streams, wall=wall, predicted=predicted
+    )
+    for decision in decisions:
         namespace, name = decision.key
         body = by_key[decision.key]
-        changed = _metrics.get(decision.key) != decision.metrics
+        changed = (_metrics.get(decision.key), _floors.get(decision.key)) != (
+            decision.metrics,
+            decision.floor,
+        )
         _metrics[decision.key] = decision.metrics
+        _floors[decision.key] = decision.floor
         rec = decision.recommendation
         if decision.scale_down and decision.deletion_costs:
             _write_deletion_costs(autoscaler, decision)  # the idlest replicas go first
@@ -254,15 +297,24 @@ def _autoscale_once(autoscaler: Autoscaler, source: PrometheusSource | None) -> 
         if decision.deletion_costs and not decision.scale_down:
             _write_deletion_costs(autoscaler, decision)  # after a scale-up: it comes first
         if decision.scale or changed:
-            autoscaling = {
+            autoscaling: dict[str, Any] = {
                 "desiredReplicas": rec.replicas,
+                "currentReplicas": decision.current,
                 "lastDecision": rec.reason,
                 # Every signal, None when not measured: a merge patch keeps absent keys.
                 "signals": {k: rec.signals.get(k) for k in SIGNAL_NAMES},
                 "panic": rec.panic,
+                "floor": {"replicas": decision.floor.replicas, "reason": decision.floor.reason},
             }
             if decision.scale:
-                autoscaling["lastScaleTime"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                stamp = wall.strftime("%Y-%m-%dT%H:%M:%SZ")
+                autoscaling["lastScaleTime"] = stamp
+                recent = _recent.setdefault(decision.key, deque(maxlen=5))
+                recent.append(
+                    {"time": stamp, "from": decision.current, "to": rec.replicas,
+                     "reason": rec.reason}
+                )  # fmt: skip
+                autoscaling["recentScales"] = list(recent)
             kube.patch_custom_status(
                 _api(), api.GROUP, api.VERSION, api.PLURAL, namespace, name,
                 {"autoscaling": autoscaling},

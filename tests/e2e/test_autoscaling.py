@@ -9,7 +9,9 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
@@ -199,3 +201,56 @@ def test_prometheus_down_holds_the_size_and_says_so(cluster: Cluster, namespace:
     )
     # Now it sees an idle fleet, and shrinks it.
     wait_for("scale down", lambda: obj(cluster, namespace)["spec"]["replicas"] == 1, timeout=60)
+
+
+def test_a_scheduled_window_keeps_a_floor_and_the_fleet_returns_after_it(
+    cluster: Cluster, namespace: str
+) -> None:
+    """A window open now, in a time zone east of UTC, lifts the fleet to its floor; the
+    same window closed lets it shrink back after the delay (kwok replicas: the floor
+    holds with no metrics at all)."""
+    now = datetime.now(ZoneInfo("Asia/Kolkata"))  # UTC+05:30: the zone is really applied
+    start, end = (
+        (now - timedelta(hours=1)).strftime("%H:%M"),
+        (now + timedelta(hours=1)).strftime("%H:%M"),
+    )
+    doc = load_example(REPO / "examples" / "joe-mig.yaml")
+    doc["metadata"]["name"] = "scaled"
+    doc["spec"]["scaling"] = {
+        "mode": "builtin",
+        "scaleDownDelaySeconds": 0,
+        "stableWindowSeconds": 4,
+        "panicWindowSeconds": 2,
+        "schedules": [
+            {"name": "rush", "start": start, "end": end, "timeZone": "Asia/Kolkata",
+             "minReplicas": 3},
+        ],
+    }  # fmt: skip
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+    wait_for("the floor of 3", lambda: obj(cluster, namespace)["spec"].get("replicas") == 3)
+    reason = f"schedule rush {start}-{end} Asia/Kolkata: at least 3"
+
+    def scaled_event() -> bool:
+        selector = ("--field-selector", "reason=Scaled")
+        return reason in cluster.kubectl("get", "events", "-n", namespace, *selector)
+
+    wait_for("a Scaled event naming the schedule", scaled_event)
+    floor = obj(cluster, namespace)["status"]["autoscaling"]["floor"]
+    assert floor == {
+        "replicas": 3,
+        "reason": f"schedule rush {start}-{end} Asia/Kolkata: at least 3",
+    }
+    # The same window read in UTC is not open now (5:30 away): the floor goes. These
+    # replicas run on kwok nodes, so no metrics say the fleet is idle: it keeps its size
+    # rather than shrink blind (the real-metrics scale-down is the tests above).
+    doc["spec"]["scaling"]["schedules"][0]["timeZone"] = "UTC"
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+
+    def no_floor() -> bool:
+        autoscaling = obj(cluster, namespace)["status"]["autoscaling"]
+        return bool(autoscaling["floor"]["replicas"] == 0)
+
+    wait_for("the floor to be gone", no_floor)
+    scaled = obj(cluster, namespace)
+    assert scaled["spec"]["replicas"] == 3
+    assert condition(scaled, "MetricsUnavailable")["status"] == "True"

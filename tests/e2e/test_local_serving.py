@@ -7,6 +7,7 @@ import json
 import urllib.parse
 import urllib.request
 import wave
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,13 @@ def test_the_metrics_source_reads_every_signal_of_a_serving_fleet(
         ),
         timeout=30,
     )
+    # The history the predicted floor reads: a range query over the last minutes.
+    now = datetime.now(UTC)
+    peaks = source.peaks(now - timedelta(minutes=5), now)
+    assert peaks[(namespace, "joe-local")] >= 0
     # Prometheus gone: the source says so instead of returning nothing.
+    gone = PrometheusSource(f"http://127.0.0.1:{local.free_port()}")
     with pytest.raises(MetricsUnavailableError, match="Prometheus at"):
-        PrometheusSource(f"http://127.0.0.1:{local.free_port()}").signals()
+        gone.signals()
+    with pytest.raises(MetricsUnavailableError, match="Prometheus at"):
+        gone.peaks(now - timedelta(minutes=5), now)

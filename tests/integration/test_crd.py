@@ -162,6 +162,30 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         with_spec(scaling__targets={"timeToFirstAudioMs": 1}),
         "spec.scaling.targets.timeToFirstAudioMs",
     ),
+    (
+        "schedule of zero length",
+        with_spec(scaling__schedules=[{"start": "08:00", "end": "08:00", "minReplicas": 2}]),
+        "spec.scaling.schedules[].end must differ from start",
+    ),
+    (
+        "schedule clock out of range",
+        with_spec(scaling__schedules=[{"start": "25:00", "end": "08:00", "minReplicas": 2}]),
+        "spec.scaling.schedules[0].start",
+    ),
+    (
+        "schedule day spelled out",
+        with_spec(
+            scaling__schedules=[
+                {"days": ["Monday"], "start": "08:00", "end": "18:00", "minReplicas": 2}
+            ]
+        ),
+        "spec.scaling.schedules[0].days[0]",
+    ),
+    (
+        "predictive over eight periods",
+        with_spec(scaling__predictive={"periods": 9}),
+        "spec.scaling.predictive.periods",
+    ),
     ("unknown field", with_spec(replicaCount=3), 'unknown field "spec.replicaCount"'),
     (
         "unknown nested field",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ttsfleet.autoscale.loop import Autoscaler, deletion_cost
+from ttsfleet.autoscale.loop import Autoscaler, deletion_cost, history_windows, predicted_floors
 from ttsfleet.autoscale.metrics import Signals
 
 
@@ -79,3 +80,67 @@ def test_no_pod_streams_means_no_costs_and_gone_pods_and_fleets_are_forgotten() 
     assert scaler.costs == {("ns", "a"): {"a-2": 2}}
     scaler.decide([], {}, None, now=4.0, pod_streams={})
     assert scaler.costs == {}
+
+
+OFFICE = {"days": ["Wed"], "start": "08:00", "end": "18:00", "timeZone": "Europe/Berlin",
+          "minReplicas": 5, "name": "office"}  # fmt: skip
+WEDNESDAY_MORNING = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)  # 10:00 in Berlin
+SATURDAY = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
+
+
+def scheduled(replicas: int = 2) -> dict[str, Any]:
+    obj = fleet("a", replicas=replicas)
+    obj["spec"]["scaling"]["schedules"] = [OFFICE]
+    return obj
+
+
+def test_a_scheduled_floor_raises_the_fleet_and_the_decision_names_it() -> None:
+    quiet = {("ns", "a"): Signals(pending_requests=0.0)}
+    (d,) = Autoscaler().decide([scheduled()], quiet, None, now=0.0, wall=WEDNESDAY_MORNING)
+    assert d.recommendation.replicas == 4  # x2 per decision on the way to 5
+    assert "schedule office 08:00-18:00 Europe/Berlin: at least 5" in d.recommendation.reason
+    assert d.floor.replicas == 5
+    (off,) = Autoscaler().decide([scheduled()], quiet, None, now=0.0, wall=SATURDAY)
+    assert off.floor.replicas == 0 and off.recommendation.replicas <= 2
+
+
+def test_a_scheduled_floor_holds_even_without_metrics() -> None:
+    (d,) = Autoscaler().decide(
+        [scheduled(replicas=1)], None, "Prometheus down", now=0.0, wall=WEDNESDAY_MORNING
+    )
+    assert d.recommendation.replicas == 5
+    assert d.recommendation.reason == (
+        "metrics unavailable: schedule office 08:00-18:00 Europe/Berlin: at least 5"
+        " (never scaling down blind)"
+    )
+
+
+def test_predicted_floors_come_from_the_peaks_of_each_fleets_past_windows() -> None:
+    obj = fleet("a")
+    obj["spec"]["placement"]["streamsPerReplica"] = 10
+    obj["spec"]["scaling"]["predictive"] = {"periods": 2, "lookaheadMinutes": 15}
+    other = fleet("b")  # no predictive floor: needs no history
+    windows = history_windows([obj, other], WEDNESDAY_MORNING)
+    assert len(windows) == 2 and all(keys == {("ns", "a")} for keys in windows.values())
+    yesterday, before = sorted(windows, reverse=True)
+    assert yesterday[0] == WEDNESDAY_MORNING - timedelta(days=1)
+    peaks = {yesterday: {("ns", "a"): 25.0}, before: {("ns", "a"): 41.0}}
+    floor = predicted_floors([obj, other], WEDNESDAY_MORNING, peaks)[("ns", "a")]
+    assert floor.replicas == 5  # 41 streams +10 % over 10 per replica
+    quiet = {("ns", "a"): Signals(pending_requests=0.0)}
+    (d,) = Autoscaler().decide(
+        [obj], quiet, None, now=0.0, wall=WEDNESDAY_MORNING, predicted={("ns", "a"): floor}
+    )
+    assert (
+        d.recommendation.replicas == 4 and "predicted: 41 open streams" in d.recommendation.reason
+    )
+
+
+def test_proportional_signals_scale_from_the_ready_replicas_not_those_starting() -> None:
+    obj = fleet("a", replicas=4)
+    obj["status"] = {"readyReplicas": 2}
+    # Queue time twice the 0.1 s target, measured on the 2 replicas that serve.
+    slow = {("ns", "a"): Signals(queue_seconds_per_request=0.2)}
+    (d,) = Autoscaler().decide([obj], slow, None, now=0.0)
+    assert d.recommendation.signals["queue_time"] == 4.0  # 2 x 2, not 4 x 2
+    assert not d.scale

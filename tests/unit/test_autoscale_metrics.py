@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from ttsfleet.autoscale.metrics import POD_STREAMS, QUERIES, Signals, parse, parse_pod_streams
+from ttsfleet.autoscale.metrics import (
+    POD_STREAMS,
+    QUERIES,
+    Signals,
+    parse,
+    parse_peaks,
+    parse_pod_streams,
+)
 
 
 def sample(ns: str, name: str, value: str) -> dict[str, object]:
@@ -38,3 +45,13 @@ def test_open_streams_per_pod_are_grouped_per_fleet() -> None:
     )
     assert got == {("a", "joe"): {"joe-1": 2.0, "joe-2": 0.0}}
     assert "namespace, deployment, pod" in POD_STREAMS
+
+
+def test_peaks_are_each_fleets_highest_sample_in_the_range() -> None:
+    matrix = [
+        {"metric": {"namespace": "ns", "deployment": "a"},
+         "values": [[1.0, "3"], [31.0, "7"], [61.0, "NaN"]]},
+        {"metric": {"namespace": "ns", "deployment": "b"}, "values": [[1.0, "NaN"]]},
+        {"metric": {"namespace": "ns"}, "values": [[1.0, "9"]]},
+    ]  # fmt: skip
+    assert parse_peaks(matrix) == {("ns", "a"): 7.0}

@@ -33,7 +33,9 @@ def tts(spec: dict[str, Any], name: str = "joe") -> TtsObject:
 def test_children_match_the_golden_files(example: Path) -> None:
     """Regenerate with UPDATE_GOLDEN=1 after a deliberate change, and review the diff."""
     doc = load_example(example)
-    rendered = dump_yaml(build_children(tts(doc["spec"], doc["metadata"]["name"])))
+    # Examples with placement.mode auto are planned against the default local cluster.
+    tts_object = replace(tts(doc["spec"], doc["metadata"]["name"]), offers=offers())
+    rendered = dump_yaml(build_children(tts_object))
     golden = GOLDEN / f"{example.stem}.yaml"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(rendered)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.alias_generators import to_camel
 
 from ttsfleet.gpu.catalog import GPUS
@@ -240,6 +241,63 @@ class ScalingTargets(_Model):
     )
 
 
+_CLOCK = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
+Day = Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+
+
+class ScheduleSpec(_Model):
+    """A weekly window with a floor: at least `minReplicas` from `start` to `end`."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "self.start != self.end",
+            "spec.scaling.schedules[].end must differ from start: a window needs a length"
+            " (an end before the start crosses midnight)",
+            ".end",
+        )
+    ]
+
+    name: str | None = Field(default=None, max_length=63, description="What the window is for.")
+    days: list[Day] = Field(
+        default_factory=list, max_length=7, description="Days the window starts on; empty: daily."
+    )
+    start: str = Field(pattern=_CLOCK, description="Start, HH:MM in timeZone.")
+    end: str = Field(pattern=_CLOCK, description="End, HH:MM; before start crosses midnight.")
+    time_zone: str = Field(
+        default="UTC",
+        max_length=64,
+        pattern=r"^[A-Za-z][-A-Za-z0-9_+/]*$",
+        description="IANA time zone of start and end, e.g. Europe/Berlin.",
+    )
+    min_replicas: int = Field(ge=0, le=10000, description="Replicas kept while the window is on.")
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as err:
+            raise ValueError(
+                f"unknown time zone {value!r}: use an IANA name such as Europe/Berlin or UTC"
+            ) from err
+        return value
+
+
+class PredictiveSpec(_Model):
+    """A floor from the same time of past days or weeks (Prometheus history)."""
+
+    period: Literal["day", "week"] = Field(
+        default="day", description="Compare with past days or weeks."
+    )
+    periods: int = Field(default=3, ge=1, le=8, description="How many past periods to look at.")
+    lookahead_minutes: int = Field(
+        default=15, ge=1, le=180, description="How far ahead of now each past window reaches."
+    )
+    headroom_percent: int = Field(
+        default=10, ge=0, le=200, description="Added to the busiest past window's open streams."
+    )
+
+
 class ScalingSpec(_Model):
     cel: ClassVar[list[dict[str, str]]] = [
         rule(
@@ -263,6 +321,14 @@ class ScalingSpec(_Model):
     )
     scale_down_delay_seconds: int = Field(
         default=120, ge=0, le=3600, description="Scale down only after this long without need."
+    )
+    schedules: list[ScheduleSpec] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Scheduled floors: time windows with a minimum size (capped by maxReplicas).",
+    )
+    predictive: PredictiveSpec | None = Field(
+        default=None, description="A predicted floor from past days or weeks; off if unset."
     )
 
 

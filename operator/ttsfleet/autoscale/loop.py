@@ -14,12 +14,15 @@ written when it changes, and every pod's cost again just before a scale-down.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from ttsfleet.api.v1alpha1 import ScalingMode, TtsDeploymentSpec
+from ttsfleet.autoscale import floors
 from ttsfleet.autoscale.metrics import Key, PodStreams, Signals
 from ttsfleet.autoscale.policy import Policy, Recommendation, Snapshot, State, recommend
 
@@ -44,6 +47,7 @@ class Decision:
     metrics: MetricsCondition
     # Pod name -> deletion cost to write now (before the scale write when it shrinks).
     deletion_costs: dict[str, int] = field(default_factory=dict)
+    floor: floors.Floor = floors.NONE
 
     @property
     def scale(self) -> bool:
@@ -68,6 +72,45 @@ def policy_for(spec: TtsDeploymentSpec) -> Policy:
     )
 
 
+Window = tuple[datetime, datetime]
+
+
+def history_windows(objects: list[Manifest], wall: datetime) -> dict[Window, set[Key]]:
+    """The past windows the predictive floors need, each with the fleets that need it."""
+    out: dict[Window, set[Key]] = {}
+    for obj in objects:
+        try:
+            spec = TtsDeploymentSpec.model_validate(obj.get("spec") or {})
+        except ValidationError:
+            continue
+        predictive = spec.scaling.predictive
+        if spec.scaling.mode != ScalingMode.BUILTIN or predictive is None:
+            continue
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        for window in floors.history_windows(predictive, wall):
+            out.setdefault(window, set()).add(key)
+    return out
+
+
+def predicted_floors(
+    objects: list[Manifest], wall: datetime, peaks: Mapping[Window, Mapping[Key, float]]
+) -> dict[Key, floors.Floor]:
+    """Each predictive fleet's floor from the peaks of its past windows (absent: no data)."""
+    out: dict[Key, floors.Floor] = {}
+    for obj in objects:
+        try:
+            spec = TtsDeploymentSpec.model_validate(obj.get("spec") or {})
+        except ValidationError:
+            continue
+        predictive = spec.scaling.predictive
+        if predictive is None:
+            continue
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        seen = [peaks.get(w, {}).get(key) for w in floors.history_windows(predictive, wall)]
+        out[key] = floors.predicted_floor(predictive, seen, spec.placement.streams_per_replica)
+    return out
+
+
 @dataclass
 class Autoscaler:
     states: dict[Key, State] = field(default_factory=dict)
@@ -76,12 +119,14 @@ class Autoscaler:
 
     def decide(
         self, objects: list[Manifest], signals: dict[Key, Signals] | None, error: str | None,
-        now: float, pod_streams: PodStreams | None = None,
+        now: float, pod_streams: PodStreams | None = None, wall: datetime | None = None,
+        predicted: Mapping[Key, floors.Floor] | None = None,
     ) -> list[Decision]:  # fmt: skip
         """Decisions for the builtin-scaled objects; `signals` is None when `error` says why.
 
         `pod_streams` (None: not read this tick) gives each replica's open streams,
-        from which come the deletion costs to write.
+        from which come the deletion costs to write. `wall` (aware) is the time the
+        scheduled floors are read at; `predicted` holds the predicted floors.
         """
         decisions = []
         live: set[Key] = set()
@@ -107,10 +152,18 @@ class Autoscaler:
                 snapshot = Snapshot(current)
             else:
                 metrics = (False, "MetricsAvailable", "signals read from Prometheus")
-                snapshot = Snapshot(current, **asdict(found))
-            rec = recommend(snapshot, policy_for(spec), self.states.get(key, State()), now)
+                # Queue time and TTFA were measured on the Ready replicas, not on those
+                # still starting: scaling from spec.replicas would compound each scale-up.
+                ready = int((obj.get("status") or {}).get("readyReplicas") or 0)
+                snapshot = Snapshot(current, **asdict(found), serving_replicas=ready)
+            floor = floors.floor(
+                floors.scheduled_floor(spec.scaling.schedules, wall) if wall else floors.NONE,
+                (predicted or {}).get(key, floors.NONE),
+            )
+            policy = replace(policy_for(spec), floor=floor.replicas, floor_reason=floor.reason)
+            rec = recommend(snapshot, policy, self.states.get(key, State()), now)
             self.states[key] = rec.state
-            decision = Decision(key, current, rec, metrics)
+            decision = Decision(key, current, rec, metrics, floor=floor)
             if pod_streams is not None:
                 costs = self._costs_to_write(key, pod_streams.get(key, {}), decision.scale_down)
                 decision = replace(decision, deletion_costs=costs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ttsfleet.triton import contract
@@ -36,6 +37,10 @@ QUERIES = {
     ),
     "open_streams": f"sum by (namespace, deployment) ({contract.INFLIGHT_STREAMS})",
 }
+
+# Open streams of every fleet over a past window (a range query): the predicted floor.
+HISTORY = f"sum by (namespace, deployment) ({contract.INFLIGHT_STREAMS})"
+HISTORY_STEP_SECONDS = 30
 
 # Open streams of every replica (the scrape config's `pod` label): drain order.
 POD_STREAMS = f"sum by (namespace, deployment, pod) ({contract.INFLIGHT_STREAMS})"
@@ -80,6 +85,19 @@ def parse_pod_streams(vector: list[dict[str, Any]]) -> PodStreams:
     return out
 
 
+def parse_peaks(matrix: list[dict[str, Any]]) -> dict[Key, float]:
+    """The peak of each fleet's series in a range-query result (a matrix). Pure."""
+    out: dict[Key, float] = {}
+    for series in matrix:
+        labels = series.get("metric", {})
+        key = (labels.get("namespace", ""), labels.get("deployment", ""))
+        values = [float(v) for _, v in series.get("values", [])]
+        values = [v for v in values if not math.isnan(v)]
+        if key[1] and values:
+            out[key] = max(out.get(key, 0.0), *values)
+    return out
+
+
 class PrometheusSource:
     """Signals of every fleet from a Prometheus server (prometheus-api-client)."""
 
@@ -107,3 +125,13 @@ class PrometheusSource:
     def pod_streams(self) -> PodStreams:
         """Open streams of every replica Prometheus scrapes, per fleet."""
         return parse_pod_streams(self._query(POD_STREAMS))
+
+    def peaks(self, start: datetime, end: datetime) -> dict[Key, float]:
+        """Each fleet's peak open streams between `start` and `end` (one range query)."""
+        try:
+            matrix: list[dict[str, Any]] = self._prometheus.custom_query_range(
+                HISTORY, start_time=start, end_time=end, step=str(HISTORY_STEP_SECONDS)
+            )
+        except Exception as err:  # connection refused, timeouts, HTTP errors
+            raise MetricsUnavailableError(f"Prometheus at {self.url}: {err}") from err
+        return parse_peaks(matrix)
