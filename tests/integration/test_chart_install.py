@@ -218,6 +218,7 @@ def can_i(cluster: Cluster, installed: Installed, *args: str) -> bool:
         ("list", "pods"),
         ("patch", "pods"),
         ("create", "events"),
+        ("list", "nodes"),
         ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
     ],
     ids=" ".join,
@@ -327,7 +328,9 @@ def test_the_operator_runs_with_the_service_accounts_token(
     """
     log = tmp_path / "operator.log"
     operator = Operator(installed.kubeconfig, log, local.free_port(), local.free_port())
-    doc = load_example(REPO / "examples" / "joe-mig.yaml")
+    # Placement mode auto (the planner lists the nodes) and the autoscaler's floors.
+    doc = load_example(REPO / "examples" / "contact-centre.yaml")
+    name = doc["metadata"]["name"]
 
     def refused() -> list[str]:
         """RBAC denials of the operator's ServiceAccount (not, say, a namespace that
@@ -344,7 +347,7 @@ def test_the_operator_runs_with_the_service_accounts_token(
     def ready() -> bool:
         lines = refused()
         assert not lines, "\n".join(lines[:5])
-        obj = json.loads(cluster.kubectl("get", "-n", namespace, "ttsd", "joe", "-o", "json"))
+        obj = json.loads(cluster.kubectl("get", "-n", namespace, "ttsd", name, "-o", "json"))
         status = obj.get("status") or {}
         fresh = status.get("observedGeneration") == obj["metadata"]["generation"]
         conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
@@ -354,13 +357,13 @@ def test_the_operator_runs_with_the_service_accounts_token(
     operator.start()
     try:
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
-        wait_for("joe to be Ready, reconciled by this operator", ready, timeout=120)
-        for kind in ("deploy/joe", "svc/joe", "cm/joe-triton", "pdb/joe"):
+        wait_for(f"{name} to be Ready, reconciled by this operator", ready, timeout=120)
+        for kind in (f"deploy/{name}", f"svc/{name}", f"cm/{name}-triton", f"pdb/{name}"):
             assert exists(cluster, "-n", namespace, kind), kind
         # Deleted while the operator runs: whatever kopf keeps on the object, it lets go.
-        cluster.kubectl("delete", "-n", namespace, "ttsd", "joe", "--wait=false")
+        cluster.kubectl("delete", "-n", namespace, "ttsd", name, "--wait=false")
         wait_for(
-            "joe to be deleted", lambda: not exists(cluster, "-n", namespace, "ttsd", "joe"), 60
+            f"{name} to be deleted", lambda: not exists(cluster, "-n", namespace, "ttsd", name), 60
         )
     finally:
         operator.stop()
