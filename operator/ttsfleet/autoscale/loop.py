@@ -14,14 +14,14 @@ written when it changes, and every pod's cost again just before a scale-down.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from ttsfleet.api.v1alpha1 import ScalingMode, TtsDeploymentSpec
+from ttsfleet.api.v1alpha1 import PredictiveSpec, ScalingMode, TtsDeploymentSpec
 from ttsfleet.autoscale import floors
 from ttsfleet.autoscale.metrics import Key, PodStreams, Signals
 from ttsfleet.autoscale.policy import Policy, Recommendation, Snapshot, State, recommend
@@ -75,18 +75,24 @@ def policy_for(spec: TtsDeploymentSpec) -> Policy:
 Window = tuple[datetime, datetime]
 
 
-def history_windows(objects: list[Manifest], wall: datetime) -> dict[Window, set[Key]]:
-    """The past windows the predictive floors need, each with the fleets that need it."""
-    out: dict[Window, set[Key]] = {}
+def _predictive(
+    objects: list[Manifest],
+) -> Iterator[tuple[Key, TtsDeploymentSpec, PredictiveSpec]]:
+    """The builtin-scaled fleets with a predicted floor."""
     for obj in objects:
         try:
             spec = TtsDeploymentSpec.model_validate(obj.get("spec") or {})
         except ValidationError:
             continue
         predictive = spec.scaling.predictive
-        if spec.scaling.mode != ScalingMode.BUILTIN or predictive is None:
-            continue
-        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        if spec.scaling.mode == ScalingMode.BUILTIN and predictive is not None:
+            yield (obj["metadata"]["namespace"], obj["metadata"]["name"]), spec, predictive
+
+
+def history_windows(objects: list[Manifest], wall: datetime) -> dict[Window, set[Key]]:
+    """The past windows the predictive floors need, each with the fleets that need it."""
+    out: dict[Window, set[Key]] = {}
+    for key, _, predictive in _predictive(objects):
         for window in floors.history_windows(predictive, wall):
             out.setdefault(window, set()).add(key)
     return out
@@ -97,15 +103,7 @@ def predicted_floors(
 ) -> dict[Key, floors.Floor]:
     """Each predictive fleet's floor from the peaks of its past windows (absent: no data)."""
     out: dict[Key, floors.Floor] = {}
-    for obj in objects:
-        try:
-            spec = TtsDeploymentSpec.model_validate(obj.get("spec") or {})
-        except ValidationError:
-            continue
-        predictive = spec.scaling.predictive
-        if predictive is None:
-            continue
-        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+    for key, spec, predictive in _predictive(objects):
         seen = [peaks.get(w, {}).get(key) for w in floors.history_windows(predictive, wall)]
         out[key] = floors.predicted_floor(predictive, seen, spec.placement.streams_per_replica)
     return out
