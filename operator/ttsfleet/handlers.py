@@ -123,6 +123,7 @@ def _reconcile(
         body = kube.get_custom(_api(), api.GROUP, api.VERSION, api.PLURAL, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             _not_ready.discard((namespace, name))
+            _unplaced.discard((namespace, name))
             return
         try:
             outcome = reconcile(
@@ -136,6 +137,10 @@ def _reconcile(
         _not_ready.discard((namespace, name))
     else:
         _not_ready.add((namespace, name))
+    if outcome.stalled_reason == "PlacementUnavailable":
+        _unplaced.add((namespace, name))  # nodes may come that hold it
+    else:
+        _unplaced.discard((namespace, name))
     RECONCILES.labels(result="stalled" if outcome.stalled_reason else "ok").inc()
     RECONCILE_SECONDS.observe(outcome.seconds)
 
@@ -191,13 +196,24 @@ for _group, _version, _plural in (
 # down would then hang.
 _not_ready: set[tuple[str, str]] = set()
 RECHECK_SECONDS = 5.0
+# TtsDeployments that could not be placed (no node offers a slice that holds them),
+# planned again, and applied if they now fit, every REPLAN_SECONDS: GPU nodes that
+# join (a node pool scaled up, the GPU operator done labelling) send no event here.
+_unplaced: set[tuple[str, str]] = set()
+REPLAN_SECONDS = 15.0
 
 
 def _recheck_forever(stop: threading.Event) -> None:
+    last_replan = time.monotonic()
     while not stop.wait(RECHECK_SECONDS):
-        for key in list(_not_ready):
+        replan = time.monotonic() - last_replan >= REPLAN_SECONDS
+        if replan:
+            last_replan = time.monotonic()
+        for key, apply in [(k, False) for k in list(_not_ready)] + [
+            (k, True) for k in (list(_unplaced) if replan else [])
+        ]:
             try:
-                _reconcile(*key, apply=False)
+                _reconcile(*key, apply=apply)
             except Exception:
                 log.exception("Re-checking %s/%s failed", *key)
 
@@ -276,50 +292,61 @@ def _autoscale_once(autoscaler: Autoscaler, source: PrometheusSource | None) -> 
         objects, signals, error, time.monotonic(), pod_streams, wall=wall, predicted=predicted
     )
     for decision in decisions:
-        namespace, name = decision.key
-        body = by_key[decision.key]
-        changed = (_metrics.get(decision.key), _floors.get(decision.key)) != (
-            decision.metrics,
-            decision.floor,
-        )
-        _metrics[decision.key] = decision.metrics
-        _floors[decision.key] = decision.floor
-        rec = decision.recommendation
-        if decision.scale_down and decision.deletion_costs:
-            _write_deletion_costs(autoscaler, decision)  # the idlest replicas go first
+        try:
+            _carry_out(autoscaler, decision, by_key[decision.key], wall)
+        except Exception:
+            # One fleet's failure (deleted meanwhile, a refused write) skips only that
+            # fleet; forgetting what was reported makes the next tick report it again.
+            _metrics.pop(decision.key, None)
+            _floors.pop(decision.key, None)
+            log.exception("Autoscaling %s/%s failed", *decision.key)
+
+
+def _carry_out(
+    autoscaler: Autoscaler, decision: Decision, body: dict[str, Any], wall: datetime
+) -> None:
+    """Write one decision: deletion costs, the scale, an Event, status.autoscaling."""
+    namespace, name = decision.key
+    changed = (_metrics.get(decision.key), _floors.get(decision.key)) != (
+        decision.metrics,
+        decision.floor,
+    )
+    _metrics[decision.key] = decision.metrics
+    _floors[decision.key] = decision.floor
+    rec = decision.recommendation
+    if decision.scale_down and decision.deletion_costs:
+        _write_deletion_costs(autoscaler, decision)  # the idlest replicas go first
+    if decision.scale:
+        kube.scale_custom(api_client := _api(), api.GROUP, api.VERSION, api.PLURAL,
+                          namespace, name, rec.replicas)  # fmt: skip
+        SCALED.inc()
+        message = f"Scaled from {decision.current} to {rec.replicas}: {rec.reason}"
+        kube.post_event(api_client, body, "Normal", "Scaled", message)
+        log.info("%s/%s: %s", namespace, name, message)
+    if decision.scale or changed:
+        autoscaling: dict[str, Any] = {
+            "desiredReplicas": rec.replicas,
+            "currentReplicas": decision.current,
+            "lastDecision": rec.reason,
+            # Every signal, None when not measured: a merge patch keeps absent keys.
+            "signals": {k: rec.signals.get(k) for k in SIGNAL_NAMES},
+            "panic": rec.panic,
+            "floor": {"replicas": decision.floor.replicas, "reason": decision.floor.reason},
+        }
         if decision.scale:
-            kube.scale_custom(api_client := _api(), api.GROUP, api.VERSION, api.PLURAL,
-                              namespace, name, rec.replicas)  # fmt: skip
-            SCALED.inc()
-            message = f"Scaled from {decision.current} to {rec.replicas}: {rec.reason}"
-            kube.post_event(api_client, body, "Normal", "Scaled", message)
-            log.info("%s/%s: %s", namespace, name, message)
-        if decision.deletion_costs and not decision.scale_down:
-            _write_deletion_costs(autoscaler, decision)  # after a scale-up: it comes first
-        if decision.scale or changed:
-            autoscaling: dict[str, Any] = {
-                "desiredReplicas": rec.replicas,
-                "currentReplicas": decision.current,
-                "lastDecision": rec.reason,
-                # Every signal, None when not measured: a merge patch keeps absent keys.
-                "signals": {k: rec.signals.get(k) for k in SIGNAL_NAMES},
-                "panic": rec.panic,
-                "floor": {"replicas": decision.floor.replicas, "reason": decision.floor.reason},
-            }
-            if decision.scale:
-                stamp = wall.strftime("%Y-%m-%dT%H:%M:%SZ")
-                autoscaling["lastScaleTime"] = stamp
-                recent = _recent.setdefault(decision.key, deque(maxlen=5))
-                recent.append(
-                    {"time": stamp, "from": decision.current, "to": rec.replicas,
-                     "reason": rec.reason}
-                )  # fmt: skip
-                autoscaling["recentScales"] = list(recent)
-            kube.patch_custom_status(
-                _api(), api.GROUP, api.VERSION, api.PLURAL, namespace, name,
-                {"autoscaling": autoscaling},
+            stamp = wall.strftime("%Y-%m-%dT%H:%M:%SZ")
+            autoscaling["lastScaleTime"] = stamp
+            recent = _recent.setdefault(decision.key, deque(maxlen=5))
+            recent.append(
+                {"time": stamp, "from": decision.current, "to": rec.replicas,
+                 "reason": rec.reason}
             )  # fmt: skip
-            _reconcile(namespace, name, apply=False)  # the conditions say it too
+            autoscaling["recentScales"] = list(recent)
+        kube.patch_custom_status(
+            _api(), api.GROUP, api.VERSION, api.PLURAL, namespace, name,
+            {"autoscaling": autoscaling},
+        )  # fmt: skip
+        _reconcile(namespace, name, apply=False)  # the conditions say it too
 
 
 def _autoscale_forever(stop: threading.Event) -> None:

@@ -19,6 +19,7 @@ import yaml
 from tests.conftest import Cluster, wait_for
 from tests.helpers import REPO, load_example
 from ttsfleet import bench, client, kube
+from ttsfleet.autoscale.metrics import PrometheusSource
 from ttsfleet.cluster import local
 from ttsfleet.cluster.pool import load_pool_file
 from ttsfleet.resources.common import DEPLOYMENT_LABEL
@@ -144,7 +145,16 @@ def test_scale_down_removes_the_idle_replica_and_cuts_no_stream(
                 for p in pods(cluster, namespace)
             }
 
-        wait_for("deletion costs", lambda: costs() == {busy: "1", idle: "0"}, timeout=60)
+        record = local.load(cluster.name)
+        assert record is not None
+        source = PrometheusSource(local.prometheus_url(record))
+
+        def seen_busy() -> bool:
+            open_streams = source.pod_streams().get((namespace, "scaled"), {})
+            return open_streams.get(busy) == 1 and open_streams.get(idle) == 0
+
+        wait_for("Prometheus to see the open stream", seen_busy, timeout=60)
+        assert set(costs().values()) == {""}  # costs are written only to shrink
         cluster.kubectl(
             "patch", "-n", namespace, "ttsd", "scaled", "--type=merge",
             "-p", json.dumps({"spec": {"minReplicas": 1}}),
@@ -156,6 +166,7 @@ def test_scale_down_removes_the_idle_replica_and_cuts_no_stream(
 
         assert wait_for("a replica to be removed", deleting, timeout=60) == [idle]
         removed_at = time.monotonic()
+        assert costs() == {busy: "1", idle: "0"}  # written just before the scale write
         wait_for("the idle replica gone", lambda: costs().keys() == {busy}, timeout=60)
     finally:
         stop.set()

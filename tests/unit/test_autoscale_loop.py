@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -49,26 +50,24 @@ def test_state_is_kept_per_fleet_and_dropped_when_the_fleet_goes() -> None:
 
 
 def test_deletion_costs_are_the_open_streams_within_int32() -> None:
-    assert [deletion_cost(v) for v in (0.0, 2.4, 2.6, -1.0, 1e12)] == [0, 2, 3, 0, 2**31 - 1]
+    values = (0.0, 2.4, 2.6, -1.0, 1e12, math.inf, -math.inf, math.nan)
+    assert [deletion_cost(v) for v in values] == [0, 2, 3, 0, 2**31 - 1, 2**31 - 1, 0, 0]
 
 
-def test_deletion_costs_are_written_when_they_change_and_all_before_a_scale_down() -> None:
+def test_deletion_costs_are_written_just_before_a_scale_down_and_only_if_changed() -> None:
     scaler = Autoscaler()
     busy = {("ns", "a"): Signals(pending_requests=4.0, open_streams=1.0)}  # asks for 2 of 2
     streams = {("ns", "a"): {"a-1": 1.0, "a-2": 0.0}}
-    (first,) = scaler.decide([fleet("a")], busy, None, now=0.0, pod_streams=streams)
-    assert not first.scale and first.deletion_costs == {"a-1": 1, "a-2": 0}
-    scaler.annotated(("ns", "a"), first.deletion_costs)
-    (same,) = scaler.decide([fleet("a")], busy, None, now=2.0, pod_streams=streams)
-    assert same.deletion_costs == {}  # nothing changed: nothing written
-    moved = {("ns", "a"): {"a-1": 1.0, "a-2": 3.0}}
-    (changed,) = scaler.decide([fleet("a")], busy, None, now=4.0, pod_streams=moved)
-    assert changed.deletion_costs == {"a-2": 3}
-    scaler.annotated(("ns", "a"), changed.deletion_costs)
-    # Idle long enough (the default delays): shrinking, so every pod's cost goes first.
+    (steady,) = scaler.decide([fleet("a")], busy, None, now=0.0, pod_streams=streams)
+    assert not steady.scale and steady.deletion_costs == {}  # no scale-down: no writes
+    # Idle long enough (the default delays): shrinking, so the costs go first.
     idle = {("ns", "a"): Signals(pending_requests=0.0, open_streams=1.0)}
-    (down,) = scaler.decide([fleet("a")], idle, None, now=1000.0, pod_streams=moved)
-    assert down.scale_down and down.deletion_costs == {"a-1": 1, "a-2": 3}
+    (down,) = scaler.decide([fleet("a")], idle, None, now=1000.0, pod_streams=streams)
+    assert down.scale_down and down.deletion_costs == {"a-1": 1, "a-2": 0}
+    scaler.annotated(("ns", "a"), down.deletion_costs)
+    moved = {("ns", "a"): {"a-1": 1.0, "a-2": 3.0}}
+    (again,) = scaler.decide([fleet("a", replicas=3)], idle, None, now=1300.0, pod_streams=moved)
+    assert again.scale_down and again.deletion_costs == {"a-2": 3}  # a-1's is on it already
 
 
 def test_no_pod_streams_means_no_costs_and_gone_pods_and_fleets_are_forgotten() -> None:

@@ -8,12 +8,13 @@ comes back: scale writes through the scale subresource, Events, the
 Drain order: each replica's open streams become its
 `controller.kubernetes.io/pod-deletion-cost` (more streams, higher cost), so the
 ReplicaSet controller removes the idlest replicas first when the fleet shrinks;
-preStop and the grace period let the streams still open there finish. A cost is
-written when it changes, and every pod's cost again just before a scale-down.
+preStop and the grace period let the streams still open there finish. Costs are
+written just before a scale-down's write (those that changed since the last one).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -36,6 +37,8 @@ MAX_DELETION_COST = 2**31 - 1  # the annotation is an int32
 
 def deletion_cost(open_streams: float) -> int:
     """The pod deletion cost of a replica with `open_streams` streams: the count itself."""
+    if not math.isfinite(open_streams):
+        return 0 if open_streams < 0 or math.isnan(open_streams) else MAX_DELETION_COST
     return min(max(round(open_streams), 0), MAX_DELETION_COST)
 
 
@@ -173,15 +176,20 @@ class Autoscaler:
         return decisions
 
     def _costs_to_write(
-        self, key: Key, streams: dict[str, float], all_pods: bool
+        self, key: Key, streams: dict[str, float], scale_down: bool
     ) -> dict[str, int]:
-        """The costs that differ from those on the pods; every pod's before a scale-down."""
+        """Before a scale-down, the costs that differ from those on the pods; else none.
+
+        A cost matters only when the ReplicaSet picks a pod to delete, so it is written
+        just before the scale write that makes it pick: not on every tick (streams come
+        and go by the second, and a patch per pod per tick would load the apiserver).
+        """
         wanted = {pod: deletion_cost(value) for pod, value in streams.items()}
         known = self.costs.get(key, {})
         # Forget pods Prometheus no longer sees (deleted): their costs no longer matter.
         self.costs[key] = {pod: cost for pod, cost in known.items() if pod in wanted}
-        if all_pods:
-            return wanted
+        if not scale_down:
+            return {}
         return {pod: cost for pod, cost in wanted.items() if known.get(pod) != cost}
 
     def annotated(self, key: Key, costs: dict[str, int]) -> None:
