@@ -25,7 +25,7 @@ from ttsfleet.api import v1alpha1 as api
 from ttsfleet.gpu import planner
 from ttsfleet.resources import PlacementError, TtsObject, build_children
 from ttsfleet.resources.common import DEPLOYMENT_LABEL, FIELD_MANAGER, drifted
-from ttsfleet.resources.placement import resolve_placement
+from ttsfleet.resources.placement import GPU_TOLERATION, resolve_placement
 from ttsfleet.resources.service import endpoints
 
 log = logging.getLogger(__name__)
@@ -33,13 +33,15 @@ Manifest = dict[str, Any]
 
 
 class NodeCache:
-    """The cluster's nodes, listed at most once per `ttl` seconds (placement reads them)."""
+    """The cluster's nodes and bound pods, listed at most once per `ttl` seconds each
+    (placement and the capacity count read them)."""
 
     def __init__(self, ttl: float = 15.0) -> None:
         self.ttl = ttl
         self._lock = threading.Lock()
-        self._at = -math.inf
+        self._at = self._pods_at = -math.inf
         self._nodes: list[Manifest] = []
+        self._pods: list[Manifest] = []
 
     def nodes(self, api_client: client.ApiClient) -> list[Manifest]:
         with self._lock:
@@ -48,12 +50,13 @@ class NodeCache:
                 self._at = time.monotonic()
             return self._nodes
 
-    def offers(self, api_client: client.ApiClient) -> list[planner.Option]:
-        return planner.options_from_nodes(self.nodes(api_client))
-
-    def clear(self) -> None:
+    def bound_pods(self, api_client: client.ApiClient) -> list[Manifest]:
+        """Every pod on a node (what holds the slices), listed at most once per `ttl`."""
         with self._lock:
-            self._at = -math.inf
+            if time.monotonic() - self._pods_at > self.ttl:
+                self._pods = kube.list_bound_pods(api_client)
+                self._pods_at = time.monotonic()
+            return self._pods
 
 
 NODES = NodeCache()
@@ -79,6 +82,24 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _with_offers(
+    api_client: client.ApiClient, tts: TtsObject, old_status: Manifest, generation: int
+) -> TtsObject:
+    """`tts` with what the nodes its pods may land on offer (placement.mode auto)."""
+    wanted = tts.spec.placement
+    nodes = planner.eligible_nodes(
+        NODES.nodes(api_client), wanted.node_selector,
+        [t.wire() for t in wanted.tolerations] + [GPU_TOLERATION],
+    )  # fmt: skip
+    # The same spec keeps its slice while it fits; a new generation is planned anew.
+    same = old_status.get("observedGeneration") == generation
+    return replace(
+        tts,
+        offers=tuple(planner.options_from_nodes(nodes)),
+        placed=old_status.get("placement") if same else None,
+    )
+
+
 def reconcile(
     api_client: client.ApiClient,
     body: Manifest,
@@ -100,8 +121,8 @@ def reconcile(
     try:
         tts = TtsObject.from_body(body)
         if tts.spec.placement.mode == api.PlacementMode.AUTO:
-            tts = replace(tts, offers=tuple(NODES.offers(api_client)))
-        placement = resolve_placement(tts.spec, tts.offers)
+            tts = _with_offers(api_client, tts, old_status, generation)
+        placement = resolve_placement(tts.spec, tts.offers, tts.placed)
         children = build_children(tts)
     except (ValidationError, PlacementError) as err:
         reason = "InvalidSpec" if isinstance(err, ValidationError) else "PlacementUnavailable"
@@ -153,9 +174,10 @@ def reconcile(
     have = None
     if placement.option is not None and status.unschedulable_message(pods):
         # Why pods wait, in the planner's numbers: slices there are, and taken.
-        have = planner.capacity(
-            placement.option, NODES.nodes(api_client), kube.list_bound_pods(api_client)
+        nodes = planner.eligible_nodes(
+            NODES.nodes(api_client), placement.node_selector, placement.tolerations
         )
+        have = planner.capacity(placement.option, nodes, NODES.bound_pods(api_client))
     observed = status.Observed(
         generation=generation,
         desired_replicas=spec.desired_replicas,

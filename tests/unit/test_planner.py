@@ -180,3 +180,53 @@ def test_plan_names_the_known_gpus_for_an_unknown_one() -> None:
     result = CliRunner().invoke(app, ["plan", "--concurrency", "8", "--gpu", "B200"])
     assert result.exit_code == 1
     assert "H100-80GB" in result.output
+
+
+def test_only_nodes_the_fleet_may_land_on_are_offered() -> None:
+    nodes = pool_nodes(DEFAULT_POOL)
+    h100 = [n for n in nodes if "h100" in n["metadata"]["name"]]
+    l4 = [n for n in nodes if "l4" in n["metadata"]["name"]]
+    for node in l4:
+        node["metadata"]["labels"]["pool"] = "tts"
+    gpu = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    picked = planner.eligible_nodes(nodes, {"pool": "tts"}, gpu)
+    assert [o.name for o in planner.options_from_nodes(picked)] == ["NVIDIA-L4"]
+    # Without the GPU toleration, the tainted GPU nodes are out.
+    assert planner.eligible_nodes(h100 + l4, {}, []) == []
+    # A cordoned node is out.
+    h100[0]["spec"]["unschedulable"] = True
+    assert planner.eligible_nodes(h100, {}, gpu) == h100[1:]
+
+
+def test_tolerations_match_as_kubernetes_does() -> None:
+    taint = {"key": "dedicated", "value": "tts", "effect": "NoSchedule"}
+    assert planner.tolerated(taint, [{"key": "dedicated", "value": "tts"}])
+    assert not planner.tolerated(taint, [{"key": "dedicated", "value": "batch"}])
+    assert planner.tolerated(taint, [{"key": "dedicated", "operator": "Exists"}])
+    assert not planner.tolerated(taint, [{"key": "dedicated", "operator": "Exists",
+                                          "effect": "NoExecute"}])  # fmt: skip
+    assert planner.tolerated(taint, [{"operator": "Exists"}])
+
+
+def test_the_slice_chosen_before_stays_while_it_fits() -> None:
+    fresh = planner.plan(VOICE, "fp16", 16, H100)
+    assert fresh.option.name == "mig-1g.10gb"
+    kept = planner.plan(VOICE, "fp16", 16, H100, keep="mig-3g.40gb")
+    assert kept.option.name == "mig-3g.40gb"  # a cheaper one joining does not roll it
+    gone = planner.plan(VOICE, "fp16", 16, [o for o in H100 if o.name != "mig-3g.40gb"],
+                        keep="mig-3g.40gb")  # fmt: skip
+    assert gone.option.name == "mig-1g.10gb"
+    too_small = planner.plan(VOICE, "fp16", 100, H100, keep="mig-1g.10gb")
+    assert too_small.option.name == "mig-1g.20gb"
+
+
+def test_mps_shared_gpus_are_shares_and_bad_replica_labels_do_not_crash() -> None:
+    nodes = pool_nodes("pools:\n  - name: l4\n    count: 1\n    gpu: {product: L4, count: 4}\n")
+    labels = nodes[0]["metadata"]["labels"]
+    labels["nvidia.com/gpu.sharing-strategy"] = "mps"
+    labels["nvidia.com/gpu.product"] = "NVIDIA-L4-SHARED"
+    labels["nvidia.com/gpu.replicas"] = "4"
+    (option,) = planner.options_from_nodes(nodes)
+    assert (option.kind, option.product_label, option.share) == ("shared", "NVIDIA-L4-SHARED", 4)
+    labels["nvidia.com/gpu.replicas"] = "0"
+    assert planner.options_from_nodes(nodes)[0].share == 1

@@ -229,13 +229,21 @@ def plan(
     streams: int,
     options: Sequence[Option],
     instances: int | None = None,
+    keep: str | None = None,
 ) -> Plan:
     """The cheapest option that holds `streams` of `voice` in `precision` with headroom.
 
     Cheapest: least memory, then MIG before a shared GPU before a whole one, then
-    fewer compute slices. Raises PlanError with the numbers when none fits.
+    fewer compute slices. `keep` names the option chosen before: it stays while it is
+    offered and still fits, so nodes joining or leaving do not roll a fleet. Raises
+    PlanError with the numbers when none fits.
     """
     fp = footprint(voice)
+    for option in options:
+        if keep is not None and option.name == keep:
+            memory, n = estimate(fp, precision, streams, option, instances)
+            if fits(memory):
+                return Plan(option, n, streams, precision, memory, fp)
     if not options:
         raise PlanError(
             "no GPU to place on: the cluster advertises no NVIDIA GPUs or MIG slices;"
@@ -309,8 +317,10 @@ def options_from_nodes(nodes: Iterable[Mapping[str, Any]]) -> list[Option]:
                 profile = gpu.profile(product.split("-MIG-")[1])
                 if profile is not None:
                     found.append(Option("mig", gpu, profile, "single"))
-            elif labels.get("nvidia.com/gpu.sharing-strategy") == "time-slicing":
-                share = int(labels.get("nvidia.com/gpu.replicas", "1") or 1)
+            elif labels.get("nvidia.com/gpu.sharing-strategy", "none") not in ("", "none"):
+                # Time-slicing or MPS: the GPU's memory is split between its replicas.
+                replicas = labels.get("nvidia.com/gpu.replicas", "1")
+                share = int(replicas) if _positive(replicas) else 1
                 found.append(Option("shared", gpu, share=share))
             else:
                 found.append(Option("whole", gpu))
@@ -325,6 +335,43 @@ def _positive(quantity: str) -> bool:
         return int(quantity) > 0
     except ValueError:
         return False
+
+
+def tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether a toleration lets a pod onto a node with `taint` (Kubernetes' matching)."""
+    for t in tolerations:
+        if t.get("effect") and t.get("effect") != taint.get("effect"):
+            continue
+        if not t.get("key"):
+            if t.get("operator") == "Exists":
+                return True
+            continue
+        if t.get("key") != taint.get("key"):
+            continue
+        if t.get("operator") == "Exists" or t.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+def eligible_nodes(
+    nodes: Iterable[Mapping[str, Any]],
+    node_selector: Mapping[str, str],
+    tolerations: Iterable[Mapping[str, Any]],
+) -> list[Mapping[str, Any]]:
+    """The nodes a fleet's pods may land on: selector matched, schedulable, taints tolerated."""
+    tolerations = list(tolerations)
+    out = []
+    for node in nodes:
+        labels = node.get("metadata", {}).get("labels") or {}
+        if any(labels.get(k) != v for k, v in node_selector.items()):
+            continue
+        if node.get("spec", {}).get("unschedulable"):
+            continue
+        taints = node.get("spec", {}).get("taints") or []
+        blocking = [t for t in taints if t.get("effect") in ("NoSchedule", "NoExecute")]
+        if all(tolerated(t, tolerations) for t in blocking):
+            out.append(node)
+    return out
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ class TtsObject:
     # What the cluster's nodes offer (GPU slices, whole and shared GPUs): read by
     # `placement.mode: auto` only.
     offers: tuple[Option, ...] = ()
+    # The slice auto placement chose before (status.placement): kept while it fits.
+    placed: str | None = None
 
     @classmethod
     def from_body(cls, body: Manifest, offers: Sequence[Option] = ()) -> TtsObject:

@@ -9,7 +9,7 @@ from ttsfleet.triton.config import ModelConfig, render
 
 def model_config(tts: TtsObject) -> ModelConfig:
     spec = tts.spec
-    placement = resolve_placement(spec, tts.offers)
+    placement = resolve_placement(spec, tts.offers, tts.placed)
     batching = spec.batching
     return ModelConfig(
         streaming=spec.streaming,

@@ -61,7 +61,7 @@ def _resources(tts: TtsObject, gpu: dict[str, str]) -> Manifest:
 
 def build_deployment(tts: TtsObject, configmap: Manifest) -> Manifest:
     spec = tts.spec
-    placement = resolve_placement(spec, tts.offers)
+    placement = resolve_placement(spec, tts.offers, tts.placed)
     model = contract.STREAM_MODEL if spec.streaming else contract.BATCH_MODEL
     drain = spec.runtime.graceful_drain_seconds
     container: Manifest = {

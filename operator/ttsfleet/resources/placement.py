@@ -31,7 +31,9 @@ class Placement:
 
 
 def resolve_placement(
-    spec: TtsDeploymentSpec, offers: Sequence[planner.Option] | None = None
+    spec: TtsDeploymentSpec,
+    offers: Sequence[planner.Option] | None = None,
+    keep: str | None = None,
 ) -> Placement:
     """How and where replicas run.
 
@@ -40,11 +42,12 @@ def resolve_placement(
     prepares text), one on a shared GPU or on CPU. `offers` (what the cluster's
     nodes advertise) is needed by `mode: auto`, which asks the planner for the
     cheapest of them that holds `streamsPerReplica`. An explicit MIG profile is
-    checked against the same memory estimate.
+    checked against the same memory estimate. `keep` (auto) is the slice chosen
+    before: it stays while offered and big enough.
     """
     p = spec.placement
     if p.mode == PlacementMode.AUTO:
-        return _planned(spec, offers)
+        return _planned(spec, offers, keep)
     selector = dict(p.node_selector)
     tolerations = [t.wire() for t in p.tolerations]
     affinity = None
@@ -108,13 +111,15 @@ def _check_profile(spec: TtsDeploymentSpec, base: planner.Option, profile: str) 
     return option
 
 
-def _planned(spec: TtsDeploymentSpec, offers: Sequence[planner.Option] | None) -> Placement:
+def _planned(
+    spec: TtsDeploymentSpec, offers: Sequence[planner.Option] | None, keep: str | None
+) -> Placement:
     """`mode: auto`: the planner's choice among what the cluster offers."""
     p = spec.placement
     try:
         chosen = planner.plan(
             spec.model.voice, spec.model.precision.value, p.streams_per_replica,
-            offers or [], spec.runtime.instances,
+            offers or [], spec.runtime.instances, keep,
         )  # fmt: skip
     except planner.PlanError as err:
         raise PlacementError(f"spec.placement.mode auto: {err}") from err
