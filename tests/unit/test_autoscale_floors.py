@@ -103,3 +103,18 @@ def test_the_higher_floor_wins() -> None:
     a, b = floors.Floor(2, "a"), floors.Floor(5, "b")
     assert floors.floor(a, b) == b
     assert floors.floor() == floors.NONE
+
+
+def test_past_windows_keep_the_local_time_of_day_across_daylight_saving() -> None:
+    # Monday 30 March 2026, 08:00 in Berlin (CEST, UTC+2); the clocks went forward on the 29th.
+    now = utc("2026-03-30T06:00")
+    spec = PredictiveSpec(periods=2, time_zone="Europe/Berlin")
+    (yesterday, _), (before, _) = floors.history_windows(spec, now)
+    assert yesterday == utc("2026-03-29T06:00")  # Sunday 08:00 CEST
+    assert before == utc("2026-03-28T07:00")  # Saturday 08:00 CET, an hour later in UTC
+
+
+def test_the_predicted_floor_rounds_exactly() -> None:
+    spec = PredictiveSpec(headroom_percent=10)
+    assert floors.predicted_floor(spec, [100.0], streams_per_replica=2).replicas == 55
+    assert floors.predicted_floor(spec, [100.0], streams_per_replica=1).replicas == 110

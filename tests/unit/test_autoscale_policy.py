@@ -109,3 +109,13 @@ def test_every_decision_stays_in_bounds_and_moves_within_the_rate_limits(
             assert rec.replicas >= min(replicas, POLICY.max_replicas)  # never down blind
         assert rec.reason
         state, replicas = rec.state, rec.replicas
+
+
+def test_noise_within_ten_percent_is_held_but_not_streams_beyond_capacity() -> None:
+    policy = Policy(min_replicas=1, max_replicas=200, streams_per_replica=16)
+    # 100 replicas asked for 105 by the queue: within 10 %, noise.
+    queue = recommend(Snapshot(100, pending_requests=420.0), policy, State(), now=0.0)
+    assert queue.replicas == 100 and "within 10% of 100: holding" in queue.reason
+    # 1,750 open streams need 110 replicas of 16: each replica must hold its streams.
+    streams = recommend(Snapshot(100, open_streams=1750.0), policy, State(), now=0.0)
+    assert streams.replicas == 110

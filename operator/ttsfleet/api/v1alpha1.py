@@ -242,6 +242,20 @@ class ScalingTargets(_Model):
 
 
 _CLOCK = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
+_ZONE = r"^[A-Za-z][-A-Za-z0-9_+/]*$"
+
+
+def known_zone(value: str) -> str:
+    """`value` if it names an IANA time zone; else an error saying what to use."""
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as err:
+        raise ValueError(
+            f"unknown time zone {value!r}: use an IANA name such as Europe/Berlin or UTC"
+        ) from err
+    return value
+
+
 Day = Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
 
 
@@ -266,7 +280,7 @@ class ScheduleSpec(_Model):
     time_zone: str = Field(
         default="UTC",
         max_length=64,
-        pattern=r"^[A-Za-z][-A-Za-z0-9_+/]*$",
+        pattern=_ZONE,
         description="IANA time zone of start and end, e.g. Europe/Berlin.",
     )
     min_replicas: int = Field(ge=0, le=10000, description="Replicas kept while the window is on.")
@@ -274,13 +288,7 @@ class ScheduleSpec(_Model):
     @field_validator("time_zone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as err:
-            raise ValueError(
-                f"unknown time zone {value!r}: use an IANA name such as Europe/Berlin or UTC"
-            ) from err
-        return value
+        return known_zone(value)
 
 
 class PredictiveSpec(_Model):
@@ -296,6 +304,17 @@ class PredictiveSpec(_Model):
     headroom_percent: int = Field(
         default=10, ge=0, le=200, description="Added to the busiest past window's open streams."
     )
+    time_zone: str = Field(
+        default="UTC",
+        max_length=64,
+        pattern=_ZONE,
+        description="IANA time zone whose days and weeks are compared (daylight saving).",
+    )
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        return known_zone(value)
 
 
 class ScalingSpec(_Model):

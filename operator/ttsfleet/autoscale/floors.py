@@ -8,9 +8,10 @@ capacity is there before a known rise instead of after the queue shows it.
   crosses midnight and belongs to the day it starts. The largest active floor wins.
 - Predicted: `spec.scaling.predictive`. For each of the last `periods` days (or
   weeks), the peak of the fleet's open streams in the window that starts at this
-  time of day one period ago and lasts `lookaheadMinutes`; the floor is the largest
-  of those peaks, plus `headroomPercent`, over `streamsPerReplica`. The peaks come
-  from Prometheus range queries (see `metrics.PrometheusSource.history`).
+  time of day (in its `timeZone`) one period ago and lasts `lookaheadMinutes`; the
+  floor is the largest of those peaks, plus `headroomPercent`, over
+  `streamsPerReplica`. The peaks come from Prometheus range queries (see
+  `metrics.PrometheusSource.peaks`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
+from fractions import Fraction
 from zoneinfo import ZoneInfo
 
 from ttsfleet.api.v1alpha1 import PredictiveSpec, ScheduleSpec
@@ -71,7 +73,11 @@ def history_windows(predictive: PredictiveSpec, now: datetime) -> list[tuple[dat
     """The past windows whose peaks predict the next `lookaheadMinutes` (oldest last)."""
     period = timedelta(days=7 if predictive.period == "week" else 1)
     ahead = timedelta(minutes=predictive.lookahead_minutes)
-    return [(now - k * period, now - k * period + ahead) for k in range(1, predictive.periods + 1)]
+    # Arithmetic on an aware local time is wall-clock arithmetic: "the same time of
+    # day" stays the same across a daylight-saving change.
+    local = now.astimezone(ZoneInfo(predictive.time_zone))
+    starts = [(local - k * period).astimezone(UTC) for k in range(1, predictive.periods + 1)]
+    return [(start, start + ahead) for start in starts]
 
 
 def predicted_floor(
@@ -85,7 +91,9 @@ def predicted_floor(
     if not seen:
         return NONE
     peak = max(seen)
-    need = math.ceil(peak * (1 + predictive.headroom_percent / 100) / streams_per_replica)
+    # Exact arithmetic: 100 streams +10 % over 2 per replica is 55, not 56.
+    exact = Fraction(peak).limit_denominator(1000) * (100 + predictive.headroom_percent)
+    need = math.ceil(exact / (100 * streams_per_replica))
     if need <= 0:
         return NONE
     return Floor(

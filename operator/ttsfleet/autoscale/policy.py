@@ -174,7 +174,9 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
     raw = desired
 
     # Tolerance: a change within it is noise, not a need (HPA's 10 % band).
-    if not panic and _within_tolerance(desired, current, lowest, policy):
+    # Not for open streams above capacity: streamsPerReplica is what a replica must hold.
+    short_of_streams = driver == "open_streams" and desired > current
+    if not panic and not short_of_streams and _within_tolerance(desired, current, lowest, policy):
         why += f"; within {policy.tolerance:.0%} of {current}: holding"
         desired = current
 
