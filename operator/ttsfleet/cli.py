@@ -550,7 +550,12 @@ def agent(
         Path | None, typer.Option(help="Kubeconfig; in-cluster config or the default if unset.")
     ] = None,
 ) -> None:
-    """Run the node agent: read NVML, publish ttsfleet.io/ annotations and metrics (read-only)."""
+    """Run the node agent: read NVML, publish ttsfleet.io/ annotations and metrics (read-only).
+
+    Without a GPU it says so; with --once it then exits 0, else it idles.
+    """
+    import threading
+
     from kubernetes.config import ConfigException
 
     from ttsfleet import kube
@@ -574,6 +579,10 @@ def agent(
         run.run(source, settings, api, say=typer.echo)
     except run.NoGpu as err:
         console.print(str(err), highlight=False, soft_wrap=True)
+        if not once:
+            # As a DaemonSet pod: stay up and idle, or Kubernetes restarts it forever
+            # (CrashLoopBackOff) on a node that simply has no GPU (or no NVIDIA runtime).
+            threading.Event().wait()
     except (run.AgentError, ConfigException) as err:
         raise _fail(str(err)) from None
     except OSError as err:

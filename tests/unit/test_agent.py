@@ -11,6 +11,8 @@ import importlib.util
 import inspect
 import json
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -383,3 +385,18 @@ def test_the_loop_steps_until_stopped_and_survives_a_failed_pass() -> None:
     agent.step = step  # type: ignore[method-assign]
     agent.loop(stop)
     assert len(passes) == 2
+
+
+@pytest.mark.skipif(_has_nvml(), reason="this machine has an NVIDIA driver")
+def test_without_a_gpu_the_daemon_stays_up_idle_instead_of_crash_looping() -> None:
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ttsfleet"), "agent", "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)  # still running: a DaemonSet pod stays Running
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert "no NVIDIA GPU on this node" in out
