@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cluster, ttsfleet
+from tests.conftest import Cluster, ttsfleet, wait_for
 from tests.helpers import REPO
 from tests.integration.test_chart_install import service_account_kubeconfig
 from ttsfleet import kube
@@ -26,7 +26,13 @@ from ttsfleet.cluster import toolchain
 
 CHART = REPO / "charts" / "tts-operator"
 H100 = REPO / "tests" / "data" / "nvml" / "h100-mig-all-balanced.json"
-AGENT_TEMPLATES = ["agent-serviceaccount", "agent-clusterrole", "agent-clusterrolebinding"]
+AGENT_TEMPLATES = [
+    "agent-serviceaccount",
+    "agent-clusterrole",
+    "agent-clusterrolebinding",
+    "agent-validatingadmissionpolicy",
+    "agent-validatingadmissionpolicybinding",
+]
 
 pytestmark = pytest.mark.cluster
 
@@ -36,6 +42,7 @@ class AgentIdentity:
     namespace: str
     service_account: str
     kubeconfig: Path
+    node: str  # where its pod runs: the node its pod-bound token names
 
     @property
     def user(self) -> str:
@@ -44,7 +51,8 @@ class AgentIdentity:
 
 @pytest.fixture
 def agent_identity(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[AgentIdentity]:
-    """The chart's agent ServiceAccount and RBAC, applied; a kubeconfig with its token."""
+    """The chart's agent ServiceAccount, RBAC and admission policy, applied; a kubeconfig
+    with the token of an agent pod on an H100 node, as the kubelet would give it."""
     release = f"ag-{uuid.uuid4().hex[:6]}"
     args = ["template", release, str(CHART), "-n", namespace, "--set", "agent.enabled=true"]
     args += ["--kube-version", toolchain.kubernetes_version()]
@@ -56,12 +64,31 @@ def agent_identity(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator
     ).stdout  # fmt: skip
     cluster.kubectl("apply", "-f", "-", input=rendered)
     sa = f"{release}-tts-operator-agent"
+    node = h100_node(cluster)["metadata"]["name"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": sa, "namespace": namespace},
+        "spec": {
+            "serviceAccountName": sa,
+            "nodeName": node,
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [{"name": "agent", "image": "ttsfleet/operator:0.1.0"}],
+        },
+    }
     try:
-        token = cluster.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").strip()
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
+        token = cluster.kubectl(
+            "create", "token", sa, "-n", namespace, "--duration=1h",
+            "--bound-object-kind=Pod", f"--bound-object-name={sa}",
+        ).strip()  # fmt: skip
         kubeconfig = service_account_kubeconfig(cluster, token, tmp_path / "agent.kubeconfig")
-        yield AgentIdentity(namespace, sa, kubeconfig)
+        yield AgentIdentity(namespace, sa, kubeconfig, node)
     finally:
-        cluster.kubectl("delete", "clusterrole,clusterrolebinding", sa, "--ignore-not-found")
+        cluster.kubectl(
+            "delete", "clusterrole,clusterrolebinding,validatingadmissionpolicy,"
+            "validatingadmissionpolicybinding", sa, "--ignore-not-found",
+        )  # fmt: skip
 
 
 def h100_node(cluster: Cluster) -> dict[str, Any]:
@@ -99,8 +126,8 @@ def test_the_agent_role_is_get_and_patch_on_nodes(
 def test_the_agent_publishes_annotations_and_leaves_nvidia_labels_alone(
     cluster: Cluster, agent_identity: AgentIdentity
 ) -> None:
-    before = h100_node(cluster)
-    name = before["metadata"]["name"]
+    name = agent_identity.node
+    before = read_node(cluster, name)
     nvidia = {k: v for k, v in before["metadata"]["labels"].items() if k.startswith("nvidia.com/")}
     assert nvidia["nvidia.com/mig.strategy"] == "mixed"
     argv = ["agent", "--once", "--replay", str(H100), "--node", name]
@@ -147,3 +174,49 @@ def test_an_unknown_node_is_a_one_line_error(
     )  # fmt: skip
     assert result.returncode == 1
     assert "error: Node no-such-node does not exist" in result.stderr
+
+
+def kubectl_as(identity: AgentIdentity, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(toolchain.binary("kubectl")), "--kubeconfig", str(identity.kubeconfig), *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_the_admission_policy_keeps_the_agent_to_ttsfleet_annotations_on_its_node(
+    cluster: Cluster, agent_identity: AgentIdentity
+) -> None:
+    """RBAC lets the agent patch any Node; the chart's policy narrows that to its own
+    Node's ttsfleet.io/ annotations."""
+    own = agent_identity.node
+    other = next(
+        n["metadata"]["name"]
+        for n in kube.list_nodes(cluster.api)
+        if n["metadata"]["name"] != own and "h100" in n["metadata"]["name"]
+    )
+
+    def refused(*args: str) -> str:
+        # (kubectl cordon says it could not, yet exits 0: read what it says.)
+        result = kubectl_as(agent_identity, *args)
+        return result.stderr if "denied request" in result.stderr else ""
+
+    # The policy takes a moment to be enforced after it is created: probe with a
+    # harmless change, a new value each time (one let through changes only that).
+    probes = iter(range(1000))
+
+    def probe() -> str:
+        return refused("annotate", "node", own, f"example.com/probe={next(probes)}", "--overwrite")
+
+    message = wait_for("the policy to be enforced", probe, timeout=60)
+    cluster.kubectl("annotate", "node", own, "example.com/probe-")
+    assert "may change only ttsfleet.io/ annotations" in message
+    label = ("label", "node", own, "nvidia.com/gpu.product=NVIDIA-B200", "--overwrite")
+    assert "may not change a Node's labels" in refused(*label)
+    assert "may annotate only the Node its pod runs on" in refused(
+        "annotate", "node", other, "ttsfleet.io/probe=1"
+    )
+    assert "may not change a Node's spec" in refused("cordon", own)
+    assert not refused("annotate", "node", own, "ttsfleet.io/probe=1", "--overwrite")
+    labels = read_node(cluster, own)["metadata"]["labels"]
+    assert labels["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    cluster.kubectl("annotate", "node", own, "ttsfleet.io/probe-")

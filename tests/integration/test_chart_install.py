@@ -307,6 +307,26 @@ def test_the_service_account_sets_a_pods_deletion_cost_and_nothing_else(
     with pytest.raises(ApiException) as refused:
         client.CoreV1Api(as_operator).delete_namespaced_pod("drain-check", namespace)
     assert refused.value.status == 403
+    # RBAC allows any pod patch; the chart's admission policy only that annotation. It
+    # takes a moment to be enforced: each try is a new value (one let through changes
+    # only that).
+    tries = iter(range(1000))
+    for field in ("labels", "annotations"):
+
+        def denied(field: str = field) -> str:
+            change = {field: {"example.com/probe": str(next(tries))}}
+            try:
+                client.CoreV1Api(as_operator).patch_namespaced_pod(
+                    "drain-check", namespace, {"metadata": change},
+                    _content_type="application/merge-patch+json",
+                )  # fmt: skip
+            except ApiException as err:
+                return str(err.body) if err.status == 403 else ""
+            return ""
+
+        message = wait_for(f"the policy to refuse a change of {field}", denied, timeout=60)
+        assert "ValidatingAdmissionPolicy" in message and "pod-writes" in message
+    assert kube.annotate_pod(as_operator, namespace, "drain-check", {cost: "5"})
 
 
 def _metric(port: int, sample: str) -> float:

@@ -10,7 +10,14 @@ from tests.unit.test_chart import CHART, KUBE_VERSION, _helm_built, helm, one, r
 
 pytestmark = pytest.mark.skipif(not _helm_built(), reason="helm is not built: run `make tools`")
 Manifest = dict[str, Any]
-AGENT_KINDS = {"DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+AGENT_KINDS = {
+    "DaemonSet",
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
 
 
 def agent_objects(*sets: str) -> list[Manifest]:

@@ -93,6 +93,8 @@ def test_it_renders_the_crd_and_one_object_of_each_kind(objects: list[Manifest])
         "Deployment",
         "Service",
         "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ]
     crd = one(objects, "CustomResourceDefinition")
     assert crd == yaml.safe_load((REPO / "crds" / "ttsfleet.io_ttsdeployments.yaml").read_text())
@@ -342,10 +344,14 @@ def test_templates_are_named_component_kind() -> None:
         "agent-clusterrolebinding.yaml",
         "agent-daemonset.yaml",
         "agent-serviceaccount.yaml",
+        "agent-validatingadmissionpolicy.yaml",
+        "agent-validatingadmissionpolicybinding.yaml",
         "operator-clusterrole.yaml",
         "operator-clusterrolebinding.yaml",
         "operator-deployment.yaml",
         "operator-service.yaml",
         "operator-serviceaccount.yaml",
         "operator-servicemonitor.yaml",
+        "operator-validatingadmissionpolicy.yaml",
+        "operator-validatingadmissionpolicybinding.yaml",
     ]
