@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -39,24 +40,22 @@ class NodeCache:
     def __init__(self, ttl: float = 15.0) -> None:
         self.ttl = ttl
         self._lock = threading.Lock()
-        self._at = self._pods_at = -math.inf
-        self._nodes: list[Manifest] = []
-        self._pods: list[Manifest] = []
+        self._lists: dict[str, tuple[float, list[Manifest]]] = {}
+
+    def _fresh(self, what: str, load: Callable[[], list[Manifest]]) -> list[Manifest]:
+        with self._lock:
+            at, items = self._lists.get(what, (-math.inf, []))
+            if time.monotonic() - at > self.ttl:
+                items = load()
+                self._lists[what] = (time.monotonic(), items)
+            return items
 
     def nodes(self, api_client: client.ApiClient) -> list[Manifest]:
-        with self._lock:
-            if time.monotonic() - self._at > self.ttl:
-                self._nodes = kube.list_nodes(api_client)
-                self._at = time.monotonic()
-            return self._nodes
+        return self._fresh("nodes", lambda: kube.list_nodes(api_client))
 
     def bound_pods(self, api_client: client.ApiClient) -> list[Manifest]:
-        """Every pod on a node (what holds the slices), listed at most once per `ttl`."""
-        with self._lock:
-            if time.monotonic() - self._pods_at > self.ttl:
-                self._pods = kube.list_bound_pods(api_client)
-                self._pods_at = time.monotonic()
-            return self._pods
+        """Every pod on a node (what holds the slices)."""
+        return self._fresh("pods", lambda: kube.list_bound_pods(api_client))
 
 
 NODES = NodeCache()
