@@ -308,36 +308,63 @@ def plan(
         str | None, typer.Option(help="Only this GPU (catalogue key or GFD product label).")
     ] = None,
     instances: Annotated[int | None, typer.Option(help="Triton instances per replica.")] = None,
+    replicas: Annotated[int, typer.Option(help="With a cluster: replicas that must fit.")] = 1,
+    cluster: Annotated[
+        str | None, typer.Option(help="Plan on what a local cluster's nodes offer.")
+    ] = None,
+    kubeconfig: Annotated[
+        Path | None, typer.Option(help="Plan on what this cluster's nodes offer.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """The cheapest GPU slice for a voice at a concurrency, and the memory figures behind it."""
+    """The cheapest GPU slice for a voice at a concurrency, and the memory figures behind it.
+
+    With --cluster or --kubeconfig: among what that cluster's nodes offer, and whether and
+    where `--replicas` of it fit now (exit status 1 when they do not).
+    """
     import json
 
+    from ttsfleet import kube
     from ttsfleet.gpu import planner
     from ttsfleet.gpu.catalog import GPUS
+    from ttsfleet.resources.placement import GPU_TOLERATION
 
     if precision not in planner.ELEMENT_BYTES:
         raise _fail(f"--precision {precision!r}: use one of {', '.join(planner.ELEMENT_BYTES)}")
-    if concurrency < 1:
-        raise _fail("--concurrency must be at least 1")
+    if concurrency < 1 or replicas < 1:
+        raise _fail("--concurrency and --replicas must be at least 1")
     products = list(GPUS.values())
     if gpu is not None:
         product = planner.product_for_label(gpu)
         if product is None:
             raise _fail(f"--gpu {gpu!r} is not in the catalogue: use one of {', '.join(GPUS)}")
         products = [product]
+    api = _api_for(kubeconfig, cluster) if cluster or kubeconfig else None
+    nodes = planner.eligible_nodes(kube.list_nodes(api), {}, [GPU_TOLERATION]) if api else []
+    options = (
+        [o for o in planner.options_from_nodes(nodes) if o.product in products]
+        if api
+        else planner.catalogue_options(products)
+    )
     try:
-        chosen = planner.plan(
-            voice, precision, concurrency, planner.catalogue_options(products), instances
-        )
+        chosen = planner.plan(voice, precision, concurrency, options, instances)
     except planner.PlanError as err:
         if as_json:
             print(json.dumps({"placement": None, "error": str(err)}))
             raise typer.Exit(1) from err
         raise _fail(str(err)) from err
+    out = chosen.as_dict()
+    fits = True
+    if api is not None:
+        have = planner.capacity(chosen.option, nodes, kube.list_bound_pods(api))
+        fits = have.free >= replicas
+        out["cluster"] = {
+            "replicas": replicas, "fits": fits, "allocatable": have.allocatable,
+            "in_use": have.in_use, "free": have.free, "free_by_node": have.free_by_node(),
+        }  # fmt: skip
     if as_json:
-        print(json.dumps(chosen.as_dict()))
-        return
+        print(json.dumps(out))
+        raise typer.Exit(0 if fits else 1)
     memory = chosen.memory
     console.print(
         f"{concurrency} streams of {voice} in {precision}: [bold]{chosen.option.name}[/bold] on "
@@ -349,7 +376,17 @@ def plan(
     for key, value in memory.as_dict().items():
         table.add_row(key.replace("_", " "), f"{value:.2f}")
     console.print(table)
-    console.print(f"estimate: {chosen.as_dict()['estimate']}", highlight=False, style="dim")
+    console.print(f"estimate: {out['estimate']}", highlight=False, style="dim")
+    if "cluster" in out:
+        where = ", ".join(f"{n}: {k}" for n, k in out["cluster"]["free_by_node"].items())
+        verdict = "fit" if fits else "do NOT fit"
+        console.print(
+            f"{replicas} replica(s) {verdict}: {out['cluster']['free']} of "
+            f"{out['cluster']['allocatable']} {chosen.option.name} free ({where or 'none'})",
+            highlight=False,
+        )
+        if not fits:
+            raise typer.Exit(1)
 
 
 @app.command()

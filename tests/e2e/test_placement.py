@@ -4,12 +4,13 @@ or scheduled says so in status."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import pytest
 
-from tests.conftest import Cluster, wait_for
+from tests.conftest import Cluster, ttsfleet, wait_for
 from tests.e2e.test_operator import apply, condition, get, wait_ready
 from tests.helpers import REPO, load_example
 
@@ -98,3 +99,19 @@ def test_scaling_past_capacity_says_how_many_slices_are_missing(
     )
     assert match, cond["message"]
     assert int(match[1]) >= 4 and int(match[2]) >= 16
+
+
+def test_plan_against_the_cluster_says_whether_and_where_replicas_fit(cluster: Cluster) -> None:
+    argv = ["plan", "--precision", "fp16", "--concurrency", "200", "--cluster", cluster.name]
+    result = ttsfleet(*argv, "--replicas", "2", "--json")
+    assert result.returncode in (0, 1), result.stderr
+    out = json.loads(result.stdout)
+    assert out["profile"] == "3g.40gb"  # what the nodes offer: no 1g.20gb here
+    have = out["cluster"]
+    assert have["allocatable"] == 16
+    assert have["free"] == 16 - have["in_use"] == sum(have["free_by_node"].values())
+    assert all(name.startswith("h100-") for name in have["free_by_node"])
+    assert have["fits"] == (have["free"] >= 2) == (result.returncode == 0)
+    too_many = ttsfleet(*argv, "--replicas", "17")
+    assert too_many.returncode == 1
+    assert "17 replica(s) do NOT fit" in too_many.stdout

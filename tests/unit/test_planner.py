@@ -151,6 +151,7 @@ def test_capacity_counts_allocatable_slices_and_those_bound_pods_hold() -> None:
     pods = [pod(h100[0]), pod(h100[1]), pod(h100[1], "Succeeded"), pod(None)]
     have = planner.capacity(option, nodes, pods)
     assert (have.nodes, have.allocatable, have.in_use, have.free) == (2, 32, 2, 30)
+    assert have.free_by_node() == {h100[0]: 15, h100[1]: 15}
 
 
 def test_plan_prints_the_choice_as_json() -> None:

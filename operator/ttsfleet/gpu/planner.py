@@ -376,13 +376,34 @@ def eligible_nodes(
 
 @dataclass(frozen=True)
 class Capacity:
-    allocatable: int
-    in_use: int
-    nodes: int
+    """Slices of one option: allocatable and in use, per node name."""
+
+    allocatable_by_node: Mapping[str, int]
+    in_use_by_node: Mapping[str, int]
+
+    @property
+    def allocatable(self) -> int:
+        return sum(self.allocatable_by_node.values())
+
+    @property
+    def in_use(self) -> int:
+        return sum(self.in_use_by_node.values())
+
+    @property
+    def nodes(self) -> int:
+        return len(self.allocatable_by_node)
 
     @property
     def free(self) -> int:
         return max(self.allocatable - self.in_use, 0)
+
+    def free_by_node(self) -> dict[str, int]:
+        """Where replicas would fit: free slices per node, nodes with none left out."""
+        free = {
+            name: count - self.in_use_by_node.get(name, 0)
+            for name, count in self.allocatable_by_node.items()
+        }
+        return {name: n for name, n in sorted(free.items()) if n > 0}
 
 
 def node_matches(option: Option, labels: Mapping[str, str]) -> bool:
@@ -403,15 +424,16 @@ def capacity(
         if ok:
             count = (node.get("status", {}).get("allocatable") or {}).get(option.resource, "0")
             matching[meta["name"]] = int(count) if _positive(count) else 0
-    used = 0
+    used: dict[str, int] = {}
     for pod in pods:
         spec = pod.get("spec", {})
-        if spec.get("nodeName") not in matching:
+        node_name = spec.get("nodeName")
+        if node_name not in matching:
             continue
         if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
             continue
         for container in spec.get("containers", []):
             limits = (container.get("resources") or {}).get("limits") or {}
             value = str(limits.get(option.resource, "0"))
-            used += int(value) if value.isdigit() else 0
-    return Capacity(sum(matching.values()), used, len(matching))
+            used[node_name] = used.get(node_name, 0) + (int(value) if value.isdigit() else 0)
+    return Capacity(matching, used)
