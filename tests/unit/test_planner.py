@@ -231,3 +231,22 @@ def test_mps_shared_gpus_are_shares_and_bad_replica_labels_do_not_crash() -> Non
     assert (option.kind, option.product_label, option.share) == ("shared", "NVIDIA-L4-SHARED", 4)
     labels["nvidia.com/gpu.replicas"] = "0"
     assert planner.options_from_nodes(nodes)[0].share == 1
+
+
+def test_an_explicit_single_strategy_slice_counts_every_product_that_has_it() -> None:
+    nodes = pool_nodes(
+        """
+pools:
+  - name: a100
+    count: 1
+    gpu: {product: A100-80GB, count: 8, migStrategy: single, migLayout: {1g.10gb: 7}}
+  - name: h100
+    count: 1
+    gpu: {product: H100-80GB, count: 8, migStrategy: single, migLayout: {1g.10gb: 7}}
+"""
+    )
+    h100 = GPUS["H100-80GB"]
+    explicit = Option("mig", h100, h100.profile("1g.10gb"), "single", any_product=True)
+    assert planner.capacity(explicit, nodes, []).allocatable == 2 * 56
+    planned = Option("mig", h100, h100.profile("1g.10gb"), "single")  # auto: this product
+    assert planner.capacity(planned, nodes, []).allocatable == 56

@@ -99,6 +99,9 @@ class Option:
     profile: MigProfile | None = None
     strategy: Literal["mixed", "single"] = "mixed"
     share: int = 1  # time-slicing replicas per GPU
+    # An explicit MIG profile under the single strategy may land on any GPU product
+    # that has it (its pods' affinity lists them all): capacity counts them all.
+    any_product: bool = False
 
     @property
     def memory_gib(self) -> float:
@@ -407,7 +410,10 @@ class Capacity:
 
 
 def node_matches(option: Option, labels: Mapping[str, str]) -> bool:
-    return labels.get("nvidia.com/gpu.product") == option.product_label
+    product = labels.get("nvidia.com/gpu.product", "")
+    if option.any_product and option.profile is not None:
+        return product.endswith(f"-MIG-{option.profile.name}")
+    return product == option.product_label
 
 
 def capacity(

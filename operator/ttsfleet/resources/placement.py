@@ -60,7 +60,8 @@ def resolve_placement(
         products = [g for g in GPUS.values() if g.profile(p.profile) is not None]
         compute = max(g.profile(p.profile).compute_slices for g in products)  # type: ignore[union-attr]
         strategy = p.mig_strategy or "mixed"
-        option = _check_profile(spec, planner.Option("mig", products[0], None, strategy), p.profile)
+        base = planner.Option("mig", products[0], None, strategy, any_product=True)
+        option = _check_profile(spec, base, p.profile)
         if strategy == "mixed":
             resources = {f"{MIG_RESOURCE_PREFIX}{p.profile}": "1"}
         else:
