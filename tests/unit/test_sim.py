@@ -106,6 +106,12 @@ def test_reaction_time_counts_from_the_step_onset() -> None:
     assert reacted.reaction_s_p95 is not None and 30 < reacted.reaction_s_p95 < 90
 
 
+def test_a_smooth_rise_is_a_step_from_where_it_starts_rising() -> None:
+    flat, rise = [100.0] * 100, [100 * 1.0079**i for i in range(61)]  # 1.6x in 60 s
+    assert steps(rise + [rise[-1]] * 60, SimConfig()) == [0]  # not the end of the trace
+    assert steps(flat + rise + [160.0] * 30 + [400.0] * 60, SimConfig()) == [100, 190]
+
+
 def test_hpa_waits_out_its_300s_stabilisation_before_scaling_down() -> None:
     result = simulate(UP_DOWN, policies.baseline("hpa", 0.5), None, SERVICE)
     assert all(t % 15 == 0 for t, _, _ in result.scale_events)  # 15 s sync period

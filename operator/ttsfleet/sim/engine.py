@@ -358,8 +358,10 @@ def count_oscillations(events: list[tuple[float, int, int]], window: float) -> i
 def steps(rates: list[float], config: SimConfig) -> list[int]:
     """Onsets (tick indices) of rises by `step_rise` x within `step_within_s`.
 
-    The onset is the last tick before the rate starts to climb (more than 1 % a tick);
-    after a step, the next one is looked for once the rate stops rising.
+    The onset is the last tick before the rate starts to climb (more than 1 % a tick),
+    looked for within the step's window; a smooth rise with no such tick starts at the
+    last tick before any rise. After a step, the next one is looked for once the rate
+    stops rising.
     """
     within = max(1, round(config.step_within_s / config.tick_s))
     found: list[int] = []
@@ -369,9 +371,13 @@ def steps(rates: list[float], config: SimConfig) -> list[int]:
         if not (rates[i] > 0 and ahead and max(ahead) >= config.step_rise * rates[i]):
             i += 1
             continue
-        onset = i
-        while onset + 1 < len(rates) and rates[onset + 1] <= rates[onset] * 1.01:
+        onset, limit = i, min(len(rates) - 1, i + within)
+        while onset < limit and rates[onset + 1] <= rates[onset] * 1.01:
             onset += 1
+        if onset == limit:  # a smooth rise, no tick above 1 %: where it starts to rise at all
+            onset = i
+            while onset < limit and rates[onset + 1] <= rates[onset]:
+                onset += 1
         found.append(onset)
         i = onset + 1
         while i + 1 < len(rates) and rates[i + 1] >= rates[i]:
