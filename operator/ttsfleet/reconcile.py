@@ -26,7 +26,7 @@ from ttsfleet.api import v1alpha1 as api
 from ttsfleet.gpu import planner
 from ttsfleet.resources import PlacementError, TtsObject, build_children
 from ttsfleet.resources.common import DEPLOYMENT_LABEL, FIELD_MANAGER, drifted
-from ttsfleet.resources.placement import GPU_TOLERATION, resolve_placement
+from ttsfleet.resources.placement import gpu_tolerations, resolve_placement
 from ttsfleet.resources.service import endpoints
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,8 @@ def _with_offers(
     """`tts` with what the nodes its pods may land on offer (placement.mode auto)."""
     wanted = tts.spec.placement
     nodes = planner.eligible_nodes(
-        NODES.nodes(api_client), wanted.node_selector,
-        [t.wire() for t in wanted.tolerations] + [GPU_TOLERATION],
-    )  # fmt: skip
+        NODES.nodes(api_client), wanted.node_selector, gpu_tolerations(wanted)
+    )
     # The same spec keeps its slice while it fits; a new generation is planned anew.
     same = old_status.get("observedGeneration") == generation
     return replace(

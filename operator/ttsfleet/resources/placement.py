@@ -6,11 +6,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ttsfleet.api.v1alpha1 import PlacementMode, TtsDeploymentSpec
+from ttsfleet.api.v1alpha1 import PlacementMode, PlacementSpec, TtsDeploymentSpec
 from ttsfleet.gpu import planner
 from ttsfleet.gpu.catalog import GPU_RESOURCE, GPUS, MIG_RESOURCE_PREFIX
 
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+
+
+def gpu_tolerations(p: PlacementSpec) -> list[dict[str, Any]]:
+    """The spec's tolerations, and the GPU nodes' taint's once."""
+    tolerations = [t.wire() for t in p.tolerations]
+    return tolerations if GPU_TOLERATION in tolerations else [*tolerations, GPU_TOLERATION]
 
 
 class PlacementError(ValueError):
@@ -49,7 +55,6 @@ def resolve_placement(
     if p.mode == PlacementMode.AUTO:
         return _planned(spec, offers, keep)
     selector = dict(p.node_selector)
-    tolerations = [t.wire() for t in p.tolerations]
     affinity = None
     option: planner.Option | None = None
     if p.mode == PlacementMode.CPU:
@@ -82,8 +87,7 @@ def resolve_placement(
             selector["nvidia.com/gpu.product"] = f"{p.product}-SHARED"
         instances, summary = 1, f"shared-{p.product}" if p.product else "shared"
     gpu = p.mode != PlacementMode.CPU
-    if gpu and GPU_TOLERATION not in tolerations:
-        tolerations.append(GPU_TOLERATION)
+    tolerations = gpu_tolerations(p) if gpu else [t.wire() for t in p.tolerations]
     return Placement(
         resources=resources,
         node_selector=selector,
@@ -126,18 +130,15 @@ def _planned(
         raise PlacementError(f"spec.placement.mode auto: {err}") from err
     option = chosen.option
     selector = dict(p.node_selector)
-    tolerations = [t.wire() for t in p.tolerations]
     affinity = None
     if option.kind == "mig" and option.strategy == "single":
         affinity = _product_affinity([option.product_label])
     elif option.kind != "mig":
         selector["nvidia.com/gpu.product"] = option.product_label
-    if GPU_TOLERATION not in tolerations:
-        tolerations.append(GPU_TOLERATION)
     return Placement(
         resources={option.resource: "1"},
         node_selector=selector,
-        tolerations=tolerations,
+        tolerations=gpu_tolerations(p),
         affinity=affinity,
         instances=chosen.instances,
         gpu=True,
