@@ -13,6 +13,16 @@ COPY pyproject.toml README.md /src/
 COPY operator /src/operator
 RUN pip install --no-cache-dir "/src[serve]" && rm -rf /src
 
+# GPU images: onnxruntime-gpu in place of onnxruntime, or KIND_GPU instances refuse to
+# load (the CPU wheel has no CUDA provider). Its CUDA major must match the base image's:
+# 24.10 has CUDA 12.6, so a CUDA 12 build (onnxruntime-gpu 1.23.x); 1.31.x is built for
+# CUDA 13 and cuDNN 9 (that pairing ran on an H100: benchmarks/results/gpu.json).
+#   docker build -f triton.Dockerfile --build-arg ONNXRUNTIME_GPU=onnxruntime-gpu==1.23.2 ...
+ARG ONNXRUNTIME_GPU=""
+RUN if [ -n "$ONNXRUNTIME_GPU" ]; then \
+      pip uninstall -y onnxruntime && pip install --no-cache-dir "$ONNXRUNTIME_GPU"; \
+    fi
+
 COPY triton_models /models
 USER triton-server
 ENTRYPOINT ["tritonserver"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime
 import pytest
 
 from ttsfleet.serving.engine import MAX_TEXT_CHARS, RequestError, Synthesizer, check_request
@@ -66,3 +67,21 @@ def test_a_faster_rate_is_shorter(engine: Synthesizer) -> None:
 def test_a_precision_variant_that_is_not_built_is_refused_with_the_fix() -> None:
     with pytest.raises(RequestError, match="ttsfleet models build --precision int8"):
         Synthesizer(VOICE, precision="int8")
+
+
+def test_a_gpu_instance_without_onnxruntime_gpu_is_refused_not_run_on_the_cpu() -> None:
+    """A KIND_GPU instance with the CPU wheel would hold a GPU and synthesize on the CPU."""
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider: benchmarks/gpu_bench.py covers it")
+    with pytest.raises(RequestError, match=r"needs onnxruntime-gpu.*KIND_CPU"):
+        Synthesizer(VOICE, device="cuda", device_id=0)
+
+
+def test_int8_on_a_gpu_instance_is_refused_with_fp16_as_the_fix() -> None:
+    with pytest.raises(RequestError, match="serve fp16 on GPUs"):
+        Synthesizer(VOICE, precision="int8", device="cuda")
+
+
+def test_an_unknown_device_is_refused() -> None:
+    with pytest.raises(RequestError, match="device 'tpu' is not supported: use one of cpu, cuda"):
+        Synthesizer(VOICE, device="tpu")

@@ -21,9 +21,18 @@ def load(pb: Any, args: dict[str, str]) -> tuple[Synthesizer, str]:
     """The engine for the voice and precision in the model's config parameters."""
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in (config.get("parameters") or {}).items()}
-    engine = Synthesizer(params.get("voice", "en_US-joe-medium"), params.get("precision", "fp32"))
+    # Triton says which kind of instance this is, and for KIND_GPU which GPU it is on.
+    gpu = args.get("model_instance_kind") == "GPU"
+    device_id = int(args.get("model_instance_device_id") or 0)
+    engine = Synthesizer(
+        params.get("voice", "en_US-joe-medium"),
+        params.get("precision", "fp32"),
+        device="cuda" if gpu else "cpu",
+        device_id=device_id,
+    )
+    where = f"GPU {device_id}" if gpu else "CPU"
     pb.Logger.log_info(
-        f"Loaded voice {engine.voice_name} ({engine.precision}), {engine.sample_rate} Hz"
+        f"Loaded voice {engine.voice_name} ({engine.precision}) on {where}, {engine.sample_rate} Hz"
     )
     return engine, config["name"]
 

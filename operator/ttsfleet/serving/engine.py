@@ -5,6 +5,7 @@ Used by the Triton models in `triton_models/`; testable without Triton.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -92,12 +93,65 @@ def default_model_dir() -> Path:
     return Path(os.environ.get("TTSFLEET_MODEL_DIR", default))
 
 
+DEVICES = ("cpu", "cuda")
+
+
+def _session(model: Path, device: str, device_id: int) -> Any:
+    """An onnxruntime session on the CPU, or on GPU `device_id` through the CUDA provider.
+
+    onnxruntime quietly falls back to the CPU when the CUDA provider cannot load (a CPU
+    wheel, missing CUDA libraries); a GPU instance that did so would hold a GPU and run
+    slowly on the CPU, so that is an error here, with the fix.
+    """
+    import onnxruntime  # noqa: PLC0415 - optional: the serving extra
+
+    if device == "cpu":
+        return onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    if device != "cuda":
+        raise RequestError(f"device {device!r} is not supported: use one of {', '.join(DEVICES)}")
+    available = onnxruntime.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise RequestError(
+            f"a GPU instance needs onnxruntime-gpu, but onnxruntime {onnxruntime.__version__} "
+            f"here has only {', '.join(available)}: install onnxruntime-gpu in the model image "
+            "(see triton.Dockerfile), or run the model with instance kind KIND_CPU"
+        )
+    # DEFAULT: cuDNN's default convolution algorithms, no search. Every request has its
+    # own length, so every shape is new: HEURISTIC queried cuDNN per shape (2x slower on
+    # an H100, and FP16 failed its query on the decoder's dilated convolutions);
+    # EXHAUSTIVE benchmarks per shape (minutes). See benchmarks/results/gpu.json.
+    cuda = ("CUDAExecutionProvider", {"device_id": device_id, "cudnn_conv_algo_search": "DEFAULT"})
+    session = onnxruntime.InferenceSession(str(model), providers=[cuda, "CPUExecutionProvider"])
+    # A run that fails on the GPU raises; by default onnxruntime would move the whole
+    # session to the CPU for good, without a word (seen on an H100 with FP16).
+    session.disable_fallback()
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        raise RequestError(
+            f"onnxruntime could not start the CUDA provider on GPU {device_id} (it fell back to "
+            f"{session.get_providers()[0]}): check that the CUDA and cuDNN libraries match "
+            f"onnxruntime-gpu {onnxruntime.__version__}; Triton's log has the loader's error"
+        )
+    return session
+
+
 class Synthesizer:
-    """One voice, loaded once; deterministic (no noise) so equal text gives equal audio."""
+    """One voice, loaded once; deterministic (no noise) so equal text gives equal audio.
 
-    def __init__(self, voice: str, precision: str = "fp32", model_dir: Path | None = None) -> None:
-        from piper import PiperVoice  # noqa: PLC0415 - optional: the serving extra
+    `device` "cuda" runs the voice on GPU `device_id` (a Triton KIND_GPU instance);
+    the text front end (espeak-ng phonemes) stays on the CPU either way.
+    """
 
+    def __init__(
+        self, voice: str, precision: str = "fp32", model_dir: Path | None = None,
+        device: str = "cpu", device_id: int = 0,
+    ) -> None:  # fmt: skip
+        from piper import PiperConfig, PiperVoice  # noqa: PLC0415 - optional: the serving extra
+
+        if device == "cuda" and precision == "int8":
+            raise RequestError(
+                "int8 does not run on a GPU instance: onnxruntime's dynamic INT8 has no CUDA "
+                "kernels; serve fp16 on GPUs"
+            )
         installed = voices()
         if voice not in installed:
             raise RequestError(
@@ -114,7 +168,11 @@ class Synthesizer:
             model = variant
         self.voice_name = voice
         self.precision = precision
-        self._voice: Any = PiperVoice.load(str(model), config_path=str(config))
+        self.device = device
+        self._voice: Any = PiperVoice(
+            session=_session(model, device, device_id),
+            config=PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8"))),
+        )
         self.sample_rate = int(self._voice.config.sample_rate)
 
     def chunks(self, text: str, rate: float = 1.0) -> Iterator[Audio]:

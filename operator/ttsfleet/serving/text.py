@@ -97,3 +97,16 @@ def normalize(text: str) -> str:
     text = text.replace("&", " and ")
     text = _NUMBER.sub(_number, text)
     return _SPACE.sub(" ", text).strip()
+
+
+# Voice-agent replies (33 to 88 characters): the load of `ttsfleet bench` and the GPU benchmark.
+SAMPLE_REPLIES = (
+    "Thanks for calling. How can I help you today?",
+    "Your order number is 4512. It shipped this morning and should arrive on Friday.",
+    "I can help with that. Could you tell me the email address on the account?",
+    "The balance on your card is $245.10. Your next payment is due on the 3rd.",
+    "Sure. I have moved your appointment to Tuesday at 2 PM. Is there anything else?",
+    "Let me check. One moment please.",
+    "Your flight leaves at 7:45 from gate 12. Boarding starts 30 minutes before departure.",
+    "I'm sorry, I didn't catch that. Could you say it again?",
+)

@@ -139,10 +139,11 @@ class Report:
         return asdict(self)
 
 
-def measure(voice: str, precision: str, target: str, path: Path) -> Report:
-    """Load time, speed and quality of the variant at `path` against FP32, on this CPU."""
+def measure(voice: str, precision: str, target: str, path: Path, device: str = "cpu") -> Report:
+    """Load time, speed and quality of the variant at `path`, run on `device`, against
+    FP32 on the CPU (the reference every variant is judged by)."""
     start = time.perf_counter()
-    engine = Synthesizer(voice, precision, model_dir=path.parent)
+    engine = Synthesizer(voice, precision, model_dir=path.parent, device=device)
     load = time.perf_counter() - start
     reference = Synthesizer(voice, "fp32")
     distances, differences, compute, audio_seconds, firsts = [], [], 0.0, 0.0, []
