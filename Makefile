@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CLUSTER ?= ttsfleet
 PYTEST_ARGS ?=
 
-.PHONY: help deps tools cluster cluster-down demo manifests lint fmt test test-unit bench-cluster bench-operator bench-serving bench-precision bench-placement bench-autoscale bench-sim clean
+.PHONY: help deps tools cluster cluster-down demo manifests lint fmt test test-unit bench-cluster bench-operator bench-serving bench-precision bench-placement bench-gpu bench-autoscale bench-sim clean
 
 help: ## List the targets.
 	@grep -E '^[a-z.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -70,6 +70,9 @@ bench-precision: .venv ## Build, measure and gate the FP32/FP16/INT8 variants (J
 
 bench-placement: .venv ## Measure the planner's model footprint; placement table and density (JSON).
 	$(BIN)/python benchmarks/placement_bench.py --out benchmarks/results/placement.json
+
+bench-gpu: .venv ## On a GPU machine with onnxruntime-gpu: memory, speed, instances, FP16 quality (JSON).
+	$(BIN)/python benchmarks/gpu_bench.py --out benchmarks/results/gpu.json
 
 bench-autoscale: tools .venv ## Breach -> scale write and TTFA around a scale-up on the real loop (JSON).
 	$(BIN)/python benchmarks/autoscale_bench.py --out benchmarks/results/autoscale.json --run-out benchmarks/results/autoscale_run.json
