@@ -11,8 +11,9 @@ what this writes (tests/unit/test_planner.py checks).
 Then, from the planner (`ttsfleet.gpu.planner`), the placement table (voice x
 precision x streams per replica -> the slice it picks on an H100 and on an L4)
 and a density figure: real-time streams per GPU within the TTFA target, seven
-1g.10gb replicas against one whole-GPU replica. No GPU here: the density is
-MODELLED from the parameters written in the output, not measured.
+1g.10gb replicas against one whole-GPU replica, MODELLED from the real-time factor of
+one FP16 instance measured on an H100 (`benchmarks/gpu_bench.py`); MIG slices were
+not measured.
 """
 
 from __future__ import annotations
@@ -36,13 +37,22 @@ SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank whil
 LENGTHS = (60, 120, 240)
 STREAMS = (8, 16, 40, 80, 160, 320)
 
-# The density model's parameters (assumptions, not measurements):
-# a Python-backend instance synthesises one sentence at a time; at batch 1 a
-# VITS-class model runs ~67x real time on a V100 (VITS paper: 1480 kHz at 22.05 kHz),
-# launch-bound, so about the same on a 1g slice as on a whole GPU; kept at 70 %
-# utilisation so that queueing stays within the TTFA target.
-BATCH1_REALTIME_FACTOR = 67.0
+# The density model: a Python-backend instance synthesises one sentence at a time, at
+# the real-time factor one FP16 instance measured on an H100 (benchmarks/gpu_bench.py,
+# results/gpu.json); launch-bound, so assumed the same on a 1g slice as on a whole GPU
+# (MIG could not be switched on where it was measured); kept at 70 % utilisation so
+# that queueing stays within the TTFA target.
+GPU_RESULTS = REPO / "benchmarks/results/gpu.json"
 UTILISATION_FOR_TTFA = 0.7
+
+
+def measured_realtime_factor() -> tuple[float, str]:
+    """Seconds of audio per second of one FP16 instance on the GPU, and where from."""
+    gpu = json.loads(GPU_RESULTS.read_text())
+    row = next(r for r in gpu["latency"] if (r["precision"], r["device"]) == ("fp16", "cuda"))
+    source = f"{gpu['environment']['gpu']}, onnxruntime {gpu['environment']['onnxruntime']}"
+    return round(1 / row["real_time_factor"], 1), source
+
 
 _PROBE = """
 import resource, sys
@@ -74,6 +84,28 @@ def weights() -> dict[str, float]:
     return sizes
 
 
+def gpu_check() -> dict[str, Any]:
+    """One instance's modelled memory (context + workspace + weights; activations of one
+    sentence) beside what NVML measured on the GPU of results/gpu.json."""
+    gpu = json.loads(GPU_RESULTS.read_text())
+    rows = {}
+    for precision, measured in gpu["memory"].items():
+        weights = planner.MEASURED.weights_mib[precision]
+        activations = (
+            planner.MEASURED.activation_mib_per_audio_second
+            * planner.SENTENCE_AUDIO_SECONDS
+            * planner.ELEMENT_BYTES[precision]
+            / planner.ELEMENT_BYTES["fp32"]
+        )
+        rows[precision] = {
+            "modelled_load_mib": planner.CUDA_CONTEXT_MIB + planner.RUNTIME_WORKSPACE_MIB + weights,
+            "measured_load_mib": measured["after_first_sentence_mib"],
+            "modelled_sentence_mib": round(activations, 1),
+            "measured_sentence_mib": max(r["growth_mib"] for r in measured["sentences"]),
+        }
+    return {"gpu": gpu["environment"]["gpu"], "per_instance": rows}
+
+
 def placement_table() -> list[dict[str, Any]]:
     rows = []
     for gpu in ("H100-80GB", "L4"):
@@ -101,9 +133,12 @@ def max_streams(option: planner.Option, precision: str) -> int:
 
 
 def density(precision: str) -> dict[str, Any]:
-    """Modelled real-time streams per H100 within the TTFA target: 7 x 1g.10gb vs whole."""
+    """Modelled real-time streams per H100 within the TTFA target: 7 x 1g.10gb vs whole.
+
+    The whole-GPU row is also measured: FP16 replies per second at the planner's
+    instances, from results/gpu.json (`whole_gpu_measured_replies_per_s`)."""
     h100 = GPUS["H100-80GB"]
-    per_instance = BATCH1_REALTIME_FACTOR * UTILISATION_FOR_TTFA
+    per_instance = measured_realtime_factor()[0] * UTILISATION_FOR_TTFA
     slice_ = planner.Option("mig", h100, h100.profile("1g.10gb"))
     whole = planner.Option("whole", h100)
     per_slice = min(slice_.default_instances() * per_instance, max_streams(slice_, precision))
@@ -115,6 +150,14 @@ def density(precision: str) -> dict[str, Any]:
         "whole_gpu_streams_per_gpu": math.floor(per_whole),
         "ratio": round(slices * per_slice / per_whole, 2),
         "modelled": True,
+        "whole_gpu_measured_replies_per_s": next(
+            (
+                r["replies_per_s"]
+                for r in json.loads(GPU_RESULTS.read_text())["throughput"]
+                if (r["precision"], r["instances"]) == (precision, whole.default_instances())
+            ),
+            None,
+        ),
     }
 
 
@@ -124,7 +167,7 @@ def main() -> None:
     args = parser.parse_args()
     probes = [activation_probe(n) for n in LENGTHS]
     per_second = max(mib / seconds for seconds, mib in probes)
-    result = {
+    result: dict[str, Any] = {
         "machine": {"cpus": 2, "gpu": None},
         "footprint": {
             "voice": VOICE,
@@ -141,11 +184,13 @@ def main() -> None:
             "sentence_audio_seconds": planner.SENTENCE_AUDIO_SECONDS,
             "headroom": planner.HEADROOM,
             "usable_fraction": planner.USABLE_FRACTION,
+            "checked_on_gpu": gpu_check(),
         },
         "placement_table": placement_table(),
         "density": {
-            "label": "MODELLED, not measured (no GPU on this machine)",
-            "batch1_realtime_factor": BATCH1_REALTIME_FACTOR,
+            "label": "MODELLED from one instance measured on a GPU; MIG slices not measured",
+            "batch1_realtime_factor": measured_realtime_factor()[0],
+            "batch1_realtime_factor_measured_on": measured_realtime_factor()[1],
             "utilisation_for_ttfa": UTILISATION_FOR_TTFA,
             "rows": [density(p) for p in ("fp32", "fp16", "int8")],
         },

@@ -89,7 +89,7 @@ def test_more_instances_cost_a_context_and_a_copy_of_the_weights_each() -> None:
     assert (n1, n4) == (1, 4)
     per_instance = (planner.CUDA_CONTEXT_MIB + planner.RUNTIME_WORKSPACE_MIB + 30.6) / 1024
     assert four.total - one.total == pytest.approx(3 * per_instance)
-    assert planner.estimate(planner.MEASURED, "fp16", 16, option)[1] == 2  # whole GPU default
+    assert planner.estimate(planner.MEASURED, "fp16", 16, option)[1] == 4  # whole GPU default
 
 
 def test_other_voices_scale_from_the_measured_one_by_quality() -> None:

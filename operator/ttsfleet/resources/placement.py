@@ -44,8 +44,8 @@ def resolve_placement(
     """How and where replicas run.
 
     Triton instances follow the slice unless `runtime.instances` says otherwise:
-    one per MIG compute slice, two per whole GPU (one computes while the other
-    prepares text), one on a shared GPU or on CPU. `offers` (what the cluster's
+    one per MIG compute slice, four per whole GPU (`planner.WHOLE_GPU_INSTANCES`,
+    measured on an H100), one on a shared GPU or on CPU. `offers` (what the cluster's
     nodes advertise) is needed by `mode: auto`, which asks the planner for the
     cheapest of them that holds `streamsPerReplica`. An explicit MIG profile is
     checked against the same memory estimate. `keep` (auto) is the slice chosen
@@ -78,7 +78,7 @@ def resolve_placement(
         resources = {GPU_RESOURCE: str(gpus)}
         if p.product:
             selector["nvidia.com/gpu.product"] = p.product
-        instances = 2 * gpus
+        instances = planner.WHOLE_GPU_INSTANCES * gpus
         summary = f"{gpus}x{p.product}" if p.product else f"{gpus}xGPU"
     else:  # shared
         resources = {GPU_RESOURCE: "1"}
