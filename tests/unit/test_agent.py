@@ -33,6 +33,7 @@ INVENTORIES = sorted(DATA.glob("*.json"))
 H100 = DATA / "h100-mig-all-balanced.json"
 L4 = DATA / "l4.json"
 PENDING = DATA / "h100-mig-pending.json"
+CAPTURED = DATA / "h100-captured.json"  # a real H100, MIG disabled
 BALANCED = {"1g.10gb": 2, "2g.20gb": 1, "3g.40gb": 1}
 MUTATING = re.compile(r"nvml\w*(Set|Create|Destroy|Reset|Clear)\w*")
 
@@ -102,6 +103,36 @@ def test_h100_annotations_carry_the_layout_per_gpu_and_in_total() -> None:
     assert gpus[0]["migMode"] == {"current": "enabled", "pending": "enabled"}
     assert gpus[0]["memoryMiB"] == 81559
     assert notes[inventory.SOURCE] == "replay, synthetic"
+
+
+def test_a_captured_h100_replays_to_what_the_live_agent_published_on_it() -> None:
+    """The live agent on that H100 (NVML through pynvml, 2026-11-25) published exactly
+    these annotations; its replayed capture must give the same, but for the source."""
+    gpus = [
+        {
+            "index": 0,
+            "memoryMiB": 81559,
+            "migLayout": {},
+            "migMode": {"current": "disabled", "pending": "disabled"},
+            "product": "NVIDIA H100 80GB HBM3",
+            "uuid": "GPU-c9a986ed-e512-e51f-02fc-38b1418c8a27",
+        }
+    ]
+    live = {
+        inventory.GPU_COUNT: "1",
+        inventory.GPU_PRODUCT: "NVIDIA H100 80GB HBM3",
+        inventory.DRIVER_VERSION: "580.159.04",
+        inventory.MIG_MODE: "disabled",
+        inventory.MIG_PENDING: "false",
+        inventory.MIG_LAYOUT: "{}",
+        inventory.GPUS: json.dumps(gpus, sort_keys=True),
+    }
+    notes = inventory.node_annotations(read(CAPTURED))
+    assert notes.pop(inventory.SOURCE) == "replay"
+    assert notes == live
+    samples = {s.name: s.value for s in inventory.samples(read(CAPTURED))}
+    assert samples["ttsfleet_agent_gpu_memory_used_bytes"] == 503316480
+    assert samples["ttsfleet_agent_gpu_mig_enabled"] == 0
 
 
 def test_l4_without_mig() -> None:
