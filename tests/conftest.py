@@ -60,6 +60,16 @@ class Cluster:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
         return result.stdout
 
+    def wait_established(self, crd: str, timeout: float = 60) -> None:
+        """Poll until `crd` is Established. (`kubectl wait` fails at once, instead of
+        waiting, when it reads a CRD whose status has no conditions yet.)"""
+        jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+        wait_for(
+            f"{crd} Established",
+            lambda: self.kubectl("get", crd, "-o", f"jsonpath={jsonpath}", check=False) == "True",
+            timeout=timeout,
+        )
+
 
 def ttsfleet(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the `ttsfleet` CLI as a user would."""
@@ -109,9 +119,7 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 def crd(cluster: Cluster) -> None:
     """The TtsDeployment CRD, installed from crds/ as a user would."""
     cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/ttsdeployments.ttsfleet.io", "--timeout=60s"
-    )
+    cluster.wait_established("crd/ttsdeployments.ttsfleet.io")
 
 
 @dataclass

@@ -61,7 +61,7 @@ def exists(cluster: Cluster, *what: str) -> bool:
 
 
 def crd_established(cluster: Cluster) -> bool:
-    cluster.kubectl("wait", "--for=condition=Established", CRD, "--timeout=60s")
+    cluster.wait_established(CRD)
     return True
 
 
