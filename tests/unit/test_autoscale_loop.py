@@ -30,7 +30,7 @@ def test_only_builtin_fleets_are_decided_and_their_signals_drive_them() -> None:
     )
     assert [d.key for d in decisions] == [("ns", "a")]
     (a,) = decisions
-    assert a.metrics[0] is False and a.scale and a.recommendation.replicas == 4
+    assert a.metrics[0] is False and a.scale and a.recommendation.replicas == 6  # 12 / 2, a panic
 
 
 def test_no_prometheus_or_no_samples_hold_and_say_which() -> None:

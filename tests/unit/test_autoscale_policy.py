@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -38,13 +40,21 @@ def test_a_steady_rise_scales_up_through_the_stable_window() -> None:
     assert not recs[-1].panic
 
 
-def test_a_burst_panics_and_scales_up_at_once_within_the_rate_limit() -> None:
+def test_a_burst_panics_and_scales_at_once_to_what_the_newest_reading_asks() -> None:
     recs = run([4.0] * 30 + [40.0] * 3, start=1)
     burst = recs[30]
-    assert burst.panic and burst.reason.startswith("panic: queue_depth")
-    assert burst.replicas == 2  # x2 per decision at most, and at least +1
-    assert recs[31].replicas == 4 and recs[32].replicas == 8
-    assert "scale-up limited" in recs[31].reason
+    assert burst.panic and burst.reason.startswith("panic: queue_depth asks for 10.0 replicas")
+    assert "(3.2 over the last 6s)" in burst.reason  # what the window's mean would have said
+    assert burst.replicas == 10  # no x2 limit in a panic (Knative's default: 1000x)
+    assert [r.replicas for r in recs[31:]] == [10, 10]
+
+
+def test_outside_a_panic_scale_up_is_limited_to_x2_per_decision() -> None:
+    calm = replace(POLICY, panic_threshold=100.0, stable_window=2.0)  # never panics
+    recs = run([4.0] * 3 + [40.0] * 6, start=1, policy=calm)
+    assert not any(r.panic for r in recs)
+    assert [r.replicas for r in recs[3:]] == [2, 4, 8, 10, 10, 10]
+    assert "scale-up limited to 4" in recs[4].reason
 
 
 def test_no_scale_down_while_panicking_or_within_the_delay() -> None:
@@ -69,7 +79,7 @@ def test_the_largest_signal_wins_and_is_named() -> None:
     rec = recommend(snap, POLICY, State(), now=0.0)
     assert rec.signals == {"queue_depth": 1.0, "ttfa_p95": 8.0, "open_streams": 1.0}
     assert "ttfa_p95" in rec.reason
-    assert rec.replicas == 8  # x2 rate limit reached exactly
+    assert rec.replicas == 8  # a panic (8 >= 2 x 4): straight to what TTFA asks for
 
 
 def test_bounds_and_floors() -> None:
@@ -104,7 +114,10 @@ def test_every_decision_stays_in_bounds_and_moves_within_the_rate_limits(
         rec = recommend(Snapshot(replicas, pending_requests=value), POLICY, state, now=i * 2.0)
         assert POLICY.min_replicas <= rec.replicas <= POLICY.max_replicas
         assert rec.replicas >= min(replicas, POLICY.max_replicas) - POLICY.max_scale_down_step
-        assert rec.replicas <= max(replicas + 1, 2 * replicas)
+        if rec.panic:  # up at once to what the newest reading asks for, no further
+            assert rec.replicas <= max(replicas, math.ceil((value or 0) / 4), POLICY.min_replicas)
+        else:
+            assert rec.replicas <= max(replicas + 1, 2 * replicas)
         if value is None:
             assert rec.replicas >= min(replicas, POLICY.max_replicas)  # never down blind
         assert rec.reason

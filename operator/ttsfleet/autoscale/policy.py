@@ -12,14 +12,15 @@ The desired size is the largest of them. The proportional ones (queue time, TTFA
 scale from `Snapshot.serving_replicas` (the Ready replicas) when the caller gives it.
 
 Knative-style windows: the stable window averages what the signals asked for over
-the last `stable_window` seconds; the panic window looks at the last
-`panic_window` seconds, and when that asks for `panic_threshold` times the current
-size or more, the fleet scales up to it at once and does not scale down until the
-panic has been quiet for a stable window. Outside a panic, a change within
-`tolerance` (10 %) of the current size is held as noise. Then rate limits (up x2 per
-step; down by `max_scale_down_step` or `max_scale_down_fraction` of the fleet,
-whichever is more), a scale-down delay (the largest recommendation of the last `scale_down_delay`
-seconds wins, so a dip does not cut streams), min/max and floors (scheduled,
+the last `stable_window` seconds; the panic window looks at the last `panic_window`
+seconds, and when that asks for `panic_threshold` times the current size or more,
+the fleet scales up at once to what the newest reading asks for (no rate limit) and
+does not scale down until the panic has been quiet for a stable window. Outside a
+panic, a change within `tolerance` (10 %) of the current size is held as noise, and
+a scale-up goes at most x2 per decision. Down: by `max_scale_down_step` or
+`max_scale_down_fraction` of the fleet, whichever is more, after a scale-down delay
+(the largest stable-window recommendation of the last `scale_down_delay` seconds
+wins, so a dip does not cut streams); then min/max and floors (scheduled,
 predicted). With no metrics it holds the current size and says so: it never scales
 down because it cannot see.
 """
@@ -68,7 +69,7 @@ class Policy:
     stable_window: float = 60.0
     panic_window: float = 6.0
     panic_threshold: float = 2.0
-    max_scale_up_rate: float = 2.0  # at most x2 per decision (and at least +1)
+    max_scale_up_rate: float = 2.0  # outside a panic, at most x2 per decision (and +1)
     max_scale_down_step: int = 1  # replicas removed per decision, at most (see the next)
     max_scale_down_fraction: float = 0.05  # or this share of the fleet, when that is more
     scale_down_delay: float = 120.0
@@ -153,10 +154,12 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
     panic = panic_until is not None and now < panic_until
 
     if panic:
-        desired = max(math.ceil(panicking_now), current)
+        # Size from the newest reading: the window's mean still holds the readings from
+        # before the step, and every second short of capacity adds to the backlog.
+        desired = max(math.ceil(asked), current)
         why = (
-            f"panic: {driver} asks for {panicking_now:.1f} replicas "
-            f"over the last {policy.panic_window:.0f}s"
+            f"panic: {driver} asks for {asked:.1f} replicas "
+            f"({panicking_now:.1f} over the last {policy.panic_window:.0f}s)"
         )
     else:
         desired = math.ceil(stable)
@@ -171,7 +174,9 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
     if desired > policy.max_replicas:
         desired = policy.max_replicas
         why += f"; maxReplicas {policy.max_replicas}"
-    raw = desired
+    # Remembered for the scale-down delay: the stable window's ask, not a panic's, so a
+    # panic's overshoot (sized while a backlog drains) is not held for the whole delay.
+    raw = min(max(math.ceil(stable), lowest), policy.max_replicas)
 
     # Tolerance: a change within it is noise, not a need (HPA's 10 % band).
     # Not for open streams above capacity: streamsPerReplica is what a replica must hold.
@@ -187,8 +192,8 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
         desired = held
         why += f"; holding {held} for the {policy.scale_down_delay:.0f}s scale-down delay"
 
-    # Rate limits.
-    if desired > current:
+    # Rate limits (none up in a panic, as Knative's default 1000x).
+    if desired > current and not panic:
         ceiling = max(current + 1, math.ceil(current * policy.max_scale_up_rate))
         if desired > ceiling:
             desired, why = ceiling, why + f"; scale-up limited to {ceiling}"
