@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from tests.helpers import REPO
-from ttsfleet.cluster import toolchain
+from ttsfleet.api.v1alpha1 import TtsDeploymentSpec
+from ttsfleet.autoscale import metrics
+from ttsfleet.cluster import prometheus, toolchain
+from ttsfleet.resources import TtsObject, build_children
+from ttsfleet.triton import contract
 
 CHART = REPO / "charts" / "tts-operator"
 # This helm is built from its Go module without the ldflags that stamp its default
@@ -268,6 +273,51 @@ def test_rbac_is_least_privilege(objects: list[Manifest]) -> None:
     assert {v for g, r, v in granted if r == "ttsdeployments"} == {"get", "list", "watch"}
 
 
+def test_the_operator_queries_the_prometheus_it_is_given() -> None:
+    def command(*sets: str) -> list[str]:
+        deployment = one(render(*sets), "Deployment")
+        return list(deployment["spec"]["template"]["spec"]["containers"][0]["command"])
+
+    assert "--prometheus-url" not in command()
+    given = command("prometheus.url=http://prometheus-operated.monitoring:9090")
+    assert given[-2:] == ["--prometheus-url", "http://prometheus-operated.monitoring:9090"]
+
+
+def test_the_triton_pod_monitor_labels_samples_as_the_autoscaler_queries_them(
+    objects: list[Manifest],
+) -> None:
+    """The PodMonitor must give Triton's samples the labels the operator groups by, as
+    the local cluster's scrape config (the one the e2e autoscaling tests run) does."""
+    assert not [o for o in objects if o["kind"] == "PodMonitor"]
+    monitor = one(render("prometheus.podMonitor.enabled=true"), "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    assert monitor["spec"]["selector"]["matchExpressions"] == [
+        {"key": "ttsfleet.io/deployment", "operator": "Exists"}
+    ]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["interval"] == "5s"
+    # The Triton container's metrics port, by the name the operator gives it.
+    cpu = TtsDeploymentSpec.model_validate({"placement": {"mode": "cpu"}})
+    children = build_children(TtsObject("joe", "voices", "uid", cpu))
+    triton = one(children, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert endpoint["port"] in {port["name"] for port in triton["ports"]}
+    assert {port["name"]: port["containerPort"] for port in triton["ports"]}[
+        endpoint["port"]
+    ] == contract.METRICS_PORT
+    # The same relabelling as the local Prometheus, and labels the queries group by.
+    relabel = {(r["sourceLabels"][0], r["targetLabel"]) for r in endpoint["relabelings"]}
+    local_config = prometheus.config(Path("kubeconfig"))["scrape_configs"][0]
+    local = {
+        (r["source_labels"][0], r["target_label"])
+        for r in local_config["relabel_configs"]
+        if "target_label" in r
+    }
+    assert relabel == local
+    assert {target for _, target in relabel} == {"namespace", "deployment", "pod"}
+    assert all("sum by (namespace, deployment" in query for query in metrics.QUERIES.values())
+
+
 def test_rbac_can_be_left_out() -> None:
     kinds = {o["kind"] for o in render("rbac.create=false")}
     assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
@@ -283,6 +333,8 @@ def test_rbac_can_be_left_out() -> None:
         ("image.pullPolicy=Sometimes", "at '/image/pullPolicy'"),
         ("serviceMonitor.enabled=yes", "at '/serviceMonitor/enabled': got string, want boolean"),
         ("service.port=0", "at '/service/port'"),
+        ("prometheus.podMonitor.interval=30s", "at '/prometheus/podMonitor/interval'"),
+        ("prometheus.url=prometheus:9090", "at '/prometheus/url'"),
     ],
 )
 def test_the_schema_rejects_wrong_values_with_a_message(value: str, message: str) -> None:
@@ -354,4 +406,5 @@ def test_templates_are_named_component_kind() -> None:
         "operator-servicemonitor.yaml",
         "operator-validatingadmissionpolicy.yaml",
         "operator-validatingadmissionpolicybinding.yaml",
+        "triton-podmonitor.yaml",
     ]
