@@ -132,23 +132,12 @@ def _latency(precision: str, device: str, model_dir: str) -> dict[str, Any]:
 
 def _conv_search(precision: str, algo: str, model_dir: str) -> dict[str, Any]:
     """In a fresh process: the replies with onnxruntime's cuDNN algorithm search `algo`
-    (the engine uses DEFAULT), errors included, on the GPU, with no fallback."""
-    import onnxruntime  # noqa: PLC0415
-    from piper import PiperConfig, PiperVoice  # noqa: PLC0415
-
-    model, config = voices()[VOICE]
-    if precision != "fp32":
-        model = variants.variant_path(VOICE, precision, Path(model_dir))
-    cuda = ("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": algo})
-    session = onnxruntime.InferenceSession(str(model), providers=[cuda, "CPUExecutionProvider"])
-    session.disable_fallback()
-    engine = Synthesizer.__new__(Synthesizer)
-    engine._voice = PiperVoice(
-        session=session, config=PiperConfig.from_dict(json.loads(config.read_text()))
-    )
-    engine.sample_rate = engine._voice.config.sample_rate
+    (the engine's default is DEFAULT), on the GPU; an error is a result too."""
     row: dict[str, Any] = {"precision": precision, "cudnn_conv_algo_search": algo}
     try:
+        engine = Synthesizer(
+            VOICE, precision, Path(model_dir), device="cuda", conv_algo_search=algo
+        )
         for text in SAMPLE_REPLIES:
             engine.synthesize(text)
         timed = [_timed(engine, text) for text in SAMPLE_REPLIES * 3]

@@ -96,7 +96,7 @@ def default_model_dir() -> Path:
 DEVICES = ("cpu", "cuda")
 
 
-def _session(model: Path, device: str, device_id: int) -> Any:
+def _session(model: Path, device: str, device_id: int, conv_algo_search: str) -> Any:
     """An onnxruntime session on the CPU, or on GPU `device_id` through the CUDA provider.
 
     onnxruntime quietly falls back to the CPU when the CUDA provider cannot load (a CPU
@@ -116,11 +116,8 @@ def _session(model: Path, device: str, device_id: int) -> Any:
             f"here has only {', '.join(available)}: install onnxruntime-gpu in the model image "
             "(see triton.Dockerfile), or run the model with instance kind KIND_CPU"
         )
-    # DEFAULT: cuDNN's default convolution algorithms, no search. Every request has its
-    # own length, so every shape is new: HEURISTIC queried cuDNN per shape (2x slower on
-    # an H100, and FP16 failed its query on the decoder's dilated convolutions);
-    # EXHAUSTIVE benchmarks per shape (minutes). See benchmarks/results/gpu.json.
-    cuda = ("CUDAExecutionProvider", {"device_id": device_id, "cudnn_conv_algo_search": "DEFAULT"})
+    options = {"device_id": device_id, "cudnn_conv_algo_search": conv_algo_search}
+    cuda = ("CUDAExecutionProvider", options)
     session = onnxruntime.InferenceSession(str(model), providers=[cuda, "CPUExecutionProvider"])
     # A run that fails on the GPU raises; by default onnxruntime would move the whole
     # session to the CPU for good, without a word (seen on an H100 with FP16).
@@ -139,11 +136,16 @@ class Synthesizer:
 
     `device` "cuda" runs the voice on GPU `device_id` (a Triton KIND_GPU instance);
     the text front end (espeak-ng phonemes) stays on the CPU either way.
+    `conv_algo_search` is onnxruntime's cuDNN algorithm search on the GPU. DEFAULT
+    (cuDNN's default algorithms, no search), because every request has its own length
+    and so every shape is new: HEURISTIC queried cuDNN per shape (2x slower on an H100,
+    and FP16 failed its query on the decoder's dilated convolutions); EXHAUSTIVE
+    benchmarks every shape (minutes). See benchmarks/results/gpu.json.
     """
 
     def __init__(
         self, voice: str, precision: str = "fp32", model_dir: Path | None = None,
-        device: str = "cpu", device_id: int = 0,
+        device: str = "cpu", device_id: int = 0, conv_algo_search: str = "DEFAULT",
     ) -> None:  # fmt: skip
         from piper import PiperConfig, PiperVoice  # noqa: PLC0415 - optional: the serving extra
 
@@ -170,7 +172,7 @@ class Synthesizer:
         self.precision = precision
         self.device = device
         self._voice: Any = PiperVoice(
-            session=_session(model, device, device_id),
+            session=_session(model, device, device_id, conv_algo_search),
             config=PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8"))),
         )
         self.sample_rate = int(self._voice.config.sample_rate)
