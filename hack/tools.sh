@@ -6,6 +6,7 @@
 #   kwok-<v>/       kwok kwokctl
 #   helm-<v>+k8s-<k8s v>/ helm
 #   prometheus-<v>/ prometheus
+#   kind-<v>/       kind-config-check (hack/kind/check: kind's own config types, no kind CLI)
 # A second run finds every binary and builds nothing.
 # Usage: hack/tools.sh [build|check]
 set -euo pipefail
@@ -89,6 +90,21 @@ install_module() {
   publish "$tmp" "$dir"
 }
 
+# The kind config checker, built against the kind release it checks for. Keyed on that
+# version; a stamp of its own sources rebuilds it when they change.
+build_kind_check() {
+  local dir=$bin/kind-$KIND_VERSION src=$here/kind/check sum
+  grep -q "sigs.k8s.io/kind $KIND_VERSION\$" "$src/go.mod" ||
+    die "hack/kind/check/go.mod must require sigs.k8s.io/kind $KIND_VERSION (versions.env)"
+  sum=$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -d' ' -f1)
+  have "$dir" kind-config-check && [ "$(cat "$dir/source.sha256" 2>/dev/null)" = "$sum" ] && return
+  local tmp
+  tmp=$(mktemp -d "$dir.partial.XXXX")
+  (cd "$src" && timed "kind-config-check (kind $KIND_VERSION)" go build -trimpath -ldflags "-s -w" -o "$tmp/kind-config-check" .)
+  echo "$sum" >"$tmp/source.sha256"
+  publish "$tmp" "$dir"
+}
+
 build_all() {
   check_go
   mkdir -p "$bin"
@@ -114,6 +130,7 @@ build_all() {
   promver=$(echo "$PROMETHEUS_VERSION" | sed -E 's/^v0\.3([0-9]{2})\.([0-9]+)$/3.\1.\2/; s/^3\.0/3./')
   install_module prometheus "$PROMETHEUS_VERSION" "-s -w -X github.com/prometheus/common/version.Version=$promver" \
     "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION"
+  build_kind_check
   echo "tools ready under $bin ($(( $(date +%s) - start ))s)"
 }
 

@@ -22,6 +22,7 @@ _BINARIES: dict[str, tuple[str, str]] = {
     "kwokctl": ("kwok", "KWOK_VERSION"),
     "helm": ("helm", "HELM_VERSION"),
     "prometheus": ("prometheus", "PROMETHEUS_VERSION"),
+    "kind-config-check": ("kind", "KIND_VERSION"),  # hack/kind/check, against kind's types
 }
 
 
