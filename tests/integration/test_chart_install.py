@@ -32,6 +32,8 @@ from ttsfleet.cluster import local, toolchain
 
 CHART = REPO / "charts" / "tts-operator"
 CRD = "customresourcedefinition/ttsdeployments.ttsfleet.io"
+# The Lease the chart's operator pods elect a leader through (the chart's default).
+LEASE = yaml.safe_load((CHART / "values.yaml").read_text())["leaderElection"]["leaseName"]
 
 
 def run_helm(cluster: Cluster, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -69,7 +71,8 @@ def release_objects(cluster: Cluster, release: str, namespace: str) -> set[str]:
     """Everything labelled as the release's: namespaced in `namespace`, and cluster-wide."""
     selector = f"app.kubernetes.io/instance={release}"
     namespaced = cluster.kubectl(
-        "get", "-n", namespace, "deploy,sa,svc", "-l", selector, "-o", "name"
+        "get", "-n", namespace, "deploy,daemonset,sa,svc,role,rolebinding,pdb,networkpolicy",
+        "-l", selector, "-o", "name",
     )  # fmt: skip
     clusterwide = cluster.kubectl(
         "get", "clusterrole,clusterrolebinding", "-l", selector, "-o", "name"
@@ -105,6 +108,8 @@ def test_install_upgrade_uninstall_keeps_the_crd(
             f"service/{name}",
             f"clusterrole.rbac.authorization.k8s.io/{name}",
             f"clusterrolebinding.rbac.authorization.k8s.io/{name}",
+            f"role.rbac.authorization.k8s.io/{name}-leader-election",
+            f"rolebinding.rbac.authorization.k8s.io/{name}-leader-election",
         }
         deployment = json.loads(
             cluster.kubectl("get", "-n", namespace, "deploy", name, "-o", "json")
@@ -125,13 +130,20 @@ def test_install_upgrade_uninstall_keeps_the_crd(
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations["ttsfleet.io/upgraded"] == "yes"
         assert deployment["spec"]["replicas"] == 0  # --reuse-values kept it
-        # The schema stops a value the operator cannot run with before the cluster sees it.
+        # The schema, and the chart where the schema cannot compare values, stop a value
+        # the operator cannot run with before the cluster sees it.
         refused = run_helm(
             cluster, tmp_path, "upgrade", release, str(CHART), "-n", namespace,
-            "--set", "replicaCount=2",
+            "--set", "replicaCount=-1",
         )  # fmt: skip
         assert refused.returncode != 0
-        assert "at '/replicaCount': maximum: got 2, want 1" in refused.stderr
+        assert "at '/replicaCount': minimum: got -1, want 0" in refused.stderr
+        refused = run_helm(
+            cluster, tmp_path, "upgrade", release, str(CHART), "-n", namespace,
+            "--set", "leaderElection.enabled=false",
+        )  # fmt: skip
+        assert refused.returncode != 0
+        assert "replicaCount is 2 but leaderElection.enabled is false" in refused.stderr
         history = json.loads(
             helm(cluster, tmp_path, "history", release, "-n", namespace, "-o", "json")
         )
@@ -227,6 +239,30 @@ def test_the_service_account_may_do_what_the_operator_does(
     cluster: Cluster, installed: Installed, namespace: str, args: tuple[str, ...]
 ) -> None:
     assert can_i(cluster, installed, *args, "-n", namespace)
+
+
+def test_the_service_account_may_hold_only_its_lease_in_the_release_namespace(
+    cluster: Cluster, installed: Installed, namespace: str
+) -> None:
+    """Leader election's Role: get and update on the chart's Lease, create on Leases
+    (RBAC cannot narrow a create by name), in the release namespace only."""
+    here = ("-n", installed.namespace)
+    lease = f"leases.coordination.k8s.io/{LEASE}"
+    assert can_i(cluster, installed, "get", lease, *here)
+    assert can_i(cluster, installed, "update", lease, *here)
+    assert can_i(cluster, installed, "create", "leases.coordination.k8s.io", *here)
+    for args in [
+        ("get", "leases.coordination.k8s.io/another", *here),
+        ("update", "leases.coordination.k8s.io/another", *here),
+        ("delete", lease, *here),
+        ("patch", lease, *here),
+        ("list", "leases.coordination.k8s.io", *here),
+        ("watch", "leases.coordination.k8s.io", *here),
+        ("get", lease, "-n", namespace),
+        ("create", "leases.coordination.k8s.io", "-n", namespace),
+        ("update", lease, "-n", "kube-system"),
+    ]:
+        assert not can_i(cluster, installed, *args), args
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,16 @@ def render(*sets: str, namespace: str = "ttsfleet-system") -> list[Manifest]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
+def refusal(*sets: str) -> str:
+    """What `helm template` says when it refuses `sets` (it must refuse them)."""
+    args = ["template", "tts", str(CHART), "--kube-version", KUBE_VERSION]
+    for value in sets:
+        args += ["--set", value]
+    result = helm(*args)
+    assert result.returncode != 0, f"helm accepted {sets}"
+    return result.stderr
+
+
 def one(objects: list[Manifest], kind: str) -> Manifest:
     found = [o for o in objects if o["kind"] == kind]
     assert len(found) == 1, f"{len(found)} objects of kind {kind}"
@@ -96,6 +106,9 @@ def test_it_renders_the_crd_and_one_object_of_each_kind(objects: list[Manifest])
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "Deployment",
+        "PodDisruptionBudget",
+        "Role",
+        "RoleBinding",
         "Service",
         "ServiceAccount",
         "ValidatingAdmissionPolicy",
@@ -114,6 +127,8 @@ def test_the_operator_runs_the_cli_command_in_cluster(objects: list[Manifest]) -
     container = operator_container(objects)
     assert container["command"] == [
         "ttsfleet", "operator", "--metrics-port", "8080", "--health-port", "8081",
+        "--leader-election-id", "ttsfleet-operator",
+        "--lease-duration", "15", "--renew-deadline", "10", "--retry-period", "2",
     ]  # fmt: skip
     assert "args" not in container
     assert not any("kubeconfig" in arg for arg in container["command"])
@@ -127,6 +142,20 @@ def test_the_liveness_probe_is_kopfs_healthz(objects: list[Manifest]) -> None:
     probe = operator_container(objects)["livenessProbe"]
     assert probe["httpGet"] == {"path": "/healthz", "port": "health"}
     assert probe["periodSeconds"] > 0
+
+
+def test_the_readiness_probe_is_readyz_with_timings_from_values(objects: list[Manifest]) -> None:
+    probe = operator_container(objects)["readinessProbe"]
+    assert probe == {
+        "httpGet": {"path": "/readyz", "port": "health"},
+        "initialDelaySeconds": 5,
+        "periodSeconds": 10,
+        "timeoutSeconds": 5,
+        "failureThreshold": 3,
+    }
+    changed = operator_container(render("readinessProbe.periodSeconds=3"))["readinessProbe"]
+    assert changed["periodSeconds"] == 3
+    assert changed["httpGet"] == {"path": "/readyz", "port": "health"}
 
 
 def test_the_pod_meets_the_restricted_pod_security_standard(objects: list[Manifest]) -> None:
@@ -155,11 +184,137 @@ def test_resources_come_from_values(objects: list[Manifest]) -> None:
     assert changed["limits"] == {"memory": "1Gi"}
 
 
-def test_one_replica_recreated_never_two_side_by_side(objects: list[Manifest]) -> None:
+def test_no_cpu_limit_by_default_and_one_when_set(objects: list[Manifest]) -> None:
+    """No CPU limit unless asked (CFS would throttle reconcile bursts); values.yaml says so."""
+    assert "cpu" not in operator_container(objects)["resources"]["limits"]
+    limited = operator_container(render("resources.limits.cpu=500m"))["resources"]
+    assert limited["limits"] == {"cpu": "500m", "memory": "300Mi"}
+    assert limited["requests"] == {"cpu": "100m", "memory": "128Mi"}
+    values = (CHART / "values.yaml").read_text()
+    assert "No CPU limit by default" in values
+
+
+def test_two_replicas_elect_a_leader_and_roll(objects: list[Manifest]) -> None:
+    """Two pods, a leader and a standby: an update starts a new pod before it stops one."""
+    spec = one(objects, "Deployment")["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    assert one(render("replicaCount=0"), "Deployment")["spec"]["replicas"] == 0
+    assert one(render("replicaCount=3"), "Deployment")["spec"]["replicas"] == 3
+    env = {e["name"]: e for e in operator_container(objects)["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
+def test_leader_election_values_reach_the_command() -> None:
+    command = operator_container(
+        render(
+            "leaderElection.leaseName=my-lease",
+            "leaderElection.leaseDuration=30",
+            "leaderElection.renewDeadline=20",
+            "leaderElection.retryPeriod=4",
+        )
+    )["command"]
+    assert command[6:] == [
+        "--leader-election-id", "my-lease",
+        "--lease-duration", "30", "--renew-deadline", "20", "--retry-period", "4",
+    ]  # fmt: skip
+
+
+def test_without_leader_election_one_pod_is_recreated_never_two_side_by_side() -> None:
+    objects = render("leaderElection.enabled=false", "replicaCount=1")
     spec = one(objects, "Deployment")["spec"]
     assert spec["replicas"] == 1
     assert spec["strategy"] == {"type": "Recreate"}
-    assert one(render("replicaCount=0"), "Deployment")["spec"]["replicas"] == 0
+    command = spec["template"]["spec"]["containers"][0]["command"]
+    assert command[6:] == ["--no-leader-election"]
+    assert not {o["kind"] for o in objects} & {"Role", "RoleBinding", "PodDisruptionBudget"}
+    # The default replicaCount, 2, needs leader election: the chart says so and how to fix it.
+    message = refusal("leaderElection.enabled=false")
+    assert "replicaCount is 2 but leaderElection.enabled is false" in message
+    assert "Set replicaCount to 0 or 1, or set leaderElection.enabled=true" in message
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ["leaderElection.renewDeadline=15"],
+            "leaderElection.renewDeadline (15) must be below leaderElection.leaseDuration (15)",
+        ),
+        (
+            ["leaderElection.leaseDuration=8"],
+            "leaderElection.renewDeadline (10) must be below leaderElection.leaseDuration (8)",
+        ),
+        (
+            ["leaderElection.retryPeriod=10"],
+            "leaderElection.retryPeriod (10) must be below leaderElection.renewDeadline (10)",
+        ),
+    ],
+)
+def test_leader_election_timings_must_nest(sets: list[str], message: str) -> None:
+    """JSON schema cannot compare two values: the chart fails with the names and the fix."""
+    refused = refusal(*sets)
+    assert message in refused
+    assert "lower" in refused and "raise" in refused
+
+
+def test_the_lease_role_is_namespaced_and_narrow(objects: list[Manifest]) -> None:
+    role = one(objects, "Role")
+    assert role["metadata"]["namespace"] == "ttsfleet-system"
+    assert role["metadata"]["name"] == "tts-tts-operator-leader-election"
+    assert role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["ttsfleet-operator"],
+            "verbs": ["get", "update"],
+        },
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    ]
+    binding = one(objects, "RoleBinding")
+    assert binding["metadata"]["namespace"] == "ttsfleet-system"
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    sa = one(objects, "ServiceAccount")["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa, "namespace": "ttsfleet-system"}
+    ]
+    renamed = one(render("leaderElection.leaseName=other"), "Role")
+    assert renamed["rules"][0]["resourceNames"] == ["other"]
+    template = (CHART / "templates" / "operator-role.yaml").read_text()
+    assert "create cannot be narrowed by resourceNames" in template
+
+
+def test_a_budget_keeps_a_drain_from_taking_both_pods(objects: list[Manifest]) -> None:
+    pdb = one(objects, "PodDisruptionBudget")
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    # One pod (or none): no budget, which would block every drain of its node.
+    for sets in (["replicaCount=1"], ["replicaCount=0"], ["podDisruptionBudget.enabled=false"]):
+        assert not [o for o in render(*sets) if o["kind"] == "PodDisruptionBudget"], sets
+
+
+def test_the_pods_prefer_different_nodes_unless_affinity_is_set(objects: list[Manifest]) -> None:
+    pod = one(objects, "Deployment")["spec"]["template"]
+    (term,) = pod["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    selector = term["podAffinityTerm"]["labelSelector"]["matchLabels"]
+    assert selector == one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    mine = one(render("affinity.nodeAffinity.x=y"), "Deployment")
+    assert mine["spec"]["template"]["spec"]["affinity"] == {"nodeAffinity": {"x": "y"}}
 
 
 def test_the_image_follows_its_values() -> None:
@@ -320,14 +475,13 @@ def test_the_triton_pod_monitor_labels_samples_as_the_autoscaler_queries_them(
 
 def test_rbac_can_be_left_out() -> None:
     kinds = {o["kind"] for o in render("rbac.create=false")}
-    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 
 @pytest.mark.parametrize(
     ("value", "message"),
     [
         ("replicaCount=two", "at '/replicaCount': got string, want integer"),
-        ("replicaCount=2", "at '/replicaCount': maximum: got 2, want 1"),
         ("replicaCount=-1", "at '/replicaCount': minimum: got -1, want 0"),
         ("replicaCunt=1", "additional properties 'replicaCunt' not allowed"),
         ("image.pullPolicy=Sometimes", "at '/image/pullPolicy'"),
@@ -335,6 +489,14 @@ def test_rbac_can_be_left_out() -> None:
         ("service.port=0", "at '/service/port'"),
         ("prometheus.podMonitor.interval=30s", "at '/prometheus/podMonitor/interval'"),
         ("prometheus.url=prometheus:9090", "at '/prometheus/url'"),
+        ("leaderElection.enabled=yes", "at '/leaderElection/enabled': got string, want boolean"),
+        ("leaderElection.leaseName=Not_A_Name", "at '/leaderElection/leaseName'"),
+        ("leaderElection.leaseDuration=0", "at '/leaderElection/leaseDuration'"),
+        ("leaderElection.retryPeriod=0", "at '/leaderElection/retryPeriod'"),
+        ("leaderElection.leaseDuration=15s", "at '/leaderElection/leaseDuration'"),
+        ("readinessProbe.periodSeconds=0", "at '/readinessProbe/periodSeconds'"),
+        ("readinessProbe.path=/x", "additional properties 'path' not allowed"),
+        ("podDisruptionBudget.maxUnavailable=0", "at '/podDisruptionBudget/maxUnavailable'"),
     ],
 )
 def test_the_schema_rejects_wrong_values_with_a_message(value: str, message: str) -> None:
@@ -401,6 +563,9 @@ def test_templates_are_named_component_kind() -> None:
         "operator-clusterrole.yaml",
         "operator-clusterrolebinding.yaml",
         "operator-deployment.yaml",
+        "operator-poddisruptionbudget.yaml",
+        "operator-role.yaml",
+        "operator-rolebinding.yaml",
         "operator-service.yaml",
         "operator-serviceaccount.yaml",
         "operator-servicemonitor.yaml",

@@ -130,3 +130,43 @@ agent.image.repository is set.
 {{- include "tts-operator.image" . }}
 {{- end }}
 {{- end }}
+
+{{/*
+tts-operator.validate: fails the render on values that the schema cannot compare with
+each other, with a message that names the values and the fix. Leader election's
+timings must nest (retryPeriod < renewDeadline < leaseDuration) as the operator
+checks them at start; without leader election, two pods would both reconcile.
+*/}}
+{{- define "tts-operator.validate" -}}
+{{- $le := .Values.leaderElection }}
+{{- if $le.enabled }}
+{{- if ge (int $le.renewDeadline) (int $le.leaseDuration) }}
+{{- fail (printf "leaderElection.renewDeadline (%d) must be below leaderElection.leaseDuration (%d), or an old leader could still write when a new one starts: lower renewDeadline or raise leaseDuration" (int $le.renewDeadline) (int $le.leaseDuration)) }}
+{{- end }}
+{{- if ge (int $le.retryPeriod) (int $le.renewDeadline) }}
+{{- fail (printf "leaderElection.retryPeriod (%d) must be below leaderElection.renewDeadline (%d), or the leader gets no second try to renew before it must stop: lower retryPeriod or raise renewDeadline" (int $le.retryPeriod) (int $le.renewDeadline)) }}
+{{- end }}
+{{- else if gt (int .Values.replicaCount) 1 }}
+{{- fail (printf "replicaCount is %d but leaderElection.enabled is false: without leader election every operator pod reconciles every TtsDeployment. Set replicaCount to 0 or 1, or set leaderElection.enabled=true" (int .Values.replicaCount)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+tts-operator.affinity: the operator pod's affinity: the affinity value when set, else a
+preferred anti-affinity that puts the release's operator pods (the leader and its
+standby) on different nodes where it can, and on one node where it cannot.
+*/}}
+{{- define "tts-operator.affinity" -}}
+{{- if .Values.affinity }}
+{{- toYaml .Values.affinity }}
+{{- else -}}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "tts-operator.selectorLabels" . | nindent 12 }}
+{{- end }}
+{{- end }}
