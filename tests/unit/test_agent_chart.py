@@ -75,7 +75,9 @@ def test_the_agent_runs_the_cli_command_on_its_own_node(objects: list[Manifest])
     assert env["NVIDIA_VISIBLE_DEVICES"]["value"] == "all"
     assert env["NVIDIA_DRIVER_CAPABILITIES"]["value"] == "utility"
     assert container["ports"] == [{"name": "metrics", "containerPort": 9402, "protocol": "TCP"}]
+    # It serves nothing but its metrics: both probes ask for them.
     assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     assert container["image"] == "ttsfleet/operator:0.1.0"
     # It reads the GPUs without allocating one.
     for section in container["resources"].values():
@@ -156,9 +158,27 @@ def test_values_reach_the_daemonset() -> None:
         ("agent.interval=0", "at '/agent/interval'"),
         ("agent.metricsPort=70000", "at '/agent/metricsPort'"),
         ("agent.imagePullPolicy=Always", "additional properties 'imagePullPolicy' not allowed"),
+        ("agent.readinessProbe.periodSeconds=0", "at '/agent/readinessProbe/periodSeconds'"),
     ],
 )
 def test_the_schema_rejects_wrong_agent_values(value: str, message: str) -> None:
     result = helm("template", "tts", str(CHART), "--kube-version", KUBE_VERSION, "--set", value)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_probe_timings_and_a_cpu_limit_come_from_values(objects: list[Manifest]) -> None:
+    container = agent_container(objects)
+    assert container["livenessProbe"]["periodSeconds"] == 30
+    assert container["readinessProbe"]["periodSeconds"] == 10
+    assert "cpu" not in container["resources"]["limits"]
+    changed = agent_container(
+        agent_objects(
+            "agent.readinessProbe.periodSeconds=5",
+            "agent.livenessProbe.failureThreshold=6",
+            "agent.resources.limits.cpu=100m",
+        )
+    )
+    assert changed["readinessProbe"]["periodSeconds"] == 5
+    assert changed["livenessProbe"]["failureThreshold"] == 6
+    assert changed["resources"]["limits"] == {"cpu": "100m", "memory": "160Mi"}
