@@ -159,6 +159,7 @@ def test_values_reach_the_daemonset() -> None:
         ("agent.metricsPort=70000", "at '/agent/metricsPort'"),
         ("agent.imagePullPolicy=Always", "additional properties 'imagePullPolicy' not allowed"),
         ("agent.readinessProbe.periodSeconds=0", "at '/agent/readinessProbe/periodSeconds'"),
+        ("networkPolicy.agent.metricsFrom=all", "at '/networkPolicy/agent/metricsFrom'"),
     ],
 )
 def test_the_schema_rejects_wrong_agent_values(value: str, message: str) -> None:
@@ -182,3 +183,21 @@ def test_probe_timings_and_a_cpu_limit_come_from_values(objects: list[Manifest])
     assert changed["readinessProbe"]["periodSeconds"] == 5
     assert changed["livenessProbe"]["failureThreshold"] == 6
     assert changed["resources"]["limits"] == {"cpu": "100m", "memory": "160Mi"}
+
+
+def test_the_agent_policy_lets_in_its_metrics_and_out_dns_and_the_api() -> None:
+    objects = agent_objects("networkPolicy.enabled=true", "agent.metricsPort=9500")
+    policy = one(objects, "NetworkPolicy")
+    spec = policy["spec"]
+    assert policy["metadata"]["name"] == "tts-tts-operator-agent"
+    assert spec["podSelector"] == one(objects, "DaemonSet")["spec"]["selector"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert spec["ingress"] == [
+        {"ports": [{"port": 9500, "protocol": "TCP"}], "from": [{"namespaceSelector": {}}]}
+    ]
+    dns, api = spec["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert {p["port"] for p in api["ports"]} == {443, 6443}
+    assert not [
+        o for o in agent_objects("networkPolicy.enabled=false") if o["kind"] == "NetworkPolicy"
+    ]

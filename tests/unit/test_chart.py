@@ -438,6 +438,85 @@ def test_the_operator_queries_the_prometheus_it_is_given() -> None:
     assert given[-2:] == ["--prometheus-url", "http://prometheus-operated.monitoring:9090"]
 
 
+def egress_ports(rule: Manifest) -> set[tuple[int, str]]:
+    return {(p["port"], p["protocol"]) for p in rule["ports"]}
+
+
+def test_network_policies_are_off_by_default(objects: list[Manifest]) -> None:
+    assert not [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert not [o for o in render("agent.enabled=true") if o["kind"] == "NetworkPolicy"]
+
+
+def test_the_operator_policy_lets_in_its_ports_and_out_what_it_needs() -> None:
+    objects = render("networkPolicy.enabled=true")
+    policy = one(objects, "NetworkPolicy")
+    spec = policy["spec"]
+    assert policy["metadata"]["namespace"] == "ttsfleet-system"
+    assert spec["podSelector"] == one(objects, "Deployment")["spec"]["selector"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    # In: /metrics from any pod of the cluster; the health port from no pod (the
+    # kubelet's probes are not subject to NetworkPolicy on most CNIs).
+    assert spec["ingress"] == [
+        {"ports": [{"port": 8080, "protocol": "TCP"}], "from": [{"namespaceSelector": {}}]}
+    ]
+    # Out: DNS, the apiserver (any address by default: it has no pod labels to select),
+    # Triton's metrics on the fleets' pods; no Prometheus without prometheus.url.
+    dns, api, triton = spec["egress"]
+    assert egress_ports(dns) == {(53, "UDP"), (53, "TCP")}
+    assert dns["to"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ]
+    assert egress_ports(api) == {(443, "TCP"), (6443, "TCP")}
+    assert "to" not in api
+    assert egress_ports(triton) == {(contract.METRICS_PORT, "TCP")}
+    assert triton["to"] == [
+        {
+            "namespaceSelector": {},
+            "podSelector": {
+                "matchExpressions": [{"key": "ttsfleet.io/deployment", "operator": "Exists"}]
+            },
+        }
+    ]
+
+
+def test_the_operator_policy_follows_its_values() -> None:
+    spec = one(
+        render(
+            "networkPolicy.enabled=true",
+            "prometheus.url=http://prometheus-operated.monitoring:9090",
+            "networkPolicy.apiServer.cidrs={10.0.0.1/32,10.0.0.2/32}",
+            "networkPolicy.apiServer.ports={6443}",
+            "networkPolicy.operator.metricsFrom=null",
+            "networkPolicy.operator.healthFrom[0].ipBlock.cidr=10.1.0.0/16",
+            "networkPolicy.operator.prometheus.to[0].namespaceSelector.matchLabels.name=monitoring",
+            "networkPolicy.operator.prometheus.port=9091",
+            "networkPolicy.operator.extraEgress[0].to[0].ipBlock.cidr=203.0.113.0/24",
+            "networkPolicy.operator.extraEgress[0].ports[0].port=443",
+        ),
+        "NetworkPolicy",
+    )["spec"]
+    # An empty peer list opens nothing (no rule open to all).
+    assert spec["ingress"] == [
+        {
+            "ports": [{"port": 8081, "protocol": "TCP"}],
+            "from": [{"ipBlock": {"cidr": "10.1.0.0/16"}}],
+        }
+    ]
+    _, api, prometheus_rule, _, extra = spec["egress"]
+    assert api == {
+        "ports": [{"port": 6443, "protocol": "TCP"}],
+        "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}, {"ipBlock": {"cidr": "10.0.0.2/32"}}],
+    }
+    assert prometheus_rule == {
+        "ports": [{"port": 9091, "protocol": "TCP"}],
+        "to": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+    }
+    assert extra == {"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}], "ports": [{"port": 443}]}
+
+
 def test_the_triton_pod_monitor_labels_samples_as_the_autoscaler_queries_them(
     objects: list[Manifest],
 ) -> None:
@@ -497,6 +576,14 @@ def test_rbac_can_be_left_out() -> None:
         ("readinessProbe.periodSeconds=0", "at '/readinessProbe/periodSeconds'"),
         ("readinessProbe.path=/x", "additional properties 'path' not allowed"),
         ("podDisruptionBudget.maxUnavailable=0", "at '/podDisruptionBudget/maxUnavailable'"),
+        ("networkPolicy.enabled=yes", "at '/networkPolicy/enabled'"),
+        ("networkPolicy.apiServer.cidrs={10.0.0.1}", "at '/networkPolicy/apiServer/cidrs/0'"),
+        ("networkPolicy.apiServer.ports={0}", "at '/networkPolicy/apiServer/ports/0'"),
+        (
+            "networkPolicy.operator.tritonMetricsPort=70000",
+            "at '/networkPolicy/operator/tritonMetricsPort'",
+        ),
+        ("networkPolicy.operator.metricsFrom[0].namespaceSelectr.a=b", "namespaceSelectr"),
     ],
 )
 def test_the_schema_rejects_wrong_values_with_a_message(value: str, message: str) -> None:
@@ -557,12 +644,14 @@ def test_templates_are_named_component_kind() -> None:
         "agent-clusterrole.yaml",
         "agent-clusterrolebinding.yaml",
         "agent-daemonset.yaml",
+        "agent-networkpolicy.yaml",
         "agent-serviceaccount.yaml",
         "agent-validatingadmissionpolicy.yaml",
         "agent-validatingadmissionpolicybinding.yaml",
         "operator-clusterrole.yaml",
         "operator-clusterrolebinding.yaml",
         "operator-deployment.yaml",
+        "operator-networkpolicy.yaml",
         "operator-poddisruptionbudget.yaml",
         "operator-role.yaml",
         "operator-rolebinding.yaml",

@@ -170,3 +170,35 @@ podAntiAffinity:
             {{- include "tts-operator.selectorLabels" . | nindent 12 }}
 {{- end }}
 {{- end }}
+
+{{/*
+tts-operator.baseEgress: the NetworkPolicy egress rules that the operator and the agent
+both need: DNS (UDP and TCP 53) and the Kubernetes API. A destination list left empty
+(networkPolicy.dns.to, networkPolicy.apiServer.cidrs) allows any address on those ports.
+*/}}
+{{- define "tts-operator.baseEgress" -}}
+{{- $np := .Values.networkPolicy -}}
+# DNS: the cluster's resolver.
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+  {{- with $np.dns.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+# The Kubernetes API, by address: on most clusters no pod selector matches the apiserver.
+- ports:
+    {{- range $np.apiServer.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with $np.apiServer.cidrs }}
+  to:
+    {{- range . }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  {{- end }}
+{{- end }}
