@@ -1,35 +1,29 @@
-"""One reconcile of a `TtsDeployment`: read it, build its children, apply them, report.
+"""One reconcile of a `TtsDeployment`: the thin executor of `plan`.
 
-Level-based and idempotent: every call converges on the same children whatever
-happened before (an operator killed mid-way, a child deleted or edited by hand),
-and an unchanged object changes nothing (server-side apply of the same content
-writes nothing).
+It reads what the plan needs, applies what `plan.desire` says, reads the children
+back and writes what `plan.report` says. Level-based and idempotent: every call
+converges on the same children whatever happened before (an operator killed mid-way,
+a child deleted or edited by hand), and an unchanged object changes nothing
+(server-side apply of the same content writes nothing).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from pydantic import ValidationError
 
-from ttsfleet import kube, status
+from ttsfleet import kube, plan
 from ttsfleet.api import v1alpha1 as api
-from ttsfleet.gpu import planner
-from ttsfleet.resources import PlacementError, TtsObject, build_children
-from ttsfleet.resources.common import DEPLOYMENT_LABEL, FIELD_MANAGER, drifted
-from ttsfleet.resources.placement import gpu_tolerations, resolve_placement
-from ttsfleet.resources.service import endpoints
+from ttsfleet.resources.common import DEPLOYMENT_LABEL, FIELD_MANAGER
 
-log = logging.getLogger(__name__)
 Manifest = dict[str, Any]
 
 
@@ -58,178 +52,93 @@ class NodeCache:
         return self._fresh("pods", lambda: kube.list_bound_pods(api_client))
 
 
-NODES = NodeCache()
-
-
 @dataclass(frozen=True)
 class Outcome:
     applied: bool
     stalled_reason: str | None
     seconds: float
     ready: bool = False
+    gone: bool = False
 
 
-def _now() -> str:
+def now_stamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _describe(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"])
-        parts.append(f"spec.{where}: {e['msg']}")
-    return "; ".join(parts)
-
-
-def _with_offers(
-    api_client: client.ApiClient, tts: TtsObject, old_status: Manifest, generation: int
-) -> TtsObject:
-    """`tts` with what the nodes its pods may land on offer (placement.mode auto)."""
-    wanted = tts.spec.placement
-    nodes = planner.eligible_nodes(
-        NODES.nodes(api_client), wanted.node_selector, gpu_tolerations(wanted)
-    )
-    # The same spec keeps its slice while it fits; a new generation is planned anew.
-    same = old_status.get("observedGeneration") == generation
-    return replace(
-        tts,
-        offers=tuple(planner.options_from_nodes(nodes)),
-        placed=old_status.get("placement") if same else None,
-    )
 
 
 def reconcile(
     api_client: client.ApiClient,
-    body: Manifest,
+    body: Manifest | None,
+    nodes: NodeCache,
     *,
     apply: bool = True,
     live_child: Manifest | None = None,
-    metrics: tuple[bool | None, str, str] | None = None,
+    metrics: plan.MetricsCondition | None = None,
 ) -> Outcome:
-    """Bring the children of `body` in line with its spec and report in its status.
+    """Carry out `plan` for `body` (as just read): apply, read back, report.
 
     With `apply=False` only the status is refreshed (a pod changed). With a
     `live_child` (a child as a watch event showed it), the children are applied
     only if that child drifted from what it should be: gone, or edited by hand.
     """
     start = time.monotonic()
-    meta = body["metadata"]
-    generation = int(meta.get("generation") or 0)
-    old_status = body.get("status") or {}
-    try:
-        tts = TtsObject.from_body(body)
-        if tts.spec.placement.mode == api.PlacementMode.AUTO:
-            tts = _with_offers(api_client, tts, old_status, generation)
-        placement = resolve_placement(tts.spec, tts.offers, tts.placed)
-        children = build_children(tts)
-    except (ValidationError, PlacementError) as err:
-        reason = "InvalidSpec" if isinstance(err, ValidationError) else "PlacementUnavailable"
-        message = _describe(err) if isinstance(err, ValidationError) else str(err)
-        conditions = status.stalled_conditions(reason, message)
-        new = {
-            "observedGeneration": generation,
-            "conditions": status.merge_conditions(
-                old_status.get("conditions") or [], conditions, generation, _now()
-            ),
-        }
-        if _changed(old_status, new):
-            kube.patch_custom_status(
-                api_client, api.GROUP, api.VERSION, api.PLURAL, meta["namespace"], meta["name"], new
-            )
-            kube.post_event(api_client, body, "Warning", reason, message)
-        return Outcome(False, reason, time.monotonic() - start)
-
-    spec = tts.spec
-    if spec.replicas is None:
+    desired = plan.desire(
+        body,
+        nodes.nodes(api_client) if _auto(body) else (),
+        apply=apply,
+        live_child=live_child,
+    )
+    if desired is None or desired.gone:
+        return Outcome(False, None, time.monotonic() - start, gone=True)
+    if desired.stalled is not None:
+        _write_report(api_client, desired, plan.report(desired, None, now=now_stamp()))
+        return Outcome(False, desired.stalled[0], time.monotonic() - start)
+    tts = desired.tts
+    assert tts is not None
+    if desired.scale_to is not None:
         # spec.replicas defaults to minReplicas; written as any scaler would.
         kube.scale_custom(
             api_client, api.GROUP, api.VERSION, api.PLURAL, tts.namespace, tts.name,
-            spec.min_replicas,
+            desired.scale_to,
         )  # fmt: skip
-    if live_child is not None:
-        apply = _child_drifted(children, live_child)
-    if apply:
+    if desired.apply:
         try:
-            kube.apply(api_client, children, FIELD_MANAGER)
+            kube.apply(api_client, desired.children, FIELD_MANAGER)
         except ApiException as err:
             if err.status == 403 and "NamespaceTerminating" in str(err.body):
                 # The namespace is going away, and this object with it.
-                return Outcome(False, None, time.monotonic() - start)
-            # Said where users look; kopf retries the event with backoff.
+                return Outcome(False, None, time.monotonic() - start, gone=True)
+            # Said where users look; the operator's re-check applies it again.
             kube.post_event(
-                api_client, body, "Warning", "ApplyFailed",
+                api_client, desired.body, "Warning", "ApplyFailed",
                 f"Applying the children failed ({err.status} {err.reason}): {err.body or ''}",
             )  # fmt: skip
             raise
     deployment = kube.get(api_client, "apps/v1", "Deployment", tts.name, tts.namespace)
-    ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
-    # Pods matter only while some are not ready (why: the scheduler's reason).
-    pods = (
-        kube.list_pods(api_client, tts.namespace, f"{DEPLOYMENT_LABEL}={tts.name}")
-        if ready < spec.desired_replicas
-        else []
-    )
-    have = None
-    if placement.option is not None and status.unschedulable_message(pods):
-        # Why pods wait, in the planner's numbers: slices there are, and taken.
-        nodes = planner.eligible_nodes(
-            NODES.nodes(api_client), placement.node_selector, placement.tolerations
+    pods: list[Manifest] = []
+    if plan.needs_pods(desired, deployment):
+        pods = kube.list_pods(api_client, tts.namespace, f"{DEPLOYMENT_LABEL}={tts.name}")
+    children = plan.Children(deployment, pods)
+    if plan.needs_capacity(desired, pods):
+        children = plan.Children(
+            deployment, pods, nodes.bound_pods(api_client), nodes.nodes(api_client)
         )
-        have = planner.capacity(placement.option, nodes, NODES.bound_pods(api_client))
-    observed = status.Observed(
-        generation=generation,
-        desired_replicas=spec.desired_replicas,
-        deployment=deployment,
-        pods=pods,
-        scaling_mode=spec.scaling.mode.value,
-        metrics=metrics,
-        capacity=have,
-        slice_name=placement.summary,
+    result = plan.report(desired, children, now=now_stamp(), metrics=metrics)
+    _write_report(api_client, desired, result)
+    return Outcome(desired.apply, None, time.monotonic() - start, result.ready)
+
+
+def _auto(body: Manifest | None) -> bool:
+    """Whether `body` asks for automatic placement (the only reader of the node list)."""
+    placement = ((body or {}).get("spec") or {}).get("placement") or {}
+    return bool(placement.get("mode", api.PlacementMode.AUTO.value) == api.PlacementMode.AUTO)
+
+
+def _write_report(api_client: client.ApiClient, desired: plan.Desired, result: plan.Report) -> None:
+    if result.status is None:
+        return
+    namespace, name = desired.key
+    kube.patch_custom_status(
+        api_client, api.GROUP, api.VERSION, api.PLURAL, namespace, name, result.status
     )
-    dep_status = (deployment or {}).get("status") or {}
-    conditions = status.merge_conditions(
-        old_status.get("conditions") or [], status.conditions_for(observed), generation, _now()
-    )
-    new = {
-        "observedGeneration": generation,
-        "conditions": conditions,
-        "replicas": int(dep_status.get("replicas") or 0),
-        "readyReplicas": int(dep_status.get("readyReplicas") or 0),
-        "desiredReplicas": spec.desired_replicas,
-        "selector": f"{DEPLOYMENT_LABEL}={tts.name}",
-        "precision": spec.model.precision.value,
-        "placement": placement.summary,
-        "endpoints": endpoints(tts),
-    }
-    if _changed(old_status, new):
-        kube.patch_custom_status(
-            api_client, api.GROUP, api.VERSION, api.PLURAL, tts.namespace, tts.name, new
-        )
-        if old_status.get("observedGeneration") != generation:
-            kinds = ", ".join(c["kind"] for c in children)
-            kube.post_event(
-                api_client,
-                body,
-                "Normal",
-                "Applied",
-                f"Applied {kinds} for generation {generation}",
-            )
-    ready = any(c["type"] == status.READY and c["status"] == "True" for c in conditions)
-    return Outcome(apply, None, time.monotonic() - start, ready)
-
-
-def _child_drifted(children: list[Manifest], live: Manifest) -> bool:
-    kind, name = live.get("kind"), live.get("metadata", {}).get("name")
-    desired = next(
-        (c for c in children if c["kind"] == kind and c["metadata"]["name"] == name), None
-    )
-    if desired is None:
-        return False  # not one of ours any more (renamed); garbage collection removes it
-    if live.get("metadata", {}).get("deletionTimestamp"):
-        return True
-    return drifted({k: v for k, v in desired.items() if k != "status"}, live)
-
-
-def _changed(old: Manifest, new: Manifest) -> bool:
-    """Whether `new` says something `old` does not (ignoring fields only others write)."""
-    return any(old.get(k) != v for k, v in new.items())
+    for event in result.events:
+        kube.post_event(api_client, desired.body, event.type, event.reason, event.message)

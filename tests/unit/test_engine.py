@@ -6,7 +6,14 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from ttsfleet.serving.engine import MAX_TEXT_CHARS, RequestError, Synthesizer, check_request
+from ttsfleet.serving.engine import (
+    MAX_TEXT_CHARS,
+    RequestError,
+    Synthesizer,
+    check_request,
+    voices,
+)
+from ttsfleet.triton import contract
 
 VOICE = "en_US-joe-medium"
 
@@ -85,3 +92,9 @@ def test_int8_on_a_gpu_instance_is_refused_with_fp16_as_the_fix() -> None:
 def test_an_unknown_device_is_refused() -> None:
     with pytest.raises(RequestError, match="device 'tpu' is not supported: use one of cpu, cuda"):
         Synthesizer(VOICE, device="tpu")
+
+
+def test_the_voices_installed_are_the_ones_the_serving_contract_names() -> None:
+    """The operator refuses voices the model image lacks from contract.IMAGE_VOICES: the
+    serving install (what triton.Dockerfile installs) must have exactly those."""
+    assert sorted(voices()) == sorted(contract.IMAGE_VOICES)

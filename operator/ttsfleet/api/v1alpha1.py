@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from pydantic.alias_generators import to_camel
 
 from ttsfleet.gpu.catalog import GPUS
+from ttsfleet.triton import contract
 
 GROUP = "ttsfleet.io"
 VERSION = "v1alpha1"
@@ -24,7 +25,7 @@ PLURAL = "ttsdeployments"
 SINGULAR = "ttsdeployment"
 SHORT_NAMES = ["ttsd"]
 
-DEFAULT_IMAGE = "ttsfleet/triton-tts:0.1.0"
+DEFAULT_IMAGE = f"{contract.IMAGE_REPOSITORY}:0.1.0"
 DEFAULT_VOICE = "en_US-joe-medium"
 # Every MIG profile of every GPU ttsfleet knows, for the schema's enum.
 MIG_PROFILES = sorted({p.name for g in GPUS.values() for p in g.mig_profiles})

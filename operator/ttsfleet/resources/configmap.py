@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from ttsfleet.resources.common import Manifest, TtsObject, child, configmap_name
-from ttsfleet.resources.placement import resolve_placement
+from ttsfleet.resources.placement import Placement
 from ttsfleet.triton.config import ModelConfig, render
 
 
-def model_config(tts: TtsObject) -> ModelConfig:
+def model_config(tts: TtsObject, placement: Placement) -> ModelConfig:
     spec = tts.spec
-    placement = resolve_placement(spec, tts.offers, tts.placed)
     batching = spec.batching
     return ModelConfig(
         streaming=spec.streaming,
@@ -23,8 +22,8 @@ def model_config(tts: TtsObject) -> ModelConfig:
     )
 
 
-def build_configmap(tts: TtsObject) -> Manifest:
+def build_configmap(tts: TtsObject, placement: Placement) -> Manifest:
     return child(
         tts, "v1", "ConfigMap", configmap_name(tts),
-        {"data": {"config.pbtxt": render(model_config(tts))}},
+        {"data": {"config.pbtxt": render(model_config(tts, placement))}},
     )  # fmt: skip

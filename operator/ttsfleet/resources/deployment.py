@@ -14,7 +14,7 @@ from ttsfleet.resources.common import (
     labels,
     selector_labels,
 )
-from ttsfleet.resources.placement import resolve_placement
+from ttsfleet.resources.placement import Placement
 from ttsfleet.triton import contract
 
 # Seconds a stopping pod keeps serving after it leaves the EndpointSlices, so that
@@ -59,9 +59,8 @@ def _resources(tts: TtsObject, gpu: dict[str, str]) -> Manifest:
     return {"requests": requests, "limits": limits | gpu}
 
 
-def build_deployment(tts: TtsObject, configmap: Manifest) -> Manifest:
+def build_deployment(tts: TtsObject, configmap: Manifest, placement: Placement) -> Manifest:
     spec = tts.spec
-    placement = resolve_placement(spec, tts.offers, tts.placed)
     model = contract.STREAM_MODEL if spec.streaming else contract.BATCH_MODEL
     drain = spec.runtime.graceful_drain_seconds
     container: Manifest = {

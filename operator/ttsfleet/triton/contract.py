@@ -12,6 +12,12 @@ STREAM_MODEL = "tts_stream"
 BATCH_MODEL = "tts_batch"
 MODEL_REPOSITORY = "/models"
 
+# The model image (triton.Dockerfile) and the voices it has installed: the operator
+# refuses other voices on it, and serving.engine.voices() finds exactly these in a
+# serving install (a test checks that the two agree).
+IMAGE_REPOSITORY = "ttsfleet/triton-tts"
+IMAGE_VOICES = ("en_US-joe-medium",)
+
 HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002
@@ -43,3 +49,12 @@ REQUEST_SUCCESS = "nv_inference_request_success"
 TIME_TO_FIRST_AUDIO = "ttsfleet_time_to_first_audio_seconds"
 AUDIO_SECONDS = "ttsfleet_audio_seconds_total"
 INFLIGHT_STREAMS = "ttsfleet_inflight_streams"
+
+
+def is_model_image(image: str) -> bool:
+    """Whether `image` is ttsfleet's model image, from any registry, at any tag or digest."""
+    name = image.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:  # a tag (a registry's port sits before a slash)
+        name = name[: len(name) - len(last)] + last.split(":", 1)[0]
+    return name == IMAGE_REPOSITORY or name.endswith("/" + IMAGE_REPOSITORY)
