@@ -557,6 +557,23 @@ def test_rbac_can_be_left_out() -> None:
     assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 
+def test_only_the_pods_that_use_a_token_mount_one() -> None:
+    """The ServiceAccounts mount no token by default; the operator and the agent pods,
+    which talk to the API, ask for theirs; nothing else of the chart runs a pod."""
+    objects = render("agent.enabled=true", "networkPolicy.enabled=true")
+    accounts = [o for o in objects if o["kind"] == "ServiceAccount"]
+    assert len(accounts) == 2
+    for account in accounts:
+        assert account["automountServiceAccountToken"] is False, account["metadata"]["name"]
+    pod_templates = {
+        o["kind"]: o["spec"]["template"]["spec"] for o in objects if "template" in o.get("spec", {})
+    }
+    assert set(pod_templates) == {"Deployment", "DaemonSet"}
+    for pod in pod_templates.values():
+        assert pod["automountServiceAccountToken"] is True
+    assert not [o for o in objects if o["kind"] in {"Pod", "Job", "CronJob", "StatefulSet"}]
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
