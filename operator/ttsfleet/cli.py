@@ -635,33 +635,79 @@ def operator(
         list[str] | None, typer.Option("--namespace", "-n", help="Watch only these namespaces.")
     ] = None,
     metrics_port: Annotated[int, typer.Option(help="Port of the operator's /metrics.")] = 8080,
-    health_port: Annotated[int, typer.Option(help="Port of /healthz (liveness).")] = 8081,
+    health_port: Annotated[
+        int, typer.Option(help="Port of /healthz (liveness) and /readyz (readiness).")
+    ] = 8081,
     prometheus_url: Annotated[
         str | None,
         typer.Option(envvar="PROMETHEUS_URL", help="Prometheus with the Triton metrics."),
     ] = None,
+    leader_election: Annotated[
+        bool,
+        typer.Option(
+            help="Take part in leader election (a Lease): only the leader acts, the others "
+            "stand by. --no-leader-election for a single process."
+        ),
+    ] = True,
+    leader_election_namespace: Annotated[
+        str | None,
+        typer.Option(
+            help="Namespace of the Lease [default: POD_NAMESPACE, else the in-cluster "
+            "namespace, else default]."
+        ),
+    ] = None,
+    leader_election_id: Annotated[
+        str, typer.Option(help="Name of the Lease.")
+    ] = "ttsfleet-operator",
+    leader_election_identity: Annotated[
+        str | None,
+        typer.Option(help="This replica's name in the Lease [default: host name_process id]."),
+    ] = None,
+    lease_duration: Annotated[
+        float, typer.Option(help="Seconds a standby waits on an unrenewed Lease.")
+    ] = 15.0,
+    renew_deadline: Annotated[
+        float, typer.Option(help="Seconds the leader keeps acting without a renewal.")
+    ] = 10.0,
+    retry_period: Annotated[
+        float, typer.Option(help="Seconds between tries to acquire or renew the Lease.")
+    ] = 2.0,
 ) -> None:
     """Run the operator: reconcile TtsDeployments into Triton workloads."""
-    import kopf  # the operator's dependencies load only when it runs
-    from prometheus_client import start_http_server
+    from kubernetes.config import ConfigException
 
-    from ttsfleet import handlers
+    from ttsfleet import leader
+    from ttsfleet.manager import Manager, Options, PortError
 
     _limit_malloc_arenas()
-    handlers.configure(kubeconfig, prometheus_url, namespace or [])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # kopf logs every handler run at INFO; keep its warnings and errors.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    identity = leader_election_identity or leader.default_identity()
     try:
-        start_http_server(metrics_port)
-    except OSError as err:
-        raise _fail(
-            f"cannot serve metrics on port {metrics_port} ({err.strerror}): "
-            "pick another --metrics-port"
-        ) from None
-    kopf.run(
-        standalone=True,
-        clusterwide=not namespace,
-        namespaces=namespace or [],
-        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
-    )
+        lease = (
+            leader.LeaseConfig(
+                name=leader_election_id,
+                namespace=leader_election_namespace or leader.default_namespace(),
+                identity=identity,
+                lease_duration=lease_duration,
+                renew_deadline=renew_deadline,
+                retry_period=retry_period,
+            )
+            if leader_election
+            else None
+        )
+        options = Options(
+            kubeconfig, namespace or [], metrics_port, health_port, prometheus_url, identity, lease
+        )
+        manager = Manager(options)
+    except leader.ConfigError as err:
+        raise _fail(str(err)) from None
+    except ConfigException as err:
+        raise _fail(f"no cluster to talk to: {err}; pass --kubeconfig") from None
+    try:
+        manager.serve()
+    except PortError as err:
+        raise _fail(str(err)) from None
+    manager.install_signals()
+    manager.run()

@@ -11,7 +11,7 @@ import json
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,8 +24,42 @@ from kubernetes.dynamic import DynamicClient
 Manifest = dict[str, Any]
 
 
-def api_client(kubeconfig: Path | None = None, pool_size: int = 32) -> client.ApiClient:
-    """A client for the cluster of `kubeconfig`, else in-cluster config, else the default."""
+class NotLeaderError(RuntimeError):
+    """A write refused before it left the process: this replica does not hold the Lease."""
+
+
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class _FencedApiClient(client.ApiClient):
+    """An ApiClient that sends a write only while `fence()` says so.
+
+    Every request of the client, typed or dynamic, goes through `call_api`, so no
+    write of the operator can slip past (reads, watches included, always go out).
+    """
+
+    def __init__(self, configuration: client.Configuration, fence: Callable[[], bool]) -> None:
+        super().__init__(configuration)
+        self._fence = fence
+
+    def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        if method.upper() not in _READS and not self._fence():
+            raise NotLeaderError(f"not the leader: {method} {url} was not sent")
+        return super().call_api(method, url, *args, **kwargs)
+
+
+def api_client(
+    kubeconfig: Path | None = None,
+    pool_size: int = 32,
+    *,
+    fence: Callable[[], bool] | None = None,
+    user_agent: str | None = None,
+) -> client.ApiClient:
+    """A client for the cluster of `kubeconfig`, else in-cluster config, else the default.
+
+    With `fence`, writes are sent only while it returns True (`NotLeaderError`
+    otherwise). `user_agent` names the caller in the apiserver's audit log.
+    """
     configuration = client.Configuration()
     if kubeconfig is not None:
         config.load_kube_config(
@@ -37,7 +71,12 @@ def api_client(kubeconfig: Path | None = None, pool_size: int = 32) -> client.Ap
         except config.ConfigException:
             config.load_kube_config(client_configuration=configuration, persist_config=False)
     configuration.connection_pool_maxsize = pool_size
-    return client.ApiClient(configuration)
+    api = (
+        client.ApiClient(configuration) if fence is None else _FencedApiClient(configuration, fence)
+    )
+    if user_agent:
+        api.user_agent = user_agent
+    return api
 
 
 def readyz(api: client.ApiClient, timeout: float = 2.0) -> bool:
@@ -309,3 +348,41 @@ def annotate_node(api: client.ApiClient, name: str, annotations: dict[str, str |
         {"metadata": {"annotations": annotations}},
         _content_type="application/merge-patch+json",
     )
+
+
+def read_lease(api: client.ApiClient, namespace: str, name: str, timeout: float) -> Manifest | None:
+    """A coordination.k8s.io Lease as a plain dict, or None when there is none."""
+    leases: Any = client.CoordinationV1Api(api)
+    try:
+        response = leases.read_namespaced_lease(
+            name, namespace, _preload_content=False, _request_timeout=timeout
+        )
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+    lease: Manifest = json.loads(response.data)
+    return lease
+
+
+def write_lease(
+    api: client.ApiClient, namespace: str, name: str, spec: Manifest,
+    resource_version: str | None, timeout: float,
+) -> Manifest:  # fmt: skip
+    """Create the Lease (`resource_version` None) or replace it at exactly that version
+    (409 Conflict when someone else wrote it since): the optimistic lock of an election."""
+    leases: Any = client.CoordinationV1Api(api)
+    metadata: Manifest = {"name": name, "namespace": namespace}
+    body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata,
+            "spec": spec}  # fmt: skip
+    if resource_version is None:
+        response = leases.create_namespaced_lease(
+            namespace, body, _preload_content=False, _request_timeout=timeout
+        )
+    else:
+        metadata["resourceVersion"] = resource_version
+        response = leases.replace_namespaced_lease(
+            name, namespace, body, _preload_content=False, _request_timeout=timeout
+        )
+    lease: Manifest = json.loads(response.data)
+    return lease
