@@ -11,20 +11,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubernetes import client
 
 from ttsfleet import kube
-from ttsfleet.cluster import images, local, toolchain
+from ttsfleet.cluster import local, toolchain
 from ttsfleet.cluster.pool import load_pool_file
+from ttsfleet.harness import OperatorProcess as Operator
+from ttsfleet.harness import TritonProcess as Triton
+from ttsfleet.harness import wait_for
+
+__all__ = ["REPO", "Cluster", "Operator", "Triton", "ttsfleet", "wait_for"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,18 +82,6 @@ def ttsfleet(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )  # fmt: skip
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, every: float = 0.25) -> Any:
-    """Poll `probe` until it returns something truthy; fail with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
-
-
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     name = f"pytest-{os.getpid() % 100000}"
@@ -122,130 +112,35 @@ def crd(cluster: Cluster) -> None:
     cluster.wait_established("crd/ttsdeployments.ttsfleet.io")
 
 
-@dataclass
-class Operator:
-    """`ttsfleet operator` running as a process against the test cluster."""
-
-    kubeconfig: Path
-    log: Path
-    metrics_port: int
-    health_port: int
-    prometheus_url: str | None = None
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable, "-m", "ttsfleet", "operator",
-                    "--kubeconfig", str(self.kubeconfig),
-                    "--metrics-port", str(self.metrics_port),
-                    "--health-port", str(self.health_port),
-                    *(["--prometheus-url", self.prometheus_url] if self.prometheus_url else []),
-                ],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        wait_for("the operator's /healthz", self.healthy, timeout=60)
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.health_port}/healthz", timeout=1
-            ) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up, as when a node dies under the operator."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-            self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-            self.process = None
-
-
 @pytest.fixture(scope="session")
 def operator(
     cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Operator]:
+    """The session's operator: one replica, leader election on (as users run it). Its
+    identity is stable, so a restart takes its own Lease back at once, as a restarted
+    container of the same pod does."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     record = local.load(cluster.name)
     assert record is not None
     op = Operator(
-        cluster.kubeconfig, log, local.free_port(), local.free_port(), local.prometheus_url(record)
-    )
+        cluster.kubeconfig, log, local.free_port(), local.free_port(), local.prometheus_url(record),
+        identity="pytest-operator",
+    )  # fmt: skip
     op.start()
+    wait_for("the operator to lead", op.leading, timeout=60)
     yield op
     op.stop()
 
 
-@dataclass
-class Triton:
-    """A real tritonserver serving this repository's models on loopback."""
-
-    http: int
-    grpc: int
-    metrics: int
-
-    @property
-    def grpc_address(self) -> str:
-        return f"127.0.0.1:{self.grpc}"
-
-    def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample on the metrics endpoint (0 if absent)."""
-        url = f"http://127.0.0.1:{self.metrics}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        wanted = [f'{k}="{v}"' for k, v in labels.items()]
-        for line in text.splitlines():
-            named = line.startswith((name + "{", name + " "))
-            if named and all(w in line for w in wanted):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
-    ports = Triton(local.free_port(), local.free_port(), local.free_port())
-    log = tmp_path_factory.mktemp("triton") / "triton.log"
-    argv = images.triton_argv(
-        f"--model-repository={REPO / 'triton_models'}",
-        "--cache-config=local,size=67108864",
-        "--model-control-mode=explicit",
-        "--load-model=tts_stream",
-        "--load-model=tts_batch",
-        f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}",
-        "--exit-timeout-secs=5",
+    server = Triton(
+        local.free_port(), local.free_port(), local.free_port(),
+        tmp_path_factory.mktemp("triton") / "triton.log",
+        extra_args=("--cache-config=local,size=67108864", "--exit-timeout-secs=5"),
     )  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | images.triton_environment()
-        )
-
-    def ready() -> bool:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            url = f"http://127.0.0.1:{ports.http}/v2/health/ready"
-            with urllib.request.urlopen(url, timeout=1) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
+    server.start()
     try:
-        wait_for("tritonserver to be ready", ready, timeout=120)
-        yield ports
+        yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        server.stop()

@@ -65,6 +65,7 @@ class ClusterRecord:
     prometheus_port: int = 0
     blackhole_routes: list[str] = field(default_factory=list)
     created: float = 0.0
+    audit: bool = False  # the apiserver writes an audit log of every write (audit_log())
 
     @property
     def dir(self) -> Path:
@@ -207,6 +208,24 @@ def _kwokctl(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[st
     )
 
 
+# Every request that changes something, with who sent it (user, user agent) and when:
+# what the chaos tests count an operator's writes by. Reads are not logged.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    verbs: [create, update, patch, delete, deletecollection]
+  - level: None
+"""
+
+
+def audit_log(record: ClusterRecord) -> Path:
+    """The apiserver's audit log (JSON lines) of a cluster made with `audit=True`."""
+    return kwok_workdir() / "clusters" / record.name / "logs" / "audit.log"
+
+
 def _create_args(record: ClusterRecord, qps_limits: bool) -> list[str]:
     pods = pod_cidr(record.index)
     kwok_fallback = list(pods.subnets(new_prefix=24))[-1]
@@ -224,6 +243,10 @@ def _create_args(record: ClusterRecord, qps_limits: bool) -> list[str]:
         args += ["--kube-apiserver-port", str(record.apiserver_port)]
     if not qps_limits:
         args.append("--disable-qps-limits")
+    if record.audit:
+        policy = record.dir / "audit-policy.yaml"
+        policy.write_text(AUDIT_POLICY)
+        args += ["--kube-audit-policy", str(policy)]
     extra = {
         # kwok manages only the annotated nodes; `local` nodes are left to the local runner.
         "kwok-controller": [
@@ -257,11 +280,13 @@ def up(
     reuse: bool = False,
     qps_limits: bool = False,
     wait_ready: float = 120.0,
+    audit: bool = False,
 ) -> UpResult:
     """Start cluster `name` with the nodes of `pool_file`.
 
     With `reuse`, a cluster of that name that is already up is kept as it is
     (and a stopped one is started again); without it, the name must be free.
+    With `audit`, the apiserver logs every write to `audit_log(record)`.
     """
     start = time.monotonic()
     check_name(name)
@@ -290,6 +315,7 @@ def up(
         service_cidr=str(service_cidr(index)),
         apiserver_port=port or 0,
         created=time.time(),
+        audit=audit,
     )
     record.save()
     warnings = []
@@ -545,3 +571,85 @@ def status(record: ClusterRecord) -> ClusterHealth:
 def statuses() -> Iterator[ClusterHealth]:
     for record in records():
         yield status(record)
+
+
+@dataclass(frozen=True)
+class Component:
+    """A running control-plane component of a local cluster, as kwokctl started it, with
+    what it takes to stop it as a crash would and start it again (chaos tests)."""
+
+    name: str
+    pid_file: Path
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+    log: Path
+
+    def pid(self) -> int:
+        return int(self.pid_file.read_text().strip())
+
+    def running(self) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            proc = Path(f"/proc/{self.pid()}")
+            return (
+                proc.exists()
+                and not _is_zombie(proc)
+                and cmdline(self.pid()).startswith(self.argv[0])
+            )
+        return False
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGKILL, and wait until it is gone."""
+        pid = self.pid()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while self.running():
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{self.name} (pid {pid}) did not stop")
+            time.sleep(0.05)
+
+    def start(self) -> int:
+        """Start it again exactly as kwokctl had started it; returns its pid."""
+        with self.log.open("ab") as out:
+            process = subprocess.Popen(
+                self.argv, cwd=self.cwd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        self.pid_file.write_text(str(process.pid))  # as kwokctl writes it: no newline
+        return process.pid
+
+
+def components(name: str) -> dict[str, Component]:
+    """The running control-plane components of cluster `name`, by name."""
+    workdir = kwok_workdir() / "clusters" / name
+    found = {}
+    for pid_file in sorted((workdir / "pids").glob("*.pid")):
+        with contextlib.suppress(OSError, ValueError):
+            proc = Path(f"/proc/{int(pid_file.read_text().strip())}")
+            if _is_zombie(proc):
+                continue
+            argv = [a.decode() for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+            env = dict(
+                item.decode(errors="replace").split("=", 1)
+                for item in (proc / "environ").read_bytes().split(b"\0")
+                if b"=" in item
+            )
+            component = pid_file.stem
+            found[component] = Component(
+                component, pid_file, argv, (proc / "cwd").resolve(), env,
+                workdir / "logs" / f"{component}.log",
+            )  # fmt: skip
+    return found
+
+
+def restart_exited(found: dict[str, Component]) -> list[str]:
+    """Start again every component of `found` that is no longer running, as the kubelet
+    restarts a control plane's static pods (kube-controller-manager and kube-scheduler
+    exit when they lose their own leader election, e.g. during an apiserver outage)."""
+    restarted = []
+    for component in found.values():
+        if not component.running():
+            component.start()
+            restarted.append(component.name)
+    return restarted

@@ -1,0 +1,277 @@
+"""One harness for the tests and the benchmarks (dev tooling, not the operator).
+
+- `wait_for`: the one poll helper.
+- `percentile`: the one definition of a percentile (nearest rank).
+- `OperatorProcess`, `TritonProcess`: the one way to start and stop `ttsfleet operator`
+  and a real `tritonserver` as processes, and to look at them.
+- `provenance`: what every results file records about where it came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ttsfleet.cluster import images
+
+REPO = Path(__file__).resolve().parents[2]
+# Loopback probes never go through an HTTP proxy.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, every: float = 0.25) -> Any:
+    """Poll `probe` until it returns something truthy, and return that; after `timeout`
+    seconds raise AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank percentile: the smallest value with at least a fraction `q` of the
+    values at or below it (`sorted(values)[ceil(q * n) - 1]`). It is always one of the
+    values measured, never an interpolation; p100 is the maximum. Raises ValueError on
+    an empty list (say "no samples" rather than invent a figure)."""
+    if not values:
+        raise ValueError("no values to take a percentile of")
+    if not 0 < q <= 1:
+        raise ValueError(f"q must be in (0, 1], not {q}")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
+    """Where a results file came from: the commit, the machine and the command."""
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return {
+        "git_commit": commit + ("-dirty" if dirty and commit else ""),
+        "machine": machine(),
+        "command": " ".join(command if command is not None else _invocation()),
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, its cores, the memory and the OS: what a timing depends on."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = found[1].strip() if found else ""
+    memory_gib = 0.0
+    with contextlib.suppress(OSError):
+        found = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        memory_gib = round(int(found[1]) / 1024**2, 1) if found else 0.0
+    return {
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
+
+
+def _invocation() -> list[str]:
+    """The running command, with the repository's path taken out."""
+    argv = [Path(sys.argv[0]).name if Path(sys.argv[0]).is_absolute() else sys.argv[0]]
+    return ["python", *argv, *sys.argv[1:]]
+
+
+def _git(*args: str) -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    return ""
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """Whether `url` (on loopback) answers 2xx."""
+    try:
+        with _DIRECT.open(url, timeout=timeout) as response:
+            return bool(200 <= response.status < 300)
+    except OSError:
+        return False
+
+
+def metric_value(url: str, name: str, **labels: str) -> float | None:
+    """The sum of the samples of `name` that carry `labels` at a /metrics `url` (None: none)."""
+    with _DIRECT.open(url, timeout=5) as response:
+        text = response.read().decode()
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    total = None
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(w in line for w in wanted):
+            total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+@dataclass
+class OperatorProcess:
+    """`ttsfleet operator` running as a process, as a user would start it.
+
+    `identity` names the replica in the leader Lease (stable across `start()`s of this
+    object, as a restarted container keeps its pod's name); `leader_election=False`
+    runs it alone with `--no-leader-election`.
+    """
+
+    kubeconfig: Path
+    log: Path
+    metrics_port: int
+    health_port: int
+    prometheus_url: str | None = None
+    identity: str | None = None
+    leader_election: bool = True
+    extra_args: Sequence[str] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable, "-m", "ttsfleet", "operator",
+            "--kubeconfig", str(self.kubeconfig),
+            "--metrics-port", str(self.metrics_port),
+            "--health-port", str(self.health_port),
+            *(["--prometheus-url", self.prometheus_url] if self.prometheus_url else []),
+            *(["--leader-election-identity", self.identity] if self.identity else []),
+            *([] if self.leader_election else ["--no-leader-election"]),
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, wait: bool = True) -> None:
+        """Start it; with `wait`, until /healthz answers (as leader or standby)."""
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv(), stdout=log, stderr=subprocess.STDOUT, env=os.environ | self.env
+            )
+        if wait:
+            wait_for(f"the operator's /healthz ({self.log})", self.healthy, timeout=60)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "the operator is not running"
+        return self.process.pid
+
+    def healthy(self) -> bool:
+        self._check_alive()
+        return http_ok(f"http://127.0.0.1:{self.health_port}/healthz")
+
+    def ready(self) -> bool:
+        self._check_alive()
+        return http_ok(f"http://127.0.0.1:{self.health_port}/readyz")
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return metric_value(f"http://127.0.0.1:{self.metrics_port}/metrics", name, **labels)
+
+    def leading(self) -> bool:
+        """What its `ttsfleet_operator_is_leader` gauge says."""
+        try:
+            return self.metric("ttsfleet_operator_is_leader") == 1
+        except OSError:
+            return False
+
+    def _check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+            raise AssertionError(f"the operator exited with {self.process.returncode}:\n{tail}")
+
+    def signal(self, sig: signal.Signals) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, as when a node dies under the operator."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+            self.process = None
+
+    def stop(self) -> None:
+        """SIGTERM (it releases its Lease), SIGKILL after 30 s."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGCONT)  # a paused one must see the TERM
+            stop_process(self.process)
+            self.process = None
+
+
+@dataclass
+class TritonProcess:
+    """A real tritonserver serving this repository's models on loopback."""
+
+    http: int
+    grpc: int
+    metrics: int
+    log: Path
+    models: Sequence[str] = ("tts_stream", "tts_batch")
+    extra_args: Sequence[str] = ()
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc}"
+
+    def start(self, timeout: float = 120) -> None:
+        argv = images.triton_argv(
+            f"--model-repository={images.model_repository()}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in self.models),
+            f"--http-port={self.http}", f"--grpc-port={self.grpc}",
+            f"--metrics-port={self.metrics}",
+            *self.extra_args,
+        )  # fmt: skip
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT,
+                env=os.environ | images.triton_environment(),
+            )  # fmt: skip
+        try:
+            wait_for("tritonserver to be ready", self.ready, timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"tritonserver exited:\n{self.log.read_text()[-3000:]}")
+        return http_ok(f"http://127.0.0.1:{self.http}/v2/health/ready")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample on the metrics endpoint (0 if absent)."""
+        url = f"http://127.0.0.1:{self.metrics}/metrics"
+        return metric_value(url, name, **labels) or 0.0
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
