@@ -5,8 +5,9 @@ The chart installs the CRD itself (from its crds/ directory) when it is missing;
 session's `crd` fixture may have installed it first, in which case Helm skips it. Either
 way the CRD stays after `helm uninstall`, as the chart documents (other tests need it).
 The simulated nodes run no containers, so the operator's Deployment is installed with
-`replicaCount=0`; the operator runs here as a process with the chart's ServiceAccount
-token instead.
+`replicaCount=0` (or with pods that no node takes); the operator runs here as a process
+with the chart's ServiceAccount token instead. No CNI runs here either: the
+NetworkPolicies are checked for what the apiserver accepts, not enforced.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -158,6 +160,76 @@ def test_install_upgrade_uninstall_keeps_the_crd(
     # The CRD stays: Helm never deletes what it installed from crds/.
     assert exists(cluster, CRD)
     crd_established(cluster)
+
+
+def kept(rendered: Any, live: Any, where: str = "") -> None:
+    """Every field the chart rendered is in the live object, with the same value: the
+    apiserver accepted it as is (it may add defaults; it dropped nothing)."""
+    if isinstance(rendered, dict):
+        assert isinstance(live, dict), where
+        for key, value in rendered.items():
+            assert key in live, f"{where}.{key} was dropped"
+            kept(value, live[key], f"{where}.{key}")
+    elif isinstance(rendered, list):
+        assert isinstance(live, list) and len(live) == len(rendered), where
+        for i, (mine, theirs) in enumerate(zip(rendered, live, strict=True)):
+            kept(mine, theirs, f"{where}[{i}]")
+    else:
+        assert rendered == live, f"{where}: {rendered!r} became {live!r}"
+
+
+def test_the_budget_policies_and_lease_rbac_are_accepted_by_the_apiserver(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """Two operator pods (that no node takes), the agent, and every NetworkPolicy rule the
+    values can make, installed: the apiserver validates each object and keeps it whole.
+    Nothing enforces the policies here (no CNI); this checks that they are valid."""
+    release = f"tts-{uuid.uuid4().hex[:6]}"
+    name = f"{release}-tts-operator"
+    nowhere = "ttsfleet\\.io/chart-test=nowhere"
+    install(
+        cluster, tmp_path, release, namespace,
+        "replicaCount=2",
+        f"nodeSelector.{nowhere}",
+        "agent.enabled=true",
+        f"agent.nodeSelector.{nowhere}",
+        "networkPolicy.enabled=true",
+        "prometheus.url=http://prometheus-operated.monitoring:9090",
+        "networkPolicy.apiServer.cidrs={10.0.0.1/32,fd00::1/128}",
+        "networkPolicy.operator.healthFrom[0].ipBlock.cidr=10.1.0.0/16",
+        "networkPolicy.operator.extraEgress[0].to[0].ipBlock.cidr=203.0.113.0/24",
+        "networkPolicy.operator.extraEgress[0].ports[0].port=443",
+    )  # fmt: skip
+    try:
+        manifest = helm(cluster, tmp_path, "get", "manifest", release, "-n", namespace)
+        rendered = [doc for doc in yaml.safe_load_all(manifest) if doc]
+        kinds = {
+            "PodDisruptionBudget", "NetworkPolicy", "Role", "RoleBinding", "ServiceAccount",
+            "Deployment", "DaemonSet",
+        }  # fmt: skip
+        checked = [o for o in rendered if o["kind"] in kinds]
+        assert sorted(o["kind"] for o in checked) == sorted(
+            [*kinds, "NetworkPolicy", "ServiceAccount"]
+        )
+        for obj in checked:
+            what = f"{obj['kind'].lower()}/{obj['metadata']['name']}"
+            live = json.loads(cluster.kubectl("get", "-n", namespace, what, "-o", "json"))
+            kept(obj.get("spec"), live.get("spec"), f"{what} spec")
+            kept(obj.get("rules"), live.get("rules"), f"{what} rules")
+            kept(
+                obj.get("automountServiceAccountToken"),
+                live.get("automountServiceAccountToken"),
+                f"{what} automountServiceAccountToken",
+            )
+
+        def budget_counts_both_pods() -> bool:
+            """The disruption controller finds the budget's pods (pending here)."""
+            pdb = json.loads(cluster.kubectl("get", "-n", namespace, "pdb", name, "-o", "json"))
+            return bool(pdb.get("status", {}).get("expectedPods") == 2)
+
+        wait_for("the budget to count the operator's pods", budget_counts_both_pods, timeout=60)
+    finally:
+        helm(cluster, tmp_path, "uninstall", release, "-n", namespace, "--wait", "--timeout", "60s")
 
 
 @dataclass
