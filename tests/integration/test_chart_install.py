@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -445,17 +446,49 @@ def _metric(port: int, sample: str) -> float:
     return 0.0
 
 
+@dataclass
+class LeaderElectingOperator(Operator):
+    """`ttsfleet operator` as the chart runs it: leader election through the chart's
+    Lease, in the release namespace (a pod finds it in POD_NAMESPACE; this process is
+    told with --leader-election-namespace), under a known identity."""
+
+    lease_namespace: str = ""
+    lease_identity: str = ""
+
+    def start(self, wait: bool = True) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "ttsfleet", "operator",
+                    "--kubeconfig", str(self.kubeconfig),
+                    "--metrics-port", str(self.metrics_port),
+                    "--health-port", str(self.health_port),
+                    "--leader-election-namespace", self.lease_namespace,
+                    "--leader-election-id", LEASE,
+                    "--leader-election-identity", self.lease_identity,
+                ],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        if wait:
+            wait_for("the operator's /healthz", self.healthy, timeout=60)
+
+
 def test_the_operator_runs_with_the_service_accounts_token(
     cluster: Cluster, installed: Installed, namespace: str, tmp_path: Path
 ) -> None:
-    """The operator, with only the chart's RBAC, brings a TtsDeployment to Ready.
+    """The operator, with only the chart's RBAC, leads through the chart's Lease and
+    brings a TtsDeployment to Ready.
 
     Another operator (the e2e suite's, with admin credentials) may serve the same object
     in this session: this one's own /metrics must count successful reconciles, and its
     log must show no request refused.
     """
     log = tmp_path / "operator.log"
-    operator = Operator(installed.kubeconfig, log, local.free_port(), local.free_port())
+    identity = f"chart-test-{uuid.uuid4().hex[:8]}"
+    operator = LeaderElectingOperator(
+        installed.kubeconfig, log, local.free_port(), local.free_port(),
+        lease_namespace=installed.namespace, lease_identity=identity,
+    )  # fmt: skip
     # Placement mode auto (the planner lists the nodes) and the autoscaler's floors.
     doc = load_example(REPO / "examples" / "contact-centre.yaml")
     name = doc["metadata"]["name"]
@@ -488,6 +521,12 @@ def test_the_operator_runs_with_the_service_accounts_token(
         wait_for(f"{name} to be Ready, reconciled by this operator", ready, timeout=120)
         for kind in (f"deploy/{name}", f"svc/{name}", f"cm/{name}-triton", f"pdb/{name}"):
             assert exists(cluster, "-n", namespace, kind), kind
+        # It reconciled as the leader: it holds the chart's Lease, in the release namespace.
+        lease = json.loads(
+            cluster.kubectl("get", "-n", installed.namespace, "lease", LEASE, "-o", "json")
+        )
+        assert lease["spec"]["holderIdentity"] == identity
+        assert _metric(operator.metrics_port, "ttsfleet_operator_is_leader") == 1
         # Deleted while the operator runs: whatever kopf keeps on the object, it lets go.
         cluster.kubectl("delete", "-n", namespace, "ttsd", name, "--wait=false")
         wait_for(
