@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from ttsfleet import kube
+from ttsfleet import harness, kube
 from ttsfleet.cluster import local, toolchain
 from ttsfleet.cluster.pool import load_pool_file
 from ttsfleet.harness import OperatorProcess as Operator
@@ -63,14 +63,9 @@ class Cluster:
         return result.stdout
 
     def wait_established(self, crd: str, timeout: float = 60) -> None:
-        """Poll until `crd` is Established. (`kubectl wait` fails at once, instead of
-        waiting, when it reads a CRD whose status has no conditions yet.)"""
-        jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
-        wait_for(
-            f"{crd} Established",
-            lambda: self.kubectl("get", crd, "-o", f"jsonpath={jsonpath}", check=False) == "True",
-            timeout=timeout,
-        )
+        """Poll until `crd` (crd/plural.group) is Established: `harness.wait_established`,
+        which the benchmarks use too."""
+        harness.wait_established(self.api, crd, timeout=timeout)
 
 
 def ttsfleet(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -4,12 +4,17 @@
 - `percentile`: the one definition of a percentile (nearest rank).
 - `OperatorProcess`, `TritonProcess`: the one way to start and stop `ttsfleet operator`
   and a real `tritonserver` as processes, and to look at them.
-- `provenance`: what every results file records about where it came from.
+- `provenance`: what every results file records about where it came from;
+  `write_results`: the one way a benchmark writes a results file, with it.
+- `crd_established`, `wait_established`: a CRD's Established condition, polled (`kubectl
+  wait --for=condition=Established` fails at once on a CRD whose status has no
+  conditions yet, instead of waiting).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -23,9 +28,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ttsfleet import kube
 from ttsfleet.cluster import images
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
 
 REPO = Path(__file__).resolve().parents[2]
 # Loopback probes never go through an HTTP proxy.
@@ -68,6 +77,13 @@ def provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
         "command": " ".join(command if command is not None else _invocation()),
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def write_results(path: Path, doc: dict[str, Any], command: Sequence[str] | None = None) -> None:
+    """Write a benchmark's results as JSON, with a top-level `provenance` (first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"provenance": provenance(command)} | {k: v for k, v in doc.items() if k != "provenance"}
+    path.write_text(json.dumps(body, indent=2) + "\n")
 
 
 def machine() -> dict[str, Any]:
@@ -122,6 +138,19 @@ def metric_value(url: str, name: str, **labels: str) -> float | None:
         if line.startswith((name + "{", name + " ")) and all(w in line for w in wanted):
             total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
     return total
+
+
+def crd_established(api: ApiClient, name: str) -> bool:
+    """Whether the CustomResourceDefinition `name` (plural.group) is Established."""
+    found = kube.get(api, "apiextensions.k8s.io/v1", "CustomResourceDefinition", name, None)
+    conditions = ((found or {}).get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+
+def wait_established(api: ApiClient, name: str, timeout: float = 60) -> None:
+    """Poll until the CRD `name` (plural.group, or crd/plural.group) is Established."""
+    name = name.removeprefix("crd/").removeprefix("customresourcedefinition/")
+    wait_for(f"CRD {name} Established", lambda: crd_established(api, name), timeout=timeout)
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -235,6 +264,7 @@ class TritonProcess:
     models: Sequence[str] = ("tts_stream", "tts_batch")
     extra_args: Sequence[str] = ()
     process: subprocess.Popen[bytes] | None = None
+    repository: Path | None = None  # a model repository; this checkout's when None
 
     @property
     def grpc_address(self) -> str:
@@ -242,7 +272,7 @@ class TritonProcess:
 
     def start(self, timeout: float = 120) -> None:
         argv = images.triton_argv(
-            f"--model-repository={images.model_repository()}",
+            f"--model-repository={self.repository or images.model_repository()}",
             "--model-control-mode=explicit",
             *(f"--load-model={m}" for m in self.models),
             f"--http-port={self.http}", f"--grpc-port={self.grpc}",
