@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +24,9 @@ from typing import Any
 
 from kubernetes import client
 
-from ttsfleet import kube
+from ttsfleet import harness, kube
 from ttsfleet.cluster import local, toolchain
+from ttsfleet.cluster import nodes as cluster_nodes
 from ttsfleet.cluster.pool import load_pool_file, render_nodes, scale_gpu_pools
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,15 +63,6 @@ def rss_mib(name: str) -> dict[str, float]:
             component = Path(exe).name
             out[component] = round(out.get(component, 0) + int(match[1]) / 1024, 1)
     return out
-
-
-def wait(what: str, probe: Any, timeout: float, every: float = 0.5) -> float:
-    start = time.monotonic()
-    while not probe():
-        if time.monotonic() - start > timeout:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(every)
-    return time.monotonic() - start
 
 
 def running_pods(api: client.ApiClient, namespace: str) -> int:
@@ -126,28 +116,24 @@ def run_scale(qps_limits: bool, nodes: int, pods: int) -> dict[str, Any]:
             if "nvidia.com/gpu.present" in n["metadata"]["labels"]
         ]  # fmt: skip
         start = time.monotonic()
-        kube.create_nodes(api, gpu_nodes)
+        cluster_nodes.create_nodes(api, gpu_nodes)
         out["nodes_created_seconds"] = round(time.monotonic() - start, 2)
         names = {n["metadata"]["name"] for n in gpu_nodes}
-
-        def all_ready() -> bool:
-            ready = {n["metadata"]["name"] for n in kube.list_nodes(api) if kube.node_is_ready(n)}
-            return names <= ready
-
-        wait("nodes Ready", all_ready, 300)
+        harness.wait_for("nodes Ready", lambda: names <= cluster_nodes.ready_nodes(api), 300, 0.5)
         out["nodes_ready_seconds"] = round(time.monotonic() - start, 2)
         out["nodes"] = len(names)
 
         core = client.CoreV1Api(api)
         core.create_namespace({"metadata": {"name": "bench"}})
-        wait(
+        harness.wait_for(
             "the default ServiceAccount",
             lambda: core.list_namespaced_service_account("bench").items,
             60,
+            0.5,
         )
         start = time.monotonic()
         client.AppsV1Api(api).create_namespaced_deployment("bench", deployment(pods))
-        wait("pods Running", lambda: running_pods(api, "bench") >= pods, 600, every=1.0)
+        harness.wait_for("pods Running", lambda: running_pods(api, "bench") >= pods, 600, 1.0)
         out["pods_running_seconds"] = round(time.monotonic() - start, 2)
         out["pods"] = pods
         out["loaded_memory_mib"] = rss_mib(name)
@@ -167,10 +153,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "versions": toolchain.versions(),
-    }
+    report: dict[str, Any] = {"versions": toolchain.versions()}  # the machine: in its provenance
     if args.cold_build:
         with tempfile.TemporaryDirectory(prefix="ttsfleet-cold-") as scratch:
             report["cold_build"] = build_tools(Path(scratch))
@@ -178,10 +161,9 @@ def main() -> None:
     report["warm_build"] = build_tools(None)
     report["qps_limits_default"] = run_scale(True, args.nodes, args.pods)
     report["qps_limits_disabled"] = run_scale(False, args.nodes, args.pods)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    json.dump(report, sys.stdout, indent=2)
-    print(f"\nwritten to {args.out}")
+    harness.write_results(args.out, report)
+    print(json.dumps(report, indent=2))
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

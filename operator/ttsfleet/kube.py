@@ -11,8 +11,7 @@ import json
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -88,57 +87,121 @@ def readyz(api: client.ApiClient, timeout: float = 2.0) -> bool:
     return bool(response.status == 200)
 
 
-def create_nodes(api: client.ApiClient, nodes: Sequence[Manifest], workers: int = 16) -> int:
-    """Create Nodes, in parallel; those that already exist get the manifest's
-    capacity and allocatable through their status subresource.
-
-    Returns how many were created.
-    """
+def create_node(api: client.ApiClient, node: Manifest) -> bool:
+    """Create a Node; False (and nothing changed) when one of that name exists."""
     core: Any = client.CoreV1Api(api)  # takes plain dicts as bodies
-
-    def create(node: Manifest) -> bool:
-        try:
-            core.create_node(body=node, _preload_content=False)
-        except ApiException as err:
-            if err.status != 409:
-                raise
-            # kwok keeps a node's status from its creation and ignores an apply of the
-            # Node: new capacity reaches an existing node only through its status.
-            resources = {k: node["status"][k] for k in ("capacity", "allocatable")}
-            core.patch_node_status(node["metadata"]["name"], {"status": resources})
-            return False
-        return True
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return sum(pool.map(create, nodes))
-
-
-def list_nodes(api: client.ApiClient) -> list[Manifest]:
-    core: Any = client.CoreV1Api(api)
-    response = core.list_node(_preload_content=False)
-    items: list[Manifest] = json.loads(response.data)["items"]
-    return items
-
-
-def node_is_ready(node: Manifest) -> bool:
-    conditions = node.get("status", {}).get("conditions") or []
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-
-
-def lease_age_seconds(
-    api: client.ApiClient, name: str, namespace: str = "kube-system"
-) -> float | None:
-    """Seconds since the Lease was last renewed, or None when it does not exist."""
     try:
-        lease = client.CoordinationV1Api(api).read_namespaced_lease(name, namespace)
+        core.create_node(body=node, _preload_content=False)
+    except ApiException as err:
+        if err.status == 409:
+            return False
+        raise
+    return True
+
+
+def read_node(api: client.ApiClient, name: str) -> Manifest | None:
+    """A Node as a plain dict, or None when it does not exist."""
+    core: Any = client.CoreV1Api(api)
+    try:
+        response = core.read_node(name, _preload_content=False)
     except ApiException as err:
         if err.status == 404:
             return None
         raise
-    renewed = lease.spec.renew_time if lease.spec else None
-    if renewed is None:
-        return None
-    return (datetime.now(UTC) - renewed).total_seconds()
+    node: Manifest = json.loads(response.data)
+    return node
+
+
+def list_nodes(api: client.ApiClient, selector: str = "") -> list[Manifest]:
+    """Every Node, or those matching a label `selector`."""
+    core: Any = client.CoreV1Api(api)
+    response = core.list_node(label_selector=selector or None, _preload_content=False)
+    items: list[Manifest] = json.loads(response.data)["items"]
+    return items
+
+
+def patch_node_status(api: client.ApiClient, name: str, status: Manifest) -> bool:
+    """Merge `status` into a Node's status subresource; False when the node is gone."""
+    core: Any = client.CoreV1Api(api)
+    try:
+        core.patch_node_status(name, {"status": status}, _preload_content=False)
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
+def renew_node_lease(api: client.ApiClient, node: str, duration_seconds: int) -> None:
+    """Renew the node's Lease in kube-node-lease now (creating it the first time), as a
+    kubelet's heartbeat does: the node lifecycle controller reads its renewTime."""
+    leases: Any = client.CoordinationV1Api(api)
+    spec = {
+        "holderIdentity": node,
+        "leaseDurationSeconds": duration_seconds,
+        "renewTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
+    try:
+        leases.patch_namespaced_lease(
+            node, "kube-node-lease", {"spec": spec}, _preload_content=False
+        )
+    except ApiException as err:
+        if err.status != 404:
+            raise
+        body = {"metadata": {"name": node, "namespace": "kube-node-lease"}, "spec": spec}
+        leases.create_namespaced_lease("kube-node-lease", body, _preload_content=False)
+
+
+def list_node_pods(api: client.ApiClient, node: str) -> list[Manifest]:
+    """Every pod bound to `node`, in all namespaces, finished ones included."""
+    core: Any = client.CoreV1Api(api)
+    response = core.list_pod_for_all_namespaces(
+        field_selector=f"spec.nodeName={node}", _preload_content=False
+    )
+    items: list[Manifest] = json.loads(response.data)["items"]
+    return items
+
+
+def patch_pod_status(api: client.ApiClient, namespace: str, name: str, status: Manifest) -> bool:
+    """JSON-merge-patch a pod's status subresource; False when the pod is gone.
+
+    A JSON merge patch replaces lists whole (podIPs, conditions, containerStatuses): a
+    strategic merge would append a new pod IP to an old one, which the apiserver refuses.
+    """
+    core: Any = client.CoreV1Api(api)
+    try:
+        core.patch_namespaced_pod_status(
+            name, namespace, {"status": status},
+            _content_type="application/merge-patch+json", _preload_content=False,
+        )  # fmt: skip
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
+def delete_pod(api: client.ApiClient, namespace: str, name: str, grace_seconds: int) -> bool:
+    """Delete a pod with that grace period (0: at once, as only its kubelet may once its
+    containers have stopped); False when it was already gone."""
+    core: Any = client.CoreV1Api(api)
+    try:
+        core.delete_namespaced_pod(
+            name, namespace, grace_period_seconds=grace_seconds, _preload_content=False
+        )
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
+def config_map_data(api: client.ApiClient, namespace: str, name: str) -> dict[str, str]:
+    """A ConfigMap's `data` (its text keys)."""
+    core: Any = client.CoreV1Api(api)
+    response = core.read_namespaced_config_map(name, namespace, _preload_content=False)
+    data: dict[str, str] = json.loads(response.data).get("data") or {}
+    return data
 
 
 _dynamic_clients: weakref.WeakKeyDictionary[client.ApiClient, Any] = weakref.WeakKeyDictionary()
@@ -276,36 +339,42 @@ def post_event(
 def ready_endpoints(api: client.ApiClient, namespace: str, service: str, port: str) -> list[str]:
     """host:port of every ready endpoint of `service`'s named `port`, from its EndpointSlices.
 
-    Endpoints on nodes kwok simulates (their IPs have no host behind them) and endpoints
-    that name no node are left out: nothing ever connects to them.
+    Only endpoints on nodes whose pods have a network behind their IPs are returned
+    (`has_pod_network`): those on nodes kwok simulates, those that name no node and those
+    whose node cannot be read are left out, for nothing may ever connect to them. Reads
+    the slices, then only the distinct nodes that their ready endpoints name.
     """
     discovery: Any = client.DiscoveryV1Api(api)
     response = discovery.list_namespaced_endpoint_slice(
         namespace, label_selector=f"kubernetes.io/service-name={service}", _preload_content=False
     )
-    items = json.loads(response.data)["items"]
-    simulated = simulated_nodes(api) if items else set()
-    found = []
-    for item in items:
+    candidates: list[tuple[str, str]] = []  # (node, host:port)
+    for item in json.loads(response.data)["items"]:
         number = next((p["port"] for p in item.get("ports") or [] if p.get("name") == port), None)
         if number is None:
             continue
         for endpoint in item.get("endpoints") or []:
             node = endpoint.get("nodeName")
-            if not node or node in simulated:
-                continue
-            if (endpoint.get("conditions") or {}).get("ready"):
-                found += [f"{address}:{number}" for address in endpoint["addresses"]]
-    return found
-
-
-def simulated_nodes(api: client.ApiClient) -> set[str]:
-    """Nodes kwok simulates: their pods' IPs have no host behind them."""
-    return {
-        n["metadata"]["name"]
-        for n in list_nodes(api)
-        if "kwok.x-k8s.io/node" in (n["metadata"].get("annotations") or {})
+            if node and (endpoint.get("conditions") or {}).get("ready"):
+                candidates += [(node, f"{address}:{number}") for address in endpoint["addresses"]]
+    reachable = {
+        name
+        for name in {node for node, _ in candidates}
+        if (found := read_node(api, name)) is not None and has_pod_network(found)
     }
+    return [address for node, address in candidates if node in reachable]
+
+
+# kwok marks the nodes it simulates with this annotation, in any cluster that runs it.
+_SIMULATED_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+
+
+def has_pod_network(node: Manifest) -> bool:
+    """Whether pod IPs on `node` have a host behind them: not on nodes kwok simulates,
+    whose pods' IPs are made up. `ready_endpoints` applies it, so that no client that
+    connects to pods by IP can reach a simulated one."""
+    annotations = node.get("metadata", {}).get("annotations") or {}
+    return _SIMULATED_NODE_ANNOTATION not in annotations
 
 
 def list_custom(

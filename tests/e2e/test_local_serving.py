@@ -18,6 +18,7 @@ from tests.helpers import REPO
 from ttsfleet import kube
 from ttsfleet.autoscale.metrics import MetricsUnavailableError, PrometheusSource, Signals
 from ttsfleet.cluster import local
+from ttsfleet.cluster import nodes as cluster_nodes
 
 pytestmark = pytest.mark.usefixtures("operator")
 EXAMPLE = REPO / "examples" / "local-cpu.yaml"
@@ -115,7 +116,7 @@ def test_clients_skip_endpoints_on_simulated_nodes(cluster: Cluster, namespace: 
         ]
 
     nodes = wait_for("a ready endpoint on a simulated node", simulated_endpoints, timeout=60)
-    assert set(nodes) <= kube.simulated_nodes(cluster.api)
+    assert set(nodes) <= cluster_nodes.simulated_nodes(cluster.api)
     assert kube.ready_endpoints(cluster.api, namespace, "joe", "grpc") == []
     result = ttsfleet(
         "say", "hello", "--target", "joe", "-n", namespace, "--kubeconfig", str(cluster.kubeconfig)

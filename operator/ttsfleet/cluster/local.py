@@ -23,9 +23,12 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from ttsfleet import kube
+from ttsfleet.cluster import nodes as cluster_nodes
 from ttsfleet.cluster import toolchain
 from ttsfleet.cluster.pool import PoolFile, render_nodes
 
@@ -364,15 +367,11 @@ def _create_nodes(record: ClusterRecord, pool_file: PoolFile, wait: float) -> in
             raise ClusterError(f"the apiserver of {record.name!r} did not become ready in 60s")
         time.sleep(0.2)
     nodes = render_nodes(pool_file, toolchain.kubernetes_version())
-    created = kube.create_nodes(api, nodes)
-    kwok_nodes = {
-        n["metadata"]["name"]
-        for n in nodes
-        if "kwok.x-k8s.io/node" in n["metadata"].get("annotations", {})
-    }
+    created = cluster_nodes.create_nodes(api, nodes)
+    kwok_nodes = {n["metadata"]["name"] for n in nodes if cluster_nodes.is_simulated(n)}
     deadline = time.monotonic() + wait
     while True:
-        ready = {n["metadata"]["name"] for n in kube.list_nodes(api) if kube.node_is_ready(n)}
+        ready = cluster_nodes.ready_nodes(api)
         if kwok_nodes <= ready:
             return created
         if time.monotonic() > deadline:
@@ -553,7 +552,7 @@ def status(record: ClusterRecord) -> ClusterHealth:
     fresh = 60.0  # leases renew every few seconds; a minute stale means stopped
 
     def alive(lease: str) -> bool:
-        age = kube.lease_age_seconds(api, lease)
+        age = lease_age_seconds(api, lease)
         return age is not None and age < fresh
 
     nodes = kube.list_nodes(api)
@@ -563,9 +562,19 @@ def status(record: ClusterRecord) -> ClusterHealth:
         controller_manager=alive("kube-controller-manager"),
         scheduler=alive("kube-scheduler"),
         nodes=len(nodes),
-        ready_nodes=sum(kube.node_is_ready(n) for n in nodes),
+        ready_nodes=sum(cluster_nodes.node_is_ready(n) for n in nodes),
         kubeconfig=record.kubeconfig,
     )
+
+
+def lease_age_seconds(api: Any, name: str, namespace: str = "kube-system") -> float | None:
+    """Seconds since a control-plane component's Lease was last renewed (None: no Lease,
+    or never renewed): whether kube-controller-manager and kube-scheduler still run."""
+    lease = kube.read_lease(api, namespace, name, timeout=5)
+    renewed = ((lease or {}).get("spec") or {}).get("renewTime")
+    if not renewed:
+        return None
+    return (datetime.now(UTC) - datetime.fromisoformat(renewed)).total_seconds()
 
 
 def statuses() -> Iterator[ClusterHealth]:
