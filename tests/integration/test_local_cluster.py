@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
+import time
 from typing import Any
 
 import pytest
@@ -208,3 +211,125 @@ def test_simulated_gpu_nodes_carry_gfd_labels_and_a_pod_cidr(cluster: Cluster) -
     assert labels["nvidia.com/mig-3g.40gb.memory"] == str(40 * 1024)
     assert node.status.allocatable["nvidia.com/mig-2g.20gb"] == "8"
     assert node.spec.pod_cidr.startswith("10.")
+
+
+# ---- the local runner restarts a pod's process as kubelet would (restartPolicy) ----------
+
+
+def bare_pod(name: str, policy: str, args: list[str]) -> dict[str, Any]:
+    """A Pod on the local node whose container the runner runs as the real tritonserver."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": policy,
+            "terminationGracePeriodSeconds": 5,
+            "nodeSelector": {"ttsfleet.io/local": "true"},
+            "tolerations": [
+                {"key": "ttsfleet.io/local", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+            "containers": [
+                {
+                    "name": "triton",
+                    "image": "nvcr.io/nvidia/tritonserver:24.10-py3",
+                    "command": ["tritonserver"],
+                    "args": args,
+                }
+            ],
+        },
+    }
+
+
+BAD_ARGS = ["--no-such-flag"]  # tritonserver prints its usage and exits 1 at once
+# A server with no models: up in well under a second, exits 0 on SIGTERM.
+GOOD_ARGS = ["--model-repository=/models", "--model-control-mode=explicit",
+             "--exit-timeout-secs=2"]  # fmt: skip
+
+
+def pod_status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    pod = kube.get(cluster.api, "v1", "Pod", name, namespace)
+    assert pod is not None, f"pod {namespace}/{name} is gone"
+    status: dict[str, Any] = pod.get("status") or {}
+    return status
+
+
+def container(status: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = (status.get("containerStatuses") or [{}])[0]
+    return found
+
+
+def test_a_never_pod_that_exits_non_zero_fails_and_is_not_restarted(
+    cluster: Cluster, namespace: str
+) -> None:
+    client.CoreV1Api(cluster.api).create_namespaced_pod(
+        namespace, bare_pod("never", "Never", BAD_ARGS)
+    )
+    status = wait_for(
+        "the pod Failed",
+        lambda: (s := pod_status(cluster, namespace, "never")).get("phase") == "Failed" and s,
+        timeout=60,
+    )
+    state = container(status)
+    assert state["state"]["terminated"]["exitCode"] == 1
+    assert state["state"]["terminated"]["reason"] == "Error"
+    assert state["restartCount"] == 0 and state["ready"] is False
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready.get("reason")) == ("False", "PodCompleted")
+    # Longer than the runner's first back-off: still not restarted.
+    time.sleep(4)
+    again = pod_status(cluster, namespace, "never")
+    assert again["phase"] == "Failed" and container(again)["restartCount"] == 0
+
+
+@pytest.mark.parametrize("policy", ["OnFailure", "Always"])
+def test_a_pod_that_keeps_failing_is_restarted_in_crash_loop_back_off(
+    cluster: Cluster, namespace: str, policy: str
+) -> None:
+    client.CoreV1Api(cluster.api).create_namespaced_pod(
+        namespace, bare_pod("crashy", policy, BAD_ARGS)
+    )
+
+    def backing_off() -> dict[str, Any]:
+        status = pod_status(cluster, namespace, "crashy")
+        state = container(status)
+        waiting = (state.get("state") or {}).get("waiting") or {}
+        if state.get("restartCount", 0) >= 2 and waiting.get("reason") == "CrashLoopBackOff":
+            return status
+        return {}
+
+    status = wait_for("restarts in CrashLoopBackOff", backing_off, timeout=60)
+    state = container(status)
+    assert status["phase"] == "Running"  # as kubelet: restarting, not finished
+    assert "back-off" in state["state"]["waiting"]["message"]
+    assert state["lastState"]["terminated"]["exitCode"] == 1
+    assert state["lastState"]["terminated"]["reason"] == "Error"
+    assert state["ready"] is False
+
+
+def test_an_on_failure_pod_that_exits_zero_succeeds_and_is_not_restarted(
+    cluster: Cluster, namespace: str
+) -> None:
+    client.CoreV1Api(cluster.api).create_namespaced_pod(
+        namespace, bare_pod("done", "OnFailure", GOOD_ARGS)
+    )
+    running = wait_for(
+        "the server running",
+        lambda: (
+            (s := pod_status(cluster, namespace, "done")).get("phase") == "Running"
+            and "running" in (container(s).get("state") or {})
+            and s
+        ),
+        timeout=60,
+    )
+    pid = int(container(running)["containerID"].rsplit("/", 1)[1])
+    os.killpg(pid, signal.SIGTERM)  # tritonserver shuts down cleanly: exit 0
+    status = wait_for(
+        "the pod Succeeded",
+        lambda: (s := pod_status(cluster, namespace, "done")).get("phase") == "Succeeded" and s,
+        timeout=60,
+    )
+    state = container(status)
+    assert state["state"]["terminated"]["exitCode"] == 0
+    assert state["state"]["terminated"]["reason"] == "Completed"
+    assert state["restartCount"] == 0

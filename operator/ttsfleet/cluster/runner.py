@@ -12,10 +12,16 @@ Dev and test tooling, not part of the operator. For each node labelled
   ConfigMap and emptyDir volumes, with the image mapped to a local program
   (`images.py`); reports the pod Running and Ready (readiness from the pod's own
   HTTP readiness probe) with its IP, so EndpointSlices point at live servers;
+- when the process exits, does what kubelet does by the pod's `restartPolicy`:
+  Always restarts it, OnFailure only after a non-zero exit, Never not at all, each
+  restart after a back-off that doubles (1 s to 60 s here; kubelet's is 10 s to 5 min),
+  and reports the phase, the container's `terminated` state or `waiting`
+  CrashLoopBackOff with its `lastState`, and the restartCount as kubelet does;
 - honours deletion: the preStop sleep, SIGTERM, the grace period, SIGKILL, then
   deletes the pod (only a kubelet can finish that), and frees its address.
 
 It needs root or CAP_NET_ADMIN. Traffic goes only to loopback and these namespaces.
+Every call to the API goes through `kube`.
 """
 
 from __future__ import annotations
@@ -37,9 +43,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-
 from ttsfleet import kube
 from ttsfleet.cluster import images, local
 from ttsfleet.cluster.pool import LOCAL_LABEL
@@ -48,6 +51,12 @@ log = logging.getLogger("ttsfleet.runner")
 Manifest = dict[str, Any]
 HEARTBEAT_SECONDS = 10.0
 LEASE_SECONDS = 40
+FIRST_BACKOFF_SECONDS = 1.0
+MAX_BACKOFF_SECONDS = 60.0
+# A container that ran this long before it exited starts its back-off afresh (kubelet
+# forgets a back-off after twice its longest step, too).
+BACKOFF_RESET_SECONDS = 2 * MAX_BACKOFF_SECONDS
+RESTART_POLICIES = ("Always", "OnFailure", "Never")
 
 
 def _now() -> str:
@@ -149,13 +158,50 @@ class PodProcess:
     workdir: Path
     process: subprocess.Popen[bytes] | None = None
     started_at: str = ""
-    restarts: int = 0
+    started_monotonic: float = 0.0
+    restarts: int = 0  # kubelet's restartCount: starts after the first
+    ever_started: bool = False
     ready: bool = False
     waiting_reason: str = ""
     waiting_message: str = ""
+    last_terminated: Manifest | None = None  # the previous run, while another follows
+    terminated: Manifest | None = None  # the last run, when none follows
     reported: str = ""
     next_start: float = 0.0
-    backoff: float = 1.0
+    backoff: float = FIRST_BACKOFF_SECONDS
+
+
+def restart_wanted(policy: str, exit_code: int) -> bool:
+    """Whether kubelet starts a container again after it exited with `exit_code`."""
+    return policy == "Always" or (policy == "OnFailure" and exit_code != 0)
+
+
+def terminated_state(
+    returncode: int, started_at: str, finished_at: str, container_id: str
+) -> Manifest:
+    """A container's `terminated` state as a runtime reports it: a process killed by
+    signal N (`returncode` -N) exits 128 + N; reason Completed after 0, else Error."""
+    exit_code = returncode if returncode >= 0 else 128 - returncode
+    return {
+        "exitCode": exit_code,
+        "reason": "Completed" if exit_code == 0 else "Error",
+        "startedAt": started_at,
+        "finishedAt": finished_at,
+        "containerID": container_id,
+    }
+
+
+def pod_phase(policy: str, running: bool, terminated: Manifest | None, exited_before: bool) -> str:
+    """The phase of a one-container pod, as kubelet's getPhase gives it: Succeeded or
+    Failed once its container has exited for good, Running while it runs or waits to be
+    restarted after an exit, Pending before its first start."""
+    if terminated is not None:
+        if terminated["exitCode"] == 0:
+            return "Succeeded"
+        return "Failed" if policy == "Never" else "Running"
+    if running or exited_before:
+        return "Running"
+    return "Pending"
 
 
 class Runner:
@@ -163,8 +209,7 @@ class Runner:
 
     def __init__(self, cluster: str, kubeconfig: Path, state_dir: Path) -> None:
         self.cluster = cluster
-        self.api = kube.api_client(kubeconfig)
-        self.core: Any = client.CoreV1Api(self.api)
+        self.api = kube.api_client(kubeconfig, user_agent="ttsfleet-runner")
         self.state_dir = state_dir
         self.nodes: dict[str, LocalNode] = {}
         self.pods: dict[str, PodProcess] = {}
@@ -174,8 +219,7 @@ class Runner:
 
     # ---- nodes -------------------------------------------------------------
     def discover_nodes(self) -> None:
-        response = self.core.list_node(label_selector=f"{LOCAL_LABEL}=true", _preload_content=False)
-        for node in json.loads(response.data)["items"]:
+        for node in kube.list_nodes(self.api, f"{LOCAL_LABEL}=true"):
             name = node["metadata"]["name"]
             cidr = node.get("spec", {}).get("podCIDR")
             if name in self.nodes or not cidr:
@@ -195,16 +239,17 @@ class Runner:
         now = _now()
         for node in list(self.nodes.values()):
             try:
-                self._heartbeat(node, now)
-            except ApiException as err:
-                if err.status == 404:  # the node was deleted: forget it
-                    log.info("Node %s is gone", node.name)
-                    node.teardown()
-                    del self.nodes[node.name]
-                else:
-                    log.exception("Heartbeat of %s failed", node.name)
+                alive = self._heartbeat(node, now)
+            except Exception:
+                log.exception("Heartbeat of %s failed", node.name)
+                continue
+            if not alive:  # the node was deleted: forget it
+                log.info("Node %s is gone", node.name)
+                node.teardown()
+                del self.nodes[node.name]
 
-    def _heartbeat(self, node: LocalNode, now: str) -> None:
+    def _heartbeat(self, node: LocalNode, now: str) -> bool:
+        """Post the node's status and renew its Lease; False when the node is gone."""
         conditions = [
             {"type": kind, "status": "False", "reason": f"KubeletHas{reason}",
              "lastHeartbeatTime": now, "lastTransitionTime": now}
@@ -226,35 +271,16 @@ class Runner:
                 {"type": "Hostname", "address": node.name},
             ],
         }
-        self.core.patch_node_status(node.name, {"status": status})
-        self._renew_lease(node.name)
-
-    def _renew_lease(self, name: str) -> None:
-        leases: Any = client.CoordinationV1Api(self.api)
-        now = datetime.now(UTC).isoformat()
-        body = {
-            "metadata": {"name": name, "namespace": "kube-node-lease"},
-            "spec": {
-                "holderIdentity": name,
-                "leaseDurationSeconds": LEASE_SECONDS,
-                "renewTime": now,
-            },
-        }
-        try:
-            leases.patch_namespaced_lease(name, "kube-node-lease", {"spec": body["spec"]})
-        except ApiException as err:
-            if err.status != 404:
-                raise
-            leases.create_namespaced_lease("kube-node-lease", body)
+        if not kube.patch_node_status(self.api, node.name, status):
+            return False
+        kube.renew_node_lease(self.api, node.name, LEASE_SECONDS)
+        return True
 
     # ---- pods --------------------------------------------------------------
     def sync_pods(self) -> None:
         seen: set[str] = set()
         for node in self.nodes.values():
-            response = self.core.list_pod_for_all_namespaces(
-                field_selector=f"spec.nodeName={node.name}", _preload_content=False
-            )
-            for pod in json.loads(response.data)["items"]:
+            for pod in kube.list_node_pods(self.api, node.name):
                 uid = pod["metadata"]["uid"]
                 seen.add(uid)
                 try:
@@ -274,25 +300,47 @@ class Runner:
         if proc is None:
             ip = node.allocate(pod.get("status", {}).get("podIP"))
             node.add_address(ip)
+            statuses = pod.get("status", {}).get("containerStatuses") or [{}]
             proc = PodProcess(
                 uid=uid, namespace=pod["metadata"]["namespace"], name=pod["metadata"]["name"],
                 node=node, ip=ip, workdir=self.state_dir / "pods" / uid,
+                restarts=int(statuses[0].get("restartCount") or 0),
             )  # fmt: skip
             self.pods[uid] = proc
         container = pod["spec"]["containers"][0]
-        if proc.process is not None and proc.process.poll() is not None:
-            log.warning(
-                "Pod %s/%s exited with %s", proc.namespace, proc.name, proc.process.returncode
-            )
-            proc.process, proc.ready = None, False
-            proc.restarts += 1
-            proc.next_start = time.monotonic() + proc.backoff
-            proc.backoff = min(proc.backoff * 2, 60)
-        if proc.process is None and time.monotonic() >= proc.next_start:
+        policy = pod["spec"].get("restartPolicy") or "Always"
+        if proc.process is not None and (returncode := proc.process.poll()) is not None:
+            self._exited(proc, container, returncode, policy)
+        if proc.terminated is None and proc.process is None and time.monotonic() >= proc.next_start:
             self._start(pod, container, proc)
         if proc.process is not None:
             proc.ready = _probe(container, proc.ip)
-        self._report(pod, container, proc)
+        self._report(pod, container, proc, policy)
+
+    def _exited(self, proc: PodProcess, container: Manifest, returncode: int, policy: str) -> None:
+        """The container's process ended: restart it after a back-off, or not, by policy."""
+        assert proc.process is not None
+        state = terminated_state(
+            returncode, proc.started_at, _now(), f"ttsfleet-local://{proc.process.pid}"
+        )
+        ran = time.monotonic() - proc.started_monotonic
+        proc.process, proc.ready = None, False
+        log.warning("Pod %s/%s exited with %s (restartPolicy %s)", proc.namespace, proc.name,
+                    state["exitCode"], policy)  # fmt: skip
+        if not restart_wanted(policy, state["exitCode"]):
+            proc.terminated = state
+            proc.node.remove_address(proc.ip)  # as a pod sandbox torn down frees its IP
+            return
+        proc.last_terminated = state
+        if ran >= BACKOFF_RESET_SECONDS:
+            proc.backoff = FIRST_BACKOFF_SECONDS
+        proc.next_start = time.monotonic() + proc.backoff
+        proc.waiting_reason = "CrashLoopBackOff"
+        proc.waiting_message = (
+            f"back-off {proc.backoff:.0f}s restarting failed container={container['name']} "
+            f"pod={proc.name}_{proc.namespace}({proc.uid})"
+        )
+        proc.backoff = min(proc.backoff * 2, MAX_BACKOFF_SECONDS)
 
     def _start(self, pod: Manifest, container: Manifest, proc: PodProcess) -> None:
         try:
@@ -312,32 +360,48 @@ class Runner:
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )  # fmt: skip
         proc.started_at = _now()
+        proc.started_monotonic = time.monotonic()
+        if proc.ever_started:
+            proc.restarts += 1
+        proc.ever_started = True
         proc.waiting_reason = proc.waiting_message = ""
         log.info(
             "Started pod %s/%s at %s (pid %s)", proc.namespace, proc.name, proc.ip, proc.process.pid
         )
 
-    def _report(self, pod: Manifest, container: Manifest, proc: PodProcess) -> None:
+    def _report(self, pod: Manifest, container: Manifest, proc: PodProcess, policy: str) -> None:
         running = proc.process is not None
-        state: Manifest = (
-            {"running": {"startedAt": proc.started_at}}
-            if running
-            else {"waiting": {"reason": proc.waiting_reason or "ContainerCreating",
-                              "message": proc.waiting_message}}
-        )  # fmt: skip
+        state: Manifest
+        if running:
+            state = {"running": {"startedAt": proc.started_at}}
+        elif proc.terminated is not None:
+            state = {"terminated": proc.terminated}
+        else:
+            state = {"waiting": {"reason": proc.waiting_reason or "ContainerCreating",
+                                 "message": proc.waiting_message}}  # fmt: skip
+        phase = pod_phase(policy, running, proc.terminated, proc.last_terminated is not None)
+        finished = phase in ("Succeeded", "Failed")
         ready = "True" if proc.ready else "False"
-        conditions = [
+        conditions: list[Manifest] = [
             {"type": kind, "status": value}
             for kind, value in (
                 ("PodScheduled", "True"),
-                ("PodReadyToStartContainers", "True"),
+                ("PodReadyToStartContainers", "False" if finished else "True"),
                 ("Initialized", "True"),
                 ("ContainersReady", ready),
                 ("Ready", ready),
             )
         ]
+        if finished:  # kubelet's reason on a pod whose containers are all done
+            for cond in conditions[3:]:
+                cond["reason"] = "PodCompleted"
+        container_id = (
+            f"ttsfleet-local://{proc.process.pid}"
+            if proc.process is not None
+            else str((proc.terminated or proc.last_terminated or {}).get("containerID", ""))
+        )
         status: Manifest = {
-            "phase": "Running" if running else "Pending",
+            "phase": phase,
             "hostIP": str(proc.node.gateway),
             "hostIPs": [{"ip": str(proc.node.gateway)}],
             "podIP": str(proc.ip),
@@ -349,11 +413,14 @@ class Runner:
                     "name": container["name"],
                     "image": container["image"],
                     "imageID": "",
-                    "containerID": f"ttsfleet-local://{proc.process.pid if proc.process else 0}",
+                    "containerID": container_id,
                     "ready": proc.ready,
                     "started": running,
                     "restartCount": proc.restarts,
                     "state": state,
+                    "lastState": (
+                        {"terminated": proc.last_terminated} if proc.last_terminated else {}
+                    ),
                 }
             ],
         }
@@ -363,12 +430,7 @@ class Runner:
         now = _now()
         for cond in conditions:
             cond["lastTransitionTime"] = now
-        # A JSON merge patch replaces lists whole (podIPs, conditions): a strategic merge
-        # would append a new pod IP to an old one, which the apiserver refuses.
-        self.core.patch_namespaced_pod_status(
-            proc.name, proc.namespace, {"status": status},
-            _content_type="application/merge-patch+json",
-        )  # fmt: skip
+        kube.patch_pod_status(self.api, proc.namespace, proc.name, status)
         proc.reported = digest
 
     def _terminate(self, pod: Manifest) -> None:
@@ -386,9 +448,7 @@ class Runner:
             try:
                 if proc is not None:
                     self._stop(proc, grace=grace, pre_stop=int(pre_stop.get("seconds") or 0))
-                self.core.delete_namespaced_pod(
-                    pod["metadata"]["name"], pod["metadata"]["namespace"], grace_period_seconds=0
-                )
+                kube.delete_pod(self.api, pod["metadata"]["namespace"], pod["metadata"]["name"], 0)
             except Exception:  # the next sync sees the pod again and tries again
                 log.exception("Stopping pod %s/%s failed", pod["metadata"]["namespace"],
                               pod["metadata"]["name"])  # fmt: skip
@@ -407,8 +467,8 @@ class Runner:
             target.mkdir(parents=True, exist_ok=True)
             if "configMap" in volume:
                 name = volume["configMap"]["name"]
-                data = self.core.read_namespaced_config_map(name, pod["metadata"]["namespace"]).data
-                for key, value in (data or {}).items():
+                data = kube.config_map_data(self.api, pod["metadata"]["namespace"], name)
+                for key, value in data.items():
                     (target / key).write_text(value)
             out[volume["name"]] = target
         return out

@@ -1,0 +1,48 @@
+"""The local runner's kubelet rules: restart by restartPolicy, phase, terminated state."""
+
+from __future__ import annotations
+
+import pytest
+
+from ttsfleet.cluster.runner import pod_phase, restart_wanted, terminated_state
+
+
+@pytest.mark.parametrize(
+    ("policy", "exit_code", "restart"),
+    [
+        ("Always", 0, True),
+        ("Always", 1, True),
+        ("OnFailure", 0, False),
+        ("OnFailure", 1, True),
+        ("OnFailure", 137, True),
+        ("Never", 0, False),
+        ("Never", 1, False),
+    ],
+)
+def test_restart_follows_the_restart_policy(policy: str, exit_code: int, restart: bool) -> None:
+    assert restart_wanted(policy, exit_code) is restart
+
+
+def test_an_exit_is_reported_as_a_runtime_does() -> None:
+    done = terminated_state(0, "t0", "t1", "ttsfleet-local://7")
+    assert (done["exitCode"], done["reason"]) == (0, "Completed")
+    assert (done["startedAt"], done["finishedAt"], done["containerID"]) == (
+        "t0",
+        "t1",
+        "ttsfleet-local://7",
+    )
+    assert terminated_state(1, "", "", "")["reason"] == "Error"
+    killed = terminated_state(-9, "", "", "")  # Popen's returncode for SIGKILL
+    assert (killed["exitCode"], killed["reason"]) == (137, "Error")
+
+
+def test_the_phase_is_kubelets() -> None:
+    ok, failed = {"exitCode": 0}, {"exitCode": 2}
+    assert pod_phase("Always", running=False, terminated=None, exited_before=False) == "Pending"
+    assert pod_phase("Never", running=True, terminated=None, exited_before=False) == "Running"
+    # Waiting to be restarted after an exit: still Running, as kubelet reports it.
+    assert pod_phase("Always", running=False, terminated=None, exited_before=True) == "Running"
+    assert pod_phase("OnFailure", running=False, terminated=None, exited_before=True) == "Running"
+    assert pod_phase("OnFailure", running=False, terminated=ok, exited_before=False) == "Succeeded"
+    assert pod_phase("Never", running=False, terminated=ok, exited_before=False) == "Succeeded"
+    assert pod_phase("Never", running=False, terminated=failed, exited_before=True) == "Failed"
