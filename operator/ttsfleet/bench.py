@@ -4,8 +4,9 @@ Closed loop: for each concurrency level, that many workers send requests back to
 back for a while. Open loop: requests arrive at a fixed mean rate (Poisson),
 whatever the server does, which is how a queue builds. Every request goes to the
 next ready endpoint (round robin, refreshed as endpoints change). Reported per
-level: time to first audio and latency p50/p95/p99, real-time factor, throughput,
-errors.
+level: time to first audio and latency p50/p95/p99 (nearest rank,
+`harness.percentile`; None when no request succeeded), real-time factor,
+throughput, errors.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ttsfleet import client
+from ttsfleet.harness import percentile
 from ttsfleet.serving.text import SAMPLE_REPLIES
 
 # Short replies of a voice agent: one to three sentences, numbers included.
@@ -47,23 +49,21 @@ class LevelResult:
     seconds: float
     requests: int
     errors: int
-    ttfa_ms: dict[str, float]
-    latency_ms: dict[str, float]
-    rtf_mean: float
+    ttfa_ms: dict[str, float | None]
+    latency_ms: dict[str, float | None]
+    rtf_mean: float | None
     requests_per_second: float
     audio_seconds_per_second: float
     error_examples: list[str] = field(default_factory=list)
 
 
-def percentiles(values: Sequence[float]) -> dict[str, float]:
+def percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    """p50, p95 and p99 (nearest rank, `harness.percentile`), rounded to 0.01; each None
+    when there are no values (no figure rather than a made-up 0)."""
+    quantiles = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
     if not values:
-        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:  # nearest rank
-        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-    return {"p50": round(at(0.5), 2), "p95": round(at(0.95), 2), "p99": round(at(0.99), 2)}
+        return dict.fromkeys(quantiles)
+    return {key: round(percentile(values, q), 2) for key, q in quantiles.items()}
 
 
 def summarize(
@@ -71,6 +71,7 @@ def summarize(
 ) -> LevelResult:
     good = [s for s in samples if not s.error]
     audio = sum(s.audio_seconds for s in good)
+    ratios = [s.seconds_total / s.audio_seconds for s in good if s.audio_seconds]
     return LevelResult(
         label=label,
         concurrency=concurrency,
@@ -80,12 +81,7 @@ def summarize(
         errors=len(samples) - len(good),
         ttfa_ms=percentiles([s.seconds_to_first_audio * 1000 for s in good]),
         latency_ms=percentiles([s.seconds_total * 1000 for s in good]),
-        rtf_mean=round(
-            statistics.fmean([s.seconds_total / s.audio_seconds for s in good if s.audio_seconds]),
-            4,
-        )
-        if good
-        else 0.0,
+        rtf_mean=round(statistics.fmean(ratios), 4) if ratios else None,
         requests_per_second=round(len(good) / seconds, 2) if seconds else 0.0,
         audio_seconds_per_second=round(audio / seconds, 2) if seconds else 0.0,
         error_examples=sorted({s.error for s in samples if s.error})[:3],
@@ -169,11 +165,14 @@ def plot(results: Sequence[LevelResult], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot  # noqa: PLC0415
 
+    def points(values: Sequence[float | None]) -> list[float]:
+        return [math.nan if v is None else v for v in values]  # a level with no figure: a gap
+
     labels = [r.label for r in results]
     figure, (left, right) = pyplot.subplots(1, 2, figsize=(11, 4))
     for key, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
-        left.plot(labels, [r.ttfa_ms[key] for r in results], style, label=f"TTFA {key}")
-    left.plot(labels, [r.latency_ms["p95"] for r in results], "x-", label="latency p95")
+        left.plot(labels, points([r.ttfa_ms[key] for r in results]), style, label=f"TTFA {key}")
+    left.plot(labels, points([r.latency_ms["p95"] for r in results]), "x-", label="latency p95")
     left.set_ylabel("milliseconds")
     left.set_title("Time to first audio")
     left.legend()

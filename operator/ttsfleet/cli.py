@@ -408,12 +408,10 @@ def bench(
     kubeconfig: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
     """Load TTS endpoints: TTFA and latency percentiles, RTF, throughput, errors."""
-    import json
-
     from rich.progress import Progress
 
     from ttsfleet import bench as bench_module
-    from ttsfleet import client, kube
+    from ttsfleet import client, harness, kube
 
     addresses = [t for t in target if ":" in t]
     names = [t for t in target if ":" not in t]
@@ -446,23 +444,28 @@ def bench(
                 )
             results.append(result)
             progress.remove_task(task)
+            ttfa = "/".join(_figure(result.ttfa_ms[k], ".0f") for k in ("p50", "p95", "p99"))
             console.print(
                 f"{result.label:>10}: {result.requests} requests, {result.errors} errors, "
-                f"TTFA p50/p95/p99 {result.ttfa_ms['p50']:.0f}/{result.ttfa_ms['p95']:.0f}/"
-                f"{result.ttfa_ms['p99']:.0f} ms, latency p95 {result.latency_ms['p95']:.0f} ms, "
-                f"RTF {result.rtf_mean:.3f}, {result.requests_per_second:.1f} req/s"
+                f"TTFA p50/p95/p99 {ttfa} ms, "
+                f"latency p95 {_figure(result.latency_ms['p95'], '.0f')} ms, "
+                f"RTF {_figure(result.rtf_mean, '.3f')}, {result.requests_per_second:.1f} req/s"
             )
             for example in result.error_examples:
                 err_console.print(f"    error: {example}", highlight=False)
     mode = "stream" if stream else "batch"
     if json_out is not None:
         doc = bench_module.as_json(results, target=target, mode=mode, seconds=seconds)
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(doc, indent=2) + "\n")
+        harness.write_results(json_out, doc)  # with where it ran: commit, machine, command
         console.print(f"Wrote {json_out}")
     if plot_out is not None:
         bench_module.plot(results, plot_out, f"ttsfleet bench: {', '.join(target)} ({mode})")
         console.print(f"Wrote {plot_out}")
+
+
+def _figure(value: float | None, spec: str) -> str:
+    """A measured figure, or "-" where there is none (no request succeeded)."""
+    return "-" if value is None else format(value, spec)
 
 
 @app.command()

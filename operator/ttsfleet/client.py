@@ -1,9 +1,10 @@
 """The one module that talks to Triton: streaming and whole-utterance synthesis.
 
 Targets are host:port gRPC addresses. `ttsfleet say` resolves a TtsDeployment to
-its ready endpoints (EndpointSlices, through `kube`) and balances per request,
-as a client must in a cluster where one long-lived gRPC channel through a
-ClusterIP would pin all load to one pod.
+its ready endpoints (EndpointSlices, through `kube.ready_endpoints`, which never
+returns one on a node kwok simulates) and balances per request, as a client must in
+a cluster where one long-lived gRPC channel through a ClusterIP would pin all load
+to one pod.
 """
 
 from __future__ import annotations

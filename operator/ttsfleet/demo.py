@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ttsfleet import client, kube
+from ttsfleet import client, harness, kube
 from ttsfleet.api import crd
 from ttsfleet.api import v1alpha1 as api
 from ttsfleet.cluster import local
@@ -53,12 +53,10 @@ def _start_operator(record: local.ClusterRecord) -> None:
 
 
 def _wait(what: str, probe: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := probe()):
-        if time.monotonic() > deadline:
-            raise local.ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
-    return value
+    try:
+        return harness.wait_for(what, probe, timeout=timeout, every=0.5)
+    except AssertionError as err:  # the harness's timeout, said as the CLI says errors
+        raise local.ClusterError(str(err)) from None
 
 
 def run(cluster: str, output: Path, say: Callable[[str], None] = print) -> DemoResult:
@@ -70,7 +68,8 @@ def run(cluster: str, output: Path, say: Callable[[str], None] = print) -> DemoR
         say(f"warning: {warning}")
     api_client = kube.api_client(record.kubeconfig)
     kube.apply(api_client, [crd.crd()], "ttsfleet-demo")
-    _wait("the TtsDeployment CRD", lambda: _established(api_client), 60)
+    crd_name = f"{api.PLURAL}.{api.GROUP}"
+    _wait("the TtsDeployment CRD", lambda: harness.crd_established(api_client, crd_name), 60)
     if not local.running(cluster, " operator "):
         _start_operator(record)
         say(f"Started the operator (log: {record.dir / 'operator.log'})")
@@ -92,12 +91,3 @@ def run(cluster: str, output: Path, say: Callable[[str], None] = print) -> DemoR
     speech = client.stream(address, SENTENCE)
     client.write_wav(output, speech.audio, speech.sample_rate)
     return DemoResult(record, name, address, output, speech, time.monotonic() - start)
-
-
-def _established(api_client: Any) -> bool:
-    found = kube.get(
-        api_client, "apiextensions.k8s.io/v1", "CustomResourceDefinition",
-        f"{api.PLURAL}.{api.GROUP}", None,
-    )  # fmt: skip
-    conditions = ((found or {}).get("status") or {}).get("conditions") or []
-    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from ttsfleet import harness
 from ttsfleet.bench import Sample, percentiles, summarize
 
 
 def test_percentiles_pick_from_the_sorted_values() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentiles(values) == {"p50": 50.0, "p95": 95.0, "p99": 99.0}
-    assert percentiles([]) == {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+
+
+def test_percentiles_are_the_harness_nearest_rank() -> None:
+    # Nearest rank: the 2nd of 4 is the median, where rounding the index 1.5 gives the 3rd.
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert percentiles(values)["p50"] == harness.percentile(values, 0.5) == 2.0
+
+
+def test_no_values_give_no_figures_rather_than_zeros() -> None:
+    assert percentiles([]) == {"p50": None, "p95": None, "p99": None}
 
 
 def test_a_summary_counts_errors_apart_and_rates_over_the_level() -> None:
@@ -21,3 +31,10 @@ def test_a_summary_counts_errors_apart_and_rates_over_the_level() -> None:
     assert result.requests_per_second == 3.0
     assert result.audio_seconds_per_second == 6.0
     assert result.error_examples == ["deadline exceeded"]
+
+
+def test_a_level_where_every_request_failed_has_no_latency_figures() -> None:
+    result = summarize("c=1", [Sample(0.0, error="refused")] * 3, 1.0, 1, None)
+    assert result.errors == 3
+    assert result.ttfa_ms == result.latency_ms == {"p50": None, "p95": None, "p99": None}
+    assert result.rtf_mean is None
