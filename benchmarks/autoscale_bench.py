@@ -6,7 +6,9 @@
 
 Starts its own local cluster (kwok nodes plus the `local` node whose pods the runner
 runs as real tritonserver processes, and Prometheus scraping them), installs the CRD,
-runs `ttsfleet operator --prometheus-url` as a process and creates one streaming
+runs `ttsfleet operator --prometheus-url` as a process (`harness.OperatorProcess`, one
+replica with `--no-leader-election`: this measures the autoscaler's loop, not an
+election) and creates one streaming
 TtsDeployment with `scaling.mode: builtin` (1 to 2 replicas). Then `--steps` step
 loads, each: `--concurrency` streaming clients (closed loop, round robin over the
 ready endpoints) until the second replica has been in the endpoints for
@@ -16,7 +18,8 @@ Per step:
 - breach -> write: from the first raw Prometheus sample (scrape timestamp) of
   `nv_inference_pending_request_count` above its target (queueDepthPerReplica per
   replica) after the load started, to the moment the scale subresource write is
-  seen on a watch of the TtsDeployment (spec.replicas 1 -> 2). p50/p95/max.
+  seen on a watch of the TtsDeployment (spec.replicas 1 -> 2). p50/p95/max (nearest
+  rank, `harness.percentile`; None where there is nothing to rank).
 - time to first audio from the clients: requests started before the new replica
   entered the endpoints, and after (p50/p95).
 
@@ -31,9 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -46,7 +47,7 @@ from typing import Any
 import yaml
 from kubernetes import client, watch
 
-from ttsfleet import bench, kube
+from ttsfleet import bench, harness, kube
 from ttsfleet import client as tts_client
 from ttsfleet.api.v1alpha1 import TtsDeploymentSpec
 from ttsfleet.autoscale.loop import policy_for
@@ -77,12 +78,9 @@ def manifest() -> dict[str, Any]:
     return doc
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest rank; None when there is nothing to rank."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+def percentile_or_none(values: list[float], q: float) -> float | None:
+    """`harness.percentile`, or None when there is nothing to rank."""
+    return harness.percentile(values, q) if values else None
 
 
 def rounded(value: float | None, digits: int = 3) -> float | None:
@@ -183,14 +181,6 @@ class Recorder:
         self.load_on.set()  # wake the workers so that they see the stop
 
 
-def wait(what: str, probe: Any, timeout: float, every: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(every)
-
-
 @dataclass
 class Step:
     load_on: float
@@ -205,15 +195,21 @@ class Step:
 def run_step(recorder: Recorder, after_seconds: float, timeout: float) -> Step:
     step = Step(load_on=time.time())
     recorder.load_on.set()
-    wait("the scale-up write", lambda: recorder.replicas_now() == 2, timeout)
+    harness.wait_for("the scale-up write", lambda: recorder.replicas_now() == 2, timeout, 0.1)
     step.write = next(t for t, r in reversed(recorder.replicas) if r == 2)
-    wait("the new replica in the endpoints", lambda: recorder.ready_now() == 2, timeout)
+    harness.wait_for(
+        "the new replica in the endpoints", lambda: recorder.ready_now() == 2, timeout, 0.1
+    )
     step.new_ready = next(t for t, n in reversed(recorder.ready) if n == 2)
     time.sleep(after_seconds)
     recorder.load_on.clear()
     step.load_off = time.time()
-    wait("the scale-down", lambda: recorder.replicas_now() == 1 and recorder.ready_now() == 1,
-         timeout)  # fmt: skip
+    harness.wait_for(
+        "the scale-down",
+        lambda: recorder.replicas_now() == 1 and recorder.ready_now() == 1,
+        timeout,
+        0.1,
+    )
     step.down_write = next(t for t, r in reversed(recorder.replicas) if r == 1)
     step.back = time.time()
     return step
@@ -260,7 +256,7 @@ def timeline(recorder: Recorder, start: float, end: float) -> list[dict[str, Any
                 "requests_per_s": float(len(started)),
                 "replicas": replicas[-1] if replicas else 0,
                 "ready_replicas": ready[-1] if ready else 0,
-                "ttfa_p95_s": rounded(percentile(ttfas, 0.95)),
+                "ttfa_p95_s": rounded(percentile_or_none(ttfas, 0.95)),
             }
         )
     return samples
@@ -280,16 +276,16 @@ def summary(recorder: Recorder, steps: list[Step]) -> dict[str, Any]:
     def stats(values: list[float]) -> dict[str, Any]:
         return {
             "requests": len(values),
-            "p50_s": rounded(percentile(values, 0.5)),
-            "p95_s": rounded(percentile(values, 0.95)),
+            "p50_s": rounded(percentile_or_none(values, 0.5)),
+            "p95_s": rounded(percentile_or_none(values, 0.95)),
         }
 
     origin = steps[0].load_on if steps else 0.0
     return {
         "breach_to_scale_write_s": {
             "steps": len(latencies),
-            "p50": rounded(percentile(latencies, 0.5)),
-            "p95": rounded(percentile(latencies, 0.95)),
+            "p50": rounded(percentile_or_none(latencies, 0.5)),
+            "p95": rounded(percentile_or_none(latencies, 0.95)),
             "max": rounded(max(latencies) if latencies else None),
             "goal_p95": 2.0,
         },
@@ -316,31 +312,20 @@ def summary(recorder: Recorder, steps: list[Step]) -> dict[str, Any]:
     }
 
 
-def start(
-    record: local.ClusterRecord, log: Path
-) -> tuple[client.ApiClient, subprocess.Popen[bytes]]:
+def start(record: local.ClusterRecord, operator: harness.OperatorProcess) -> client.ApiClient:
     """The CRD, the namespace, the operator (with Prometheus) and the TtsDeployment."""
     kubectl = [str(toolchain.binary("kubectl")), "--kubeconfig", str(record.kubeconfig)]
     subprocess.run([*kubectl, "apply", "--server-side", "-f", str(REPO / "crds")],
                    check=True, capture_output=True)  # fmt: skip
-    subprocess.run(
-        [*kubectl, "wait", "--for=condition=Established", "crd/ttsdeployments.ttsfleet.io",
-         "--timeout=60s"], check=True, capture_output=True,
-    )  # fmt: skip
     api = kube.api_client(record.kubeconfig)
+    harness.wait_established(api, "ttsdeployments.ttsfleet.io")
     core: Any = client.CoreV1Api(api)
     core.create_namespace({"metadata": {"name": NAMESPACE}})
-    with log.open("wb") as out:
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "ttsfleet", "operator",
-             "--kubeconfig", str(record.kubeconfig),
-             "--prometheus-url", local.prometheus_url(record),
-             "--metrics-port", str(local.free_port()), "--health-port", str(local.free_port())],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    operator.start()
+    harness.wait_for("the operator's handlers", operator.ready, timeout=60)
     subprocess.run([*kubectl, "apply", "-f", "-"], input=yaml.safe_dump(manifest()).encode(),
                    check=True, capture_output=True)  # fmt: skip
-    return api, operator
+    return api
 
 
 def measure(
@@ -349,7 +334,7 @@ def measure(
     """The step loads; the summary and the run at 1 s steps."""
     spec = TtsDeploymentSpec.model_validate(manifest()["spec"])
     target = float(spec.scaling.targets.queue_depth_per_replica)
-    wait("one ready replica", lambda: recorder.ready_now() == 1, 180)
+    harness.wait_for("one ready replica", lambda: recorder.ready_now() == 1, 180, 0.1)
     time.sleep(5)  # idle samples in Prometheus before the first step
     recorder.load(args.concurrency)
     run_start = time.time()
@@ -388,27 +373,23 @@ def main() -> None:
     began = time.monotonic()
     record = local.up(CLUSTER, load_pool_file(None)).record
     log = Path(tempfile.mkdtemp(prefix="ttsfleet-bench-")) / "operator.log"
-    operator = None
+    operator = harness.OperatorProcess(
+        record.kubeconfig, log, local.free_port(), local.free_port(),
+        prometheus_url=local.prometheus_url(record), leader_election=False,
+    )  # fmt: skip
     recorder = None
     try:
-        api, operator = start(record, log)
+        api = start(record, operator)
         recorder = Recorder(api)
         summary_, run = measure(recorder, local.prometheus_url(record), args)
     finally:
         if recorder is not None:
             recorder.stop()
-        if operator is not None:
-            operator.terminate()
-            try:
-                operator.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                operator.kill()
+        operator.stop()
         local.down(CLUSTER)
-    report = {"machine": {"cpus": os.cpu_count()}, "seconds": round(time.monotonic() - began, 1)}
-    report |= summary_
+    report = {"seconds": round(time.monotonic() - began, 1)} | summary_
     for path, content in ((args.out, report), (args.run_out, run)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(content, indent=2) + "\n")
+        harness.write_results(path, content)
     print(json.dumps({k: v for k, v in report.items() if k != "steps"}, indent=2))
     print(f"written to {args.out} and {args.run_out}; operator log: {log}")
 

@@ -13,7 +13,8 @@ Writes, with the GPU, driver and onnxruntime version:
   the voice (CUDA context, cuDNN/cuBLAS handles, weights, onnxruntime's arena) and by
   how much more after sentences of growing length (activations, per second of audio);
 - `latency`: time to the first chunk (one sentence) and to the whole reply for the
-  voice-agent replies of `ttsfleet bench`, p50/p95, on the GPU, with the same code on
+  voice-agent replies of `ttsfleet bench`, p50/p95 (nearest rank, `harness.percentile`;
+  results written before it used a rounded-index rank), on the GPU, with the same code on
   this machine's CPU as the baseline of the same run;
 - `throughput`: N instances (processes) on the one GPU, each synthesising one reply at
   a time (closed loop), for N in 1, 2, 4, 8: replies per second and first-chunk p50/p95;
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ttsfleet import harness
 from ttsfleet.serving import variants
 from ttsfleet.serving.engine import Synthesizer, voices
 from ttsfleet.serving.text import SAMPLE_REPLIES
@@ -46,15 +48,10 @@ INSTANCES = (1, 2, 4, 8)
 ROUNDS = 5
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def _ms(values: list[float]) -> dict[str, float]:
     return {
-        "p50_ms": round(1000 * _quantile(values, 0.5), 2),
-        "p95_ms": round(1000 * _quantile(values, 0.95), 2),
+        "p50_ms": round(1000 * harness.percentile(values, 0.5), 2),
+        "p95_ms": round(1000 * harness.percentile(values, 0.95), 2),
         "mean_ms": round(1000 * statistics.fmean(values), 2),
     }
 
@@ -252,8 +249,7 @@ def main() -> None:
         ]
         for row in result["quality"]:
             row["path"] = Path(row["path"]).name
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    harness.write_results(args.out, result)
     print(json.dumps(result["quality"]))
     print(f"wrote {args.out}")
 

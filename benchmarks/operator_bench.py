@@ -4,10 +4,13 @@
                                         [--out benchmarks/results/operator.json]
 
 Starts its own local cluster (--nodes GPU nodes), installs the CRD, runs
-`ttsfleet operator` as a process and:
+`ttsfleet operator` as a process (`harness.OperatorProcess`, one replica with
+`--no-leader-election`: this measures one operator's reconciling, not an election)
+and:
 1. creates `--latency-objects` TtsDeployments one after another and times, for
    each, from the create call's return to the moment its last child (the
-   PodDisruptionBudget) is seen on a watch: p50/p95/p99;
+   PodDisruptionBudget) is seen on a watch: p50/p95/p99 (nearest rank,
+   `harness.percentile`);
 2. creates `--scale-objects` more at once and times until every one is Ready,
    with the operator's CPU seconds and peak memory, and the apiserver's request
    rate (from its own apiserver_request_total) over that window.
@@ -21,7 +24,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,7 +33,7 @@ from typing import Any
 
 from kubernetes import client, watch
 
-from ttsfleet import kube
+from ttsfleet import harness, kube
 from ttsfleet.cluster import local, toolchain
 from ttsfleet.cluster.pool import load_pool_file, scale_gpu_pools
 
@@ -51,11 +53,6 @@ def tts(name: str) -> dict[str, Any]:
             "maxReplicas": 8,
         },
     }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -112,14 +109,6 @@ class ChildWatch:
         self._stop.set()
 
 
-def wait(what: str, probe: Any, timeout: float, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(every)
-
-
 def ready_count(api: client.ApiClient, namespace: str) -> int:
     custom: Any = client.CustomObjectsApi(api)
     response = custom.list_namespaced_custom_object(
@@ -145,14 +134,14 @@ def measure_latency(api: client.ApiClient, objects: int) -> dict[str, float]:
             "ttsfleet.io", "v1alpha1", "latency", "ttsdeployments", tts(name)
         )
         created = time.monotonic()
-        wait(f"children of {name}", lambda n=name: n in watcher.seen, 30, every=0.002)
+        harness.wait_for(f"children of {name}", lambda n=name: n in watcher.seen, 30, every=0.002)
         latencies.append(watcher.seen[name] - created)
     watcher.stop()
     return {
         "objects": len(latencies),
-        "p50": round(percentile(latencies, 0.50), 4),
-        "p95": round(percentile(latencies, 0.95), 4),
-        "p99": round(percentile(latencies, 0.99), 4),
+        "p50": round(harness.percentile(latencies, 0.50), 4),
+        "p95": round(harness.percentile(latencies, 0.95), 4),
+        "p99": round(harness.percentile(latencies, 0.99), 4),
         "max": round(max(latencies), 4),
         "mean": round(statistics.fmean(latencies), 4),
     }
@@ -169,7 +158,9 @@ def measure_scale(api: client.ApiClient, operator_pid: int, objects: int) -> dic
             "ttsfleet.io", "v1alpha1", "scale", "ttsdeployments", tts(f"s-{i}")
         )
     created = time.monotonic() - start
-    wait("every TtsDeployment Ready", lambda: ready_count(api, "scale") >= objects, 1800, 2.0)
+    harness.wait_for(
+        "every TtsDeployment Ready", lambda: ready_count(api, "scale") >= objects, 1800, 2.0
+    )
     elapsed = time.monotonic() - start
     requests1 = apiserver_requests(api)
     by_resource = {k: round((requests1[k] - requests0[k]) / elapsed, 1) for k in requests1}
@@ -199,46 +190,33 @@ def main() -> None:
         local.down(CLUSTER)
     pools = scale_gpu_pools(load_pool_file(None), args.nodes)
     record = local.up(CLUSTER, pools).record
-    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "nodes": args.nodes}
+    report: dict[str, Any] = {"nodes": args.nodes}  # the machine: in its provenance
     log = Path(tempfile.mkdtemp(prefix="ttsfleet-bench-")) / "operator.log"
-    operator = None
+    operator = harness.OperatorProcess(
+        record.kubeconfig, log, local.free_port(), local.free_port(), leader_election=False
+    )
     try:
         kubectl = str(toolchain.binary("kubectl"))
         subprocess.run(
             [kubectl, "--kubeconfig", str(record.kubeconfig), "apply", "--server-side",
              "-f", str(REPO / "crds")], check=True, capture_output=True,
         )  # fmt: skip
-        subprocess.run(
-            [kubectl, "--kubeconfig", str(record.kubeconfig), "wait", "--for=condition=Established",
-             "crd/ttsdeployments.ttsfleet.io", "--timeout=60s"], check=True, capture_output=True,
-        )  # fmt: skip
         api = kube.api_client(record.kubeconfig)
+        harness.wait_established(api, "ttsdeployments.ttsfleet.io")
         core = client.CoreV1Api(api)
         for ns in ("latency", "scale"):
             core.create_namespace({"metadata": {"name": ns}})
-        with log.open("wb") as out:
-            operator = subprocess.Popen(
-                [sys.executable, "-m", "ttsfleet", "operator",
-                 "--kubeconfig", str(record.kubeconfig),
-                 "--metrics-port", str(local.free_port()), "--health-port", str(local.free_port())],
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        time.sleep(3)
+        operator.start()
+        harness.wait_for("the operator's handlers", operator.ready, timeout=60)
 
         report["create_to_applied_seconds"] = measure_latency(api, args.latency_objects)
         print(json.dumps(report["create_to_applied_seconds"]), flush=True)
         report["scale"] = measure_scale(api, operator.pid, args.scale_objects)
         print(json.dumps(report["scale"]), flush=True)
     finally:
-        if operator is not None:
-            operator.terminate()
-            try:
-                operator.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                operator.kill()
+        operator.stop()
         local.down(CLUSTER)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    harness.write_results(args.out, report)
     print(f"written to {args.out}; operator log: {log}")
 
 

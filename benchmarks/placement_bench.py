@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ttsfleet import harness
 from ttsfleet.gpu import planner
 from ttsfleet.gpu.catalog import GPUS
 from ttsfleet.serving import variants
@@ -204,7 +205,7 @@ def main() -> None:
             "rows": [density(p) for p in ("fp32", "fp16", "int8")],
         },
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    harness.write_results(args.out, result)
     print(json.dumps(result["footprint"], indent=2))
     for row in result["density"]["rows"]:
         print(row)

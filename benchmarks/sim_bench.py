@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ttsfleet import harness
 from ttsfleet.sim import compare, policies, report, traces, validate
 from ttsfleet.sim.engine import Result, SimConfig, simulate
 from ttsfleet.sim.service import calibrated
@@ -123,8 +122,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = SimConfig()
-    doc: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    doc: dict[str, Any] = {  # the machine: in its provenance
         "config": {
             "slo_ms": config.slo_s * 1000,
             "cold_start_s": config.cold_start_s,
@@ -156,8 +154,7 @@ def main() -> None:
     doc["all_goals_met"] = all(all(v.values()) for v in met.values()) and bool(
         doc["day_of_a_thousand"]["under_a_minute"]
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    harness.write_results(args.out, doc)
     print(f"Wrote {args.out}; all goals met: {doc['all_goals_met']}", flush=True)
     sys.exit(0)
 
