@@ -2,18 +2,20 @@
 
     python benchmarks/placement_bench.py [--out benchmarks/results/placement.json]
 
-Measured here (CPU, ONNX Runtime): the size of each precision variant the model
-build writes (the weights a GPU instance loads), and the activation memory of
-synthesising one sentence, as peak-RSS growth per second of audio, in FP32, each
-sentence length in a fresh process. The planner's `MEASURED` footprint must equal
+Measured here (this machine's CPU, ONNX Runtime; no GPU): the size of each precision
+variant the model build writes (the weights a GPU instance loads), and the activation
+memory of synthesising one sentence, as peak-RSS growth per second of audio, in FP32,
+each sentence length in a fresh process. The planner's `MEASURED` footprint must equal
 what this writes (tests/unit/test_planner.py checks).
 
 Then, from the planner (`ttsfleet.gpu.planner`), the placement table (voice x
-precision x streams per replica -> the slice it picks on an H100 and on an L4)
-and a density figure: real-time streams per GPU within the TTFA target, seven
-1g.10gb replicas against one whole-GPU replica, MODELLED from the real-time factor of
-one FP16 instance measured on an H100 (`benchmarks/gpu_bench.py`); MIG slices were
-not measured.
+precision x streams per replica -> the slice it picks on an H100 and on an L4) and a
+density figure: real-time streams per H100 within the TTFA target, seven 1g.10gb
+replicas against one whole-GPU replica, each side from its own measurement on the H100
+of `benchmarks/results/gpu.json` (read, not run here): the whole GPU from its four
+instances measured together, the slices MODELLED from one instance measured alone
+(MIG slices were not measured). Neither side is derived from the other, so their
+ratio is what the two measurements say, not a constant of the model.
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank whil
 LENGTHS = (60, 120, 240)
 STREAMS = (8, 16, 40, 80, 160, 320)
 
-# The density model: a Python-backend instance synthesises one sentence at a time, at
-# the real-time factor one FP16 instance measured on an H100 (benchmarks/gpu_bench.py,
-# results/gpu.json); launch-bound, so assumed the same on a 1g slice as on a whole GPU
-# (MIG could not be switched on where it was measured); kept at 70 % utilisation so
-# that queueing stays within the TTFA target.
+# The density figure: real-time streams = replies per second x seconds of audio per
+# reply, kept at 70 % utilisation so that queueing stays within the TTFA target. The
+# replies per second of N instances on the whole H100 are gpu_bench.py's `throughput`
+# (results/gpu.json). A 1g slice is assumed to run one instance as fast as one instance
+# alone on the whole GPU (launch-bound; MIG could not be switched on where it was
+# measured): that side is modelled.
 GPU_RESULTS = REPO / "benchmarks/results/gpu.json"
 UTILISATION_FOR_TTFA = 0.7
 
@@ -141,32 +144,76 @@ def max_streams(option: planner.Option, precision: str) -> int:
     return lo
 
 
-def density(precision: str) -> dict[str, Any]:
-    """Modelled real-time streams per H100 within the TTFA target: 7 x 1g.10gb vs whole.
+def replies_per_second(precision: str, instances: int) -> float | None:
+    """What `instances` instances on the whole GPU served together (None: not measured)."""
+    return next(
+        (
+            float(r["replies_per_s"])
+            for r in gpu_results()["throughput"]
+            if (r["precision"], r["instances"]) == (precision, instances)
+        ),
+        None,
+    )
 
-    The whole-GPU row is also measured: FP16 replies per second at the planner's
-    instances, from results/gpu.json (`whole_gpu_measured_replies_per_s`)."""
+
+def audio_seconds_per_reply(precision: str) -> float | None:
+    """Mean seconds of audio in one of the benchmark's replies (None: not measured), from
+    the GPU latency run: mean seconds per reply / (seconds per second of audio)."""
+    row = next(
+        (
+            r
+            for r in gpu_results()["latency"]
+            if (r["precision"], r["device"]) == (precision, "cuda")
+        ),
+        None,
+    )
+    if row is None:
+        return None
+    return float(row["whole_reply"]["mean_ms"]) / 1000 / float(row["real_time_factor"])
+
+
+def density(precision: str) -> dict[str, Any]:
+    """Real-time streams per H100 within the TTFA target: 7 x 1g.10gb against one whole-GPU
+    replica, each side from its own measurement (None where it was not measured), each
+    capped by what its replica's memory holds (`max_streams`)."""
     h100 = GPUS["H100-80GB"]
-    per_instance = measured_realtime_factor()[0] * UTILISATION_FOR_TTFA
-    slice_ = planner.Option("mig", h100, h100.profile("1g.10gb"))
+    profile = h100.profile("1g.10gb")
+    assert profile is not None
+    slice_ = planner.Option("mig", h100, profile)
     whole = planner.Option("whole", h100)
-    per_slice = min(slice_.default_instances() * per_instance, max_streams(slice_, precision))
-    per_whole = min(whole.default_instances() * per_instance, max_streams(whole, precision))
-    slices = h100.profile("1g.10gb").max_instances  # type: ignore[union-attr]
+    audio = audio_seconds_per_reply(precision)
+    alone = replies_per_second(precision, slice_.default_instances())
+    together = replies_per_second(precision, whole.default_instances())
+
+    def streams(replies: float | None, option: planner.Option) -> float | None:
+        if replies is None or audio is None:
+            return None
+        return min(replies * audio * UTILISATION_FOR_TTFA, max_streams(option, precision))
+
+    per_slice, per_whole = streams(alone, slice_), streams(together, whole)
+    mig = None if per_slice is None else profile.max_instances * per_slice
     return {
         "precision": precision,
-        "mig_1g10gb_streams_per_gpu": math.floor(slices * per_slice),
-        "whole_gpu_streams_per_gpu": math.floor(per_whole),
-        "ratio": round(slices * per_slice / per_whole, 2),
-        "modelled": True,
-        "whole_gpu_measured_replies_per_s": next(
-            (
-                r["replies_per_s"]
-                for r in gpu_results()["throughput"]
-                if (r["precision"], r["instances"]) == (precision, whole.default_instances())
-            ),
-            None,
+        "mig_1g10gb_streams_per_gpu": None if mig is None else math.floor(mig),
+        "mig_1g10gb_basis": (
+            f"MODELLED: {profile.max_instances} slices x {slice_.default_instances()} "
+            "instance as fast as one instance measured alone on the whole GPU; "
+            "MIG not measured"
         ),
+        "whole_gpu_streams_per_gpu": None if per_whole is None else math.floor(per_whole),
+        "whole_gpu_basis": (
+            f"{whole.default_instances()} instances measured together on the whole GPU"
+        ),
+        "ratio": None if mig is None or not per_whole else round(mig / per_whole, 2),
+        "inputs": {
+            "audio_seconds_per_reply": None if audio is None else round(audio, 2),
+            "replies_per_s_one_instance_alone": alone,
+            f"replies_per_s_{whole.default_instances()}_instances_together": together,
+            "memory_holds_streams_per_replica": {
+                "mig_1g10gb": max_streams(slice_, precision),
+                "whole_gpu": max_streams(whole, precision),
+            },
+        },
     }
 
 
@@ -177,8 +224,16 @@ def main() -> None:
     probes = [activation_probe(n) for n in LENGTHS]
     per_second = max(mib / seconds for seconds, mib in probes)
     realtime_factor, measured_on = measured_realtime_factor()
+    gpu = gpu_results()["environment"]
     result: dict[str, Any] = {
-        "machine": {"cpus": 2, "gpu": None},
+        # What this run ran on: this machine's CPU, no GPU. The GPU figures below are read
+        # from results/gpu.json (measured there) or modelled from it, and say which.
+        "machine": harness.machine() | {"gpu": None},
+        "gpu_figures_from": {
+            "file": str(GPU_RESULTS.relative_to(REPO)),
+            "gpu": gpu["gpu"],
+            "onnxruntime": gpu["onnxruntime"],
+        },
         "footprint": {
             "voice": VOICE,
             "weights_mib": weights(),
@@ -198,7 +253,10 @@ def main() -> None:
         },
         "placement_table": placement_table(),
         "density": {
-            "label": "MODELLED from one instance measured on a GPU; MIG slices not measured",
+            "label": (
+                "whole GPU: 4 instances measured together on the H100; 1g.10gb slices: "
+                "MODELLED from one instance measured alone on it (MIG not measured)"
+            ),
             "batch1_realtime_factor": realtime_factor,
             "batch1_realtime_factor_measured_on": measured_on,
             "utilisation_for_ttfa": UTILISATION_FOR_TTFA,

@@ -4,9 +4,13 @@ and no benchmark keeps its own poll loop, percentile, operator or Triton start."
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
+import math
 import subprocess
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -83,3 +87,51 @@ def test_results_are_written_with_provenance_first(tmp_path: Path) -> None:
     assert doc["provenance"]["command"] == "python b.py"
     assert doc["provenance"]["machine"]["cores"] >= 1
     assert "/work/" not in doc["provenance"]["command"]
+
+
+def load_placement_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "placement_bench", REPO / "benchmarks/placement_bench.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def gpu_doc(alone: float, together: float) -> dict[str, Any]:
+    return {
+        "latency": [
+            {"precision": "fp16", "device": "cuda", "whole_reply": {"mean_ms": 400.0},
+             "real_time_factor": 0.1},
+        ],
+        "throughput": [
+            {"precision": "fp16", "instances": 1, "replies_per_s": alone},
+            {"precision": "fp16", "instances": 4, "replies_per_s": together},
+        ],
+    }  # fmt: skip
+
+
+def test_the_density_sides_come_from_their_own_measurements(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bench = load_placement_bench()
+    ratios = []
+    for together in (6.0, 12.0):
+        monkeypatch.setattr(bench, "gpu_results", lambda t=together: gpu_doc(3.0, t))
+        row = bench.density("fp16")
+        # 4 s of audio per reply (0.4 s at 0.1 s per second), kept at 70 % utilisation.
+        assert row["whole_gpu_streams_per_gpu"] == math.floor(together * 4 * 0.7)
+        assert row["mig_1g10gb_streams_per_gpu"] == math.floor(7 * 3.0 * 4 * 0.7)
+        ratios.append(row["ratio"])
+    # Not fixed by the model: the ratio is what the two measurements say.
+    assert ratios == [3.5, 1.75]
+
+
+def test_a_side_that_was_not_measured_has_no_figure(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_placement_bench()
+    monkeypatch.setattr(bench, "gpu_results", lambda: gpu_doc(3.0, 12.0))
+    row = bench.density("fp32")  # no fp32 rows in this GPU run
+    assert row["mig_1g10gb_streams_per_gpu"] is None
+    assert row["whole_gpu_streams_per_gpu"] is None and row["ratio"] is None
+    assert row["mig_1g10gb_basis"].startswith("MODELLED")
