@@ -33,18 +33,42 @@ _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 class _FencedApiClient(client.ApiClient):
     """An ApiClient that sends a write only while `fence()` says so.
 
-    Every request of the client, typed or dynamic, goes through `call_api`, so no
-    write of the operator can slip past (reads, watches included, always go out).
+    Every request of the client, typed or dynamic, goes through `call_api`, where a
+    write is refused at once. It is checked again on the connection, just before the
+    request's first bytes are written (after any TLS handshake), so that a thread that
+    passed the first check and then waited (for a connection, for the GIL, or paused
+    with its process) sends nothing once the fence has closed. Reads, watches
+    included, always go out.
     """
 
     def __init__(self, configuration: client.Configuration, fence: Callable[[], bool]) -> None:
         super().__init__(configuration)
         self._fence = fence
+        pools = self.rest_client.pool_manager.pool_classes_by_scheme
+        self.rest_client.pool_manager.pool_classes_by_scheme = {
+            scheme: _fenced_pool(pool, fence) for scheme, pool in pools.items()
+        }
 
     def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        if method.upper() not in _READS and not self._fence():
-            raise NotLeaderError(f"not the leader: {method} {url} was not sent")
+        _check(self._fence, method, url)
         return super().call_api(method, url, *args, **kwargs)
+
+
+def _check(fence: Callable[[], bool], method: str, url: str) -> None:
+    if method.upper() not in _READS and not fence():
+        raise NotLeaderError(f"not the leader: {method} {url} was not sent")
+
+
+def _fenced_pool(pool: type[Any], fence: Callable[[], bool]) -> type[Any]:
+    """`pool` (a urllib3 connection pool class) whose connections check `fence` last."""
+    base = pool.ConnectionCls
+
+    class FencedConnection(base):  # type: ignore[misc, valid-type]
+        def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> None:
+            _check(fence, method, url)
+            super().request(method, url, *args, **kwargs)
+
+    return type(f"Fenced{pool.__name__}", (pool,), {"ConnectionCls": FencedConnection})
 
 
 def api_client(
@@ -455,3 +479,63 @@ def write_lease(
         )
     lease: Manifest = json.loads(response.data)
     return lease
+
+
+def list_objects(
+    api: client.ApiClient, api_version: str, kind: str, namespace: str | None, selector: str = ""
+) -> list[Manifest]:
+    """Every object of a kind (in `namespace`, or all), matching a label `selector`."""
+    resource = dynamic_client(api).resources.get(api_version=api_version, kind=kind)
+    found = resource.get(namespace=namespace, label_selector=selector or None)
+    items: list[Manifest] = found.to_dict()["items"]
+    return items
+
+
+def create_custom(
+    api: client.ApiClient, group: str, version: str, plural: str, namespace: str, body: Manifest
+) -> Manifest:
+    custom: Any = client.CustomObjectsApi(api)
+    created: Manifest = custom.create_namespaced_custom_object(
+        group, version, namespace, plural, body
+    )
+    return created
+
+
+def create_namespace(api: client.ApiClient, name: str) -> None:
+    """Create a namespace and wait for nothing; `namespace_ready` says when pods may go in."""
+    core: Any = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": name}})
+
+
+def namespace_ready(api: client.ApiClient, name: str) -> bool:
+    """Whether the namespace's default ServiceAccount exists (pods are refused before)."""
+    core: Any = client.CoreV1Api(api)
+    return bool(core.list_namespaced_service_account(name).items)
+
+
+def delete_namespace(api: client.ApiClient, name: str) -> None:
+    core: Any = client.CoreV1Api(api)
+    try:
+        core.delete_namespace(name)
+    except ApiException as err:
+        if err.status != 404:
+            raise
+
+
+def request_token(
+    api: client.ApiClient, namespace: str, service_account: str, seconds: int,
+    pod: Manifest | None = None,
+) -> str:  # fmt: skip
+    """A ServiceAccount token (TokenRequest); bound to `pod` when given, as the kubelet
+    mounts it (the apiserver then names the pod in the user's extra info)."""
+    core: Any = client.CoreV1Api(api)
+    spec: Manifest = {"expirationSeconds": seconds}
+    if pod is not None:
+        meta = pod["metadata"]
+        spec["boundObjectRef"] = {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                                  "uid": meta["uid"]}  # fmt: skip
+    response = core.create_namespaced_service_account_token(
+        service_account, namespace, {"spec": spec}, _preload_content=False
+    )
+    token: str = json.loads(response.data)["status"]["token"]
+    return token

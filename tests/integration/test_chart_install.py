@@ -13,10 +13,7 @@ NetworkPolicies are checked for what the apiserver accepts, not enforced.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.conftest import Cluster, Operator, wait_for
 from tests.helpers import REPO, load_example
-from ttsfleet import kube
+from ttsfleet import harness, kube
 from ttsfleet.cluster import local, toolchain
 
 CHART = REPO / "charts" / "tts-operator"
@@ -41,23 +38,12 @@ LEASE = yaml.safe_load((CHART / "values.yaml").read_text())["leaderElection"]["l
 
 def run_helm(cluster: Cluster, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run helm against the test cluster, with its own config and cache under `home`."""
-    env = os.environ | {
-        "HELM_CONFIG_HOME": str(home / "config"),
-        "HELM_CACHE_HOME": str(home / "cache"),
-        "HELM_DATA_HOME": str(home / "data"),
-    }
-    return subprocess.run(
-        [str(toolchain.binary("helm")), "--kubeconfig", str(cluster.kubeconfig), *args],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
-    )  # fmt: skip
+    return harness.run_helm(cluster.kubeconfig, home, *args)
 
 
 def helm(cluster: Cluster, home: Path, *args: str) -> str:
     """helm's standard output; fails the test when helm fails."""
-    result = run_helm(cluster, home, *args)
-    if result.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
-    return result.stdout
+    return harness.helm(cluster.kubeconfig, home, *args)
 
 
 def exists(cluster: Cluster, *what: str) -> bool:
@@ -245,25 +231,6 @@ class Installed:
         return f"system:serviceaccount:{self.namespace}:{self.service_account}"
 
 
-def service_account_kubeconfig(cluster: Cluster, token: str, path: Path) -> Path:
-    """A kubeconfig for the cluster of `cluster` that authenticates with `token` only."""
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    server = admin["clusters"][0]["cluster"]  # server and certificate-authority
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "test", "cluster": server}],
-                "users": [{"name": "operator", "user": {"token": token}}],
-                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "operator"}}],
-                "current-context": "test",
-            }
-        )
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
 def installed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     """The chart installed in a namespace of its own, and a kubeconfig of its ServiceAccount."""
@@ -275,7 +242,9 @@ def installed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Ite
         install(cluster, home, release, namespace)
         sa = f"{release}-tts-operator"
         token = cluster.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").strip()
-        kubeconfig = service_account_kubeconfig(cluster, token, home / "operator.kubeconfig")
+        kubeconfig = harness.token_kubeconfig(
+            cluster.kubeconfig, token, home / "operator.kubeconfig"
+        )
         yield Installed(release, namespace, sa, kubeconfig)
     finally:
         run_helm(cluster, home, "uninstall", release, "-n", namespace)
@@ -438,39 +407,49 @@ def test_the_service_account_sets_a_pods_deletion_cost_and_nothing_else(
     assert kube.annotate_pod(as_operator, namespace, "drain-check", {cost: "5"})
 
 
-def _metric(port: int, sample: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(sample + " "):
-                return float(line.split()[-1])
-    return 0.0
+def test_the_leader_fence_admits_writes_only_from_the_lease_holders_pod(
+    cluster: Cluster, installed: Installed, namespace: str, tmp_path: Path
+) -> None:
+    """The chart's leader fence, enforced by the apiserver: while the Lease names a
+    holder, the operator's ServiceAccount writes only from the holder's pod; a replica
+    that lost the Lease (a paused leader waking up) is refused, whatever it sends."""
+    pods = {}
+    for name in ("fence-a", "fence-b"):
+        pod, kubeconfig = harness.pod_kubeconfig(
+            cluster.kubeconfig, installed.namespace, installed.service_account,
+            f"{name}-{uuid.uuid4().hex[:4]}", tmp_path / f"{name}.kubeconfig",
+        )  # fmt: skip
+        pods[name] = (pod["metadata"]["name"], kube.api_client(kubeconfig))
+    leases = client.CoordinationV1Api(cluster.api)
+    holder = f"{pods['fence-a'][0]}_1"
+    lease = {"metadata": {"name": LEASE}, "spec": {"holderIdentity": holder}}
+    leases.create_namespaced_lease(installed.namespace, lease)
+    tries = iter(range(10**6))
 
+    def write(api: client.ApiClient) -> str:
+        """A ConfigMap write as the operator applies children; '' when admitted."""
+        manifest = {"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "fenced", "namespace": namespace},
+                    "data": {"try": str(next(tries))}}  # fmt: skip
+        try:
+            kube.apply(api, [manifest], "ttsfleet")
+        except ApiException as err:
+            return str(err.body) if err.status == 403 else f"unexpected {err.status}"
+        return ""
 
-@dataclass
-class LeaderElectingOperator(Operator):
-    """`ttsfleet operator` as the chart runs it: leader election through the chart's
-    Lease, in the release namespace (a pod finds it in POD_NAMESPACE; this process is
-    told with --leader-election-namespace), under a known identity."""
-
-    lease_namespace: str = ""
-    lease_identity: str = ""
-
-    def start(self, wait: bool = True) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable, "-m", "ttsfleet", "operator",
-                    "--kubeconfig", str(self.kubeconfig),
-                    "--metrics-port", str(self.metrics_port),
-                    "--health-port", str(self.health_port),
-                    "--leader-election-namespace", self.lease_namespace,
-                    "--leader-election-id", LEASE,
-                    "--leader-election-identity", self.lease_identity,
-                ],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        if wait:
-            wait_for("the operator's /healthz", self.healthy, timeout=60)
+    try:
+        refused = wait_for(
+            "the fence to refuse the other pod", lambda: write(pods["fence-b"][1]), timeout=60
+        )
+        assert "only the leader writes" in refused and pods["fence-b"][0] in refused
+        assert write(pods["fence-a"][1]) == ""  # the holder's pod writes
+        # Released (shutdown): nobody leads, nothing is fenced.
+        leases.patch_namespaced_lease(
+            LEASE, installed.namespace, {"spec": {"holderIdentity": None}}
+        )
+        wait_for("the released Lease to admit", lambda: write(pods["fence-b"][1]) == "", 30)
+    finally:
+        leases.delete_namespaced_lease(LEASE, installed.namespace)
 
 
 def test_the_operator_runs_with_the_service_accounts_token(
@@ -484,10 +463,17 @@ def test_the_operator_runs_with_the_service_accounts_token(
     log must show no request refused.
     """
     log = tmp_path / "operator.log"
-    identity = f"chart-test-{uuid.uuid4().hex[:8]}"
-    operator = LeaderElectingOperator(
-        installed.kubeconfig, log, local.free_port(), local.free_port(),
-        lease_namespace=installed.namespace, lease_identity=identity,
+    # As in a pod: a token bound to the operator's pod, and an identity that starts with
+    # the pod's name (the chart's leader fence admits the holder's pod's writes only).
+    pod, kubeconfig = harness.pod_kubeconfig(
+        cluster.kubeconfig, installed.namespace, installed.service_account,
+        f"operator-{uuid.uuid4().hex[:6]}", tmp_path / "operator.kubeconfig",
+    )  # fmt: skip
+    identity = f"{pod['metadata']['name']}_1"
+    operator = Operator(
+        kubeconfig, log, local.free_port(), local.free_port(), identity=identity,
+        extra_args=["--leader-election-namespace", installed.namespace,
+                    "--leader-election-id", LEASE],
     )  # fmt: skip
     # Placement mode auto (the planner lists the nodes) and the autoscaler's floors.
     doc = load_example(REPO / "examples" / "contact-centre.yaml")
@@ -512,7 +498,7 @@ def test_the_operator_runs_with_the_service_accounts_token(
         status = obj.get("status") or {}
         fresh = status.get("observedGeneration") == obj["metadata"]["generation"]
         conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
-        ok = _metric(operator.metrics_port, 'ttsfleet_operator_reconciles_total{result="ok"}')
+        ok = operator.metric("ttsfleet_operator_reconciles_total", result="ok") or 0
         return fresh and conditions.get("Ready") == "True" and ok > 0
 
     operator.start()
@@ -526,7 +512,7 @@ def test_the_operator_runs_with_the_service_accounts_token(
             cluster.kubectl("get", "-n", installed.namespace, "lease", LEASE, "-o", "json")
         )
         assert lease["spec"]["holderIdentity"] == identity
-        assert _metric(operator.metrics_port, "ttsfleet_operator_is_leader") == 1
+        assert operator.leading()
         # Deleted while the operator runs: whatever kopf keeps on the object, it lets go.
         cluster.kubectl("delete", "-n", namespace, "ttsd", name, "--wait=false")
         wait_for(

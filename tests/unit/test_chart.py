@@ -99,6 +99,32 @@ def test_chart_metadata() -> None:
     assert chart["kubeVersion"] == ">=1.30.0-0"
 
 
+def by_name(objects: list[Manifest], kind: str, name: str) -> Manifest | None:
+    return next((o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name), None)
+
+
+def test_the_leader_fence_is_bound_to_the_charts_lease_and_off_without_election() -> None:
+    objects = render("leaderElection.leaseName=my-lease")
+    policy = by_name(objects, "ValidatingAdmissionPolicy", "tts-tts-operator-leader-fence")
+    binding = by_name(objects, "ValidatingAdmissionPolicyBinding", "tts-tts-operator-leader-fence")
+    assert policy is not None and binding is not None
+    assert policy["spec"]["paramKind"] == {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease"}
+    # Only the operator's own ServiceAccount is fenced, and not on its Lease.
+    (condition,) = policy["spec"]["matchConditions"]
+    assert "system:serviceaccount:ttsfleet-system:tts-tts-operator" in condition["expression"]
+    resources = {r for rule in policy["spec"]["matchConstraints"]["resourceRules"]
+                 for r in rule["resources"]}  # fmt: skip
+    assert {"ttsdeployments/status", "ttsdeployments/scale", "deployments", "configmaps",
+            "services", "poddisruptionbudgets", "pods", "events"} <= resources  # fmt: skip
+    assert not any("lease" in r for r in resources)
+    assert binding["spec"]["paramRef"] == {
+        "name": "my-lease", "namespace": "ttsfleet-system", "parameterNotFoundAction": "Allow",
+    }  # fmt: skip
+    standalone = render("leaderElection.enabled=false", "replicaCount=1")
+    assert by_name(standalone, "ValidatingAdmissionPolicy", "tts-tts-operator-leader-fence") is None
+    assert by_name(standalone, "ValidatingAdmissionPolicy", "tts-tts-operator-pod-writes")
+
+
 def test_it_renders_the_crd_and_one_object_of_each_kind(objects: list[Manifest]) -> None:
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == [
@@ -112,6 +138,8 @@ def test_it_renders_the_crd_and_one_object_of_each_kind(objects: list[Manifest])
         "Service",
         "ServiceAccount",
         "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
         "ValidatingAdmissionPolicyBinding",
     ]
     crd = one(objects, "CustomResourceDefinition")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
 import time
 from pathlib import Path
 
@@ -87,3 +89,51 @@ def test_a_fenced_client_refuses_writes_before_they_leave_but_reads_go_out(
     with pytest.raises(Exception) as read:  # any transport error
         kube.get_custom(api, "ttsfleet.io", "v1alpha1", "ttsdeployments", "ns", "joe")
     assert not isinstance(read.value, kube.NotLeaderError)
+
+
+def test_a_write_that_passed_the_first_check_is_stopped_on_the_connection(
+    tmp_path: Path,
+) -> None:
+    """A thread that passed `call_api`'s check and then waited (for a connection, the
+    GIL, or with its process paused) while the Lease lapsed sends nothing: the
+    connection checks again just before the first byte. A loopback server counts what
+    arrives."""
+    arrived: list[str] = []
+
+    class Count(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            arrived.append("GET")
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def do_PATCH(self) -> None:
+            arrived.append("PATCH")
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Count)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        kubeconfig = tmp_path / "kubeconfig"
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+            f"clusters: [{{name: c, cluster: {{server: '{url}'}}}}]\n"
+            "contexts: [{name: c, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {}}]\n"
+        )
+        fence = Leadership(renew_deadline=10)
+        api = kube.api_client(kubeconfig, fence=fence.held)
+        # Straight to the transport, as a request past call_api's check would be.
+        with pytest.raises(kube.NotLeaderError):
+            api.rest_client.request("PATCH", f"{url}/apis/x", body={})
+        api.rest_client.request("GET", f"{url}/version")
+        fence.granted(time.monotonic())
+        api.rest_client.request("PATCH", f"{url}/apis/x", body={})
+    finally:
+        server.shutdown()
+    assert arrived == ["GET", "PATCH"]  # the refused PATCH never reached the server
