@@ -42,9 +42,17 @@ def _grpc_client(address: str) -> Any:
             if not _clients:
                 atexit.register(_close_clients)
             # Pod IPs are reached directly (our namespaces), never through an HTTP proxy.
+            # A refused connection (a pod restarting) is retried within a second, not
+            # after gRPC's default backoff of up to two minutes, during which every
+            # call on the channel fails at once.
             _clients[key] = grpc.InferenceServerClient(
-                address, channel_args=[("grpc.enable_http_proxy", 0)]
-            )
+                address, channel_args=[
+                    ("grpc.enable_http_proxy", 0),
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000),
+                ],
+            )  # fmt: skip
         return _clients[key]
 
 

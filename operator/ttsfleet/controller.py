@@ -59,6 +59,11 @@ class OperatorMetrics:
             "ttsfleet_operator_scale_writes_total", "Replica changes by the autoscaler.",
             registry=self.registry,
         )  # fmt: skip
+        self.autoscaler_ticks = Counter(
+            "ttsfleet_operator_autoscaler_ticks_total",
+            "Autoscaler ticks completed: each decided on every builtin-scaled fleet.",
+            registry=self.registry,
+        )
         self.is_leader = Gauge(
             "ttsfleet_operator_is_leader",
             "1 while this replica holds the leader Lease and acts, 0 while it stands by.",
@@ -110,7 +115,7 @@ class Controller:
         self.failed: set[Key] = set()
         source = PrometheusSource(prometheus_url) if prometheus_url else None
         self.autoscaler = Ticker(
-            api_client, source, self.namespaces, metrics.scale_writes,
+            api_client, source, self.namespaces, metrics.scale_writes, metrics.autoscaler_ticks,
             lambda namespace, name: self.reconcile(namespace, name, apply=False),
         )  # fmt: skip
         self._stop = threading.Event()

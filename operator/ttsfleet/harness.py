@@ -30,8 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from ttsfleet import kube
-from ttsfleet.cluster import images
+from ttsfleet.cluster import images, toolchain
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -305,3 +307,75 @@ class TritonProcess:
         if self.process is not None:
             stop_process(self.process)
             self.process = None
+
+
+def token_kubeconfig(admin: Path, token: str, path: Path) -> Path:
+    """A kubeconfig for the cluster of the kubeconfig `admin` that authenticates with
+    `token` only (a ServiceAccount's, as a pod would)."""
+    config = yaml.safe_load(admin.read_text())
+    server = config["clusters"][0]["cluster"]  # server and certificate-authority
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "test", "cluster": server}],
+                "users": [{"name": "operator", "user": {"token": token}}],
+                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "operator"}}],
+                "current-context": "test",
+            }
+        )
+    )
+    return path
+
+
+CHART = REPO / "charts" / "tts-operator"
+
+
+def pod_kubeconfig(
+    admin: Path, namespace: str, account: str, pod_name: str, path: Path
+) -> tuple[dict[str, Any], Path]:
+    """A pod of ServiceAccount `account` on a simulated node (kwok marks it Running; it
+    runs nothing), and a kubeconfig with a token bound to it: what a process running
+    here presents as that pod would in a cluster (the apiserver names the pod in the
+    user's extra info, which the chart's leader fence reads)."""
+    api = kube.api_client(admin)
+    manifest = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod_name, "namespace": namespace},
+        "spec": {
+            "serviceAccountName": account,
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "operator", "image": "ttsfleet/operator:placeholder"}],
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "ttsfleet.io/local", "operator": "DoesNotExist"}]}]}}},
+        },
+    }  # fmt: skip
+    kube.apply(api, [manifest], "ttsfleet-tests")
+    pod = kube.get(api, "v1", "Pod", pod_name, namespace)
+    assert pod is not None
+    token = kube.request_token(api, namespace, account, 7200, pod)
+    return pod, token_kubeconfig(admin, token, path)
+
+
+def run_helm(kubeconfig: Path, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the built helm against a cluster, with its own config and cache under `home`."""
+    env = os.environ | {
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+    return subprocess.run(
+        [str(toolchain.binary("helm")), "--kubeconfig", str(kubeconfig), *args],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def helm(kubeconfig: Path, home: Path, *args: str, check: bool = True) -> str:
+    """helm's standard output; AssertionError with its stderr when it fails and `check`."""
+    result = run_helm(kubeconfig, home, *args)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
+    return result.stdout

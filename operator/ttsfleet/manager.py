@@ -248,9 +248,10 @@ class Manager:
             return
         self.leadership.revoke()
         self.metrics.is_leader.set(0)
-        self.metrics.leader_transitions.labels("standby").inc()
         log.warning("Stopped leading (%s): standing by", why)
         term.stop()
+        # Counted once kopf and the loops have stopped: nothing of the term runs after.
+        self.metrics.leader_transitions.labels("standby").inc()
 
     def _leader_event(self, message: str) -> None:
         """An Event on the Lease, as client-go's leader election records one."""

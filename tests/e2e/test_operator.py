@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -116,7 +115,7 @@ def test_the_minimal_manifest_gets_a_truthful_status_and_a_triton_deployment(
 
 
 def test_kubectl_scale_drives_the_deployment_and_reapplying_the_manifest_keeps_it(
-    cluster: Cluster, namespace: str
+    cluster: Cluster, namespace: str, operator: Operator
 ) -> None:
     doc = load_example(REPO / "examples" / "joe-mig.yaml")
     apply(cluster, namespace, doc)
@@ -130,21 +129,24 @@ def test_kubectl_scale_drives_the_deployment_and_reapplying_the_manifest_keeps_i
     # A GitOps re-apply of the manifest (no spec.replicas in it) leaves the scale alone,
     # also after the operator has seen it.
     apply(cluster, namespace, doc)
+    # The operator's own word that it has looked since: an event without a spec change
+    # moves its reconcile counter, and the autoscaler decides on the fleet twice more.
+    reconciles, ticks = reconciles_done(operator), autoscaler_ticks(operator)
+    cluster.kubectl("annotate", "-n", namespace, "ttsd/joe", "reapplied=yes")
+    wait_for("the operator to reconcile", lambda: reconciles_done(operator) > reconciles)
+    wait_for("two autoscaler ticks", lambda: autoscaler_ticks(operator) >= ticks + 2)
     wait_ready(cluster, namespace, "joe")
-    time.sleep(3)  # a few autoscaler ticks and reconciles: a fixed span, not a timing claim
     assert get(cluster, namespace, "ttsd", "joe")["spec"]["replicas"] == 3
     assert get(cluster, namespace, "deploy", "joe")["spec"]["replicas"] == 3
 
 
 def reconciles_done(operator: Operator) -> float:
-    url = f"http://127.0.0.1:{operator.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("ttsfleet_operator_reconciles_total{")
-    )
+    """Reconciles the operator finished (every result)."""
+    return operator.metric("ttsfleet_operator_reconciles_total") or 0.0
+
+
+def autoscaler_ticks(operator: Operator) -> float:
+    return operator.metric("ttsfleet_operator_autoscaler_ticks_total") or 0.0
 
 
 def test_an_unchanged_reapply_changes_no_child(

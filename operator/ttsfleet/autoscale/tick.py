@@ -65,12 +65,14 @@ class Ticker:
         source: PrometheusSource | None,
         namespaces: list[str],
         scaled: Counter,
+        ticks: Counter,
         refresh: Callable[[str, str], Any],
     ) -> None:
         self.api = api_client
         self.source = source
         self.namespaces = namespaces
         self.scaled = scaled
+        self.ticks = ticks
         self.refresh = refresh
         self.autoscaler = Autoscaler()
         self.conditions: dict[Key, MetricsCondition] = {}
@@ -112,12 +114,15 @@ class Ticker:
         for decision in decisions:
             try:
                 self._carry_out(decision, by_key[decision.key], wall)
+            except kube.NotLeaderError:
+                raise  # the term is over: nothing more is written
             except Exception:
                 # One fleet's failure (deleted meanwhile, a refused write) skips only that
                 # fleet; forgetting what was reported makes the next tick report it again.
                 self.conditions.pop(decision.key, None)
                 self.floors.pop(decision.key, None)
                 log.exception("Autoscaling %s/%s failed", *decision.key)
+        self.ticks.inc()  # every fleet was decided on (and its writes tried) once more
 
     def _predicted_floors(self, objects: list[Manifest], wall: datetime) -> dict[Key, Floor]:
         """Predicted floors from range queries over past days, refreshed once a minute."""

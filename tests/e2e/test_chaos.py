@@ -1,0 +1,253 @@
+"""Chaos: the operator's replicas and its fleets under the failures production meets.
+
+Each scenario runs once here and counts what was lost or duplicated, from the cluster
+itself (objects, children, pods, and each replica's writes in the apiserver's audit
+log); every count must be 0. `make bench-chaos` repeats the leader kill and reports
+the failover time. The control-plane scenarios (leader killed, apiserver stopped,
+leader paused) run two replicas on a cluster of their own, with an audit log and short
+Lease timings; Prometheus and Triton are killed on the session cluster, whose local
+node runs real Triton pods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import Cluster, Operator, wait_for
+from tests.helpers import REPO, load_example
+from ttsfleet import bench, chaos, client, kube
+from ttsfleet.cluster import local
+from ttsfleet.cluster.pool import load_pool_file
+
+TIMINGS = chaos.Timings(lease_duration=6, renew_deadline=4, retry_period=1)
+
+
+@pytest.fixture(scope="module")
+def chaos_cluster() -> Iterator[local.ClusterRecord]:
+    """A cluster of 7 simulated H100 nodes whose apiserver keeps an audit log."""
+    name = f"chaos-{os.getpid() % 100000}"
+    record = local.up(name, chaos.pool(), audit=True).record
+    try:
+        cluster = Cluster(name, record.kubeconfig, kube.api_client(record.kubeconfig))
+        cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+        cluster.wait_established("crd/ttsdeployments.ttsfleet.io")
+        yield record
+    finally:
+        local.down(name)
+
+
+@pytest.fixture
+def pair(chaos_cluster: local.ClusterRecord, tmp_path: Path) -> Iterator[chaos.Pair]:
+    replicas = chaos.Pair.make(chaos_cluster, tmp_path, TIMINGS)
+    try:
+        replicas.start()
+        yield replicas
+    finally:
+        replicas.stop()
+
+
+def test_the_leader_killed_in_a_create_storm_the_standby_finishes_it(
+    chaos_cluster: local.ClusterRecord, pair: chaos.Pair
+) -> None:
+    result = chaos.leader_kill_during_storm(chaos_cluster, pair, TIMINGS, count=100)
+    print(result)
+    assert result["created"] == 100 and not result["storm_errors"]
+    for count in ("not_ready", "missing", "duplicate_children", "missing_children", "orphans",
+                  "extra_pods", "kopf_writes"):  # fmt: skip
+        assert result[count] == 0, (count, result)
+    # The standby did finish it: it wrote, and the first of its writes came after the kill.
+    assert result["new_leader_writes"] > 0 and result["failover_s"] is not None, result
+
+
+def test_an_apiserver_outage_mid_reconcile_leaves_both_replicas_up_and_one_leader(
+    chaos_cluster: local.ClusterRecord, pair: chaos.Pair
+) -> None:
+    result = chaos.apiserver_outage(chaos_cluster, pair, TIMINGS, seconds=20, count=20)
+    print(result)
+    for count in ("not_ready", "missing", "duplicate_children", "missing_children", "orphans",
+                  "extra_pods", "replica_exits", "unhealthy_probes"):  # fmt: skip
+        assert result[count] == 0, (count, result)
+    assert result["leaders_after"] == 1, result
+
+
+def test_a_leader_paused_past_its_lease_writes_nothing_when_it_wakes(
+    chaos_cluster: local.ClusterRecord, pair: chaos.Pair
+) -> None:
+    result = chaos.paused_leader(chaos_cluster, pair, TIMINGS, count=30)
+    print(result)
+    for count in ("not_ready", "missing", "duplicate_children", "missing_children", "orphans",
+                  "extra_pods"):  # fmt: skip
+        assert result[count] == 0, (count, result)
+    # Counted by the apiserver, from the instant it was let go on.
+    assert result["old_leader_writes_after_resume"] == 0, result
+    # Paused past its renew deadline: its own fence had closed when it woke.
+    assert result["paused_s"] > TIMINGS.renew_deadline
+
+
+def test_sigterm_hands_the_lease_over_at_once(
+    chaos_cluster: local.ClusterRecord, pair: chaos.Pair
+) -> None:
+    """A rollout's SIGTERM releases the Lease: the standby leads without waiting for it
+    to expire (well inside one lease duration, with no replica paused or killed)."""
+    leader = pair.leader()
+    standby = pair.other(leader)
+    ends = leader.metric("ttsfleet_operator_leader_transitions_total", to="standby") or 0
+    leader.stop()
+    assert ends == 0
+    lease = kube.read_lease(pair.api, pair.lease_namespace, pair.lease, 5)
+    assert lease is not None
+    # Released: the record the old leader left names no holder (or the standby already).
+    assert lease["spec"].get("holderIdentity") in (None, "", standby.identity)
+    wait_for("the standby to lead", standby.leading, timeout=TIMINGS.lease_duration)
+
+
+# ---- on the session cluster: Prometheus and Triton -----------------------------------------
+
+
+def fleet_manifest(name: str) -> dict[str, Any]:
+    doc = load_example(REPO / "examples" / "local-cpu.yaml")
+    doc["metadata"]["name"] = name
+    doc["spec"]["maxReplicas"] = 2
+    doc["spec"]["runtime"]["resources"]["requests"]["cpu"] = "100m"
+    return doc
+
+
+def get(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(
+        cluster.kubectl("get", "-n", namespace, "ttsd", name, "-o", "json")
+    )
+    return out
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
+def test_prometheus_down_holds_the_size_and_says_so_then_resumes(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    pids = [p for p in local.processes(cluster.name) if "/prometheus/" in local.cmdline(p)]
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    try:
+        # An idle fleet of two that could shrink at once (no delay), if it could see.
+        doc = fleet_manifest("scaled")
+        doc["spec"]["replicas"] = 2
+        doc["spec"]["scaling"] = {"mode": "builtin", "scaleDownDelaySeconds": 0,
+                                  "stableWindowSeconds": 6, "panicWindowSeconds": 2}  # fmt: skip
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+
+        def unavailable() -> dict[str, Any]:
+            cond = condition(get(cluster, namespace, "scaled"), "MetricsUnavailable")
+            return cond if cond.get("status") == "True" else {}
+
+        cond = wait_for("MetricsUnavailable", unavailable, timeout=60)
+        assert cond["reason"] == "PrometheusUnavailable" and "Prometheus at" in cond["message"]
+        # The autoscaler decided on every fleet, blind, several times more: still 2.
+        ticks = operator.metric("ttsfleet_operator_autoscaler_ticks_total") or 0
+        wait_for(
+            "four autoscaler ticks without metrics",
+            lambda: (operator.metric("ttsfleet_operator_autoscaler_ticks_total") or 0) >= ticks + 4,
+        )
+        assert get(cluster, namespace, "scaled")["spec"]["replicas"] == 2  # not scaled down
+    finally:
+        local.up(cluster.name, load_pool_file(None), reuse=True)  # starts Prometheus again
+    wait_for(
+        "metrics back",
+        lambda: (
+            condition(get(cluster, namespace, "scaled"), "MetricsUnavailable").get("status")
+            == "False"
+        ),
+        timeout=90,
+    )
+    # Now it sees an idle fleet, and shrinks it.
+    wait_for("scale down", lambda: get(cluster, namespace, "scaled")["spec"]["replicas"] == 1, 90)
+
+
+def pod_of(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    selector = f"ttsfleet.io/deployment={name}"
+    pods = json.loads(
+        cluster.kubectl("get", "-n", namespace, "pods", "-l", selector, "-o", "json")
+    )["items"]
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    pod: dict[str, Any] = pods[0]
+    return pod
+
+
+def test_a_triton_process_killed_under_load_is_restarted_and_serves_again(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    """The runner restarts the pod's process as kubelet would (restartPolicy Always):
+    the same pod, restartCount 1, Ready again; requests sent once it is Ready succeed;
+    the fleet is below minReplicas only while that one restart lasts."""
+    doc = fleet_manifest("victim")
+    doc["spec"]["scaling"] = {"mode": "manual"}
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+
+    def endpoints() -> list[str]:
+        return kube.ready_endpoints(cluster.api, namespace, "victim", "grpc")
+
+    wait_for("a ready endpoint", lambda: len(endpoints()) == 1, timeout=180)
+    before = pod_of(cluster, namespace, "victim")
+    container = before["status"]["containerStatuses"][0]
+    pid = int(container["containerID"].rsplit("/", 1)[1])
+    balancer = client.Balancer(endpoints, refresh_seconds=1)
+    samples: list[tuple[float, bench.Sample]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            started = time.time()
+            samples.append((started, bench.one(client.stream, balancer, bench.TEXTS[0])))
+
+    ready_over_time: list[tuple[float, int]] = []
+
+    def watch_ready() -> None:
+        while not stop.is_set():
+            status = get(cluster, namespace, "victim").get("status") or {}
+            ready_over_time.append((time.time(), int(status.get("readyReplicas") or 0)))
+            time.sleep(0.5)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (load, load, watch_ready)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for("requests served", lambda: sum(not s.error for _, s in samples) >= 3, 60)
+        os.killpg(pid, signal.SIGKILL)  # the tritonserver process group, as an OOM kill
+        killed_at = time.time()
+
+        def restarted() -> bool:
+            status = pod_of(cluster, namespace, "victim")["status"]["containerStatuses"][0]
+            return bool(status["restartCount"] == 1 and status["ready"])
+
+        wait_for("the pod restarted and Ready", restarted, timeout=180)
+        ready_at = time.time()
+        wait_for(
+            "requests served again",
+            lambda: sum(t > ready_at and not s.error for t, s in samples) >= 3,
+            timeout=60,
+        )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    after = pod_of(cluster, namespace, "victim")
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]  # restarted, not replaced
+    assert after["status"]["containerStatuses"][0]["restartCount"] == 1
+    failed_after = [s.error for t, s in samples if t > ready_at + 1 and s.error]
+    assert failed_after == [], failed_after[:3]
+    # Below minReplicas (1) only between the kill and the restarted pod's readiness.
+    below = [t for t, ready in ready_over_time if ready < 1]
+    assert below, "the kill was never seen"
+    assert all(killed_at - 1 <= t <= ready_at + 1 for t in below), (killed_at, ready_at, below)
