@@ -594,7 +594,6 @@ def agent(
 
     Without a GPU it says so; with --once it then exits 0, else it idles.
     """
-    import threading
 
     from kubernetes.config import ConfigException
 
@@ -622,7 +621,7 @@ def agent(
         if not once:
             # As a DaemonSet pod: stay up and idle, or Kubernetes restarts it forever
             # (CrashLoopBackOff) on a node that simply has no GPU (or no NVIDIA runtime).
-            threading.Event().wait()
+            run.idle(settings.metrics_port)
     except (run.AgentError, ConfigException) as err:
         raise _fail(str(err)) from None
     except OSError as err:

@@ -27,6 +27,8 @@ from tests.helpers import REPO
 from ttsfleet import kube
 from ttsfleet.agent import inventory, nvml, replay, run
 from ttsfleet.cli import app
+from ttsfleet.cluster import local
+from ttsfleet.harness import http_ok, metric_value, wait_for
 
 DATA = REPO / "tests" / "data" / "nvml"
 INVENTORIES = sorted(DATA.glob("*.json"))
@@ -420,13 +422,19 @@ def test_the_loop_steps_until_stopped_and_survives_a_failed_pass() -> None:
 
 @pytest.mark.skipif(_has_nvml(), reason="this machine has an NVIDIA driver")
 def test_without_a_gpu_the_daemon_stays_up_idle_instead_of_crash_looping() -> None:
+    """Still running, and /metrics (what the chart's probes read) answers, so that the
+    kubelet does not restart it for failing its liveness probe either."""
+    port = local.free_port()
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ttsfleet"), "agent", "--metrics-port", "0"],
+        [str(Path(sys.executable).parent / "ttsfleet"), "agent", "--metrics-port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        wait_for("the idle agent's /metrics", lambda: http_ok(url), timeout=30)
+        assert metric_value(url, "ttsfleet_agent_gpu_present") == 0
         with pytest.raises(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)  # still running: a DaemonSet pod stays Running
+            proc.wait(timeout=2)  # still running: a DaemonSet pod stays Running
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=10)

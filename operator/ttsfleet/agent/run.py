@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from urllib3.exceptions import HTTPError
@@ -186,6 +186,22 @@ def run(
         agent.loop(stop)
     finally:
         nvml.nvmlShutdown()
+
+
+def idle(metrics_port: int | None) -> None:
+    """Where there is no GPU: stay up (a DaemonSet pod that exited would be restarted
+    for ever), serving `ttsfleet_agent_gpu_present 0` on the metrics port so that the
+    pod's probes, which read /metrics, see a live agent with nothing to publish."""
+    if metrics_port is not None:
+        registry = CollectorRegistry()
+        Gauge(
+            "ttsfleet_agent_gpu_present", "1 when NVML found a GPU on this node, else 0.",
+            registry=registry,
+        ).set(0)  # fmt: skip
+        start_http_server(metrics_port, registry=registry)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    stop.wait()
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
