@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CLUSTER ?= ttsfleet
 PYTEST_ARGS ?=
 
-.PHONY: help deps tools cluster cluster-down demo manifests lint fmt test test-unit bench-cluster bench-operator bench-serving bench-precision bench-placement bench-gpu bench-autoscale bench-sim clean
+.PHONY: help deps tools cluster cluster-down demo manifests lint fmt test test-unit bench-cluster bench-operator bench-serving bench-precision bench-placement bench-gpu bench-autoscale bench-sim bench-chaos clean
 
 help: ## List the targets.
 	@grep -E '^[a-z.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ bench-autoscale: tools .venv ## Breach -> scale write and TTFA around a scale-up
 
 bench-sim: .venv ## Simulate every trace with ttsfleet and its peers, check the goals (JSON).
 	$(BIN)/python benchmarks/sim_bench.py --out benchmarks/results/sim.json
+
+bench-chaos: tools .venv ## Kill and pause the leader of two operator replicas >= 10 times: failover (JSON).
+	$(BIN)/python benchmarks/chaos_bench.py --out benchmarks/results/chaos.json
 
 clean: ## Remove the virtualenv and caches of this checkout (not the built binaries).
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

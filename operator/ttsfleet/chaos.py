@@ -24,16 +24,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client
 
 from ttsfleet import kube
 from ttsfleet.api import v1alpha1 as api
 from ttsfleet.cluster import local
 from ttsfleet.cluster.pool import PoolFile, parse_pool_file
-from ttsfleet.harness import CHART, OperatorProcess, helm, pod_kubeconfig, wait_for
+from ttsfleet.harness import (
+    CHART,
+    OperatorProcess,
+    helm,
+    pod_kubeconfig,
+    wait_established,
+    wait_for,
+)
 from ttsfleet.resources.common import DEPLOYMENT_LABEL
 
 Manifest = dict[str, Any]
+CRD = CHART.parent.parent / "crds" / "ttsfleet.io_ttsdeployments.yaml"
 
 # Enough MIG slices for a storm of 100 one-replica fleets (7 x 8 GPUs x 2 1g.10gb).
 POOL = """
@@ -56,6 +65,20 @@ CHILD_KINDS = (
 
 def pool() -> PoolFile:
     return parse_pool_file(POOL)
+
+
+@contextmanager
+def chaos_cluster(name: str) -> Iterator[local.ClusterRecord]:
+    """A local cluster of `POOL` whose apiserver keeps an audit log, with the CRD; removed
+    on exit."""
+    record = local.up(name, pool(), audit=True).record
+    try:
+        api_client = kube.api_client(record.kubeconfig)
+        kube.apply(api_client, [yaml.safe_load(CRD.read_text())], "ttsfleet-tests")
+        wait_established(api_client, f"{api.PLURAL}.{api.GROUP}")
+        yield record
+    finally:
+        local.down(name)
 
 
 @dataclass(frozen=True)
@@ -511,6 +534,8 @@ def paused_leader(
             180,
         )
         found = census(api_client, ns, storm.names)
+        pid = leader.pid
+        standing_by = leader.ready() and not leader.leading() and leader.pid == pid
         late = by_replica(writes(local.audit_log(record), since=resumed_at), leader)
         paused = [w for w in by_replica(writes(local.audit_log(record), since=paused_at), leader)
                   if w.at < resumed_at]  # fmt: skip
@@ -525,5 +550,7 @@ def paused_leader(
             "old_leader_refused_after_resume": sum(not w.made for w in late),
             "old_leader_writes_while_paused": len(paused),
             "examples": [f"{w.verb} {w.resource}/{w.name} -> {w.code}" for w in late[:5]],
+            # Back to standby in the same process (nothing restarted it), ready to lead.
+            "old_leader_standing_by": standing_by,
             "paused_s": round(resumed_at - paused_at, 1),
         }

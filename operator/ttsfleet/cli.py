@@ -654,8 +654,8 @@ def operator(
     leader_election_namespace: Annotated[
         str | None,
         typer.Option(
-            help="Namespace of the Lease [default: POD_NAMESPACE, else the in-cluster "
-            "namespace, else default]."
+            help="Namespace of the Lease (by default POD_NAMESPACE, else the in-cluster "
+            "namespace, else default)."
         ),
     ] = None,
     leader_election_id: Annotated[
@@ -663,7 +663,7 @@ def operator(
     ] = "ttsfleet-operator",
     leader_election_identity: Annotated[
         str | None,
-        typer.Option(help="This replica's name in the Lease [default: host name_process id]."),
+        typer.Option(help="This replica's name in the Lease (by default host-name_pid)."),
     ] = None,
     lease_duration: Annotated[
         float, typer.Option(help="Seconds a standby waits on an unrenewed Lease.")

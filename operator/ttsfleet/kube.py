@@ -10,6 +10,7 @@ import functools
 import json
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -229,20 +230,23 @@ def config_map_data(api: client.ApiClient, namespace: str, name: str) -> dict[st
 
 
 _dynamic_clients: weakref.WeakKeyDictionary[client.ApiClient, Any] = weakref.WeakKeyDictionary()
+_dynamic_lock = threading.Lock()
 
 
 def dynamic_client(api: client.ApiClient) -> Any:
     """The DynamicClient of `api` (made once: discovery is costly), with its own cache file.
 
     The default discovery cache is keyed on the host alone, so a cluster recreated
-    on the same port would read a stale one.
+    on the same port would read a stale one. Made under a lock: two made at once (the
+    first reconciles of a term, on many threads) would write one cache file together.
     """
-    dyn = _dynamic_clients.get(api)
-    if dyn is None:
-        cache_file = _discovery_dir() / f"{id(api)}.json"
-        dyn = DynamicClient(api, cache_file=str(cache_file))
-        _dynamic_clients[api] = dyn
-    return dyn
+    with _dynamic_lock:
+        dyn = _dynamic_clients.get(api)
+        if dyn is None:
+            cache_file = _discovery_dir() / f"{id(api)}.json"
+            dyn = DynamicClient(api, cache_file=str(cache_file))
+            _dynamic_clients[api] = dyn
+        return dyn
 
 
 @functools.cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -35,15 +36,8 @@ TIMINGS = chaos.Timings(lease_duration=6, renew_deadline=4, retry_period=1)
 @pytest.fixture(scope="module")
 def chaos_cluster() -> Iterator[local.ClusterRecord]:
     """A cluster of 7 simulated H100 nodes whose apiserver keeps an audit log."""
-    name = f"chaos-{os.getpid() % 100000}"
-    record = local.up(name, chaos.pool(), audit=True).record
-    try:
-        cluster = Cluster(name, record.kubeconfig, kube.api_client(record.kubeconfig))
-        cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        cluster.wait_established("crd/ttsdeployments.ttsfleet.io")
+    with chaos.chaos_cluster(f"chaos-{os.getpid() % 100000}") as record:
         yield record
-    finally:
-        local.down(name)
 
 
 @pytest.fixture
@@ -90,6 +84,7 @@ def test_a_leader_paused_past_its_lease_writes_nothing_when_it_wakes(
         assert result[count] == 0, (count, result)
     # Counted by the apiserver, from the instant it was let go on.
     assert result["old_leader_writes_after_resume"] == 0, result
+    assert result["old_leader_standing_by"], result
     # Paused past its renew deadline: its own fence had closed when it woke.
     assert result["paused_s"] > TIMINGS.renew_deadline
 
@@ -109,6 +104,59 @@ def test_sigterm_hands_the_lease_over_at_once(
     # Released: the record the old leader left names no holder (or the standby already).
     assert lease["spec"].get("holderIdentity") in (None, "", standby.identity)
     wait_for("the standby to lead", standby.leading, timeout=TIMINGS.lease_duration)
+
+
+def test_two_plain_operators_elect_one_leader_and_only_it_acts(
+    chaos_cluster: local.ClusterRecord, tmp_path: Path
+) -> None:
+    """`ttsfleet operator` twice, with no flags but their ports: one leads (the default
+    Lease, default/ttsfleet-operator, names it), the other stands by, healthy and ready,
+    and runs nothing; SIGTERM hands the Lease over without waiting for it to expire."""
+    operators = [
+        Operator(chaos_cluster.kubeconfig, tmp_path / f"{n}.log", local.free_port(),
+                 local.free_port())
+        for n in ("a", "b")
+    ]  # fmt: skip
+    api = kube.api_client(chaos_cluster.kubeconfig)
+    try:
+        for op in operators:
+            op.start()
+        wait_for("one leader", lambda: [op.leading() for op in operators].count(True) == 1)
+        leader = next(op for op in operators if op.leading())
+        standby = next(op for op in operators if op is not leader)
+        lease = kube.read_lease(api, "default", "ttsfleet-operator", 5)
+        assert lease is not None
+        assert lease["spec"]["holderIdentity"].endswith(f"_{leader.pid}")  # host_pid
+        assert standby.healthy() and standby.ready()
+        with chaos.namespace(api) as ns:
+            kube.create_custom(api, "ttsfleet.io", "v1alpha1", "ttsdeployments", ns,
+                               chaos.fleet("solo"))  # fmt: skip
+            wait_for("the fleet Ready", lambda: chaos.all_ready(api, ns, ["solo"]), 60)
+        # Only the leader reconciled and ran the autoscaler; the standby ran nothing.
+        assert (leader.metric("ttsfleet_operator_reconciles_total") or 0) > 0
+        assert (leader.metric("ttsfleet_operator_autoscaler_ticks_total") or 0) > 0
+        assert not standby.metric("ttsfleet_operator_reconciles_total")
+        assert not standby.metric("ttsfleet_operator_autoscaler_ticks_total")
+        assert standby.metric("ttsfleet_operator_leader_info", identity=
+                              lease["spec"]["holderIdentity"]) == 1  # fmt: skip
+        events = kube.list_objects(api, "v1", "Event", "default")
+        assert any(
+            e["reason"] == "LeaderElection"
+            and e["message"] == f"{lease['spec']['holderIdentity']} became leader"
+            for e in events
+        )
+        leader.stop()
+        released = kube.read_lease(api, "default", "ttsfleet-operator", 5)
+        assert released is not None
+        assert released["spec"].get("holderIdentity") in (None, "", standby_identity(standby))
+        wait_for("the standby to lead", standby.leading, timeout=30)
+    finally:
+        for op in operators:
+            op.stop()
+
+
+def standby_identity(op: Operator) -> str:
+    return f"{socket.gethostname()}_{op.pid}"
 
 
 # ---- on the session cluster: Prometheus and Triton -----------------------------------------

@@ -329,3 +329,9 @@ def test_a_child_that_cannot_be_applied_is_a_warning_event(
     events = wait_for("an ApplyFailed event", lambda: "ApplyFailed" in warned() and warned())
     assert "immutable" in events
     assert condition(get(cluster, namespace, "ttsd", "joe"), "Ready").get("status") != "True"
+    # The obstacle removed: no event reaches the operator (that ConfigMap is not one of its
+    # children), yet its own re-check applies the failed object again and it converges.
+    cluster.kubectl("delete", "configmap", "joe-triton", "-n", namespace)
+    wait_ready(cluster, namespace, "joe")
+    config = get(cluster, namespace, "cm", "joe-triton")
+    assert config["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "ttsfleet"
