@@ -47,7 +47,7 @@ def main() -> None:
     started = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="chaos-bench-") as workdir,
-        chaos.chaos_cluster(f"bench-chaos-{os.getpid() % 10000}") as record,
+        chaos.chaos_cluster(f"bench-chaos-{os.getpid() % 10000}", Path(workdir)) as record,
     ):
         pair = chaos.Pair.make(record, Path(workdir), timings)
         try:

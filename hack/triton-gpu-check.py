@@ -29,6 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ttsfleet import harness
 from ttsfleet.cluster import images
 from ttsfleet.serving.text import SAMPLE_REPLIES
 from ttsfleet.triton.config import ModelConfig, render
@@ -101,18 +102,6 @@ def nvidia_smi(*query: str) -> list[list[str]]:
     return [[cell.strip() for cell in row.split(",")] for row in out.strip().splitlines()]
 
 
-def wait_ready(server: subprocess.Popen[bytes], log: Path) -> None:
-    for _ in range(180):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{HTTP}/v2/health/ready", timeout=2)
-            return
-        except OSError:
-            if server.poll() is not None:
-                break
-            time.sleep(1)
-    raise SystemExit(f"Triton did not become ready:\n{log.read_text()[-3000:]}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
@@ -120,19 +109,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        repository = model_repository(Path(scratch) / "models")
-        log = Path(scratch) / "triton.log"
-        env = os.environ | images.triton_environment() | {"TTSFLEET_MODEL_DIR": str(args.model_dir)}
         # Keep what the environment already had on the library path (CUDA from wheels).
-        env["LD_LIBRARY_PATH"] += ":" + os.environ.get("LD_LIBRARY_PATH", "")
-        argv = images.triton_argv(
-            f"--model-repository={repository}",
-            f"--http-port={HTTP}", f"--grpc-port={GRPC}", f"--metrics-port={METRICS}",
+        library_path = images.triton_environment()["LD_LIBRARY_PATH"]
+        library_path += ":" + os.environ.get("LD_LIBRARY_PATH", "")
+        server = harness.TritonProcess(
+            HTTP, GRPC, METRICS, Path(scratch) / "triton.log",
+            repository=model_repository(Path(scratch) / "models"),
+            env={"TTSFLEET_MODEL_DIR": str(args.model_dir), "LD_LIBRARY_PATH": library_path},
         )  # fmt: skip
-        with log.open("wb") as sink:
-            server = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        server.start(timeout=180)
         try:
-            wait_ready(server, log)
             for text in SAMPLE_REPLIES * 2:  # every instance warmed a little
                 infer(text)
             result = {
@@ -140,7 +126,7 @@ def main() -> None:
                 "config": "tts_batch and tts_stream, fp16, "
                 "instance_group [ { count: 4 kind: KIND_GPU } ]",
                 "loaded_on_gpu": [
-                    line.split('"')[1] for line in log.read_text().splitlines()
+                    line.split('"')[1] for line in server.log.read_text().splitlines()
                     if "Loaded voice" in line and " on GPU " in line
                 ],
                 "gpu_memory_mib_by_process": [
@@ -150,9 +136,8 @@ def main() -> None:
                 "tts_batch_http": [level(1, args.seconds), level(4, args.seconds)],
             }  # fmt: skip
         finally:
-            server.terminate()
-            server.wait(timeout=60)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+            server.stop()
+    harness.write_results(args.out, result)
     print(json.dumps(result, indent=2))
 
 

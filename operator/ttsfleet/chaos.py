@@ -68,14 +68,26 @@ def pool() -> PoolFile:
 
 
 @contextmanager
-def chaos_cluster(name: str) -> Iterator[local.ClusterRecord]:
-    """A local cluster of `POOL` whose apiserver keeps an audit log, with the CRD; removed
-    on exit."""
+def chaos_cluster(name: str, workdir: Path) -> Iterator[local.ClusterRecord]:
+    """A local cluster of `POOL` whose apiserver keeps an audit log, with the CRD and the
+    chart installed once (`RELEASE` in `RELEASE_NAMESPACE`, no operator pods: the
+    replicas run here, see `Pair`); removed on exit.
+
+    Once, and never uninstalled while the cluster runs: the apiserver (1.34, and later
+    ones until kubernetes/kubernetes#130887 is fixed) stops resolving a built-in
+    paramKind such as Lease for good, until it restarts, as soon as no binding names it,
+    which would turn the chart's leader fence off for every later install.
+    """
     record = local.up(name, pool(), audit=True).record
     try:
         api_client = kube.api_client(record.kubeconfig)
         kube.apply(api_client, [yaml.safe_load(CRD.read_text())], "ttsfleet-tests")
         wait_established(api_client, f"{api.PLURAL}.{api.GROUP}")
+        helm(
+            record.kubeconfig, workdir / "helm", "install", RELEASE, str(CHART),
+            "-n", RELEASE_NAMESPACE, "--create-namespace", "--set", "replicaCount=0",
+            "--set", f"leaderElection.leaseName={LEASE}",
+        )  # fmt: skip
         yield record
     finally:
         local.down(name)
@@ -103,13 +115,17 @@ class Timings:
 
 
 RELEASE_NAMESPACE = "ttsfleet-system"
+RELEASE = "ttsfleet"
+ACCOUNT = f"{RELEASE}-tts-operator"  # the chart's ServiceAccount
+LEASE = "ttsfleet-operator"
 
 
 @dataclass
 class Pair:
-    """Two replicas of the operator as the chart runs them: the chart installed (its
-    RBAC, its Lease Role, its admission policies with the leader fence), each replica
-    with a token bound to a pod of its own, electing a leader through the chart's Lease.
+    """Two replicas of the operator as the chart runs them: with the chart that
+    `chaos_cluster` installed (its RBAC, its Lease Role, its admission policies with the
+    leader fence), each replica with a token bound to a pod of its own, electing a
+    leader through the chart's Lease.
 
     The pods are placeholders on simulated nodes (kwok runs no containers); the
     replicas run here as processes with those pods' tokens, so the apiserver sees
@@ -118,10 +134,7 @@ class Pair:
 
     api: client.ApiClient
     replicas: list[OperatorProcess]
-    lease: str
-    release: str
-    helm_home: Path
-    kubeconfig: Path
+    lease: str = LEASE
     lease_namespace: str = RELEASE_NAMESPACE
 
     @classmethod
@@ -129,18 +142,10 @@ class Pair:
         cls, record: local.ClusterRecord, workdir: Path, timings: Timings, tag: str = ""
     ) -> Pair:
         tag = tag or uuid.uuid4().hex[:6]
-        release, lease = f"op-{tag}", f"chaos-{tag}"
-        api_client = kube.api_client(record.kubeconfig)
-        helm(
-            record.kubeconfig, workdir / "helm", "install", release, str(CHART),
-            "-n", RELEASE_NAMESPACE, "--create-namespace", "--set", "replicaCount=0",
-            "--set", f"leaderElection.leaseName={lease}",
-        )  # fmt: skip
-        account = f"{release}-tts-operator"
         replicas = []
         for name in ("a", "b"):
             pod, kubeconfig = pod_kubeconfig(
-                record.kubeconfig, RELEASE_NAMESPACE, account, f"{release}-{name}",
+                record.kubeconfig, RELEASE_NAMESPACE, ACCOUNT, f"op-{tag}-{name}",
                 workdir / f"operator-{name}.kubeconfig",
             )  # fmt: skip
             replicas.append(
@@ -152,14 +157,14 @@ class Pair:
                     identity=f"{pod['metadata']['name']}_{name}",
                     extra_args=[
                         "--leader-election-id",
-                        lease,
+                        LEASE,
                         "--leader-election-namespace",
                         RELEASE_NAMESPACE,
                         *timings.args(),
                     ],
                 )
             )
-        return cls(api_client, replicas, lease, release, workdir / "helm", record.kubeconfig)
+        return cls(kube.api_client(record.kubeconfig), replicas)
 
     def start(self) -> None:
         """The first replica leads before the second starts (so which leads is known)."""
@@ -189,10 +194,9 @@ class Pair:
         return [str(r.identity) for r in self.replicas if r.process and r.leading()]
 
     def stop(self) -> None:
+        """Stop both (each releases the Lease it holds) and remove their pods."""
         for replica in self.replicas:
             replica.stop()
-        helm(self.kubeconfig, self.helm_home, "uninstall", self.release, "-n",
-             RELEASE_NAMESPACE, check=False)  # fmt: skip
         for replica in self.replicas:
             pod = str(replica.identity).rsplit("_", 1)[0]
             kube.delete_pod(self.api, RELEASE_NAMESPACE, pod, 0)

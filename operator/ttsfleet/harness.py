@@ -267,6 +267,7 @@ class TritonProcess:
     extra_args: Sequence[str] = ()
     process: subprocess.Popen[bytes] | None = None
     repository: Path | None = None  # a model repository; this checkout's when None
+    env: dict[str, str] = field(default_factory=dict)  # on top of Triton's own environment
 
     @property
     def grpc_address(self) -> str:
@@ -285,7 +286,7 @@ class TritonProcess:
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT,
-                env=os.environ | images.triton_environment(),
+                env=os.environ | images.triton_environment() | self.env,
             )  # fmt: skip
         try:
             wait_for("tritonserver to be ready", self.ready, timeout=timeout)

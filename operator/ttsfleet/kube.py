@@ -72,6 +72,16 @@ def _fenced_pool(pool: type[Any], fence: Callable[[], bool]) -> type[Any]:
     return type(f"Fenced{pool.__name__}", (pool,), {"ConnectionCls": FencedConnection})
 
 
+def _unless_missing(call: Callable[[], Any]) -> Any:
+    """`call()`'s answer, or None when the apiserver says 404 Not Found."""
+    try:
+        return call()
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
 def api_client(
     kubeconfig: Path | None = None,
     pool_size: int = 32,
@@ -127,12 +137,9 @@ def create_node(api: client.ApiClient, node: Manifest) -> bool:
 def read_node(api: client.ApiClient, name: str) -> Manifest | None:
     """A Node as a plain dict, or None when it does not exist."""
     core: Any = client.CoreV1Api(api)
-    try:
-        response = core.read_node(name, _preload_content=False)
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
+    response = _unless_missing(lambda: core.read_node(name, _preload_content=False))
+    if response is None:
+        return None
     node: Manifest = json.loads(response.data)
     return node
 
@@ -148,13 +155,11 @@ def list_nodes(api: client.ApiClient, selector: str = "") -> list[Manifest]:
 def patch_node_status(api: client.ApiClient, name: str, status: Manifest) -> bool:
     """Merge `status` into a Node's status subresource; False when the node is gone."""
     core: Any = client.CoreV1Api(api)
-    try:
-        core.patch_node_status(name, {"status": status}, _preload_content=False)
-    except ApiException as err:
-        if err.status == 404:
-            return False
-        raise
-    return True
+    patch = {"status": status}
+    return (
+        _unless_missing(lambda: core.patch_node_status(name, patch, _preload_content=False))
+        is not None
+    )
 
 
 def renew_node_lease(api: client.ApiClient, node: str, duration_seconds: int) -> None:
@@ -194,31 +199,23 @@ def patch_pod_status(api: client.ApiClient, namespace: str, name: str, status: M
     strategic merge would append a new pod IP to an old one, which the apiserver refuses.
     """
     core: Any = client.CoreV1Api(api)
-    try:
-        core.patch_namespaced_pod_status(
+    return _unless_missing(
+        lambda: core.patch_namespaced_pod_status(
             name, namespace, {"status": status},
             _content_type="application/merge-patch+json", _preload_content=False,
-        )  # fmt: skip
-    except ApiException as err:
-        if err.status == 404:
-            return False
-        raise
-    return True
+        )
+    ) is not None  # fmt: skip
 
 
 def delete_pod(api: client.ApiClient, namespace: str, name: str, grace_seconds: int) -> bool:
     """Delete a pod with that grace period (0: at once, as only its kubelet may once its
     containers have stopped); False when it was already gone."""
     core: Any = client.CoreV1Api(api)
-    try:
-        core.delete_namespaced_pod(
+    return _unless_missing(
+        lambda: core.delete_namespaced_pod(
             name, namespace, grace_period_seconds=grace_seconds, _preload_content=False
         )
-    except ApiException as err:
-        if err.status == 404:
-            return False
-        raise
-    return True
+    ) is not None  # fmt: skip
 
 
 def config_map_data(api: client.ApiClient, namespace: str, name: str) -> dict[str, str]:
@@ -273,12 +270,9 @@ def get(
 ) -> Manifest | None:
     """An object as a plain dict, or None when it does not exist."""
     resource = dynamic_client(api).resources.get(api_version=api_version, kind=kind)
-    try:
-        found = resource.get(name=name, namespace=namespace)
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
+    found = _unless_missing(lambda: resource.get(name=name, namespace=namespace))
+    if found is None:
+        return None
     obj: Manifest = found.to_dict()
     return obj
 
@@ -325,12 +319,9 @@ def get_custom(
     api: client.ApiClient, group: str, version: str, plural: str, namespace: str, name: str
 ) -> Manifest | None:
     custom: Any = client.CustomObjectsApi(api)
-    try:
-        obj: Manifest = custom.get_namespaced_custom_object(group, version, namespace, plural, name)
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
+    obj: Manifest | None = _unless_missing(
+        lambda: custom.get_namespaced_custom_object(group, version, namespace, plural, name)
+    )
     return obj
 
 
@@ -425,16 +416,12 @@ def annotate_pod(
 ) -> bool:
     """Merge-patch `annotations` onto a pod, touching no other field; False when it is gone."""
     core: Any = client.CoreV1Api(api)
-    try:
-        core.patch_namespaced_pod(
+    return _unless_missing(
+        lambda: core.patch_namespaced_pod(
             name, namespace, {"metadata": {"annotations": annotations}},
             _content_type="application/merge-patch+json",
-        )  # fmt: skip
-    except ApiException as err:
-        if err.status == 404:
-            return False
-        raise
-    return True
+        )
+    ) is not None  # fmt: skip
 
 
 def annotate_node(api: client.ApiClient, name: str, annotations: dict[str, str | None]) -> None:
@@ -450,14 +437,13 @@ def annotate_node(api: client.ApiClient, name: str, annotations: dict[str, str |
 def read_lease(api: client.ApiClient, namespace: str, name: str, timeout: float) -> Manifest | None:
     """A coordination.k8s.io Lease as a plain dict, or None when there is none."""
     leases: Any = client.CoordinationV1Api(api)
-    try:
-        response = leases.read_namespaced_lease(
+    response = _unless_missing(
+        lambda: leases.read_namespaced_lease(
             name, namespace, _preload_content=False, _request_timeout=timeout
         )
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
+    )
+    if response is None:
+        return None
     lease: Manifest = json.loads(response.data)
     return lease
 

@@ -17,16 +17,18 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from kubernetes.client.exceptions import ApiException
 
 from tests.conftest import Cluster, Operator, wait_for
 from tests.helpers import REPO, load_example
-from ttsfleet import bench, chaos, client, kube
+from ttsfleet import bench, chaos, client, harness, kube
 from ttsfleet.cluster import local
 from ttsfleet.cluster.pool import load_pool_file
 
@@ -34,9 +36,11 @@ TIMINGS = chaos.Timings(lease_duration=6, renew_deadline=4, retry_period=1)
 
 
 @pytest.fixture(scope="module")
-def chaos_cluster() -> Iterator[local.ClusterRecord]:
-    """A cluster of 7 simulated H100 nodes whose apiserver keeps an audit log."""
-    with chaos.chaos_cluster(f"chaos-{os.getpid() % 100000}") as record:
+def chaos_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.ClusterRecord]:
+    """A cluster of 7 simulated H100 nodes whose apiserver keeps an audit log, with the
+    chart installed (no operator pods)."""
+    workdir = tmp_path_factory.mktemp("chaos")
+    with chaos.chaos_cluster(f"chaos-{os.getpid() % 100000}", workdir) as record:
         yield record
 
 
@@ -106,6 +110,53 @@ def test_sigterm_hands_the_lease_over_at_once(
     wait_for("the standby to lead", standby.leading, timeout=TIMINGS.lease_duration)
 
 
+def test_the_leader_fence_admits_writes_only_from_the_lease_holders_pod(
+    chaos_cluster: local.ClusterRecord, tmp_path: Path
+) -> None:
+    """The chart's leader fence, enforced by the apiserver: while the Lease names a
+    holder, the operator's ServiceAccount writes only from the holder's pod; a replica
+    that lost the Lease (a paused leader waking up) is refused, whatever it sends."""
+    api = kube.api_client(chaos_cluster.kubeconfig)
+    pods = {}
+    for name in ("fence-a", "fence-b"):
+        pod, kubeconfig = harness.pod_kubeconfig(
+            chaos_cluster.kubeconfig, chaos.RELEASE_NAMESPACE, chaos.ACCOUNT,
+            f"{name}-{uuid.uuid4().hex[:4]}", tmp_path / f"{name}.kubeconfig",
+        )  # fmt: skip
+        pods[name] = (pod["metadata"]["name"], kube.api_client(kubeconfig))
+
+    def hold(holder: str | None) -> None:
+        """The chart's Lease, held by `holder` (None: released)."""
+        lease = kube.read_lease(api, chaos.RELEASE_NAMESPACE, chaos.LEASE, 5)
+        version = lease["metadata"]["resourceVersion"] if lease else None
+        spec = {"holderIdentity": holder}
+        kube.write_lease(api, chaos.RELEASE_NAMESPACE, chaos.LEASE, spec, version, 5)
+
+    hold(f"{pods['fence-a'][0]}_1")
+    tries = iter(range(10**6))
+
+    def write(as_pod: str) -> str:
+        """A ConfigMap write as the operator applies children; '' when admitted."""
+        manifest = {"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "fenced", "namespace": chaos.RELEASE_NAMESPACE},
+                    "data": {"try": str(next(tries))}}  # fmt: skip
+        try:
+            kube.apply(pods[as_pod][1], [manifest], "ttsfleet")
+        except ApiException as err:
+            return str(err.body) if err.status == 403 else f"unexpected {err.status}"
+        return ""
+
+    try:
+        refused = wait_for("the fence to refuse the other pod", lambda: write("fence-b"), 60)
+        assert "only the leader writes" in refused and pods["fence-b"][0] in refused
+        assert write("fence-a") == ""  # the holder's pod writes
+        # Released (shutdown): nobody leads, nothing is fenced.
+        hold(None)
+        wait_for("the released Lease to admit", lambda: write("fence-b") == "", 30)
+    finally:
+        hold(None)  # free for the replicas of the next test
+
+
 def test_two_plain_operators_elect_one_leader_and_only_it_acts(
     chaos_cluster: local.ClusterRecord, tmp_path: Path
 ) -> None:
@@ -134,7 +185,10 @@ def test_two_plain_operators_elect_one_leader_and_only_it_acts(
             wait_for("the fleet Ready", lambda: chaos.all_ready(api, ns, ["solo"]), 60)
         # Only the leader reconciled and ran the autoscaler; the standby ran nothing.
         assert (leader.metric("ttsfleet_operator_reconciles_total") or 0) > 0
-        assert (leader.metric("ttsfleet_operator_autoscaler_ticks_total") or 0) > 0
+        wait_for(
+            "the leader's autoscaler to tick",
+            lambda: (leader.metric("ttsfleet_operator_autoscaler_ticks_total") or 0) > 1,
+        )
         assert not standby.metric("ttsfleet_operator_reconciles_total")
         assert not standby.metric("ttsfleet_operator_autoscaler_ticks_total")
         assert standby.metric("ttsfleet_operator_leader_info", identity=

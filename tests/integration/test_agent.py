@@ -19,8 +19,7 @@ import pytest
 
 from tests.conftest import Cluster, ttsfleet, wait_for
 from tests.helpers import REPO
-from tests.integration.test_chart_install import service_account_kubeconfig
-from ttsfleet import kube
+from ttsfleet import harness, kube
 from ttsfleet.agent import inventory
 from ttsfleet.cluster import toolchain
 
@@ -82,7 +81,9 @@ def agent_identity(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator
             "create", "token", sa, "-n", namespace, "--duration=1h",
             "--bound-object-kind=Pod", f"--bound-object-name={sa}",
         ).strip()  # fmt: skip
-        kubeconfig = service_account_kubeconfig(cluster, token, tmp_path / "agent.kubeconfig")
+        kubeconfig = harness.token_kubeconfig(
+            cluster.kubeconfig, token, tmp_path / "agent.kubeconfig"
+        )
         yield AgentIdentity(namespace, sa, kubeconfig, node)
     finally:
         cluster.kubectl(

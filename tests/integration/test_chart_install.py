@@ -407,51 +407,6 @@ def test_the_service_account_sets_a_pods_deletion_cost_and_nothing_else(
     assert kube.annotate_pod(as_operator, namespace, "drain-check", {cost: "5"})
 
 
-def test_the_leader_fence_admits_writes_only_from_the_lease_holders_pod(
-    cluster: Cluster, installed: Installed, namespace: str, tmp_path: Path
-) -> None:
-    """The chart's leader fence, enforced by the apiserver: while the Lease names a
-    holder, the operator's ServiceAccount writes only from the holder's pod; a replica
-    that lost the Lease (a paused leader waking up) is refused, whatever it sends."""
-    pods = {}
-    for name in ("fence-a", "fence-b"):
-        pod, kubeconfig = harness.pod_kubeconfig(
-            cluster.kubeconfig, installed.namespace, installed.service_account,
-            f"{name}-{uuid.uuid4().hex[:4]}", tmp_path / f"{name}.kubeconfig",
-        )  # fmt: skip
-        pods[name] = (pod["metadata"]["name"], kube.api_client(kubeconfig))
-    leases = client.CoordinationV1Api(cluster.api)
-    holder = f"{pods['fence-a'][0]}_1"
-    lease = {"metadata": {"name": LEASE}, "spec": {"holderIdentity": holder}}
-    leases.create_namespaced_lease(installed.namespace, lease)
-    tries = iter(range(10**6))
-
-    def write(api: client.ApiClient) -> str:
-        """A ConfigMap write as the operator applies children; '' when admitted."""
-        manifest = {"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": "fenced", "namespace": namespace},
-                    "data": {"try": str(next(tries))}}  # fmt: skip
-        try:
-            kube.apply(api, [manifest], "ttsfleet")
-        except ApiException as err:
-            return str(err.body) if err.status == 403 else f"unexpected {err.status}"
-        return ""
-
-    try:
-        refused = wait_for(
-            "the fence to refuse the other pod", lambda: write(pods["fence-b"][1]), timeout=60
-        )
-        assert "only the leader writes" in refused and pods["fence-b"][0] in refused
-        assert write(pods["fence-a"][1]) == ""  # the holder's pod writes
-        # Released (shutdown): nobody leads, nothing is fenced.
-        leases.patch_namespaced_lease(
-            LEASE, installed.namespace, {"spec": {"holderIdentity": None}}
-        )
-        wait_for("the released Lease to admit", lambda: write(pods["fence-b"][1]) == "", 30)
-    finally:
-        leases.delete_namespaced_lease(LEASE, installed.namespace)
-
-
 def test_the_operator_runs_with_the_service_accounts_token(
     cluster: Cluster, installed: Installed, namespace: str, tmp_path: Path
 ) -> None:
