@@ -265,7 +265,8 @@ def test_an_operator_killed_mid_reconcile_converges_on_restart(
 
 
 def test_the_operator_serves_metrics_and_health(operator: Operator) -> None:
-    assert operator.healthy()
+    assert operator.healthy() and operator.ready()
+    assert operator.leading()  # alone, it holds the Lease
     with urllib.request.urlopen(
         f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5
     ) as r:
