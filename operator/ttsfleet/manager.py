@@ -11,7 +11,7 @@ then the threads are stopped, and the replica stands by again in the same proces
 
 Both roles serve `/healthz` (the election loop is alive; never the apiserver's health,
 so an apiserver outage restarts no pod) and `/readyz` (a standby is ready to take
-over; a leader once kopf has started) on the health port, and /metrics with
+over; a leader while its kopf runs) on the health port, and /metrics with
 `ttsfleet_operator_is_leader` on the metrics port.
 """
 
@@ -64,7 +64,6 @@ class _Term:
         self.controller = controller
         self.options = options
         self.kopf_stop = threading.Event()
-        self.kopf_ready = threading.Event()
         self.thread = threading.Thread(target=self._kopf, name="kopf", daemon=True)
 
     def start(self) -> None:
@@ -81,7 +80,6 @@ class _Term:
                     namespaces=namespaces,
                     memo=kopf.Memo(controller=self.controller),
                     stop_flag=self.kopf_stop,
-                    ready_flag=self.kopf_ready,
                 )
             )
         except Exception:
@@ -135,9 +133,11 @@ class Manager:
         return time.monotonic() - self._tick < bound
 
     def ready(self) -> bool:
-        """A standby is ready to take over; a leader once kopf has started."""
+        """A standby is ready to take over; a leader while its kopf runs (not only once
+        kopf says it started: a leader that just took over must not flap to not-ready
+        for the second kopf takes to start, or a rollout would wait on it)."""
         term = self.term
-        return self.healthy() and (term is None or term.kopf_ready.is_set())
+        return self.healthy() and (term is None or term.alive)
 
     @property
     def leading(self) -> bool:
