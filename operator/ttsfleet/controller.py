@@ -161,7 +161,7 @@ class Controller:
         A failure is recorded and applied again at the next re-check, then raised.
         """
         key = (namespace, name)
-        with self.locks[key]:
+        with self.locks[key]:  # the bookkeeping too: a later reconcile's word wins
             try:
                 body = kube.get_custom(self.api, api.GROUP, api.VERSION, api.PLURAL, *key)
                 outcome = reconcile(
@@ -172,18 +172,18 @@ class Controller:
                 self.failed.add(key)
                 self.metrics.reconciles.labels(result="error").inc()
                 raise
-        self.failed.discard(key)
-        if outcome.gone:
-            self.forget(key)
-            return outcome
-        if outcome.ready or outcome.stalled_reason:
-            self.not_ready.discard(key)
-        else:
-            self.not_ready.add(key)
-        if outcome.stalled_reason == "PlacementUnavailable":
-            self.unplaced.add(key)  # nodes may come that hold it
-        else:
-            self.unplaced.discard(key)
+            self.failed.discard(key)
+            if outcome.gone:
+                self.forget(key)
+                return outcome
+            if outcome.ready or outcome.stalled_reason:
+                self.not_ready.discard(key)
+            else:
+                self.not_ready.add(key)
+            if outcome.stalled_reason == "PlacementUnavailable":
+                self.unplaced.add(key)  # nodes may come that hold it
+            else:
+                self.unplaced.discard(key)
         result = "stalled" if outcome.stalled_reason else "ok"
         self.metrics.reconciles.labels(result=result).inc()
         self.metrics.reconcile_seconds.observe(outcome.seconds)
@@ -208,7 +208,7 @@ class Controller:
             try:
                 self.reconcile(*key, apply=apply)
             except kube.NotLeaderError:
-                return
+                return  # refused, not failed: the manager ends the term if it must
             except Exception:
                 log.exception("Re-checking %s/%s failed", *key)
 
@@ -238,7 +238,9 @@ class Controller:
             try:
                 loop.step()
             except kube.NotLeaderError:
-                return  # no longer the leader: the manager stops this controller
+                # A write refused by the fence: skip this step. The loop lives as long
+                # as the controller; the manager stops it when the term ends.
+                continue
             except Exception:
                 loop.errors += 1
                 log.exception("The %s loop failed; trying again", loop.name)

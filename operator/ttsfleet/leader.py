@@ -20,6 +20,7 @@ writes through `kube`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -120,14 +121,22 @@ class Step(Enum):
     WAIT = "wait"  # held by a live holder
 
 
-def decide(record: Record | None, identity: str, observed_at: float, now: float) -> Step:
-    """What a candidate does on reading `record` (None: no Lease yet).
+def decide(
+    record: Record | None, identity: str, observed_at: float, now: float,
+    *, lease_duration: float = 0.0, seen_one: bool = False,
+) -> Step:  # fmt: skip
+    """What a candidate does on reading `record` (None: no Lease).
 
     `observed_at` is when this candidate first saw this exact record (its local clock);
-    a record unchanged for its own lease duration belongs to a holder that stopped.
+    a record unchanged for its own lease duration belongs to a holder that stopped. A
+    Lease that is gone after this candidate `seen_one` (deleted by hand) may still have
+    a leader acting on it: it is taken only once it has been gone for `lease_duration`.
     """
-    if record is None or not record.holder:
-        return Step.ACQUIRE  # none yet, or released by a leader that stopped
+    if record is None:
+        gone_long = now >= observed_at + lease_duration
+        return Step.ACQUIRE if not seen_one or gone_long else Step.WAIT
+    if not record.holder:
+        return Step.ACQUIRE  # released by a leader that stopped
     if record.holder == identity:
         return Step.RENEW
     if now >= observed_at + record.duration:
@@ -184,6 +193,7 @@ class Elector:
         self.holder: str = ""
         self.reachable = True  # whether the last read of the Lease got an answer
         self._refused = False  # whether the last write of the Lease failed
+        self._seen_one = False  # whether a Lease was ever read
 
     def try_acquire_or_renew(self) -> bool:
         """Read the Lease and take or renew it when `decide` says so; True if ours now."""
@@ -206,7 +216,11 @@ class Elector:
             self._seen = (version, now)
         self.holder = record.holder if record else ""
         self._duration = record.duration if record else cfg.lease_duration
-        step = decide(record, cfg.identity, self._seen[1], now)
+        step = decide(
+            record, cfg.identity, self._seen[1], now,
+            lease_duration=cfg.lease_duration, seen_one=self._seen_one,
+        )  # fmt: skip
+        self._seen_one = self._seen_one or record is not None
         self._refused = False
         if step == Step.WAIT:
             return False
@@ -214,7 +228,8 @@ class Elector:
         ours = record is not None and record.holder == cfg.identity
         spec = {
             "holderIdentity": cfg.identity,
-            "leaseDurationSeconds": round(cfg.lease_duration),
+            # Rounded up: a standby must never wait less than this leader's fence lasts.
+            "leaseDurationSeconds": math.ceil(cfg.lease_duration),
             "acquireTime": record.acquire_time if ours and record else moment,
             "renewTime": moment,
             "leaseTransitions": (record.transitions if record else 0) + (0 if ours else 1),

@@ -58,11 +58,24 @@ class Options:
 
 
 class _Term:
-    """One term of leadership: a Controller and kopf, started and stopped together."""
+    """One term of leadership: a Controller and kopf, started and stopped together.
 
-    def __init__(self, controller: Controller, options: Options) -> None:
-        self.controller = controller
+    The term's client is its own, fenced by the Lease *and* by the term: once the term
+    has ended, a thread of it that outlived `stop` (blocked on a hung apiserver, say)
+    writes nothing, even after this replica leads again in a later term.
+    """
+
+    def __init__(self, options: Options, leadership: Leadership | None, metrics: OperatorMetrics):
         self.options = options
+        self.ended = threading.Event()
+
+        def fence() -> bool:
+            return not self.ended.is_set() and (leadership is None or leadership.held())
+
+        api = kube.api_client(options.kubeconfig, fence=fence, user_agent=user_agent(options))
+        self.controller = Controller(
+            api, metrics, prometheus_url=options.prometheus_url, namespaces=options.namespaces
+        )
         self.kopf_stop = threading.Event()
         self.thread = threading.Thread(target=self._kopf, name="kopf", daemon=True)
 
@@ -91,11 +104,17 @@ class _Term:
 
     def stop(self, timeout: float = STOP_SECONDS) -> None:
         deadline = time.monotonic() + timeout
+        self.ended.set()
         self.kopf_stop.set()
         self.controller.stop(timeout)
         self.thread.join(max(0.0, deadline - time.monotonic()))
         if self.thread.is_alive():
             log.warning("kopf did not stop within %.0fs; its writes are refused", timeout)
+
+
+def user_agent(options: Options) -> str:
+    """What the apiserver's audit log shows for this replica's requests."""
+    return f"ttsfleet-operator/{__version__} ({options.identity})"
 
 
 class Manager:
@@ -108,15 +127,10 @@ class Manager:
             collector(registry=self.metrics.registry)
         lease = options.lease
         self.leadership = Leadership(lease.renew_deadline if lease else 0.0)
-        agent = f"ttsfleet-operator/{__version__} ({options.identity})"
-        fence = self.leadership.held if lease else None
-        self.api = kube.api_client(options.kubeconfig, fence=fence, user_agent=agent)
+        agent = user_agent(options)
         # The Lease is read and written unfenced: it is how the fence is lifted.
-        self.elector = (
-            Elector(kube.api_client(options.kubeconfig, user_agent=agent), lease, self.leadership)
-            if lease
-            else None
-        )
+        self.api = kube.api_client(options.kubeconfig, user_agent=agent)
+        self.elector = Elector(self.api, lease, self.leadership) if lease else None
         self.term: _Term | None = None
         self.terms = 0
         self._stopping = threading.Event()
@@ -163,8 +177,15 @@ class Manager:
         self._servers.append(health)
 
     def install_signals(self) -> None:
+        """SIGTERM and SIGINT stop the manager. The handler only starts a thread that
+        does it: setting the Event from the handler itself could deadlock on its lock,
+        held by the very wait the signal interrupted."""
+
+        def handle(*_: Any) -> None:
+            threading.Thread(target=self.stop, name="stop", daemon=True).start()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop())
+            signal.signal(sig, handle)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -183,11 +204,14 @@ class Manager:
             else:
                 self._elect(self.elector)
         finally:
-            if self.term is not None:
-                self.leadership.revoke()
-                if self.elector is not None:
-                    self.elector.release()
-                self._end_term("the operator is stopping")
+            # Fence down, the term's threads stopped, and only then the Lease released:
+            # nothing of this replica can land after a standby takes over. Released
+            # also when a signal came between taking the Lease and starting the term
+            # (release() gives it up only while it is ours).
+            self.leadership.revoke()
+            self._end_term("the operator is stopping")
+            if self.elector is not None:
+                self.elector.release()
             for server in self._servers:
                 server.shutdown()
 
@@ -203,12 +227,17 @@ class Manager:
                     continue
                 wait = elector.next_look()
             else:
-                renewed = elector.try_acquire_or_renew()
+                # A fence that lapsed, even for a moment, ends the term (client-go's
+                # rule: a leader past its renew deadline stops), whatever a later
+                # renewal says: what the term was doing may have been refused half-way.
+                # Still holding the record, the replica starts a fresh term at once.
+                lapsed = not self.leadership.held()
+                renewed = not lapsed and elector.try_acquire_or_renew()
                 self._show_holder(elector.holder)
                 taken = elector.holder not in ("", lease.identity)
                 if taken:
                     self.leadership.revoke()  # another replica holds it: stop at once
-                if not renewed and not self.leadership.held():
+                if lapsed or taken or (not renewed and not self.leadership.held()):
                     late = f"Lease not renewed within {lease.renew_deadline:g}s"
                     self._end_term(f"Lease held by {elector.holder}" if taken else late)
                 elif not self.term.alive:
@@ -227,11 +256,8 @@ class Manager:
 
     def _begin_term(self) -> None:
         options = self.options
-        controller = Controller(
-            self.api, self.metrics, prometheus_url=options.prometheus_url,
-            namespaces=options.namespaces,
-        )  # fmt: skip
-        self.term = _Term(controller, options)
+        leadership = self.leadership if self.elector is not None else None
+        self.term = _Term(options, leadership, self.metrics)
         self.terms += 1
         self.metrics.is_leader.set(1)
         self.metrics.leader_transitions.labels("leader").inc()
@@ -239,7 +265,11 @@ class Manager:
             lease = self.elector.config
             log.info("Became leader: %s holds Lease %s/%s", options.identity, lease.namespace,
                      lease.name)  # fmt: skip
-            self._leader_event(f"{options.identity} became leader")
+            # On a thread of its own: a slow apiserver must not hold the election loop.
+            threading.Thread(
+                target=self._leader_event, args=(self.term, f"{options.identity} became leader"),
+                name="leader-event", daemon=True,
+            ).start()  # fmt: skip
         self.term.start()
 
     def _end_term(self, why: str) -> None:
@@ -253,14 +283,16 @@ class Manager:
         # Counted once kopf and the loops have stopped: nothing of the term runs after.
         self.metrics.leader_transitions.labels("standby").inc()
 
-    def _leader_event(self, message: str) -> None:
-        """An Event on the Lease, as client-go's leader election records one."""
+    def _leader_event(self, term: _Term, message: str) -> None:
+        """An Event on the Lease, as client-go's leader election records one (written
+        through the term's fenced client)."""
         assert self.elector is not None
         lease = self.elector.config
+        api = term.controller.api
         try:
-            found = kube.read_lease(self.api, lease.namespace, lease.name, lease.request_timeout)
+            found = kube.read_lease(api, lease.namespace, lease.name, lease.request_timeout)
             if found is not None:
-                kube.post_event(self.api, found, "Normal", "LeaderElection", message)
+                kube.post_event(api, found, "Normal", "LeaderElection", message)
         except Exception as err:  # an Event is worth no more than a log line here
             log.warning("Could not record the leader Event: %s", err)
 

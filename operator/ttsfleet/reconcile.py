@@ -129,7 +129,9 @@ def reconcile(
 
 def _auto(body: Manifest | None) -> bool:
     """Whether `body` asks for automatic placement (the only reader of the node list)."""
-    placement = ((body or {}).get("spec") or {}).get("placement") or {}
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return False
+    placement = (body.get("spec") or {}).get("placement") or {}
     return bool(placement.get("mode", api.PlacementMode.AUTO.value) == api.PlacementMode.AUTO)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
-import time
 from typing import Any
 
 import pytest
@@ -276,8 +275,16 @@ def test_a_never_pod_that_exits_non_zero_fails_and_is_not_restarted(
     assert state["restartCount"] == 0 and state["ready"] is False
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready.get("reason")) == ("False", "PodCompleted")
-    # Longer than the runner's first back-off: still not restarted.
-    time.sleep(4)
+    # The runner's own word that restarts were due since: a pod that fails the same
+    # way under restartPolicy Always, started now, is restarted twice meanwhile.
+    client.CoreV1Api(cluster.api).create_namespaced_pod(
+        namespace, bare_pod("control", "Always", BAD_ARGS)
+    )
+    wait_for(
+        "the Always pod restarted twice",
+        lambda: container(pod_status(cluster, namespace, "control")).get("restartCount", 0) >= 2,
+        timeout=60,
+    )
     again = pod_status(cluster, namespace, "never")
     assert again["phase"] == "Failed" and container(again)["restartCount"] == 0
 
