@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from ttsfleet.cluster import local, toolchain
 from ttsfleet.cluster.pool import load_pool_file
 from ttsfleet.harness import OperatorProcess as Operator
 from ttsfleet.harness import TritonProcess as Triton
-from ttsfleet.harness import wait_for
+from ttsfleet.harness import scratch_namespace, wait_for
 
 __all__ = ["REPO", "Cluster", "Operator", "Triton", "ttsfleet", "wait_for"]
 
@@ -89,15 +88,8 @@ def cluster() -> Iterator[Cluster]:
 
 @pytest.fixture
 def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    core = client.CoreV1Api(cluster.api)
-    core.create_namespace({"metadata": {"name": name}})
-    wait_for(
-        f"the default ServiceAccount in {name}",
-        lambda: core.list_namespaced_service_account(name).items,
-    )
-    yield name
-    core.delete_namespace(name)
+    with scratch_namespace(cluster.api, "t", digits=8) as name:
+        yield name
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ from ttsfleet.harness import (
     OperatorProcess,
     helm,
     pod_kubeconfig,
+    scratch_namespace,
     wait_established,
     wait_for,
 )
@@ -399,19 +400,6 @@ def all_ready(api_client: client.ApiClient, namespace: str, names: list[str]) ->
     return not found.not_ready and not found.missing
 
 
-@contextmanager
-def namespace(api_client: client.ApiClient, prefix: str = "chaos") -> Iterator[str]:
-    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    kube.create_namespace(api_client, name)
-    wait_for(
-        f"the default ServiceAccount in {name}", lambda: kube.namespace_ready(api_client, name)
-    )
-    try:
-        yield name
-    finally:
-        kube.delete_namespace(api_client, name)
-
-
 # ---- the scenarios ---------------------------------------------------------------------------
 
 
@@ -428,7 +416,7 @@ def leader_kill_during_storm(
     """SIGKILL the leader once `kill_after` of `count` new fleets exist; the standby
     finishes. Returns the census counts and the failover times."""
     api_client = pair.api
-    with namespace(api_client) as ns:
+    with scratch_namespace(api_client, "chaos") as ns:
         storm = Storm(api_client, ns, "storm", count).start()
         leader = pair.leader()
         standby = pair.other(leader)
@@ -466,7 +454,7 @@ def apiserver_outage(
     api_client = pair.api
     parts = local.components(record.name)
     pids = [r.pid for r in pair.replicas]
-    with namespace(api_client) as ns:
+    with scratch_namespace(api_client, "chaos") as ns:
         storm = Storm(api_client, ns, "outage", count).start()
         storm.join()
         parts["kube-apiserver"].stop()
@@ -507,7 +495,7 @@ def paused_leader(
     leads, SIGCONT it while more work arrives (every fleet scaled to 2). The old leader
     must write nothing after it wakes, as the apiserver counts it."""
     api_client = pair.api
-    with namespace(api_client) as ns:
+    with scratch_namespace(api_client, "chaos") as ns:
         storm = Storm(api_client, ns, "pause", count).start()
         leader = pair.leader()
         standby = pair.other(leader)

@@ -24,7 +24,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -308,6 +310,65 @@ class TritonProcess:
         if self.process is not None:
             stop_process(self.process)
             self.process = None
+
+
+@dataclass
+class GatewayProcess:
+    """`ttsfleet gateway` on loopback, serving the config in `config` (JSON)."""
+
+    config: Path
+    port: int
+    log: Path
+    kubeconfig: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> None:
+        argv = [
+            sys.executable, "-m", "ttsfleet", "gateway", "--config", str(self.config),
+            "--host", "127.0.0.1", "--port", str(self.port),
+            *(["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else []),
+        ]  # fmt: skip
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | self.env
+            )
+        try:
+            wait_for(f"the gateway to be ready ({self.log})", self.ready, timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"the gateway exited:\n{self.log.read_text()[-3000:]}")
+        return http_ok(f"{self.url}/readyz")
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_value(f"{self.url}/metrics", name, **labels) or 0.0
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+@contextmanager
+def scratch_namespace(api: ApiClient, prefix: str, digits: int = 6) -> Iterator[str]:
+    """A new namespace `<prefix>-<random hex>`, ready for pods (its default
+    ServiceAccount exists), deleted on exit."""
+    name = f"{prefix}-{uuid.uuid4().hex[:digits]}"
+    kube.create_namespace(api, name)
+    wait_for(f"the default ServiceAccount in {name}", lambda: kube.namespace_ready(api, name))
+    try:
+        yield name
+    finally:
+        kube.delete_namespace(api, name)
 
 
 def token_kubeconfig(admin: Path, token: str, path: Path) -> Path:

@@ -132,7 +132,6 @@ class Manager:
         self.api = kube.api_client(options.kubeconfig, user_agent=agent)
         self.elector = Elector(self.api, lease, self.leadership) if lease else None
         self.term: _Term | None = None
-        self.terms = 0
         self._stopping = threading.Event()
         self._tick = time.monotonic()
         self._servers: list[Any] = []
@@ -258,7 +257,6 @@ class Manager:
         options = self.options
         leadership = self.leadership if self.elector is not None else None
         self.term = _Term(options, leadership, self.metrics)
-        self.terms += 1
         self.metrics.is_leader.set(1)
         self.metrics.leader_transitions.labels("leader").inc()
         if self.elector is not None:

@@ -178,7 +178,7 @@ def test_two_plain_operators_elect_one_leader_and_only_it_acts(
         assert lease is not None
         assert lease["spec"]["holderIdentity"].endswith(f"_{leader.pid}")  # host_pid
         assert standby.healthy() and standby.ready()
-        with chaos.namespace(api) as ns:
+        with harness.scratch_namespace(api, "chaos") as ns:
             kube.create_custom(api, "ttsfleet.io", "v1alpha1", "ttsdeployments", ns,
                                chaos.fleet("solo"))  # fmt: skip
             wait_for("the fleet Ready", lambda: chaos.all_ready(api, ns, ["solo"]), 60)
