@@ -713,3 +713,38 @@ def operator(
         raise _fail(str(err)) from None
     manager.install_signals()
     manager.run()
+
+
+@app.command()
+def gateway(
+    config: Annotated[
+        Path, typer.Option(help="The gateway's config (JSON; a TtsGateway's ConfigMap).")
+    ],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",  # noqa: S104
+    port: Annotated[int, typer.Option(help="Port of the speech API.")] = 8080,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(help="Kubeconfig for watching EndpointSlices (in-cluster if unset)."),
+    ] = None,
+) -> None:
+    """Run the speech gateway: OpenAI's /v1/audio/speech in front of TtsDeployments."""
+    from kubernetes.config import ConfigException
+
+    from ttsfleet.gateway import config as gateway_config
+    from ttsfleet.gateway import server
+    from ttsfleet.gateway.auth import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        parsed = gateway_config.load(config)
+    except ConfigError as err:
+        raise _fail(f"--config {config}: {err}") from None
+    api = None
+    if any(fleet.endpoints is None for fleet in parsed.fleets().values()):
+        from ttsfleet import kube
+
+        try:
+            api = kube.api_client(kubeconfig)
+        except ConfigException as err:
+            raise _fail(f"no cluster to watch fleets in: {err}; pass --kubeconfig") from None
+    server.serve(config, host, port, api)

@@ -367,8 +367,14 @@ def ready_endpoints(api: client.ApiClient, namespace: str, service: str, port: s
     response = discovery.list_namespaced_endpoint_slice(
         namespace, label_selector=f"kubernetes.io/service-name={service}", _preload_content=False
     )
-    candidates: list[tuple[str, str]] = []  # (node, host:port)
-    for item in json.loads(response.data)["items"]:
+    slices = json.loads(response.data)["items"]
+    return _reachable(api, _slice_endpoints(slices, port), {})
+
+
+def _slice_endpoints(slices: Iterable[Manifest], port: str) -> list[tuple[str, str]]:
+    """(node, host:port) of each ready endpoint's named `port` in `slices`."""
+    candidates: list[tuple[str, str]] = []
+    for item in slices:
         number = next((p["port"] for p in item.get("ports") or [] if p.get("name") == port), None)
         if number is None:
             continue
@@ -376,12 +382,103 @@ def ready_endpoints(api: client.ApiClient, namespace: str, service: str, port: s
             node = endpoint.get("nodeName")
             if node and (endpoint.get("conditions") or {}).get("ready"):
                 candidates += [(node, f"{address}:{number}") for address in endpoint["addresses"]]
-    reachable = {
-        name
-        for name in {node for node, _ in candidates}
-        if (found := read_node(api, name)) is not None and has_pod_network(found)
-    }
-    return [address for node, address in candidates if node in reachable]
+    return candidates
+
+
+def _reachable(
+    api: client.ApiClient, candidates: list[tuple[str, str]], known: dict[str, bool]
+) -> list[str]:
+    """The addresses of `candidates` on nodes with a pod network; `known` caches nodes."""
+    for name in {node for node, _ in candidates} - known.keys():
+        found = read_node(api, name)
+        if found is not None:  # an unreadable node is asked again next time
+            known[name] = has_pod_network(found)
+    return sorted({address for node, address in candidates if known.get(node)})
+
+
+class EndpointWatch:
+    """A Service's ready endpoints kept current by a watch on its EndpointSlices.
+
+    A daemon thread lists the slices, then watches them from that resourceVersion,
+    relisting after an expired watch or an error (after `retry_seconds`). Each change
+    of the address list (filtered as `ready_endpoints` filters) is passed to
+    `on_change`, from the watch thread; `addresses()` reads the latest. For `ttsfleet
+    say`, `ttsfleet bench` and the gateway.
+    """
+
+    def __init__(
+        self, api: client.ApiClient, namespace: str, service: str, port: str = "grpc",
+        on_change: Callable[[list[str]], None] | None = None, retry_seconds: float = 1.0,
+    ) -> None:  # fmt: skip
+        self.api, self.namespace, self.service, self.port = api, namespace, service, port
+        self._on_change = on_change
+        self._retry = retry_seconds
+        self._addresses: list[str] = []
+        self._listed = threading.Event()
+        self._stop = threading.Event()
+        self._nodes: dict[str, bool] = {}
+        self._thread = threading.Thread(
+            target=self._run, name=f"endpoints-{namespace}/{service}", daemon=True
+        )
+
+    def start(self) -> EndpointWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def addresses(self) -> list[str]:
+        return list(self._addresses)
+
+    def wait_listed(self, timeout: float) -> bool:
+        """Whether the first list arrived within `timeout` seconds."""
+        return self._listed.wait(timeout)
+
+    def _publish(self, slices: dict[str, Manifest]) -> None:
+        addresses = _reachable(self.api, _slice_endpoints(slices.values(), self.port), self._nodes)
+        changed = addresses != self._addresses
+        self._addresses = addresses
+        self._listed.set()
+        if changed and self._on_change is not None:
+            self._on_change(addresses)
+
+    def _run(self) -> None:
+        from kubernetes import watch  # noqa: PLC0415
+
+        discovery: Any = client.DiscoveryV1Api(self.api)
+        selector = f"kubernetes.io/service-name={self.service}"
+        while not self._stop.is_set():
+            try:
+                listed = discovery.list_namespaced_endpoint_slice(
+                    self.namespace, label_selector=selector, _preload_content=False
+                )
+                document = json.loads(listed.data)
+                slices = {i["metadata"]["name"]: i for i in document["items"]}
+                self._publish(slices)
+                version = document["metadata"]["resourceVersion"]
+                stream = watch.Watch()
+                for event in stream.stream(
+                    discovery.list_namespaced_endpoint_slice, self.namespace,
+                    label_selector=selector, resource_version=version,
+                    timeout_seconds=300, allow_watch_bookmarks=True,
+                ):  # fmt: skip
+                    if self._stop.is_set():
+                        stream.stop()
+                        break
+                    item = self.api.sanitize_for_serialization(event["object"])
+                    if event["type"] == "ERROR" or not isinstance(item, dict):
+                        break  # expired: list again
+                    if event["type"] == "BOOKMARK":
+                        continue
+                    name = item["metadata"]["name"]
+                    if event["type"] == "DELETED":
+                        slices.pop(name, None)
+                    else:
+                        slices[name] = item
+                    self._publish(slices)
+            except Exception:  # the apiserver restarting or unreachable: list again
+                self._stop.wait(self._retry)
 
 
 # kwok marks the nodes it simulates with this annotation, in any cluster that runs it.

@@ -115,6 +115,11 @@ class Verifier:
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Principal] = OrderedDict()
 
+    @property
+    def keys(self) -> KeySet:
+        with self._lock:
+            return self._keys
+
     def use_keys(self, keys: KeySet) -> None:
         """A refreshed key set: tokens are verified against it from now on."""
         with self._lock:

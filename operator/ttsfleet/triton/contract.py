@@ -58,3 +58,12 @@ def is_model_image(image: str) -> bool:
     if ":" in last:  # a tag (a registry's port sits before a slash)
         name = name[: len(name) - len(last)] + last.split(":", 1)[0]
     return name == IMAGE_REPOSITORY or name.endswith("/" + IMAGE_REPOSITORY)
+
+
+# Metrics the speech gateway exports, per fleet (`namespace/name`): what it has sent to
+# a fleet and not had back, its own time to first audio, and its answers.
+GATEWAY_INFLIGHT_STREAMS = "ttsfleet_gateway_inflight_streams"
+GATEWAY_QUEUED_CHARACTERS = "ttsfleet_gateway_queued_characters"
+GATEWAY_TIME_TO_FIRST_AUDIO = "ttsfleet_gateway_time_to_first_audio_seconds"
+GATEWAY_REQUESTS = "ttsfleet_gateway_requests_total"
+GATEWAY_RETRIES = "ttsfleet_gateway_retries_total"

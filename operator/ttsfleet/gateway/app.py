@@ -1,0 +1,547 @@
+"""The speech API: OpenAI's `POST /v1/audio/speech`, streamed from a fleet's replicas.
+
+`Gateway` holds what requests read (the config, the verifier, each fleet's state) and
+is swapped into by the background loops in `server`; `build` makes the Starlette app.
+Everything here runs on one event loop: no locks.
+
+A request is validated as OpenAI validates it (the same fields, limits and error
+shape), authenticated, routed by `model` to a fleet, and sent to the replica with the
+least outstanding work of two picked at random. A replica that fails before the first
+audio is marked (outlier ejection) and the request is retried once on another one:
+synthesis is idempotent, and nothing has been sent yet. After the first audio the
+response is committed; a replica failing then ends the response early (the client
+sees a truncated transfer, never a clean end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import exposition as prom
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ttsfleet.gateway import audio
+from ttsfleet.gateway.auth import AuthError, KeySet, Principal, Verifier
+from ttsfleet.gateway.config import GatewayConfig
+from ttsfleet.gateway.config import Route as SpeechRoute
+from ttsfleet.gateway.fleet import Fleet
+from ttsfleet.serving.engine import RATE_RANGE
+from ttsfleet.triton import aio, contract
+
+log = logging.getLogger("ttsfleet.gateway")
+
+SPEED_RANGE = (0.25, 4.0)  # OpenAI's
+STREAM_FORMATS = ("audio", "sse")
+MAX_BODY_BYTES = 64 * 1024
+
+
+class ApiError(Exception):
+    """An error response in OpenAI's shape."""
+
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (
+            status, message, param, code, kind
+        )  # fmt: skip
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+@dataclass(frozen=True)
+class Speech:
+    """One validated `/v1/audio/speech` request."""
+
+    route: SpeechRoute
+    text: str
+    voice: str  # the engine's
+    response_format: str
+    speed: float
+    sse: bool
+
+    @property
+    def engine_rate(self) -> float:
+        """The part of `speed` the engine makes; the gateway time-stretches the rest."""
+        return min(max(self.speed, RATE_RANGE[0]), RATE_RANGE[1])
+
+    @property
+    def tempo(self) -> float:
+        return self.speed / self.engine_rate
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        fleet = ["fleet"]
+        self.inflight = Gauge(
+            contract.GATEWAY_INFLIGHT_STREAMS, "Streams open to a fleet's replicas.", fleet,
+            registry=self.registry,
+        )  # fmt: skip
+        self.queued = Gauge(
+            contract.GATEWAY_QUEUED_CHARACTERS,
+            "Characters of text sent to a fleet and not yet fully spoken.", fleet,
+            registry=self.registry,
+        )  # fmt: skip
+        self.ttfa = Histogram(
+            contract.GATEWAY_TIME_TO_FIRST_AUDIO,
+            "From the request to the first audio samples from a replica.", fleet,
+            buckets=(0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10),
+            registry=self.registry,
+        )  # fmt: skip
+        self.requests = Counter(
+            contract.GATEWAY_REQUESTS, "Speech API requests by fleet and status code.",
+            ["fleet", "code"], registry=self.registry,
+        )  # fmt: skip
+        self.retries = Counter(
+            contract.GATEWAY_RETRIES, "Requests retried on another replica before audio.", fleet,
+            registry=self.registry,
+        )  # fmt: skip
+
+
+class Gateway:
+    """The state requests read; the server's loops replace its parts."""
+
+    def __init__(self, config: GatewayConfig, keys: KeySet | None = None) -> None:
+        self.metrics = Metrics()
+        self.channels = aio.Channels()
+        self.fleets: dict[str, Fleet] = {}
+        self.verifier: Verifier | None = None
+        self.keys_loaded = False
+        self.config = config
+        self.apply(config)
+        if keys is not None:
+            self.use_keys(keys)
+
+    def apply(self, config: GatewayConfig) -> None:
+        """A new config: fleets that stay keep their state; fixed endpoints apply now."""
+        self.config = config
+        wanted = config.fleets()
+        round_robin = config.balancer == "round-robin"
+        for key in [k for k in self.fleets if k not in wanted]:
+            del self.fleets[key]
+        for key, spec in wanted.items():
+            fleet = self.fleets.get(key)
+            if fleet is None or fleet.round_robin != round_robin:
+                fleet = self.fleets[key] = Fleet(key, round_robin=round_robin)
+            if spec.endpoints is not None:
+                fleet.set_addresses(spec.endpoints)
+        if config.auth is None:
+            self.verifier = None
+        elif self.verifier is None or self.verifier.config != config.auth.verifier_config():
+            previous = self.verifier
+            self.verifier = Verifier(config.auth.verifier_config(), KeySet())
+            if previous is not None and self.keys_loaded:
+                self.verifier.use_keys(previous.keys)
+
+    def use_keys(self, keys: KeySet) -> None:
+        if self.verifier is not None:
+            self.verifier.use_keys(keys)
+            self.keys_loaded = True
+
+    def set_endpoints(self, key: str, addresses: list[str]) -> None:
+        fleet = self.fleets.get(key)
+        if fleet is not None:
+            fleet.set_addresses(addresses)
+
+    def ready(self) -> tuple[bool, str]:
+        if self.config.auth is not None and not self.keys_loaded:
+            return False, "the JWKS is not loaded yet"
+        return True, "ok"
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def authenticate(self, request: Request) -> Principal | None:
+        if self.verifier is None:
+            return None
+        if not self.keys_loaded:
+            raise ApiError(
+                503, "The gateway has not loaded its keys yet: retry", kind="server_error"
+            )
+        try:
+            principal = self.verifier.verify(request.headers.get("authorization"))
+        except AuthError as err:
+            raise ApiError(401, err.message, code=err.code) from None
+        assert self.config.auth is not None
+        missing = set(self.config.auth.required_scopes) - principal.scopes
+        if missing:
+            raise ApiError(
+                403, f"The token lacks the scope(s) {', '.join(sorted(missing))}",
+                code="insufficient_scope", kind="permission_error",
+            )  # fmt: skip
+        return principal
+
+    def voices(self, route: SpeechRoute) -> tuple[str, ...]:
+        return (*route.voices, *(() if route.fleet.voice in route.voices else (route.fleet.voice,)))
+
+    def validate(self, body: Any) -> Speech:
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object")
+        model = _string(body, "model", required=True)
+        route = self.config.route(model)
+        if route is None:
+            known = ", ".join(m for r in self.config.routes for m in r.models)
+            raise ApiError(
+                404, f"The model '{model}' does not exist on this gateway: use one of {known}",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+        text = _string(body, "input", required=True)
+        if not text.strip():
+            raise ApiError(400, "'input' is empty: send the text to speak", param="input")
+        limit = self.config.max_input_characters
+        if len(text) > limit:
+            raise ApiError(
+                400, f"'input' has {len(text)} characters; the maximum is {limit}: split the text",
+                param="input", code="string_above_max_length",
+            )  # fmt: skip
+        voice = _voice(body)
+        voices = self.voices(route)
+        if voice not in voices:
+            raise ApiError(
+                400, f"The voice '{voice}' is not available for model '{model}': use one of "
+                f"{', '.join(voices)}", param="voice",
+            )  # fmt: skip
+        fmt = _string(body, "response_format") or "mp3"
+        if fmt in audio.LATER_FORMATS:
+            raise ApiError(
+                400, f"'response_format' {fmt} is not supported by this gateway yet: use "
+                f"{', '.join(audio.FORMATS)}", param="response_format",
+            )  # fmt: skip
+        if fmt not in audio.FORMATS:
+            raise ApiError(
+                400, f"'response_format' must be one of {', '.join(audio.FORMATS)} "
+                f"(got '{fmt}')", param="response_format",
+            )  # fmt: skip
+        speed = body.get("speed", 1.0)
+        if speed is None:
+            speed = 1.0
+        number = isinstance(speed, int | float) and not isinstance(speed, bool)
+        if not number or not math.isfinite(speed):
+            raise ApiError(400, "'speed' must be a number from 0.25 to 4.0", param="speed")
+        if not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
+            raise ApiError(
+                400, f"'speed' is {speed}; it must be from 0.25 to 4.0", param="speed",
+                code="decimal_out_of_range",
+            )  # fmt: skip
+        _string(body, "instructions")  # accepted, and ignored by these voices
+        stream_format = _string(body, "stream_format") or "audio"
+        if stream_format not in STREAM_FORMATS:
+            raise ApiError(
+                400, f"'stream_format' must be 'audio' or 'sse' (got '{stream_format}')",
+                param="stream_format",
+            )  # fmt: skip
+        engine_voice = route.fleet.voice
+        return Speech(route, text, engine_voice, fmt, float(speed), stream_format == "sse")
+
+    async def speak(self, speech: Speech, started: float) -> StreamingResponse:
+        """Open a stream on a replica (retrying once before any audio), then stream."""
+        fleet = self.fleets[speech.route.fleet.key]
+        characters = len(speech.text)
+        tried: frozenset[str] = frozenset()
+        failure = "no ready replicas"
+        for attempt in range(2):
+            address = fleet.pick(characters, exclude=tried)
+            if address is None:
+                break
+            if attempt:
+                self.metrics.retries.labels(fleet.key).inc()
+            tried |= {address}
+            self._begin(fleet, address, characters)
+            upstream = aio.stream(
+                self.channels.stub(address), speech.text, voice=speech.voice,
+                rate=speech.engine_rate, timeout=self.config.request_timeout_seconds,
+            )  # fmt: skip
+            try:
+                first = await asyncio.wait_for(
+                    anext(upstream, None), self.config.first_audio_timeout_seconds
+                )
+            except (aio.UpstreamError, TimeoutError) as err:
+                failure = str(err) or "no audio in time"
+                log.warning("replica %s failed before audio: %s", address, failure)
+                await upstream.aclose()
+                self._end(fleet, address, characters)
+                fleet.record(address, ok=False)
+                continue
+            except BaseException:
+                await upstream.aclose()
+                self._end(fleet, address, characters)
+                raise
+            fleet.record(address, ok=True)
+            if first is not None:
+                fleet.sample_rate = first.sample_rate
+                self.metrics.ttfa.labels(fleet.key).observe(time.perf_counter() - started)
+            body = self._body(speech, fleet, address, first, upstream)
+            media = audio.FORMATS_MEDIA[speech.response_format]
+            if speech.sse:
+                media = "text/event-stream"
+            return StreamingResponse(body, media_type=media, headers={"cache-control": "no-store"})
+        raise ApiError(
+            503, f"No replica of {fleet.key} could serve the request: {failure}",
+            kind="server_error", code="service_unavailable",
+        )  # fmt: skip
+
+    def _begin(self, fleet: Fleet, address: str, characters: int) -> None:
+        fleet.begin(address, characters)
+        self.metrics.inflight.labels(fleet.key).inc()
+        self.metrics.queued.labels(fleet.key).inc(characters)
+
+    def _end(self, fleet: Fleet, address: str, characters: int) -> None:
+        fleet.end(address, characters)
+        self.metrics.inflight.labels(fleet.key).dec()
+        self.metrics.queued.labels(fleet.key).dec(characters)
+
+    async def _body(
+        self, speech: Speech, fleet: Fleet, address: str, first: aio.Chunk | None,
+        upstream: AsyncGenerator[aio.Chunk],
+    ) -> AsyncIterator[bytes]:  # fmt: skip
+        rate = first.sample_rate if first is not None else fleet.sample_rate
+        pipeline = audio.Pipeline(speech.response_format, rate, speech.tempo)
+        samples = 0
+        try:
+            if first is not None:
+                samples += first.audio.size
+                yield _frame(pipeline.feed(first.audio), speech.sse)
+            async for chunk in upstream:
+                samples += chunk.audio.size
+                if data := pipeline.feed(chunk.audio):
+                    yield _frame(data, speech.sse)
+            yield _frame(pipeline.finish(), speech.sse)
+            if speech.sse:
+                yield _sse({"type": "speech.audio.done", "usage": _usage(speech, samples, rate)})
+        except aio.UpstreamError as err:
+            log.warning("replica %s failed mid-stream: %s", address, err)
+            fleet.record(address, ok=False)
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await upstream.aclose()
+            self._end(fleet, address, len(speech.text))
+
+
+def _frame(data: bytes, sse: bool) -> bytes:
+    if not sse or not data:
+        return data
+    return _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+
+
+def _sse(event: Mapping[str, Any]) -> bytes:
+    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _usage(speech: Speech, samples: int, rate: int) -> dict[str, int]:
+    # Characters in and audio out stand in for tokens: roughly 4 characters a token,
+    # and OpenAI's audio models count about 20 tokens per second of audio.
+    input_tokens = max(1, len(speech.text) // 4)
+    output_tokens = round(samples / rate * 20) if rate else 0
+    return {
+        "input_tokens": input_tokens, "output_tokens": output_tokens,
+        "total_tokens": input_tokens + output_tokens,
+    }  # fmt: skip
+
+
+def _string(body: Mapping[str, Any], field: str, *, required: bool = False) -> str:
+    value = body.get(field)
+    if value is None:
+        if required:
+            raise ApiError(400, f"'{field}' is required", param=field)
+        return ""
+    if not isinstance(value, str):
+        raise ApiError(400, f"'{field}' must be a string", param=field)
+    return value
+
+
+def _voice(body: Mapping[str, Any]) -> str:
+    value = body.get("voice")
+    if isinstance(value, dict) and isinstance(value.get("id"), str):  # {"id": "..."}
+        return str(value["id"])
+    return _string(body, "voice", required=True)
+
+
+# ---- the ASGI app ---------------------------------------------------------------------------
+
+
+def build(gateway: Gateway, lifespan: Any = None) -> Starlette:
+    metrics = gateway.metrics
+
+    async def speech(request: Request) -> Response:
+        started = time.perf_counter()
+        fleet = ""
+        try:
+            gateway.authenticate(request)
+            raw = await request.body()
+            if len(raw) > MAX_BODY_BYTES:
+                raise ApiError(413, f"The request body is over {MAX_BODY_BYTES} bytes")
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ApiError(
+                    400, "We could not parse the JSON body of your request: send a JSON object "
+                    "with 'model', 'input' and 'voice'",
+                ) from None  # fmt: skip
+            spoken = gateway.validate(body)
+            fleet = spoken.route.fleet.key
+            response: Response = await gateway.speak(spoken, started)
+        except ApiError as err:
+            response = err.response()
+        metrics.requests.labels(fleet, str(response.status_code)).inc()
+        return response
+
+    async def models(request: Request) -> Response:
+        try:
+            gateway.authenticate(request)
+        except ApiError as err:
+            return err.response()
+        data = [
+            {"id": model, "object": "model", "created": 0, "owned_by": "ttsfleet"}
+            for route in gateway.config.routes
+            for model in route.models
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def voices(request: Request) -> Response:
+        try:
+            gateway.authenticate(request)
+        except ApiError as err:
+            return err.response()
+        data = [
+            {"id": voice, "models": list(route.models), "engine_voice": route.fleet.voice,
+             "fleet": route.fleet.key}
+            for route in gateway.config.routes
+            for voice in gateway.voices(route)
+        ]  # fmt: skip
+        return JSONResponse({"object": "list", "data": data})
+
+    async def healthz(_: Request) -> Response:
+        return Response("ok\n", media_type="text/plain")
+
+    async def readyz(_: Request) -> Response:
+        ok, why = gateway.ready()
+        return Response(f"{why}\n", status_code=200 if ok else 503, media_type="text/plain")
+
+    async def metrics_page(_: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=prom.CONTENT_TYPE_LATEST)
+
+    async def openapi(_: Request) -> Response:
+        return JSONResponse(openapi_document(gateway.config))
+
+    return Starlette(
+        routes=[
+            Route("/v1/audio/speech", speech, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/voices", voices, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_page, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+        ],
+        exception_handlers={404: _not_found, 405: _not_allowed},
+        lifespan=lifespan,
+    )
+
+
+async def _not_found(request: Request, _: Exception) -> Response:
+    return ApiError(404, f"No route {request.method} {request.url.path}").response()
+
+
+async def _not_allowed(request: Request, _: Exception) -> Response:
+    return ApiError(405, f"{request.method} is not allowed on {request.url.path}").response()
+
+
+def openapi_document(config: GatewayConfig) -> dict[str, Any]:
+    """The API's OpenAPI 3.1 description, with this gateway's models and voices."""
+    models = [m for route in config.routes for m in route.models]
+    voices = sorted({v for route in config.routes for v in (*route.voices, route.fleet.voice)})
+
+    def json_body(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"application/json": {"schema": schema}}
+
+    error = json_body({"$ref": "#/components/schemas/Error"})
+    errors = {
+        "400": "Invalid request: the message names the field",
+        "401": "Missing, expired or wrongly signed token",
+        "403": "The token lacks a required scope",
+        "404": "Unknown model",
+        "503": "No replica could serve the request",
+    }
+    text = {"type": "string"}
+    nullable = {"type": ["string", "null"]}
+    request = {
+        "type": "object",
+        "required": ["model", "input", "voice"],
+        "properties": {
+            "model": text | {"enum": models},
+            "input": text | {"minLength": 1, "maxLength": config.max_input_characters},
+            "voice": text | {"enum": voices},
+            "response_format": text | {"enum": list(audio.FORMATS), "default": "mp3"},
+            "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0, "default": 1.0},
+            "instructions": text | {"description": "Accepted; these voices ignore it."},
+            "stream_format": text | {"enum": list(STREAM_FORMATS), "default": "audio"},
+        },
+    }
+    binary = {"schema": text | {"format": "binary"}}
+    speech_ok = {
+        "description": "Audio as it is generated, or server-sent events (stream_format sse)",
+        "content": {media: binary for media in audio.FORMATS_MEDIA.values()}
+        | {"text/event-stream": {"schema": text}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ttsfleet speech API", "version": "v1"},
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "properties": {
+                                "message": text,
+                                "type": text,
+                                "param": nullable,
+                                "code": nullable,
+                            },
+                        }
+                    },
+                },
+                "SpeechRequest": request,
+            },
+        },
+        "security": [{"bearer": []}] if config.auth is not None else [],
+        "paths": {
+            "/v1/audio/speech": {
+                "post": {
+                    "summary": "Speak text; the audio streams as it is generated",
+                    "requestBody": {
+                        "required": True,
+                        "content": json_body({"$ref": "#/components/schemas/SpeechRequest"}),
+                    },
+                    "responses": {"200": speech_ok}
+                    | {
+                        code: {"description": why, "content": error} for code, why in errors.items()
+                    },
+                }
+            },
+            "/v1/models": {"get": {"summary": "The models this gateway routes", "responses": {}}},
+            "/v1/voices": {"get": {"summary": "The voices each model accepts", "responses": {}}},
+        },
+    }

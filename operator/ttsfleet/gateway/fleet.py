@@ -1,0 +1,77 @@
+"""One fleet as a gateway sees it: its ready replicas, the work outstanding at each,
+and their health. The decisions are `routing`'s; this keeps the state they read.
+
+Not thread-safe: the gateway's event loop owns it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+
+from ttsfleet.routing import balance, outliers
+from ttsfleet.routing.balance import Load
+
+
+class Fleet:
+    def __init__(
+        self, key: str, *, round_robin: bool = False, seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        policy: outliers.Policy | None = None,
+    ) -> None:  # fmt: skip
+        self.key = key
+        self.round_robin = round_robin
+        self.addresses: tuple[str, ...] = ()
+        self.load: dict[str, Load] = {}
+        self.health = outliers.Outliers(policy or outliers.Policy())
+        self.sample_rate = 22_050  # until a replica says otherwise
+        self._rng = random.Random(seed)  # noqa: S311 - load spreading, not secrets
+        self._clock = clock
+        self._turn = 0
+
+    def set_addresses(self, addresses: Iterable[str]) -> None:
+        """The fleet's ready replicas now; work outstanding at one that left stays
+        counted until it ends (its streams are still open)."""
+        self.addresses = tuple(sorted(set(addresses)))
+        self.health = self.health.forget(self.addresses)
+
+    def pick(
+        self, characters: int, exclude: frozenset[str] = frozenset(), session: str | None = None
+    ) -> str | None:
+        """The replica for a request of `characters`, not one in `exclude`; None if none."""
+        usable = self.health.usable(self.addresses, self._clock())
+        if self.round_robin:
+            pool = [a for a in usable if a not in exclude]
+            self._turn += 1
+            return balance.round_robin(pool, self._turn)
+        return balance.choose(
+            usable, self.load, self._rng, session=session, exclude=exclude,
+            request_characters=characters,
+        )  # fmt: skip
+
+    def begin(self, address: str, characters: int) -> None:
+        now = self.load.get(address, balance.IDLE)
+        self.load[address] = Load(now.characters + characters, now.streams + 1)
+
+    def end(self, address: str, characters: int) -> None:
+        now = self.load.get(address, balance.IDLE)
+        left = replace(now, characters=now.characters - characters, streams=now.streams - 1)
+        if left.streams <= 0 and address not in self.addresses:
+            self.load.pop(address, None)
+        else:
+            self.load[address] = left
+
+    def record(self, address: str, ok: bool) -> None:
+        """`address` answered (first audio) or failed before it."""
+        if address in self.addresses:
+            self.health = self.health.record(address, ok, self._clock(), len(self.addresses))
+
+    @property
+    def queued_characters(self) -> int:
+        return sum(load.characters for load in self.load.values())
+
+    @property
+    def streams(self) -> int:
+        return sum(load.streams for load in self.load.values())

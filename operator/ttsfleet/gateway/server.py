@@ -1,0 +1,161 @@
+"""`ttsfleet gateway`: the speech API on uvicorn, kept current in the background.
+
+Background work, never on a request's path:
+- the config file (a mounted ConfigMap) is re-read when it changes: routes, fleets and
+  auth apply to the next request; a bad new config is logged and the last good one
+  stays;
+- the JWKS (a mounted Secret, or a URL) is re-read on change or every
+  `auth.refreshSeconds`; a failed fetch keeps the keys already loaded;
+- each fleet's EndpointSlices are watched (`kube.EndpointWatch`), unless the config
+  fixes its endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ttsfleet.gateway import config as gateway_config
+from ttsfleet.gateway.app import Gateway, build
+from ttsfleet.gateway.auth import ConfigError, KeySet
+
+log = logging.getLogger("ttsfleet.gateway")
+
+POLL_SECONDS = 1.0
+
+
+def _stamp(path: Path) -> tuple[float, int] | None:
+    """What changes when a file (or the symlink a ConfigMap volume swaps) changes."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_mtime, info.st_ino)
+
+
+def read_keys(auth: gateway_config.Auth) -> KeySet:
+    """The JWKS the auth config names (blocking: run it in a thread)."""
+    if auth.jwks_file is not None:
+        return KeySet.from_jwks(Path(auth.jwks_file).read_text())
+    assert auth.jwks_url is not None
+    with urllib.request.urlopen(auth.jwks_url, timeout=10) as response:  # noqa: S310 - configured
+        return KeySet.from_jwks(response.read().decode())
+
+
+class Background:
+    """The loops that keep a `Gateway` current."""
+
+    def __init__(self, gateway: Gateway, config_path: Path, api: Any | None) -> None:
+        self.gateway = gateway
+        self.path = config_path
+        self.api = api  # a Kubernetes ApiClient, when fleets are watched
+        self.watches: dict[str, Any] = {}
+
+    async def run(self) -> None:
+        await asyncio.gather(self._config_loop(), self._keys_loop())
+
+    async def _config_loop(self) -> None:
+        seen = _stamp(self.path)
+        self._watch_fleets()
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            now = _stamp(self.path)
+            if now == seen or now is None:
+                continue
+            seen = now
+            try:
+                new = gateway_config.load(self.path)
+            except ConfigError as err:
+                log.error("kept the last good config: %s", err)
+                continue
+            self.gateway.apply(new)
+            self._watch_fleets()
+            log.info("config reloaded: %d routes", len(new.routes))
+
+    def _watch_fleets(self) -> None:
+        from ttsfleet import kube  # noqa: PLC0415 - only a watching gateway needs it
+
+        loop = asyncio.get_running_loop()
+        wanted = {
+            key: fleet
+            for key, fleet in self.gateway.config.fleets().items()
+            if fleet.endpoints is None
+        }
+        for key in [k for k in self.watches if k not in wanted]:
+            self.watches.pop(key).stop()
+        for key, fleet in wanted.items():
+            spec = (fleet.namespace, fleet.service or fleet.name, fleet.port)
+            old = self.watches.get(key)
+            if old is not None and (old.namespace, old.service, old.port) == spec:
+                self.gateway.set_endpoints(key, old.addresses())
+                continue
+            if old is not None:
+                old.stop()
+            if self.api is None:
+                log.error("fleet %s has no fixed endpoints and no Kubernetes API to watch", key)
+                continue
+
+            def changed(addresses: list[str], key: str = key) -> None:
+                loop.call_soon_threadsafe(self.gateway.set_endpoints, key, addresses)
+
+            self.watches[key] = kube.EndpointWatch(self.api, *spec, on_change=changed).start()
+
+    async def _keys_loop(self) -> None:
+        last_source: tuple[str | None, str | None] | None = None
+        stamp: tuple[float, int] | None = None
+        waited = 0.0
+        while True:
+            auth = self.gateway.config.auth
+            if auth is None:
+                await asyncio.sleep(POLL_SECONDS)
+                continue
+            source = (auth.jwks_file, auth.jwks_url)
+            due = source != last_source or not self.gateway.keys_loaded
+            if auth.jwks_file is not None:
+                now = _stamp(Path(auth.jwks_file))
+                due = due or now != stamp
+            else:
+                now = None
+                due = due or waited >= auth.refresh_seconds
+            if due:
+                try:
+                    keys = await asyncio.to_thread(read_keys, auth)
+                except (OSError, ConfigError, ValueError) as err:
+                    log.error("could not load the JWKS (kept the keys loaded before): %s", err)
+                else:
+                    self.gateway.use_keys(keys)
+                    last_source, stamp, waited = source, now, 0.0
+            await asyncio.sleep(POLL_SECONDS)
+            waited += POLL_SECONDS
+
+    def stop(self) -> None:
+        for watch in self.watches.values():
+            watch.stop()
+
+
+def serve(config_path: Path, host: str, port: int, api: Any | None = None) -> None:
+    """Run the gateway until SIGINT/SIGTERM."""
+    import uvicorn  # noqa: PLC0415
+
+    gateway = Gateway(gateway_config.load(config_path))
+    background = Background(gateway, config_path, api)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        task = asyncio.create_task(background.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            background.stop()
+            await gateway.channels.close()
+
+    uvicorn.run(
+        build(gateway, lifespan), host=host, port=port, log_level="warning", access_log=False,
+        loop="uvloop", http="httptools", timeout_graceful_shutdown=10,
+    )  # fmt: skip
