@@ -25,8 +25,9 @@ from ttsfleet import kube
 from ttsfleet.api import v1alpha1 as api
 from ttsfleet.autoscale.metrics import PrometheusSource
 from ttsfleet.autoscale.tick import AUTOSCALE_SECONDS, Ticker
-from ttsfleet.reconcile import NodeCache, Outcome, reconcile
+from ttsfleet.reconcile import NodeCache, Outcome, forget_gateway, reconcile, reconcile_gateway
 from ttsfleet.resources.common import DEPLOYMENT_LABEL
+from ttsfleet.resources.gateway import GATEWAY_LABEL, OWNER_NAMESPACE_LABEL
 
 log = logging.getLogger("ttsfleet.operator")
 Key = tuple[str, str]
@@ -113,6 +114,11 @@ class Controller:
         self.not_ready: set[Key] = set()
         self.unplaced: set[Key] = set()
         self.failed: set[Key] = set()
+        # TtsGateways: the fleets each one routes to (a fleet's change re-routes them),
+        # and those not Ready yet or whose last reconcile failed (looked at again).
+        self.gateway_fleets: dict[Key, frozenset[str]] = {}
+        self.gateway_locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
+        self.gateways_pending: set[Key] = set()
         source = PrometheusSource(prometheus_url) if prometheus_url else None
         self.autoscaler = Ticker(
             api_client, source, self.namespaces, metrics.scale_writes, metrics.autoscaler_ticks,
@@ -131,11 +137,29 @@ class Controller:
         key = (meta.get("namespace") or "", meta.get("name") or "")
         if event_type == "DELETED":
             self.forget(key)
+        else:
+            observed = (body.get("status") or {}).get("observedGeneration")
+            # None: the first sight after start (a restart re-applies everything once).
+            apply = event_type is None or observed != meta.get("generation")
+            self.reconcile(*key, apply=apply)
+        self._reroute(*key)
+
+    def _reroute(self, namespace: str, fleet: str) -> None:
+        """Re-apply the gateways that route to `namespace/fleet` (its voice, its
+        readiness or its existence changed)."""
+        for key, fleets in list(self.gateway_fleets.items()):
+            if key[0] == namespace and fleet in fleets:
+                self.reconcile_gateway(*key)
+
+    def on_gateway_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace") or "", meta.get("name") or "")
+        if event_type == "DELETED":
+            self.gateway_fleets.pop(key, None)
+            self.gateways_pending.discard(key)
+            forget_gateway(self.api, *key)
             return
-        observed = (body.get("status") or {}).get("observedGeneration")
-        # None: the first sight after start (a restart re-applies everything once).
-        apply = event_type is None or observed != meta.get("generation")
-        self.reconcile(*key, apply=apply)
+        self.reconcile_gateway(*key)
 
     def on_child_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         """A child changed: re-apply its owner if it was deleted or edited by hand, and
@@ -143,6 +167,10 @@ class Controller:
         meta = body.get("metadata") or {}
         name = (meta.get("labels") or {}).get(DEPLOYMENT_LABEL)
         namespace = meta.get("namespace")
+        gateway = (meta.get("labels") or {}).get(GATEWAY_LABEL)
+        if gateway and namespace:
+            self.reconcile_gateway(namespace, gateway)
+            return
         if not name or not namespace:
             return
         if event_type == "DELETED":
@@ -189,6 +217,48 @@ class Controller:
         self.metrics.reconcile_seconds.observe(outcome.seconds)
         return outcome
 
+    def reconcile_gateway(self, namespace: str, name: str) -> Outcome | None:
+        """Reconcile one TtsGateway from a fresh read, one reconcile of it at a time."""
+        key = (namespace, name)
+        with self.gateway_locks[key]:
+            try:
+                body = kube.get_custom(
+                    self.api, api.GROUP, api.VERSION, api.GATEWAY_PLURAL, namespace, name
+                )
+                outcome = reconcile_gateway(self.api, body)
+            except Exception:
+                self.gateways_pending.add(key)
+                self.metrics.reconciles.labels(result="error").inc()
+                raise
+            if outcome.gone:
+                self.gateway_fleets.pop(key, None)
+                self.gateways_pending.discard(key)
+                return outcome
+            routes = ((body or {}).get("spec") or {}).get("routes") or []
+            self.gateway_fleets[key] = frozenset(str(r.get("fleet")) for r in routes)
+            if outcome.ready or outcome.stalled_reason:
+                self.gateways_pending.discard(key)
+            else:
+                self.gateways_pending.add(key)
+        result = "stalled" if outcome.stalled_reason else "ok"
+        self.metrics.reconciles.labels(result=result).inc()
+        return outcome
+
+    def sweep_gateway_bindings(self) -> None:
+        """Delete the ClusterRoleBindings of gateways deleted while no operator watched."""
+        bindings = kube.list_objects(
+            self.api, "rbac.authorization.k8s.io/v1", "ClusterRoleBinding", None,
+            selector=f"{OWNER_NAMESPACE_LABEL},{GATEWAY_LABEL}",
+        )  # fmt: skip
+        for binding in bindings:
+            labels = binding["metadata"].get("labels") or {}
+            namespace, name = labels[OWNER_NAMESPACE_LABEL], labels[GATEWAY_LABEL]
+            gone = kube.get_custom(
+                self.api, api.GROUP, api.VERSION, api.GATEWAY_PLURAL, namespace, name
+            )
+            if gone is None:
+                forget_gateway(self.api, namespace, name)
+
     def forget(self, key: Key) -> None:
         for remembered in (self.not_ready, self.unplaced, self.failed):
             remembered.discard(key)
@@ -202,6 +272,20 @@ class Controller:
         work = [(k, False) for k in list(self.not_ready)]
         work += [(k, True) for k in list(self.failed)]
         work += [(k, True) for k in (list(self.unplaced) if replan else [])]
+        for key in list(self.gateways_pending):
+            try:
+                self.reconcile_gateway(*key)
+            except kube.NotLeaderError:
+                return
+            except Exception:
+                log.exception("Re-checking gateway %s/%s failed", *key)
+        if replan:
+            try:
+                self.sweep_gateway_bindings()
+            except kube.NotLeaderError:
+                return
+            except Exception:
+                log.exception("Sweeping the bindings of deleted gateways failed")
         for key, apply in work:
             if self._stop.is_set():
                 return

@@ -73,6 +73,11 @@ def tts_event(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any) -> Non
     _controller(memo).on_tts_event(event.get("type"), dict(body))
 
 
+@kopf.on.event(api.GROUP, api.VERSION, api.GATEWAY_PLURAL, id="ttsgateway")
+def gateway_event(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any) -> None:
+    _controller(memo).on_gateway_event(event.get("type"), dict(body))
+
+
 def child_event(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any) -> None:
     _controller(memo).on_child_event(event.get("type"), dict(body))
 

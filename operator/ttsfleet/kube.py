@@ -277,6 +277,14 @@ def get(
     return obj
 
 
+def delete_object(
+    api: client.ApiClient, api_version: str, kind: str, name: str, namespace: str | None = None
+) -> bool:
+    """Delete an object; False if it was already gone."""
+    resource = dynamic_client(api).resources.get(api_version=api_version, kind=kind)
+    return _unless_missing(lambda: resource.delete(name=name, namespace=namespace)) is not None
+
+
 def list_pods(api: client.ApiClient, namespace: str, selector: str) -> list[Manifest]:
     core: Any = client.CoreV1Api(api)
     response = core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
@@ -611,12 +619,14 @@ def delete_namespace(api: client.ApiClient, name: str) -> None:
 
 def request_token(
     api: client.ApiClient, namespace: str, service_account: str, seconds: int,
-    pod: Manifest | None = None,
+    pod: Manifest | None = None, audiences: list[str] | None = None,
 ) -> str:  # fmt: skip
     """A ServiceAccount token (TokenRequest); bound to `pod` when given, as the kubelet
     mounts it (the apiserver then names the pod in the user's extra info)."""
     core: Any = client.CoreV1Api(api)
     spec: Manifest = {"expirationSeconds": seconds}
+    if audiences:
+        spec["audiences"] = audiences
     if pod is not None:
         meta = pod["metadata"]
         spec["boundObjectRef"] = {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],

@@ -1,6 +1,7 @@
 """Write (or check) every generated file: `make manifests`.
 
-- `crds/ttsfleet.io_ttsdeployments.yaml`, the chart's copy and
+- `crds/ttsfleet.io_ttsdeployments.yaml` and `crds/ttsfleet.io_ttsgateways.yaml`, the
+  chart's copies and
   `docs/api-reference.md`, from the typed models;
 - `triton_models/<model>/config.pbtxt`, from the same generator the operator's
   ConfigMaps use (defaults: CPU, FP32, one instance).
@@ -17,14 +18,18 @@ from ttsfleet.api import crd
 from ttsfleet.triton.config import ModelConfig, render
 
 CRD_FILE = "ttsfleet.io_ttsdeployments.yaml"
+GATEWAY_CRD_FILE = "ttsfleet.io_ttsgateways.yaml"
 
 
 def generated() -> dict[str, str]:
     """Relative path -> content of every generated file."""
     crd_text = crd.render()
+    gateway_text = crd.render(crd.gateway_crd())
     files = {
         f"crds/{CRD_FILE}": crd_text,
         f"charts/tts-operator/crds/{CRD_FILE}": crd_text,
+        f"crds/{GATEWAY_CRD_FILE}": gateway_text,
+        f"charts/tts-operator/crds/{GATEWAY_CRD_FILE}": gateway_text,
         "docs/api-reference.md": crd.reference(),
     }
     for streaming in (True, False):

@@ -109,7 +109,7 @@ def desire(
         placement = resolve_placement(tts.spec, tts.offers, tts.placed)
         children = tuple(build_children(tts, placement))
     except ValidationError as err:
-        return Desired(body, generation, stalled=("InvalidSpec", _describe(err)))
+        return Desired(body, generation, stalled=("InvalidSpec", describe(err)))
     except PlacementError as err:
         return Desired(body, generation, stalled=("PlacementUnavailable", str(err)))
     if live_child is not None:
@@ -172,7 +172,7 @@ def report(
                 now,
             ),
         }
-        if not _changed(old_status, new):
+        if not changed(old_status, new):
             return Report(None, stalled_reason=reason)
         return Report(new, (Event("Warning", reason, message),), stalled_reason=reason)
 
@@ -213,7 +213,7 @@ def report(
         "endpoints": endpoints(tts),
     }
     ready = any(c["type"] == status.READY and c["status"] == "True" for c in conditions)
-    if not _changed(old_status, new):
+    if not changed(old_status, new):
         return Report(None, ready=ready)
     events: tuple[Event, ...] = ()
     if old_status.get("observedGeneration") != generation:
@@ -237,7 +237,7 @@ def _with_offers(
     )
 
 
-def _describe(err: ValidationError) -> str:
+def describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"])
@@ -257,6 +257,6 @@ def _child_drifted(children: Sequence[Manifest], live: Manifest) -> bool:
     return drifted({k: v for k, v in desired.items() if k != "status"}, live)
 
 
-def _changed(old: Manifest, new: Manifest) -> bool:
+def changed(old: Manifest, new: Manifest) -> bool:
     """Whether `new` says something `old` does not (ignoring fields only others write)."""
     return any(old.get(k) != v for k, v in new.items())

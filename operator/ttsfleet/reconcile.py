@@ -19,9 +19,11 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
-from ttsfleet import kube, plan
+from ttsfleet import kube, plan, status
 from ttsfleet.api import v1alpha1 as api
+from ttsfleet.resources import gateway as gw
 from ttsfleet.resources.common import DEPLOYMENT_LABEL, FIELD_MANAGER
 
 Manifest = dict[str, Any]
@@ -144,3 +146,97 @@ def _write_report(api_client: client.ApiClient, desired: plan.Desired, result: p
     )
     for event in result.events:
         kube.post_event(api_client, desired.body, event.type, event.reason, event.message)
+
+
+# ---- TtsGateway ---------------------------------------------------------------------------
+
+
+def reconcile_gateway(api_client: client.ApiClient, body: Manifest | None) -> Outcome:
+    """Apply a `TtsGateway`'s children and write its status (see resources.gateway).
+
+    Its routes' TtsDeployments are read each time: their voices go into the config, and
+    a missing one is reported (Stalled, naming the route) while the rest keep serving.
+    """
+    start = time.monotonic()
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return Outcome(False, None, time.monotonic() - start, gone=True)
+    meta = body["metadata"]
+    generation = int(meta.get("generation") or 0)
+    old_status = body.get("status") or {}
+    problem = None
+    try:
+        gateway = gw.Gateway.from_body(body)
+        duplicate = gateway.spec.duplicate_model()
+        if duplicate is not None:
+            index, model = duplicate
+            problem = (
+                f"spec.routes[{index}].models: {model!r} is already routed by an earlier "
+                "route: give each model name one route"
+            )
+    except ValidationError as err:
+        problem = plan.describe(err)
+    if problem is not None:
+        new = {
+            "observedGeneration": generation,
+            "conditions": status.merge_conditions(
+                old_status.get("conditions") or [],
+                [c for c in status.stalled_conditions("InvalidSpec", problem)
+                 if c["type"] in (status.READY, status.RECONCILING, status.STALLED)],
+                generation, now_stamp(),
+            ),
+        }  # fmt: skip
+        if plan.changed(old_status, new):
+            _gateway_status(api_client, meta, new)
+            kube.post_event(api_client, body, "Warning", "InvalidSpec", problem)
+        return Outcome(False, "InvalidSpec", time.monotonic() - start)
+    fleets = {
+        route.fleet: kube.get_custom(
+            api_client, api.GROUP, api.VERSION, api.PLURAL, gateway.namespace, route.fleet
+        )
+        for route in gateway.spec.routes
+    }
+    children = gw.children(gateway, fleets)
+    kube.apply(api_client, children, FIELD_MANAGER)
+    deployment = kube.get(
+        api_client, "apps/v1", "Deployment", gateway.child_name, gateway.namespace
+    )
+    dep_status = (deployment or {}).get("status") or {}
+    conditions = gw.conditions(gateway, deployment, fleets)
+    new = {
+        "observedGeneration": generation,
+        "conditions": status.merge_conditions(
+            old_status.get("conditions") or [], conditions, generation, now_stamp()
+        ),
+        "replicas": int(dep_status.get("replicas") or 0),
+        "readyReplicas": int(dep_status.get("readyReplicas") or 0),
+        "selector": f"{gw.GATEWAY_LABEL}={gateway.name}",
+        "url": gateway.url,
+        "fleets": gw.fleet_status(fleets),
+    }
+    ready = conditions[0]["status"] == "True"
+    stalled = conditions[0]["reason"] if conditions[2]["status"] == "True" else None
+    if plan.changed(old_status, new):
+        _gateway_status(api_client, meta, new)
+        if old_status.get("observedGeneration") != generation:
+            kinds = ", ".join(c["kind"] for c in children)
+            kube.post_event(
+                api_client, body, "Normal", "Applied",
+                f"Applied {kinds} for generation {generation}",
+            )  # fmt: skip
+        if stalled and old_status.get("observedGeneration") != generation:
+            kube.post_event(api_client, body, "Warning", stalled, conditions[0]["message"])
+    return Outcome(True, stalled, time.monotonic() - start, ready)
+
+
+def forget_gateway(api_client: client.ApiClient, namespace: str, name: str) -> None:
+    """Delete what a deleted gateway leaves behind: its ClusterRoleBinding (cluster
+    scoped, so no owner reference collects it)."""
+    binding = gw.cluster_binding_name(namespace, name)
+    kube.delete_object(api_client, "rbac.authorization.k8s.io/v1", "ClusterRoleBinding", binding)
+
+
+def _gateway_status(api_client: client.ApiClient, meta: Manifest, new: Manifest) -> None:
+    kube.patch_custom_status(
+        api_client, api.GROUP, api.VERSION, api.GATEWAY_PLURAL, meta["namespace"], meta["name"],
+        new,
+    )  # fmt: skip

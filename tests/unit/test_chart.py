@@ -131,6 +131,7 @@ def test_it_renders_the_crd_and_one_object_of_each_kind(objects: list[Manifest])
         "ClusterRole",
         "ClusterRoleBinding",
         "CustomResourceDefinition",
+        "CustomResourceDefinition",
         "Deployment",
         "PodDisruptionBudget",
         "Role",
@@ -142,8 +143,10 @@ def test_it_renders_the_crd_and_one_object_of_each_kind(objects: list[Manifest])
         "ValidatingAdmissionPolicyBinding",
         "ValidatingAdmissionPolicyBinding",
     ]
-    crd = one(objects, "CustomResourceDefinition")
-    assert crd == yaml.safe_load((REPO / "crds" / "ttsfleet.io_ttsdeployments.yaml").read_text())
+    crds = {o["metadata"]["name"]: o for o in objects if o["kind"] == "CustomResourceDefinition"}
+    for plural in ("ttsdeployments", "ttsgateways"):
+        shipped = (REPO / "crds" / f"ttsfleet.io_{plural}.yaml").read_text()
+        assert crds[f"{plural}.ttsfleet.io"] == yaml.safe_load(shipped)
     for obj in objects:
         if obj["kind"] != "CustomResourceDefinition":
             labels = obj["metadata"]["labels"]
@@ -416,15 +419,20 @@ def test_rbac_is_least_privilege(objects: list[Manifest]) -> None:
     for rule in rules:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
         assert not {
-            "delete",
             "deletecollection",
             "update",
             "escalate",
             "bind",
             "impersonate",
         } & set(rule["verbs"]), rule
+        # The one delete: a gateway's ClusterRoleBinding, which nothing else collects.
+        assert "delete" not in rule["verbs"] or rule["resources"] == ["clusterrolebindings"]
         assert "secrets" not in rule["resources"], rule
-        assert "nonResourceURLs" not in rule and "resourceNames" not in rule
+        assert "nonResourceURLs" not in rule
+        # Named: the node-reader ClusterRole is the only one the operator may change.
+        assert "resourceNames" not in rule or rule["resourceNames"] == [
+            "ttsfleet-gateway-node-reader"
+        ]
     granted = {
         (group, resource, verb)
         for rule in rules
@@ -445,6 +453,13 @@ def test_rbac_is_least_privilege(objects: list[Manifest]) -> None:
         ("", "events", "create"),
         ("", "nodes", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+        ("ttsfleet.io", "ttsgateways", "watch"),
+        ("ttsfleet.io", "ttsgateways/status", "patch"),
+        ("", "serviceaccounts", "patch"),
+        ("discovery.k8s.io", "endpointslices", "watch"),
+        ("rbac.authorization.k8s.io", "roles", "patch"),
+        ("rbac.authorization.k8s.io", "rolebindings", "patch"),
+        ("rbac.authorization.k8s.io", "clusterrolebindings", "delete"),
     ]:
         assert needed in granted, needed
     # Pods are only listed (nothing watches them) and patched (their deletion cost), CRDs
@@ -452,7 +467,7 @@ def test_rbac_is_least_privilege(objects: list[Manifest]) -> None:
     # operator's only writes to them.
     assert {v for g, r, v in granted if r == "pods"} == {"list", "patch"}
     assert {v for g, r, v in granted if r == "customresourcedefinitions"} == {"list", "watch"}
-    assert {v for g, r, v in granted if r == "nodes"} == {"list"}
+    assert {v for g, r, v in granted if r == "nodes"} == {"get", "list"}
     assert {v for g, r, v in granted if r == "ttsdeployments"} == {"get", "list", "watch"}
 
 

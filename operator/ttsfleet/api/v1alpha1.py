@@ -433,3 +433,145 @@ class TtsDeploymentStatus(_Model):
     precision: str | None = None
     placement: str | None = None
     endpoints: Endpoints | None = None
+
+
+# ---- TtsGateway: the speech API in front of TtsDeployments -----------------------------------
+
+GATEWAY_KIND = "TtsGateway"
+GATEWAY_PLURAL = "ttsgateways"
+GATEWAY_SINGULAR = "ttsgateway"
+GATEWAY_SHORT_NAMES = ["ttsgw"]
+DEFAULT_GATEWAY_IMAGE = "ttsfleet/gateway:0.1.0"
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# OpenAI-style model and voice names: `tts-1`, `gpt-4o-mini-tts`, `alloy`, a Piper name.
+API_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+ApiName = Annotated[str, Field(pattern=API_NAME_PATTERN, max_length=64)]
+
+
+class GatewayRoute(_Model):
+    """Requests for these `model` names go to one TtsDeployment."""
+
+    models: list[ApiName] = Field(
+        min_length=1, max_length=16, description="`model` names routed here, e.g. tts-1."
+    )
+    fleet: str = Field(
+        pattern=NAME_PATTERN, max_length=40,
+        description="The TtsDeployment (in this namespace) that serves them.",
+    )  # fmt: skip
+    voices: list[ApiName] = Field(
+        default_factory=list, max_length=32,
+        description="`voice` names callers may use (e.g. alloy); the fleet's own voice always "
+        "works. All speak with the fleet's voice.",
+    )  # fmt: skip
+
+
+class SecretKeyRef(_Model):
+    name: str = Field(pattern=NAME_PATTERN, max_length=253)
+    key: str = Field(default="jwks.json", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)
+
+
+class JwtAlgorithm(StrEnum):
+    RS256 = "RS256"
+    RS384 = "RS384"
+    RS512 = "RS512"
+    PS256 = "PS256"
+    ES256 = "ES256"
+    ES384 = "ES384"
+    EDDSA = "EdDSA"
+    HS256 = "HS256"
+    HS384 = "HS384"
+    HS512 = "HS512"
+
+
+class GatewayAuth(_Model):
+    """JWT bearer tokens: who may call, and as which tenant."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "has(self.jwksSecretRef) != has(self.jwksUrl)",
+            "spec.auth needs exactly one of jwksSecretRef and jwksUrl: keep one",
+        ),
+        rule(
+            "!has(self.algorithms) || !(self.algorithms.exists(a, a.startsWith('HS'))"
+            " && self.algorithms.exists(a, !a.startsWith('HS')))",
+            "spec.auth.algorithms mixes HS* with asymmetric algorithms (a public key could be "
+            "used as an HMAC secret): keep one family",
+            ".algorithms",
+        ),
+    ]
+
+    issuer: str = Field(min_length=1, max_length=512, description="Required `iss` of tokens.")
+    audiences: list[str] = Field(
+        min_length=1, max_length=8, description="Accepted `aud` values (one must match)."
+    )
+    algorithms: list[JwtAlgorithm] = Field(
+        default=[JwtAlgorithm.RS256, JwtAlgorithm.ES256],
+        min_length=1, max_length=10, description="Accepted signature algorithms (never none).",
+    )  # fmt: skip
+    jwks_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="A Secret key holding the JWKS (re-read when it changes)."
+    )
+    jwks_url: str | None = Field(
+        default=None, pattern=r"^https?://", max_length=2048,
+        description="A JWKS URL, fetched in the background every refreshSeconds.",
+    )  # fmt: skip
+    tenant_claim: str = Field(default="tenant", max_length=64)
+    scope_claim: str = Field(default="scope", max_length=64)
+    required_scopes: list[str] = Field(
+        default=["speech"], max_length=8, description="Scopes a token must carry."
+    )
+    leeway_seconds: int = Field(default=30, ge=0, le=300, description="Clock skew allowed.")
+    refresh_seconds: int = Field(default=300, ge=5, le=86400)
+
+
+class Balancer(StrEnum):
+    LEAST_OUTSTANDING = "least-outstanding"
+    ROUND_ROBIN = "round-robin"
+
+
+class TtsGatewaySpec(_Model):
+    replicas: int = Field(default=2, ge=0, le=100, description="Gateway pods.")
+    image: str = Field(default=DEFAULT_GATEWAY_IMAGE, min_length=1, max_length=512)
+    routes: list[GatewayRoute] = Field(min_length=1, max_length=32)
+    auth: GatewayAuth | None = Field(
+        default=None, description="Without it, anyone who reaches the Service may call it."
+    )
+    balancer: Balancer = Field(
+        default=Balancer.LEAST_OUTSTANDING,
+        description="Power-of-two choices on outstanding characters, or round robin.",
+    )
+    max_input_characters: int = Field(default=4096, ge=1, le=4096)
+    resources: Resources = Field(
+        default_factory=lambda: Resources(
+            requests={"cpu": "250m", "memory": "256Mi"}, limits={"memory": "1Gi"}
+        )
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=16)
+
+    def duplicate_model(self) -> tuple[int, str] | None:
+        """(route index, model) of the first model name routed twice, or None."""
+        seen: set[str] = set()
+        for index, route in enumerate(self.routes):
+            for model in route.models:
+                if model in seen:
+                    return index, model
+                seen.add(model)
+        return None
+
+
+class GatewayFleet(_Model):
+    name: str
+    ready: bool = False
+    ready_replicas: int = 0
+
+
+class TtsGatewayStatus(_Model):
+    model_config = ConfigDict(extra="allow")
+
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    replicas: int = 0
+    ready_replicas: int = 0
+    url: str | None = Field(default=None, description="The speech API's base URL in-cluster.")
+    fleets: list[GatewayFleet] = Field(default_factory=list)

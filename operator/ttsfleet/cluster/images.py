@@ -4,6 +4,12 @@ The Triton image maps to the real `tritonserver` binary shipped in the
 `nvidia-pytriton` wheel, with this repository's `triton_models/` as the image's
 `/models`. Only the bind address (the pod IP) and the wheel's backend and cache
 directories are added to the container's own command line.
+
+The project's own images (`ttsfleet/gateway`, `ttsfleet/operator`: entrypoint
+`ttsfleet`) map to this environment's `ttsfleet` CLI, run with the container's args
+and its volumes bind-mounted at their container paths (`contain`), as a container
+runtime would: a gateway finds its config, its keys and its ServiceAccount token
+where its pod spec puts them.
 """
 
 from __future__ import annotations
@@ -15,18 +21,43 @@ import sys
 import sysconfig
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import util
 from pathlib import Path
 
 from ttsfleet.cluster import toolchain
+from ttsfleet.triton import contract
 
 Manifest = dict[str, object]
 # Container paths the runner leaves to the host (the process shares them).
 HOST_PATHS = ("/dev/shm", "/tmp")  # noqa: S108 - container paths, not files we create
 
 
+# Images whose entrypoint is the `ttsfleet` CLI.
+PROJECT_IMAGES = ("ttsfleet/gateway", "ttsfleet/operator")
+
+
 class NotRunnableLocallyError(RuntimeError):
     """An image the runner has no local program for."""
+
+
+@dataclass(frozen=True)
+class LocalCommand:
+    argv: list[str]
+    env: dict[str, str]
+    # (a file or directory the runner wrote, the container path it is mounted at)
+    binds: list[tuple[Path, str]] = field(default_factory=list)
+
+    def wrapped(self) -> list[str]:
+        """The argv to run inside the pod's network (and mount) namespace."""
+        if not self.binds:
+            return self.argv
+        mounts = [a for source, target in self.binds for a in ("--bind", f"{source}={target}")]
+        return [sys.executable, "-m", "ttsfleet.cluster.contain", *mounts, "--", *self.argv]
+
+
+def is_project_image(image: str) -> bool:
+    return any(contract.image_is(image, repository) for repository in PROJECT_IMAGES)
 
 
 def model_repository() -> Path:
@@ -150,13 +181,18 @@ def shm_prefix(pod_uid: str) -> str:
 
 
 def local_command(
-    container: Manifest, volumes: dict[str, Path], workdir: Path, ip: str, pod_uid: str = ""
-) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment that run `container` here, bound to `ip`."""
+    container: Manifest, volumes: dict[str, Path], workdir: Path, ip: str, pod_uid: str = "",
+    env: Mapping[str, str] | None = None, hosts: Path | None = None,
+) -> LocalCommand:  # fmt: skip
+    """How to run `container` here, bound to `ip`, with its resolved `env` and, for the
+    project's images, the pod's /etc/hosts file `hosts`."""
+    resolved = dict(env or {})
+    if is_project_image(str(container.get("image") or "")):
+        return _project_command(container, volumes, resolved, hosts)
     if not _is_triton(container):
         raise NotRunnableLocallyError(
-            f"image {container.get('image')} has no local program: "
-            "the local runner runs Triton (command tritonserver) only"
+            f"image {container.get('image')} has no local program: the local runner runs "
+            f"Triton (command tritonserver) and the project's images ({', '.join(PROJECT_IMAGES)})"
         )
     root = workdir / "root"
     _build_root(container, volumes, root)
@@ -166,9 +202,26 @@ def local_command(
         f"--backend-config=python,shm-region-prefix-name={shm_prefix(pod_uid or ip)}",
         address=ip,
     )
-    env = {
-        str(e["name"]): str(e.get("value", ""))
-        for e in container.get("env") or []  # type: ignore[attr-defined]
-        if "value" in e
-    }
-    return argv, {**without_proxies(os.environ), **env, **triton_environment()}
+    return LocalCommand(argv, {**without_proxies(os.environ), **resolved, **triton_environment()})
+
+
+def _project_command(
+    container: Manifest, volumes: dict[str, Path], env: dict[str, str], hosts: Path | None
+) -> LocalCommand:
+    command = [str(c) for c in container.get("command") or ["ttsfleet"]]  # type: ignore[attr-defined]
+    if Path(command[0]).name != "ttsfleet":
+        raise NotRunnableLocallyError(
+            f"image {container.get('image')}: only its `ttsfleet` entrypoint runs locally"
+        )
+    args = [str(a) for a in container.get("args") or []]  # type: ignore[attr-defined]
+    binds: list[tuple[Path, str]] = []
+    for mount in container.get("volumeMounts") or []:  # type: ignore[attr-defined]
+        path = str(mount["mountPath"])
+        if path.startswith(HOST_PATHS):
+            continue
+        source = volumes[mount["name"]]
+        binds.append((source / mount["subPath"] if mount.get("subPath") else source, path))
+    if hosts is not None:
+        binds.append((hosts, "/etc/hosts"))
+    argv = [sys.executable, "-m", "ttsfleet", *command[1:], *args]
+    return LocalCommand(argv, {**without_proxies(os.environ), **env}, binds)

@@ -34,9 +34,11 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ttsfleet import kube
-from ttsfleet.cluster import images, local
+from ttsfleet.cluster import images, local, podfs
 from ttsfleet.cluster.pool import LOCAL_LABEL
 
 log = logging.getLogger("ttsfleet.runner")
@@ -57,6 +59,10 @@ MAX_BACKOFF_SECONDS = 60.0
 # forgets a back-off after twice its longest step, too).
 BACKOFF_RESET_SECONDS = 2 * MAX_BACKOFF_SECONDS
 RESTART_POLICIES = ("Always", "OnFailure", "Never")
+VOLUME_SYNC_SECONDS = 2.0  # ConfigMap, Secret and token volumes of running pods
+# The name pods reach the apiserver by: the serving certificate must name it (checked),
+# and each pod's /etc/hosts maps it to its node's address, as cluster DNS would.
+API_HOST = "kubernetes.default.svc"
 
 
 def _now() -> str:
@@ -169,6 +175,7 @@ class PodProcess:
     reported: str = ""
     next_start: float = 0.0
     backoff: float = FIRST_BACKOFF_SECONDS
+    volumes: podfs.Volumes | None = None
 
 
 def restart_wanted(policy: str, exit_code: int) -> bool:
@@ -216,6 +223,9 @@ class Runner:
         self.stopping: set[str] = set()
         self.stop_threads: list[threading.Thread] = []
         self.last_heartbeat = 0.0
+        self.last_volume_sync = 0.0
+        self.source = KubeSource(self.api)
+        self._api_checked = False
 
     # ---- nodes -------------------------------------------------------------
     def discover_nodes(self) -> None:
@@ -343,15 +353,34 @@ class Runner:
         proc.backoff = min(proc.backoff * 2, MAX_BACKOFF_SECONDS)
 
     def _start(self, pod: Manifest, container: Manifest, proc: PodProcess) -> None:
+        project = images.is_project_image(str(container.get("image") or ""))
+        # What the downward API reads of the pod: its address is known here first.
+        status = (pod.get("status") or {}) | {
+            "podIP": str(proc.ip), "hostIP": str(proc.node.gateway),
+        }  # fmt: skip
+        pod = pod | {"status": status}
         try:
-            volumes = self._volumes(pod, proc.workdir)
-            argv, env = images.local_command(
-                container, volumes, proc.workdir, str(proc.ip), pod_uid=proc.uid
+            if proc.volumes is None:
+                proc.volumes = podfs.Volumes(pod, proc.workdir / "volumes", self.source)
+            volumes = proc.volumes.sync()
+            env = podfs.environment(container, pod, self.source)
+            hosts = None
+            if project:
+                env |= self._api_environment()
+                hosts = self._hosts_file(proc)
+            command = images.local_command(
+                container, volumes, proc.workdir, str(proc.ip), proc.uid, env, hosts
             )
         except images.NotRunnableLocallyError as err:
             proc.waiting_reason, proc.waiting_message = "ImageNotRunnableLocally", str(err)
             proc.next_start = time.monotonic() + 30
             return
+        except podfs.PodSetupError as err:  # kubelet's word for a missing ConfigMap or key
+            proc.waiting_reason, proc.waiting_message = "CreateContainerConfigError", str(err)
+            proc.next_start = time.monotonic() + 5
+            return
+        argv = command.wrapped()
+        env = command.env
         proc.workdir.mkdir(parents=True, exist_ok=True)
         proc.node.add_address(proc.ip)  # idempotent; a restart finds it in place
         with (proc.workdir / "container.log").open("ab") as out:
@@ -459,19 +488,40 @@ class Runner:
         thread.start()
         self.stop_threads = [t for t in self.stop_threads if t.is_alive()] + [thread]
 
-    def _volumes(self, pod: Manifest, workdir: Path) -> dict[str, Path]:
-        """Materialise the pod's ConfigMap and emptyDir volumes as directories."""
-        out: dict[str, Path] = {}
-        for volume in pod["spec"].get("volumes") or []:
-            target = workdir / "volumes" / volume["name"]
-            target.mkdir(parents=True, exist_ok=True)
-            if "configMap" in volume:
-                name = volume["configMap"]["name"]
-                data = kube.config_map_data(self.api, pod["metadata"]["namespace"], name)
-                for key, value in data.items():
-                    (target / key).write_text(value)
-            out[volume["name"]] = target
-        return out
+    def _api_environment(self) -> dict[str, str]:
+        """What in-cluster clients read to find the apiserver (as kubelet sets it)."""
+        port = str(urllib.parse.urlsplit(self.api.configuration.host).port or 443)
+        if not self._api_checked:
+            check_api_certificate(self.api.configuration.host)
+            self._api_checked = True
+        return {
+            "KUBERNETES_SERVICE_HOST": API_HOST,
+            "KUBERNETES_SERVICE_PORT": port,
+            "KUBERNETES_SERVICE_PORT_HTTPS": port,
+        }
+
+    def _hosts_file(self, proc: PodProcess) -> Path:
+        """The pod's /etc/hosts: itself, and the apiserver at its node's address."""
+        path = proc.workdir / "etc-hosts"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost\n"
+            f"{proc.ip}\t{proc.name}\n"
+            f"{proc.node.gateway}\tkubernetes kubernetes.default {API_HOST} "
+            f"{API_HOST}.cluster.local\n"
+        )
+        return path
+
+    def sync_volumes(self) -> None:
+        """Write running pods' ConfigMap, Secret and token volumes again (kubelet's
+        periodic sync): changes reach the processes without a restart."""
+        for proc in list(self.pods.values()):
+            if proc.process is None or proc.volumes is None:
+                continue
+            try:
+                proc.volumes.sync()
+            except Exception:  # a ConfigMap deleted under a running pod: keep the files
+                log.exception("Syncing the volumes of %s/%s failed", proc.namespace, proc.name)
 
     def _stop(self, proc: PodProcess, grace: int, pre_stop: int = 0) -> None:
         """preStop sleep (still serving, leaving the endpoints), SIGTERM, grace, SIGKILL."""
@@ -503,6 +553,9 @@ class Runner:
                         self.heartbeat()
                         self.last_heartbeat = time.monotonic()
                     self.sync_pods()
+                    if time.monotonic() - self.last_volume_sync > VOLUME_SYNC_SECONDS:
+                        self.sync_volumes()
+                        self.last_volume_sync = time.monotonic()
                 except Exception:
                     log.exception("Runner loop failed; trying again")
                 stop.wait(1.0)
@@ -519,6 +572,49 @@ class Runner:
             for thread in stops + self.stop_threads:
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
             self.pods.clear()
+
+
+class KubeSource:
+    """What pods' volumes and environment read, from the API (`podfs.Source`)."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+
+    def config_map(self, namespace: str, name: str) -> dict[str, str] | None:
+        found = kube.get(self.api, "v1", "ConfigMap", name, namespace)
+        return None if found is None else dict(found.get("data") or {})
+
+    def secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        found = kube.get(self.api, "v1", "Secret", name, namespace)
+        return None if found is None else podfs.decode_secret(found)
+
+    def token(self, pod: Manifest, audience: str | None, seconds: int) -> str:
+        meta = pod["metadata"]
+        account = pod["spec"].get("serviceAccountName") or "default"
+        audiences = [audience] if audience else None
+        return kube.request_token(
+            self.api, meta["namespace"], account, seconds, pod, audiences=audiences
+        )
+
+
+def check_api_certificate(url: str) -> None:
+    """Refuse to start API clients in pods unless the apiserver's serving certificate
+    names API_HOST, the name pods reach it by (their TLS check would fail)."""
+    from cryptography import x509  # noqa: PLC0415
+
+    parts = urllib.parse.urlsplit(url)
+    pem = ssl.get_server_certificate((parts.hostname or "127.0.0.1", parts.port or 443))
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = None
+    dns = names.get_values_for_type(x509.DNSName) if names is not None else []
+    if API_HOST not in dns:
+        raise images.NotRunnableLocallyError(
+            f"the apiserver's certificate names {', '.join(dns) or 'no DNS name'}, not "
+            f"{API_HOST}: pods could not verify it"
+        )
 
 
 # Probes go straight to the pod IP in our namespace, never through an HTTP proxy.

@@ -51,13 +51,18 @@ AUDIO_SECONDS = "ttsfleet_audio_seconds_total"
 INFLIGHT_STREAMS = "ttsfleet_inflight_streams"
 
 
-def is_model_image(image: str) -> bool:
-    """Whether `image` is ttsfleet's model image, from any registry, at any tag or digest."""
+def image_is(image: str, repository: str) -> bool:
+    """Whether `image` is `repository`, from any registry, at any tag or digest."""
     name = image.split("@", 1)[0]
     last = name.rsplit("/", 1)[-1]
     if ":" in last:  # a tag (a registry's port sits before a slash)
         name = name[: len(name) - len(last)] + last.split(":", 1)[0]
-    return name == IMAGE_REPOSITORY or name.endswith("/" + IMAGE_REPOSITORY)
+    return name == repository or name.endswith("/" + repository)
+
+
+def is_model_image(image: str) -> bool:
+    """Whether `image` is ttsfleet's model image, from any registry, at any tag or digest."""
+    return image_is(image, IMAGE_REPOSITORY)
 
 
 # Metrics the speech gateway exports, per fleet (`namespace/name`): what it has sent to

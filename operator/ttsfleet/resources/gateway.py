@@ -1,0 +1,352 @@
+"""A `TtsGateway`'s children and status. Pure: manifests in, manifests out.
+
+Per gateway `<name>`: a ServiceAccount, a Role and RoleBinding to watch EndpointSlices
+in its namespace, a ClusterRoleBinding to the shared ClusterRole that lets gateways
+read Nodes (to tell pods with a network behind them from simulated ones), the
+ConfigMap with the gateway's config (routes resolved to each fleet's Service and
+voice), the Deployment, its Service and a PodDisruptionBudget. All are named
+`<name>-gateway`; the ClusterRoleBinding, which cannot be owned by a namespaced
+object, is `ttsfleet-gateway-<namespace>-<name>` and is deleted with its gateway.
+
+The config reaches running pods through the mounted ConfigMap (the gateway re-reads
+it); the pod template does not change with it, so a route change restarts nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ttsfleet.api import v1alpha1 as api
+from ttsfleet.resources.common import HASH_ANNOTATION, content_hash
+from ttsfleet.status import READY, RECONCILING, STALLED
+
+Manifest = dict[str, Any]
+
+GATEWAY_LABEL = "ttsfleet.io/gateway"
+OWNER_NAMESPACE_LABEL = "ttsfleet.io/gateway-namespace"
+NODE_READER = "ttsfleet-gateway-node-reader"
+PORT = 8080
+CONFIG_DIR = "/etc/ttsfleet/gateway"
+CONFIG_KEY = "gateway.json"
+JWKS_DIR = "/etc/ttsfleet/jwks"
+
+
+@dataclass(frozen=True)
+class Gateway:
+    name: str
+    namespace: str
+    uid: str
+    spec: api.TtsGatewaySpec
+
+    @classmethod
+    def from_body(cls, body: Manifest) -> Gateway:
+        """Parse an object as the API returns it; raises pydantic's ValidationError."""
+        meta = body["metadata"]
+        spec = api.TtsGatewaySpec.model_validate(body.get("spec") or {})
+        return cls(meta["name"], meta["namespace"], meta["uid"], spec)
+
+    @property
+    def child_name(self) -> str:
+        return f"{self.name}-gateway"
+
+    @property
+    def cluster_binding_name(self) -> str:
+        return cluster_binding_name(self.namespace, self.name)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.child_name}.{self.namespace}.svc/v1"
+
+
+def cluster_binding_name(namespace: str, name: str) -> str:
+    return f"ttsfleet-gateway-{namespace}-{name}"
+
+
+def selector_labels(gateway: Gateway) -> dict[str, str]:
+    return {GATEWAY_LABEL: gateway.name}
+
+
+def labels(gateway: Gateway) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "ttsfleet-gateway",
+        "app.kubernetes.io/instance": gateway.name,
+        "app.kubernetes.io/component": "speech-api",
+        "app.kubernetes.io/managed-by": "ttsfleet",
+        **selector_labels(gateway),
+    }
+
+
+def _child(
+    gateway: Gateway, api_version: str, kind: str, body: Manifest, *, owned: bool = True
+) -> Manifest:
+    metadata: Manifest = {
+        "name": gateway.child_name,
+        "labels": labels(gateway),
+        "annotations": {HASH_ANNOTATION: content_hash(body)},
+    }
+    if owned:
+        metadata["namespace"] = gateway.namespace
+        metadata["ownerReferences"] = [
+            {
+                "apiVersion": api.API_VERSION, "kind": api.GATEWAY_KIND, "name": gateway.name,
+                "uid": gateway.uid, "controller": True, "blockOwnerDeletion": True,
+            }
+        ]  # fmt: skip
+    return {"apiVersion": api_version, "kind": kind, "metadata": metadata, **body}
+
+
+def node_reader_role() -> Manifest:
+    """The ClusterRole every gateway is bound to: read Nodes (nothing else)."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": NODE_READER, "labels": {"app.kubernetes.io/managed-by": "ttsfleet"}},
+        "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}],
+    }
+
+
+def config(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> Manifest:
+    """The gateway's config document (`gateway.config.GatewayConfig`'s wire form)."""
+    spec = gateway.spec
+    routes = []
+    for route in spec.routes:
+        found = fleets.get(route.fleet)
+        voice = api.DEFAULT_VOICE
+        if found is not None:
+            voice = ((found.get("spec") or {}).get("model") or {}).get("voice") or voice
+        routes.append(
+            {
+                "models": list(route.models),
+                "voices": list(route.voices),
+                "fleet": {
+                    "namespace": gateway.namespace, "name": route.fleet, "service": route.fleet,
+                    "port": "grpc", "voice": voice,
+                },
+            }
+        )  # fmt: skip
+    document: Manifest = {
+        "routes": routes,
+        "balancer": spec.balancer.value,
+        "maxInputCharacters": spec.max_input_characters,
+    }
+    if spec.auth is not None:
+        auth = spec.auth
+        document["auth"] = {
+            "issuer": auth.issuer, "audiences": list(auth.audiences),
+            "algorithms": [a.value for a in auth.algorithms], "tenantClaim": auth.tenant_claim,
+            "scopeClaim": auth.scope_claim, "requiredScopes": list(auth.required_scopes),
+            "leewaySeconds": auth.leeway_seconds, "refreshSeconds": auth.refresh_seconds,
+        }  # fmt: skip
+        if auth.jwks_secret_ref is not None:
+            document["auth"]["jwksFile"] = f"{JWKS_DIR}/{auth.jwks_secret_ref.key}"
+        else:
+            document["auth"]["jwksUrl"] = auth.jwks_url
+    return document
+
+
+def children(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> list[Manifest]:
+    """Every child of `gateway`, given the TtsDeployments its routes name (None: missing)."""
+    spec = gateway.spec
+    name = gateway.child_name
+    rbac = "rbac.authorization.k8s.io/v1"
+    account = {"kind": "ServiceAccount", "name": name, "namespace": gateway.namespace}
+    document = json.dumps(config(gateway, fleets), indent=2, sort_keys=True)
+    volumes: list[Manifest] = [{"name": "config", "configMap": {"name": name}}]
+    mounts: list[Manifest] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    if spec.auth is not None and spec.auth.jwks_secret_ref is not None:
+        volumes.append({"name": "jwks", "secret": {"secretName": spec.auth.jwks_secret_ref.name}})
+        mounts.append({"name": "jwks", "mountPath": JWKS_DIR, "readOnly": True})
+    probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 2}
+    container = {
+        "name": "gateway",
+        "image": spec.image,
+        "args": ["gateway", f"--config={CONFIG_DIR}/{CONFIG_KEY}", f"--port={PORT}"],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {
+                "name": "POD_NAMESPACE",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            },
+        ],
+        "readinessProbe": probe,
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "resources": spec.resources.wire(),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 65532,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec: Manifest = {
+        "serviceAccountName": name,
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": 30,
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [t.wire() for t in spec.tolerations]
+    return [
+        _child(gateway, "v1", "ServiceAccount", {}),
+        _child(
+            gateway,
+            rbac,
+            "Role",
+            {
+                "rules": [
+                    {
+                        "apiGroups": ["discovery.k8s.io"],
+                        "resources": ["endpointslices"],
+                        "verbs": ["get", "list", "watch"],
+                    },
+                ]
+            },
+        ),
+        _child(
+            gateway,
+            rbac,
+            "RoleBinding",
+            {
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": [account],
+            },
+        ),
+        node_reader_role(),
+        cluster_binding(gateway),
+        _child(gateway, "v1", "ConfigMap", {"data": {CONFIG_KEY: document}}),
+        _child(
+            gateway,
+            "apps/v1",
+            "Deployment",
+            {
+                "spec": {
+                    "replicas": spec.replicas,
+                    "selector": {"matchLabels": selector_labels(gateway)},
+                    "strategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                    "template": {"metadata": {"labels": labels(gateway)}, "spec": pod_spec},
+                }
+            },
+        ),
+        _child(
+            gateway,
+            "v1",
+            "Service",
+            {
+                "spec": {
+                    "selector": selector_labels(gateway),
+                    "ports": [
+                        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}
+                    ],
+                }
+            },
+        ),
+        _child(
+            gateway,
+            "policy/v1",
+            "PodDisruptionBudget",
+            {
+                "spec": {
+                    "maxUnavailable": 1,
+                    "selector": {"matchLabels": selector_labels(gateway)},
+                }
+            },
+        ),
+    ]
+
+
+def cluster_binding(gateway: Gateway) -> Manifest:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {
+            "name": gateway.cluster_binding_name,
+            "labels": {
+                "app.kubernetes.io/managed-by": "ttsfleet",
+                GATEWAY_LABEL: gateway.name,
+                OWNER_NAMESPACE_LABEL: gateway.namespace,
+            },
+        },
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": NODE_READER,
+        },
+        "subjects": [
+            {"kind": "ServiceAccount", "name": gateway.child_name, "namespace": gateway.namespace}
+        ],
+    }
+
+
+def _condition(kind: str, status: bool, reason: str, message: str) -> dict[str, str]:
+    return {"type": kind, "status": "True" if status else "False", "reason": reason,
+            "message": message}  # fmt: skip
+
+
+def problems(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> list[str]:
+    """What keeps routes from working that the user must fix, each naming its field."""
+    found = []
+    for index, route in enumerate(gateway.spec.routes):
+        if fleets.get(route.fleet) is None:
+            found.append(
+                f"spec.routes[{index}].fleet: TtsDeployment {gateway.namespace}/{route.fleet} "
+                "does not exist: create it or route to one that does"
+            )
+    return found
+
+
+def conditions(
+    gateway: Gateway, deployment: Manifest | None, fleets: Mapping[str, Manifest | None]
+) -> list[dict[str, str]]:
+    """kstatus conditions: Ready, Reconciling, Stalled."""
+    wanted = gateway.spec.replicas
+    dep_status = (deployment or {}).get("status") or {}
+    ready = int(dep_status.get("readyReplicas") or 0)
+    updated = int(dep_status.get("updatedReplicas") or 0)
+    missing = problems(gateway, fleets)
+    if missing:
+        message = "; ".join(missing)
+        return [
+            _condition(READY, False, "FleetNotFound", message),
+            _condition(RECONCILING, False, "FleetNotFound", "waiting for the fleets to exist"),
+            _condition(STALLED, True, "FleetNotFound", message),
+        ]
+    if ready >= wanted and updated >= wanted:
+        message = f"{ready}/{wanted} gateway replicas ready at {gateway.url}"
+        return [
+            _condition(READY, True, "GatewayReady", message),
+            _condition(RECONCILING, False, "GatewayReady", message),
+            _condition(STALLED, False, "GatewayReady", message),
+        ]
+    message = f"{ready}/{wanted} gateway replicas ready"
+    return [
+        _condition(READY, False, "ReplicasNotReady", message),
+        _condition(RECONCILING, True, "ReplicasNotReady", message),
+        _condition(STALLED, False, "ReplicasNotReady", message),
+    ]
+
+
+def fleet_status(fleets: Mapping[str, Manifest | None]) -> list[Manifest]:
+    out = []
+    for name, body in sorted(fleets.items()):
+        fleet_status = (body or {}).get("status") or {}
+        ready = any(
+            c.get("type") == READY and c.get("status") == "True"
+            for c in fleet_status.get("conditions") or []
+        )
+        out.append(
+            {"name": name, "ready": ready,
+             "readyReplicas": int(fleet_status.get("readyReplicas") or 0)}
+        )  # fmt: skip
+    return out

@@ -1,0 +1,117 @@
+"""What the operator makes of a TtsGateway: children, the config its pods read, status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from ttsfleet.api import v1alpha1 as api
+from ttsfleet.gateway import config as gateway_config
+from ttsfleet.resources import gateway as gw
+
+Manifest = dict[str, Any]
+
+
+def body(**spec: Any) -> Manifest:
+    base: Manifest = {
+        "routes": [
+            {"models": ["tts-1", "tts-1-hd"], "fleet": "joe", "voices": ["alloy", "nova"]},
+        ],
+        "auth": {"issuer": "https://i.test", "audiences": ["gw"],
+                 "jwksSecretRef": {"name": "keys"}},
+    }  # fmt: skip
+    return {
+        "apiVersion": api.API_VERSION, "kind": api.GATEWAY_KIND,
+        "metadata": {"name": "speech", "namespace": "voice", "uid": "u-1", "generation": 3},
+        "spec": base | spec,
+    }  # fmt: skip
+
+
+FLEET = {"metadata": {"name": "joe"}, "spec": {"model": {"voice": "en_US-joe-medium"}}}
+
+
+def kinds(children: list[Manifest]) -> dict[str, Manifest]:
+    return {c["kind"]: c for c in children}
+
+
+def test_children_cover_identity_config_pods_service_and_budget() -> None:
+    made = kinds(gw.children(gw.Gateway.from_body(body()), {"joe": FLEET}))
+    assert set(made) == {
+        "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding",
+        "ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
+    }  # fmt: skip
+    deployment = made["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "speech-gateway"
+    assert deployment["spec"]["replicas"] == 2
+    assert {v["name"]: v for v in pod["volumes"]}["jwks"]["secret"]["secretName"] == "keys"
+    # Namespaced children are owned; the cluster-scoped ones cannot be.
+    for kind in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service"):
+        assert made[kind]["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert "ownerReferences" not in made["ClusterRoleBinding"]["metadata"]
+    assert made["ClusterRoleBinding"]["metadata"]["name"] == "ttsfleet-gateway-voice-speech"
+    assert made["ClusterRole"]["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}
+    ]
+    assert made["Role"]["rules"][0]["resources"] == ["endpointslices"]
+
+
+def test_the_config_it_writes_is_one_the_gateway_accepts() -> None:
+    gateway = gw.Gateway.from_body(body(maxInputCharacters=1000, balancer="round-robin"))
+    document = gw.config(gateway, {"joe": FLEET})
+    parsed = gateway_config.parse(document)
+    route = parsed.route("tts-1-hd")
+    assert route is not None
+    assert route.fleet.key == "voice/joe" and route.fleet.service == "joe"
+    assert route.fleet.voice == "en_US-joe-medium" and route.fleet.endpoints is None
+    assert parsed.max_input_characters == 1000 and parsed.balancer == "round-robin"
+    assert parsed.auth is not None
+    assert parsed.auth.jwks_file == f"{gw.JWKS_DIR}/jwks.json"
+
+
+def test_a_route_change_changes_the_configmap_but_not_the_pod_template() -> None:
+    before = kinds(gw.children(gw.Gateway.from_body(body()), {"joe": FLEET}))
+    routes = [{"models": ["tts-1", "gpt-4o-mini-tts"], "fleet": "joe"}]
+    after = kinds(gw.children(gw.Gateway.from_body(body(routes=routes)), {"joe": FLEET}))
+    assert before["ConfigMap"]["data"] != after["ConfigMap"]["data"]
+    assert before["Deployment"]["spec"]["template"] == after["Deployment"]["spec"]["template"]
+
+
+def test_a_missing_fleet_is_reported_naming_the_route() -> None:
+    gateway = gw.Gateway.from_body(body())
+    conditions = {c["type"]: c for c in gw.conditions(gateway, None, {"joe": None})}
+    assert conditions["Ready"]["status"] == "False"
+    assert conditions["Stalled"]["status"] == "True"
+    assert "spec.routes[0].fleet" in conditions["Stalled"]["message"]
+
+
+def test_ready_once_every_replica_is() -> None:
+    gateway = gw.Gateway.from_body(body())
+    deployment = {"status": {"readyReplicas": 2, "updatedReplicas": 2, "replicas": 2}}
+    ready = {c["type"]: c["status"] for c in gw.conditions(gateway, deployment, {"joe": FLEET})}
+    assert ready == {"Ready": "True", "Reconciling": "False", "Stalled": "False"}
+    half = {"status": {"readyReplicas": 1, "updatedReplicas": 2}}
+    assert gw.conditions(gateway, half, {"joe": FLEET})[0]["status"] == "False"
+
+
+@pytest.mark.parametrize(
+    ("spec", "where"),
+    [
+        ({"routes": []}, "routes"),
+        ({"routes": [{"models": ["tts-1"], "fleet": "Not_A_Name"}]}, "fleet"),
+        ({"routes": [{"models": ["bad name"], "fleet": "joe"}]}, "models"),
+        ({"maxInputCharacters": 5000}, "maxInputCharacters"),
+        ({"auth": {"issuer": "x", "audiences": []}}, "audiences"),
+    ],
+)
+def test_the_models_refuse_what_the_schema_refuses(spec: Manifest, where: str) -> None:
+    with pytest.raises(ValidationError, match=where):
+        gw.Gateway.from_body(body(**spec))
+
+
+def test_a_model_routed_twice_is_found() -> None:
+    routes = [{"models": ["tts-1"], "fleet": "a"}, {"models": ["x", "tts-1"], "fleet": "b"}]
+    spec = api.TtsGatewaySpec.model_validate({"routes": routes})
+    assert spec.duplicate_model() == (1, "tts-1")
