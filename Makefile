@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CLUSTER ?= ttsfleet
 PYTEST_ARGS ?=
 
-.PHONY: help deps tools cluster cluster-down demo manifests lint fmt test test-unit bench-cluster bench-operator bench-serving bench-precision bench-placement bench-gpu bench-autoscale bench-sim bench-chaos clean
+.PHONY: help deps tools cluster cluster-down demo manifests lint fmt test test-unit bench-cluster bench-operator bench-serving bench-precision bench-placement bench-gpu bench-autoscale bench-sim bench-chaos bench-gateway clean
 
 help: ## List the targets.
 	@grep -E '^[a-z.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -82,6 +82,9 @@ bench-sim: .venv ## Simulate every trace with ttsfleet and its peers, check the 
 
 bench-chaos: tools .venv ## Kill and pause the leader of two operator replicas >= 10 times: failover (JSON).
 	$(BIN)/python benchmarks/chaos_bench.py --out benchmarks/results/chaos.json
+
+bench-gateway: deps .venv ## The speech gateway: added TTFA, auth requests per core, p2c vs round robin (JSON).
+	$(BIN)/python benchmarks/gateway_bench.py --out benchmarks/results/gateway.json
 
 clean: ## Remove the virtualenv and caches of this checkout (not the built binaries).
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

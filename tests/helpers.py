@@ -8,7 +8,18 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+def _examples(kind: str) -> list[Path]:
+    return [
+        path
+        for path in sorted((REPO / "examples").glob("*.yaml"))
+        if yaml.safe_load(path.read_text()).get("kind") == kind
+    ]
+
+
+EXAMPLES = _examples("TtsDeployment")
+GATEWAY_EXAMPLES = _examples("TtsGateway")
 
 
 class _LiteralDumper(yaml.SafeDumper):

@@ -545,6 +545,7 @@ def demo(
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("out/demo.wav"),
 ) -> None:
     """The main job, locally: cluster, operator, a TtsDeployment, real speech to a WAV."""
+    import openai
     from kubernetes.client.exceptions import ApiException
 
     from ttsfleet import client
@@ -554,6 +555,8 @@ def demo(
         result = demo_module.run(name, output, say=console.print)
     except (local.ClusterError, toolchain.MissingToolError, client.SynthesisError) as err:
         raise _fail(str(err)) from None
+    except openai.OpenAIError as err:
+        raise _fail(f"the speech API refused: {err}") from None
     except ApiException as err:
         raise _fail(f"the Kubernetes API refused: {err.status} {err.reason}") from None
     speech = result.speech
@@ -566,9 +569,15 @@ def demo(
         f"RTF {speech.real_time_factor:.3f} ({speech.chunks} chunks); "
         f"demo took {result.seconds:.1f}s"
     )
-    console.print(f"  listen: aplay {output}   (or open it in any audio player)")
     console.print(
-        f'  look:   eval "$(ttsfleet cluster env {name})" && kubectl get ttsd,pods -o wide'
+        f"[green]Spoke[/green] the same through the speech API with the openai client into "
+        f"[bold]{result.mp3}[/bold]"
+    )
+    typer.echo(f"gateway: {result.gateway_url}")
+    console.print(f"  listen: aplay {output}   (or open {result.mp3} in any audio player)")
+    console.print(f"  token:  ttsfleet token --cluster {name}")
+    console.print(
+        f'  look:   eval "$(ttsfleet cluster env {name})" && kubectl get ttsd,ttsgw,pods -o wide'
     )
 
 
@@ -674,8 +683,14 @@ def operator(
     retry_period: Annotated[
         float, typer.Option(help="Seconds between tries to acquire or renew the Lease.")
     ] = 2.0,
+    gateway_node_reader: Annotated[
+        str,
+        typer.Option(
+            help="The ClusterRole that lets TtsGateways read Nodes (the chart ships one)."
+        ),
+    ] = "ttsfleet-gateway-node-reader",
 ) -> None:
-    """Run the operator: reconcile TtsDeployments into Triton workloads."""
+    """Run the operator: reconcile TtsDeployments and TtsGateways."""
     from kubernetes.config import ConfigException
 
     from ttsfleet import leader
@@ -700,8 +715,9 @@ def operator(
             else None
         )
         options = Options(
-            kubeconfig, namespace or [], metrics_port, health_port, prometheus_url, identity, lease
-        )
+            kubeconfig, namespace or [], metrics_port, health_port, prometheus_url, identity,
+            lease, gateway_node_reader,
+        )  # fmt: skip
         manager = Manager(options)
     except leader.ConfigError as err:
         raise _fail(str(err)) from None
@@ -748,3 +764,19 @@ def gateway(
         except ConfigException as err:
             raise _fail(f"no cluster to watch fleets in: {err}; pass --kubeconfig") from None
     server.serve(config, host, port, api)
+
+
+@app.command()
+def token(
+    cluster: Annotated[str, typer.Option(help="The local cluster whose gateways accept it.")],
+    tenant: Annotated[str, typer.Option(help="The tenant claim.")] = "default",
+    ttl: Annotated[float, typer.Option(min=1, help="Seconds the token is valid.")] = 3600,
+    subject: Annotated[str, typer.Option(help="The sub claim.")] = "local-user",
+) -> None:
+    """Print a bearer token for a local cluster's gateways (only the token, on stdout)."""
+    from ttsfleet.cluster import tokens
+
+    try:
+        typer.echo(tokens.token(cluster, tenant=tenant, ttl_seconds=ttl, subject=subject))
+    except local.ClusterError as err:
+        raise _fail(str(err)) from None

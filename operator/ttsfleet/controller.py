@@ -27,7 +27,7 @@ from ttsfleet.autoscale.metrics import PrometheusSource
 from ttsfleet.autoscale.tick import AUTOSCALE_SECONDS, Ticker
 from ttsfleet.reconcile import NodeCache, Outcome, forget_gateway, reconcile, reconcile_gateway
 from ttsfleet.resources.common import DEPLOYMENT_LABEL
-from ttsfleet.resources.gateway import GATEWAY_LABEL, OWNER_NAMESPACE_LABEL
+from ttsfleet.resources.gateway import GATEWAY_LABEL, NODE_READER, OWNER_NAMESPACE_LABEL
 
 log = logging.getLogger("ttsfleet.operator")
 Key = tuple[str, str]
@@ -105,6 +105,7 @@ class Controller:
         prometheus_url: str | None = None,
         namespaces: list[str] | None = None,
         node_ttl: float = 15.0,
+        gateway_node_reader: str = NODE_READER,
     ) -> None:
         self.api = api_client
         self.metrics = metrics
@@ -116,6 +117,7 @@ class Controller:
         self.failed: set[Key] = set()
         # TtsGateways: the fleets each one routes to (a fleet's change re-routes them),
         # and those not Ready yet or whose last reconcile failed (looked at again).
+        self.gateway_node_reader = gateway_node_reader
         self.gateway_fleets: dict[Key, frozenset[str]] = {}
         self.gateway_locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
         self.gateways_pending: set[Key] = set()
@@ -225,7 +227,7 @@ class Controller:
                 body = kube.get_custom(
                     self.api, api.GROUP, api.VERSION, api.GATEWAY_PLURAL, namespace, name
                 )
-                outcome = reconcile_gateway(self.api, body)
+                outcome = reconcile_gateway(self.api, body, self.gateway_node_reader)
             except Exception:
                 self.gateways_pending.add(key)
                 self.metrics.reconciles.labels(result="error").inc()

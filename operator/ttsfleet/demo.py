@@ -1,8 +1,10 @@
 """`make demo`: the main job on the local default, end to end.
 
-Local cluster with simulated GPU nodes and a local node -> the CRD -> the
+Local cluster with simulated GPU nodes and a local node -> the CRDs -> the
 operator -> a `TtsDeployment` on the local node -> a real Triton pod serving
-the voice -> a WAV of a sentence. Whatever is already up is reused.
+the voice -> a WAV of a sentence; then a `TtsGateway` in front of it -> the same
+voice through OpenAI's speech API, with the official `openai` client -> an MP3.
+Whatever is already up is reused.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import yaml
 from ttsfleet import client, harness, kube
 from ttsfleet.api import crd
 from ttsfleet.api import v1alpha1 as api
-from ttsfleet.cluster import local
+from ttsfleet.cluster import local, tokens
 from ttsfleet.cluster.pool import load_pool_file
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "local-cpu.yaml"
+GATEWAY_EXAMPLE = REPO / "examples" / "local-gateway.yaml"
 SENTENCE = (
     "Hello from ttsfleet. This sentence was synthesized by a Triton pod on your local "
     "cluster, streamed to you one sentence at a time."
@@ -39,6 +42,8 @@ class DemoResult:
     wav: Path
     speech: client.Result
     seconds: float
+    gateway_url: str
+    mp3: Path
 
 
 def _start_operator(record: local.ClusterRecord) -> None:
@@ -67,15 +72,23 @@ def run(cluster: str, output: Path, say: Callable[[str], None] = print) -> DemoR
     for warning in up.warnings:
         say(f"warning: {warning}")
     api_client = kube.api_client(record.kubeconfig)
-    kube.apply(api_client, [crd.crd()], "ttsfleet-demo")
-    crd_name = f"{api.PLURAL}.{api.GROUP}"
-    _wait("the TtsDeployment CRD", lambda: harness.crd_established(api_client, crd_name), 60)
+    kube.apply(api_client, [crd.crd(), crd.gateway_crd()], "ttsfleet-demo")
+    for plural in (api.PLURAL, api.GATEWAY_PLURAL):
+        crd_name = f"{plural}.{api.GROUP}"
+
+        def established(name: str = crd_name) -> bool:
+            return harness.crd_established(api_client, name)
+
+        _wait(f"the {crd_name} CRD", established, 60)
     if not local.running(cluster, " operator "):
         _start_operator(record)
         say(f"Started the operator (log: {record.dir / 'operator.log'})")
     doc = yaml.safe_load(EXAMPLE.read_text())
-    doc["metadata"]["namespace"] = "default"
-    kube.apply(api_client, [doc], "ttsfleet-demo")
+    gateway = yaml.safe_load(GATEWAY_EXAMPLE.read_text())
+    for made in doc, gateway:
+        made["metadata"]["namespace"] = "default"
+    secret = tokens.jwks_secret(cluster, "default")
+    kube.apply(api_client, [doc, secret, gateway], "ttsfleet-demo")
     name = doc["metadata"]["name"]
     say(f"Applied TtsDeployment {name}; waiting for a Triton pod to serve the voice...")
 
@@ -90,4 +103,34 @@ def run(cluster: str, output: Path, say: Callable[[str], None] = print) -> DemoR
     address = _wait(f"TtsDeployment {name} to be Ready", endpoints, 300)[0]
     speech = client.stream(address, SENTENCE)
     client.write_wav(output, speech.audio, speech.sample_rate)
-    return DemoResult(record, name, address, output, speech, time.monotonic() - start)
+
+    service = f"{gateway['metadata']['name']}-gateway"
+    say(f"Applied TtsGateway {gateway['metadata']['name']}; waiting for the speech API...")
+    found = _wait(
+        f"TtsGateway {gateway['metadata']['name']} to serve",
+        lambda: kube.ready_endpoints(api_client, "default", service, "http"),
+        180,
+    )
+    url = f"http://{found[0]}/v1"
+    mp3 = output.with_suffix(".mp3")
+    speak_openai(url, tokens.token(cluster), mp3)
+    return DemoResult(record, name, address, output, speech, time.monotonic() - start, url, mp3)
+
+
+def speak_openai(base_url: str, token: str, out: Path) -> None:
+    """What a developer writes: OpenAI's client, the gateway's URL and a token."""
+    import openai  # noqa: PLC0415 - a dev dependency; only the demo speaks this way
+
+    speech = openai.OpenAI(base_url=base_url, api_key=token, max_retries=5)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            response = speech.audio.speech.create(model="tts-1", voice="alloy", input=SENTENCE)
+            break
+        except openai.AuthenticationError:
+            # A gateway reused from an earlier run re-reads a changed key within seconds.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    response.write_to_file(out)

@@ -327,6 +327,14 @@ class GatewayProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def configure(self, document: dict[str, Any]) -> None:
+        """Write the config, aside then renamed (as a ConfigMap volume swaps a file): a
+        running gateway re-reads it within a second or two."""
+        self.config.parent.mkdir(parents=True, exist_ok=True)
+        staged = self.config.with_name(self.config.name + ".new")
+        staged.write_text(json.dumps(document, indent=2))
+        staged.replace(self.config)
+
     def start(self, timeout: float = 60) -> None:
         argv = [
             sys.executable, "-m", "ttsfleet", "gateway", "--config", str(self.config),

@@ -35,6 +35,7 @@ from prometheus_client import GCCollector, PlatformCollector, ProcessCollector, 
 from ttsfleet import __version__, handlers, kube  # noqa: F401
 from ttsfleet.controller import Controller, OperatorMetrics
 from ttsfleet.leader import Elector, Leadership, LeaseConfig
+from ttsfleet.resources.gateway import NODE_READER
 
 log = logging.getLogger("ttsfleet.manager")
 
@@ -55,6 +56,8 @@ class Options:
     prometheus_url: str | None
     identity: str
     lease: LeaseConfig | None  # None: no leader election (one process acts alone)
+    # The ClusterRole gateways are bound to, to read Nodes (the chart names its own).
+    gateway_node_reader: str = NODE_READER
 
 
 class _Term:
@@ -74,8 +77,9 @@ class _Term:
 
         api = kube.api_client(options.kubeconfig, fence=fence, user_agent=user_agent(options))
         self.controller = Controller(
-            api, metrics, prometheus_url=options.prometheus_url, namespaces=options.namespaces
-        )
+            api, metrics, prometheus_url=options.prometheus_url, namespaces=options.namespaces,
+            gateway_node_reader=options.gateway_node_reader,
+        )  # fmt: skip
         self.kopf_stop = threading.Event()
         self.thread = threading.Thread(target=self._kopf, name="kopf", daemon=True)
 

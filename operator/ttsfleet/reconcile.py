@@ -151,7 +151,9 @@ def _write_report(api_client: client.ApiClient, desired: plan.Desired, result: p
 # ---- TtsGateway ---------------------------------------------------------------------------
 
 
-def reconcile_gateway(api_client: client.ApiClient, body: Manifest | None) -> Outcome:
+def reconcile_gateway(
+    api_client: client.ApiClient, body: Manifest | None, node_reader: str = gw.NODE_READER
+) -> Outcome:
     """Apply a `TtsGateway`'s children and write its status (see resources.gateway).
 
     Its routes' TtsDeployments are read each time: their voices go into the config, and
@@ -195,7 +197,7 @@ def reconcile_gateway(api_client: client.ApiClient, body: Manifest | None) -> Ou
         )
         for route in gateway.spec.routes
     }
-    children = gw.children(gateway, fleets)
+    children = gw.children(gateway, fleets, node_reader)
     kube.apply(api_client, children, FIELD_MANAGER)
     deployment = kube.get(
         api_client, "apps/v1", "Deployment", gateway.child_name, gateway.namespace

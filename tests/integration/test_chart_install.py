@@ -96,6 +96,7 @@ def test_install_upgrade_uninstall_keeps_the_crd(
             f"serviceaccount/{name}",
             f"service/{name}",
             f"clusterrole.rbac.authorization.k8s.io/{name}",
+            f"clusterrole.rbac.authorization.k8s.io/{name}-gateway-node-reader",
             f"clusterrolebinding.rbac.authorization.k8s.io/{name}",
             f"role.rbac.authorization.k8s.io/{name}-leader-election",
             f"rolebinding.rbac.authorization.k8s.io/{name}-leader-election",
@@ -274,6 +275,11 @@ def can_i(cluster: Cluster, installed: Installed, *args: str) -> bool:
         ("create", "events"),
         ("list", "nodes"),
         ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("watch", "ttsgateways.ttsfleet.io"),
+        ("patch", "ttsgateways.ttsfleet.io", "--subresource=status"),
+        ("create", "serviceaccounts"),
+        ("create", "rolebindings.rbac.authorization.k8s.io"),
+        ("delete", "clusterrolebindings.rbac.authorization.k8s.io"),
     ],
     ids=" ".join,
 )
@@ -281,6 +287,17 @@ def test_the_service_account_may_do_what_the_operator_does(
     cluster: Cluster, installed: Installed, namespace: str, args: tuple[str, ...]
 ) -> None:
     assert can_i(cluster, installed, *args, "-n", namespace)
+
+
+def test_the_service_account_may_patch_only_its_gateways_node_reader_role(
+    cluster: Cluster, installed: Installed
+) -> None:
+    roles = "clusterroles.rbac.authorization.k8s.io"
+    assert can_i(
+        cluster, installed, "patch", f"{roles}/{installed.release}-tts-operator-gateway-node-reader"
+    )
+    assert not can_i(cluster, installed, "patch", f"{roles}/cluster-admin")
+    assert not can_i(cluster, installed, "create", roles)
 
 
 def test_the_service_account_may_hold_only_its_lease_in_the_release_namespace(
@@ -326,6 +343,10 @@ def test_the_service_account_may_hold_only_its_lease_in_the_release_namespace(
         ("patch", "nodes"),
         ("create", "customresourcedefinitions.apiextensions.k8s.io"),
         ("create", "clusterroles.rbac.authorization.k8s.io"),
+        ("patch", "clusterroles.rbac.authorization.k8s.io/cluster-admin"),
+        ("delete", "clusterroles.rbac.authorization.k8s.io"),
+        ("escalate", "clusterroles.rbac.authorization.k8s.io"),
+        ("bind", "clusterroles.rbac.authorization.k8s.io"),
         ("delete", "namespaces"),
         ("*", "*"),
     ],
@@ -428,7 +449,8 @@ def test_the_operator_runs_with_the_service_accounts_token(
     operator = Operator(
         kubeconfig, log, local.free_port(), local.free_port(), identity=identity,
         extra_args=["--leader-election-namespace", installed.namespace,
-                    "--leader-election-id", LEASE],
+                    "--leader-election-id", LEASE, "--gateway-node-reader",
+                    f"{installed.release}-tts-operator-gateway-node-reader"],
     )  # fmt: skip
     # Placement mode auto (the planner lists the nodes) and the autoscaler's floors.
     doc = load_example(REPO / "examples" / "contact-centre.yaml")
@@ -468,6 +490,30 @@ def test_the_operator_runs_with_the_service_accounts_token(
         )
         assert lease["spec"]["holderIdentity"] == identity
         assert operator.leading()
+        # A gateway in front of it: the operator grants the gateway's ServiceAccount its
+        # Role and node-reader binding with no more than the chart gave the operator.
+        gateway = {
+            "apiVersion": "ttsfleet.io/v1alpha1", "kind": "TtsGateway",
+            "metadata": {"name": "front"},
+            "spec": {"replicas": 1, "routes": [{"models": ["tts-1"], "fleet": name}]},
+        }  # fmt: skip
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(gateway))
+
+        def gateway_ready() -> bool:
+            assert not refused(), "\n".join(refused()[:5])
+            obj = json.loads(
+                cluster.kubectl("get", "-n", namespace, "ttsgw", "front", "-o", "json")
+            )
+            conditions = (obj.get("status") or {}).get("conditions") or []
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+        wait_for("the TtsGateway to be Ready", gateway_ready, timeout=120)
+        binding = f"clusterrolebinding/ttsfleet-gateway-{namespace}-front"
+        for kind in ("sa/front-gateway", "role/front-gateway", "rolebinding/front-gateway"):
+            assert exists(cluster, "-n", namespace, kind), kind
+        assert exists(cluster, binding)
+        cluster.kubectl("delete", "-n", namespace, "ttsgw", "front")
+        wait_for("the gateway's binding to go", lambda: not exists(cluster, binding), 60)
         # Deleted while the operator runs: whatever kopf keeps on the object, it lets go.
         cluster.kubectl("delete", "-n", namespace, "ttsd", name, "--wait=false")
         wait_for(

@@ -50,16 +50,13 @@ class Setup:
     def __init__(self, tmp: Path, triton: TritonProcess) -> None:
         self.key = auth.new_signing_key()
         self.jwks = tmp / "jwks.json"
-        self.jwks.write_text(json.dumps(auth.jwks([self.key])))
+        auth.write_jwks(self.jwks, [self.key])
         self.config = tmp / "gateway.json"
-        self.write([triton.grpc_address])
         self.gateway = GatewayProcess(self.config, local.free_port(), tmp / "gateway.log")
+        self.write([triton.grpc_address])
 
     def write(self, endpoints: list[str], **extra: Any) -> None:
-        # Written aside and renamed, as a ConfigMap volume swaps its files.
-        staged = self.config.with_suffix(".new")
-        staged.write_text(json.dumps(gateway_config(endpoints, self.jwks, **extra)))
-        staged.replace(self.config)
+        self.gateway.configure(gateway_config(endpoints, self.jwks, **extra))
 
     def token(self, key: ec.EllipticCurvePrivateKey | None = None, **claims: Any) -> str:
         options = {"issuer": ISSUER, "audience": AUDIENCE, "subject": "tester"} | claims
@@ -367,12 +364,12 @@ def test_a_bad_new_config_is_refused_and_the_last_good_one_kept(setup: Setup) ->
 def test_rotated_keys_apply_without_a_restart(setup: Setup) -> None:
     old = setup.token()
     new_key = auth.new_signing_key()
-    setup.jwks.write_text(json.dumps(auth.jwks([new_key])))
+    auth.write_jwks(setup.jwks, [new_key])
     try:
         wait_for(
             "the old key to stop working", lambda: setup.post(GOOD, token=old).status_code == 401
         )
         assert setup.post(GOOD, token=setup.token(key=new_key)).status_code == 200
     finally:
-        setup.jwks.write_text(json.dumps(auth.jwks([setup.key])))
+        auth.write_jwks(setup.jwks, [setup.key])
     wait_for("the first key back", lambda: setup.post(GOOD).status_code == 200)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import yaml
 
-from tests.helpers import EXAMPLES, REPO, load_example
+from tests.helpers import EXAMPLES, GATEWAY_EXAMPLES, REPO, load_example
 from ttsfleet import manifests
 from ttsfleet.api import crd
-from ttsfleet.api.v1alpha1 import TtsDeploymentSpec
+from ttsfleet.api.v1alpha1 import TtsDeploymentSpec, TtsGatewaySpec
 
 
 def test_generated_files_are_up_to_date() -> None:
@@ -41,3 +41,11 @@ def test_every_example_parses_with_the_models() -> None:
         doc = load_example(path)
         assert doc["apiVersion"] == "ttsfleet.io/v1alpha1"
         TtsDeploymentSpec.model_validate(doc["spec"])
+
+
+def test_every_gateway_example_parses_and_routes_to_an_example_fleet() -> None:
+    assert GATEWAY_EXAMPLES
+    fleets = {load_example(path)["metadata"]["name"] for path in EXAMPLES}
+    for path in GATEWAY_EXAMPLES:
+        spec = TtsGatewaySpec.model_validate(load_example(path)["spec"])
+        assert {route.fleet for route in spec.routes} <= fleets, path.name

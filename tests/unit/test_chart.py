@@ -18,6 +18,7 @@ from ttsfleet.api.v1alpha1 import TtsDeploymentSpec
 from ttsfleet.autoscale import metrics
 from ttsfleet.cluster import prometheus, toolchain
 from ttsfleet.resources import TtsObject, build_children
+from ttsfleet.resources import gateway as gateway_resources
 from ttsfleet.triton import contract
 
 CHART = REPO / "charts" / "tts-operator"
@@ -129,6 +130,7 @@ def test_it_renders_the_crd_and_one_object_of_each_kind(objects: list[Manifest])
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == [
         "ClusterRole",
+        "ClusterRole",
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "CustomResourceDefinition",
@@ -158,6 +160,7 @@ def test_the_operator_runs_the_cli_command_in_cluster(objects: list[Manifest]) -
     container = operator_container(objects)
     assert container["command"] == [
         "ttsfleet", "operator", "--metrics-port", "8080", "--health-port", "8081",
+        "--gateway-node-reader", "tts-tts-operator-gateway-node-reader",
         "--leader-election-id", "ttsfleet-operator",
         "--lease-duration", "15", "--renew-deadline", "10", "--retry-period", "2",
     ]  # fmt: skip
@@ -248,7 +251,7 @@ def test_leader_election_values_reach_the_command() -> None:
             "leaderElection.retryPeriod=4",
         )
     )["command"]
-    assert command[6:] == [
+    assert command[8:] == [
         "--leader-election-id", "my-lease",
         "--lease-duration", "30", "--renew-deadline", "20", "--retry-period", "4",
     ]  # fmt: skip
@@ -260,7 +263,7 @@ def test_without_leader_election_one_pod_is_recreated_never_two_side_by_side() -
     assert spec["replicas"] == 1
     assert spec["strategy"] == {"type": "Recreate"}
     command = spec["template"]["spec"]["containers"][0]["command"]
-    assert command[6:] == ["--no-leader-election"]
+    assert command[8:] == ["--no-leader-election"]
     assert not {o["kind"] for o in objects} & {"Role", "RoleBinding", "PodDisruptionBudget"}
     # The default replicaCount, 2, needs leader election: the chart says so and how to fix it.
     message = refusal("leaderElection.enabled=false")
@@ -369,7 +372,8 @@ def test_the_service_account_is_wired_into_the_pod_and_the_binding(
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "ttsfleet-system"}
     ]
-    role = one(objects, "ClusterRole")
+    role = by_name(objects, "ClusterRole", "tts-tts-operator")
+    assert role is not None
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "ClusterRole",
@@ -415,7 +419,9 @@ def test_the_service_monitor_exists_only_when_enabled(objects: list[Manifest]) -
 
 
 def test_rbac_is_least_privilege(objects: list[Manifest]) -> None:
-    rules = one(objects, "ClusterRole")["rules"]
+    operator_role = by_name(objects, "ClusterRole", "tts-tts-operator")
+    assert operator_role is not None
+    rules = operator_role["rules"]
     for rule in rules:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
         assert not {
@@ -431,7 +437,7 @@ def test_rbac_is_least_privilege(objects: list[Manifest]) -> None:
         assert "nonResourceURLs" not in rule
         # Named: the node-reader ClusterRole is the only one the operator may change.
         assert "resourceNames" not in rule or rule["resourceNames"] == [
-            "ttsfleet-gateway-node-reader"
+            "tts-tts-operator-gateway-node-reader"
         ]
     granted = {
         (group, resource, verb)
@@ -708,6 +714,7 @@ def test_templates_are_named_component_kind() -> None:
         "agent-serviceaccount.yaml",
         "agent-validatingadmissionpolicy.yaml",
         "agent-validatingadmissionpolicybinding.yaml",
+        "gateway-clusterrole.yaml",
         "operator-clusterrole.yaml",
         "operator-clusterrolebinding.yaml",
         "operator-deployment.yaml",
@@ -722,3 +729,15 @@ def test_templates_are_named_component_kind() -> None:
         "operator-validatingadmissionpolicybinding.yaml",
         "triton-podmonitor.yaml",
     ]
+
+
+def test_gateways_get_a_node_reader_role_that_matches_the_operators() -> None:
+    """The chart ships the ClusterRole the operator binds gateways to (it may patch it
+    but not create it): the same rules the operator applies."""
+    objects = render()
+    shipped = by_name(objects, "ClusterRole", "tts-tts-operator-gateway-node-reader")
+    assert shipped is not None
+    assert shipped["rules"] == gateway_resources.node_reader_role()["rules"]
+    command = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["command"]
+    flag = command.index("--gateway-node-reader")
+    assert command[flag + 1] == shipped["metadata"]["name"]

@@ -263,6 +263,7 @@ class Gateway:
                 self.metrics.retries.labels(fleet.key).inc()
             tried |= {address}
             self._begin(fleet, address, characters)
+            asked = time.perf_counter()
             upstream = aio.stream(
                 self.channels.stub(address), speech.text, voice=speech.voice,
                 rate=speech.engine_rate, timeout=self.config.request_timeout_seconds,
@@ -283,14 +284,22 @@ class Gateway:
                 self._end(fleet, address, characters)
                 raise
             fleet.record(address, ok=True)
+            arrived = time.perf_counter()
             if first is not None:
                 fleet.sample_rate = first.sample_rate
-                self.metrics.ttfa.labels(fleet.key).observe(time.perf_counter() - started)
+                self.metrics.ttfa.labels(fleet.key).observe(arrived - started)
             body = self._body(speech, fleet, address, first, upstream)
             media = audio.FORMATS_MEDIA[speech.response_format]
             if speech.sse:
                 media = "text/event-stream"
-            return StreamingResponse(body, media_type=media, headers={"cache-control": "no-store"})
+            # Server-Timing: the replica's time to first audio as the gateway saw it, and
+            # the gateway's own time before it (browsers' dev tools show both).
+            timing = (
+                f"upstream;dur={(arrived - asked) * 1000:.2f}, "
+                f"gateway;dur={(asked - started) * 1000:.2f}"
+            )
+            headers = {"cache-control": "no-store", "server-timing": timing}
+            return StreamingResponse(body, media_type=media, headers=headers)
         raise ApiError(
             503, f"No replica of {fleet.key} could serve the request: {failure}",
             kind="server_error", code="service_unavailable",

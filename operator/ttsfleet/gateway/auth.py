@@ -24,6 +24,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -217,6 +218,11 @@ def jwks(keys: Iterable[ec.EllipticCurvePrivateKey]) -> dict[str, Any]:
         entry = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
         out.append(entry | {"kid": key_id(key), "alg": "ES256", "use": "sig"})
     return {"keys": out}
+
+
+def write_jwks(path: Path, keys: Iterable[ec.EllipticCurvePrivateKey]) -> None:
+    """Write the public JWKS of `keys` to `path` (a gateway's `jwksFile`)."""
+    path.write_text(json.dumps(jwks(keys)))
 
 
 def sign(

@@ -98,12 +98,14 @@ def _child(
     return {"apiVersion": api_version, "kind": kind, "metadata": metadata, **body}
 
 
-def node_reader_role() -> Manifest:
-    """The ClusterRole every gateway is bound to: read Nodes (nothing else)."""
+def node_reader_role(name: str = NODE_READER) -> Manifest:
+    """The ClusterRole every gateway is bound to: read Nodes (nothing else). The chart
+    ships it too (an operator with the chart's RBAC may patch it, not create it); no
+    labels here, so that applying it takes none of Helm's fields."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
-        "metadata": {"name": NODE_READER, "labels": {"app.kubernetes.io/managed-by": "ttsfleet"}},
+        "metadata": {"name": name},
         "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}],
     }
 
@@ -147,8 +149,11 @@ def config(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> Manifest:
     return document
 
 
-def children(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> list[Manifest]:
-    """Every child of `gateway`, given the TtsDeployments its routes name (None: missing)."""
+def children(
+    gateway: Gateway, fleets: Mapping[str, Manifest | None], node_reader: str = NODE_READER
+) -> list[Manifest]:
+    """Every child of `gateway`, given the TtsDeployments its routes name (None: missing),
+    bound to the ClusterRole `node_reader` (applied too)."""
     spec = gateway.spec
     name = gateway.child_name
     rbac = "rbac.authorization.k8s.io/v1"
@@ -223,8 +228,8 @@ def children(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> list[Ma
                 "subjects": [account],
             },
         ),
-        node_reader_role(),
-        cluster_binding(gateway),
+        node_reader_role(node_reader),
+        cluster_binding(gateway, node_reader),
         _child(gateway, "v1", "ConfigMap", {"data": {CONFIG_KEY: document}}),
         _child(
             gateway,
@@ -266,7 +271,7 @@ def children(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> list[Ma
     ]
 
 
-def cluster_binding(gateway: Gateway) -> Manifest:
+def cluster_binding(gateway: Gateway, node_reader: str = NODE_READER) -> Manifest:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRoleBinding",
@@ -281,7 +286,7 @@ def cluster_binding(gateway: Gateway) -> Manifest:
         "roleRef": {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "ClusterRole",
-            "name": NODE_READER,
+            "name": node_reader,
         },
         "subjects": [
             {"kind": "ServiceAccount", "name": gateway.child_name, "namespace": gateway.namespace}

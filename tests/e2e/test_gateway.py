@@ -1,0 +1,152 @@
+"""A TtsGateway on the local cluster: the operator makes it, the local runner runs it
+as a real `ttsfleet gateway` pod that watches its fleet's EndpointSlices with its own
+ServiceAccount, and the official openai client speaks through it."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import av
+import openai
+import pytest
+
+from tests.conftest import Cluster, ttsfleet, wait_for
+from tests.helpers import REPO, load_example
+from ttsfleet import kube
+from ttsfleet.api import v1alpha1 as api
+from ttsfleet.cluster import local, tokens
+from ttsfleet.gateway import auth
+
+pytestmark = pytest.mark.usefixtures("operator")
+FLEET = REPO / "examples" / "local-cpu.yaml"
+GATEWAY = REPO / "examples" / "local-gateway.yaml"
+
+
+def gateway(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    found = kube.get_custom(cluster.api, api.GROUP, api.VERSION, api.GATEWAY_PLURAL, namespace,
+                            "speech")  # fmt: skip
+    assert found is not None
+    return found
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next(c for c in obj["status"].get("conditions") or [] if c["type"] == kind)
+
+
+def address(cluster: Cluster, namespace: str) -> str:
+    def found() -> list[str]:
+        return kube.ready_endpoints(cluster.api, namespace, "speech-gateway", "http")
+
+    try:
+        return str(wait_for("the gateway's ready endpoint", found, timeout=180)[0])
+    except AssertionError:
+        print(cluster.kubectl("get", "pods,ttsgw,ttsd", "-n", namespace, "-o", "wide"))
+        runner = local.runner_dir(cluster.name)
+        print((runner / "runner.log").read_text()[-3000:])
+        for log in runner.glob("pods/*/container.log"):
+            print(log, log.read_text()[-1500:])
+        raise
+
+
+def gateway_pod(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    out = cluster.kubectl("get", "pods", "-n", namespace, "-l", "ttsfleet.io/gateway=speech",
+                          "-o", "json")  # fmt: skip
+    (pod,) = json.loads(out)["items"]
+    return dict(pod)
+
+
+def test_a_gateway_speaks_for_its_fleet_and_follows_its_routes(
+    cluster: Cluster, namespace: str
+) -> None:
+    kube.apply(cluster.api, [tokens.jwks_secret(cluster.name, namespace)], "pytest")
+    cluster.kubectl("apply", "-n", namespace, "-f", str(FLEET), "-f", str(GATEWAY))
+    base = f"http://{address(cluster, namespace)}/v1"
+    token = ttsfleet("token", "--cluster", cluster.name, "--tenant", "acme")
+    assert token.returncode == 0, token.stderr
+    assert token.stdout.count("\n") == 1 and token.stdout.count(".") == 2  # only the JWT
+
+    client = openai.OpenAI(base_url=base, api_key=token.stdout.strip())
+    wait_for(
+        "the gateway to see the Triton endpoint",
+        lambda: kube.ready_endpoints(cluster.api, namespace, "joe-local", "grpc"),
+        timeout=180,
+    )
+    speech = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello, cluster.")
+    with av.open(io.BytesIO(speech.content), format="mp3") as container:
+        samples = sum(f.samples for f in container.decode(audio=0))
+    assert samples / 22_050 > 0.5
+
+    stranger = auth.sign(auth.new_signing_key(), issuer=tokens.ISSUER,
+                         audience=tokens.AUDIENCE, subject="x")  # fmt: skip
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key=stranger).models.list()
+
+    obj = gateway(cluster, namespace)
+    assert condition(obj, "Ready")["status"] == "True"
+    assert obj["status"]["url"] == f"http://speech-gateway.{namespace}.svc/v1"
+    assert obj["status"]["fleets"] == [{"name": "joe-local", "ready": True, "readyReplicas": 1}]
+    table = cluster.kubectl("get", "-n", namespace, "ttsgw", "speech")
+    assert table.split("\n")[0].split() == ["NAME", "READY", "REPLICAS", "URL", "AGE"]
+
+    # A new route reaches the running pod through its ConfigMap: no restart.
+    before = gateway_pod(cluster, namespace)
+    doc = load_example(GATEWAY)
+    doc["metadata"]["namespace"] = namespace
+    doc["spec"]["routes"][0]["models"].append("narrator")
+    kube.apply(cluster.api, [doc], "pytest")
+    wait_for(
+        "the new model on the running gateway",
+        lambda: "narrator" in {m.id for m in client.models.list()},
+        timeout=60,
+    )
+    after = gateway_pod(cluster, namespace)
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert after["status"]["containerStatuses"][0]["restartCount"] == 0
+    client.audio.speech.create(model="narrator", voice="nova", input="New route.")
+
+    # A route to a fleet that does not exist is reported, and the others keep serving.
+    doc["spec"]["routes"].append({"models": ["missing-model"], "fleet": "nobody"})
+    kube.apply(cluster.api, [doc], "pytest")
+
+    def stalled() -> dict[str, Any] | None:
+        cond = condition(gateway(cluster, namespace), "Stalled")
+        return cond if cond["status"] == "True" else None
+
+    cond = wait_for("the gateway to report the missing fleet", stalled, timeout=30)
+    assert "spec.routes[1].fleet" in cond["message"] and "nobody" in cond["message"]
+    client.audio.speech.create(model="tts-1", voice="alloy", input="Still serving.")
+
+    # Deleting the gateway removes its cluster-scoped binding too.
+    binding = f"ttsfleet-gateway-{namespace}-speech"
+    assert kube.get(cluster.api, "rbac.authorization.k8s.io/v1", "ClusterRoleBinding", binding,
+                    None)  # fmt: skip
+    cluster.kubectl("delete", "-n", namespace, "ttsgw", "speech")
+    wait_for(
+        "the ClusterRoleBinding to go",
+        lambda: kube.get(cluster.api, "rbac.authorization.k8s.io/v1", "ClusterRoleBinding",
+                         binding, None) is None,
+        timeout=30,
+    )  # fmt: skip
+
+
+def test_the_demo_speaks_through_triton_and_through_the_speech_api(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`make demo`'s command on this cluster (reusing its operator)."""
+    out = tmp_path / "demo.wav"
+    try:
+        result = ttsfleet("demo", "--name", cluster.name, "--output", str(out))
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        gateway_lines = [line for line in lines if line.startswith("gateway: ")]
+        assert len(gateway_lines) == 1
+        assert gateway_lines[0].startswith("gateway: http://") and gateway_lines[0].endswith("/v1")
+        assert any(line.startswith("Spoke") and ":8001" in line for line in lines)
+        with av.open(str(out.with_suffix(".mp3"))) as container:
+            samples = sum(f.samples for f in container.decode(audio=0))
+        assert samples / 22_050 > 3.0
+    finally:
+        cluster.kubectl("delete", "-n", "default", "ttsgw,ttsd", "--all", "--wait=false")
