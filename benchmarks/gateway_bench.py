@@ -8,18 +8,23 @@ model) and real `ttsfleet gateway` processes (`harness.GatewayProcess`) with fix
 endpoints. Each figure has its baseline from the same run:
 
 1. `added_ttfa_ms` at concurrency 1, 4, 8: for each request through the gateway, the
-   client's time to the first audio byte (`pcm`, so no header precedes the samples)
-   minus the replica's time to first audio for that same request, which the gateway
-   reports in its `Server-Timing: upstream` header: a per-request pairing that leaves
-   out the replica's own queueing. Direct-to-Triton TTFA at the same concurrency,
+   client's time to the first audio bytes minus the replica's time to first audio for
+   that same request, which the gateway reports in its `Server-Timing: upstream`
+   header: a per-request pairing that leaves out the replica's own queueing. The
+   figure is for `wav`, the replica's own samples behind a header (like for like with
+   a direct client); `pcm` (resampled to 24 kHz) and `mp3` (encoded) at concurrency 1
+   say what encoding adds. The replica runs on one core, the gateway and the
+   client on the other (as a gateway has a node's CPU of its own in a cluster); the
+   client is a minimal keep-alive HTTP client (httpx costs about a millisecond more
+   per response). Direct-to-Triton TTFA at the same concurrency,
    alternating with the gateway's, is reported beside it (`direct_ttfa_ms`,
    `gateway_ttfa_ms`).
 2. `auth_rps_per_core`: `GET /v1/voices` with a bearer token (authentication and
    routing, no synthesis) from wrk pinned to one core, the gateway pinned to the other;
    requests answered per CPU-second the gateway used (/proc). Baseline: the same
    without auth.
-3. `p2c_vs_round_robin_ttfa_p95`: three replicas, one held to a quarter of a core (a
-   cgroup's CFS quota); the same open-loop Poisson load (sentences of 1 to 4 sentences)
+3. `p2c_vs_round_robin_ttfa_p95`: three replicas, one held to a tenth of a core (a
+   cgroup's CFS quota); the same open-loop Poisson load (texts of 1 to 4 sentences)
    through a least-outstanding gateway and a round-robin one; the ratio of their TTFA
    p95s (below 0.7 means at least 30 % lower).
 
@@ -42,8 +47,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx2
-
 from ttsfleet import harness
 from ttsfleet.cluster import local
 from ttsfleet.gateway import auth
@@ -60,6 +63,9 @@ SENTENCES = [
     "Please hold while I look that up for you.",
 ]
 CGROUP = Path("/sys/fs/cgroup/cpu/ttsfleet-bench-slow")
+# The slow replica's CPU: a tenth of a core serves fewer requests than round robin
+# sends it at the default rate (a third of 2/s), as a replica on a sick node would.
+SLOW_SHARE = 0.1
 
 
 class Setup:
@@ -116,24 +122,54 @@ def tritons(work: Path, count: int) -> Iterator[list[harness.TritonProcess]]:
 # ---- 1. added latency -----------------------------------------------------------------------
 
 
-async def gateway_ttfa(
-    client: httpx2.AsyncClient, url: str, token: str, text: str
-) -> tuple[float, float]:
-    """(client TTFA, the replica's TTFA from Server-Timing), seconds."""
-    body = {"model": "tts-1", "voice": "alloy", "input": text, "response_format": "pcm"}
-    start = time.perf_counter()
-    async with client.stream(
-        "POST", f"{url}/v1/audio/speech", json=body, headers={"authorization": f"Bearer {token}"}
-    ) as response:
-        response.raise_for_status()
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client for the speech endpoint: a load generator,
+    like wrk, that costs the measurement little (httpx adds about a millisecond per
+    response in Python). Reads the chunked body and notes when its first byte came."""
+
+    def __init__(self, url: str, token: str, fmt: str = "wav") -> None:
+        parts = url.removeprefix("http://").split(":")
+        self.host, self.port = parts[0], int(parts[1])
+        self.token = token
+        self.format = fmt
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def speak(self, text: str) -> tuple[float, float]:
+        """(time to the first audio byte, the replica's TTFA from Server-Timing), s."""
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        body = json.dumps(
+            {"model": "tts-1", "voice": "alloy", "input": text, "response_format": self.format}
+        ).encode()
+        head = (
+            f"POST /v1/audio/speech HTTP/1.1\r\nHost: {self.host}\r\n"
+            f"Authorization: Bearer {self.token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        start = time.perf_counter()
+        writer.write(head + body)
+        headers = (await reader.readuntil(b"\r\n\r\n")).decode()
+        if not headers.startswith("HTTP/1.1 200"):
+            self.streams = None
+            writer.close()
+            raise RuntimeError(headers.split("\r\n", 1)[0])
         first = None
-        async for chunk in response.aiter_raw():
-            if chunk and first is None:
+        while True:  # chunked: size line, data, CRLF; a zero size ends it
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            await reader.readexactly(size + 2)
+            if first is None:
                 first = time.perf_counter() - start
-        timing = response.headers["server-timing"]
-    match = re.search(r"upstream;dur=([0-9.]+)", timing)
-    assert match is not None and first is not None
-    return first, float(match.group(1)) / 1000
+        match = re.search(r"upstream;dur=([0-9.]+)", headers)
+        assert match is not None and first is not None
+        return first, float(match.group(1)) / 1000
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
 
 
 async def direct_ttfa(channels: aio.Channels, address: str, text: str) -> float:
@@ -147,34 +183,35 @@ async def direct_ttfa(channels: aio.Channels, address: str, text: str) -> float:
 
 
 async def added_latency(
-    url: str, token: str, address: str, concurrency: int, seconds: float
+    url: str, token: str, address: str, concurrency: int, seconds: float, fmt: str = "wav"
 ) -> dict[str, Any]:
     added: list[float] = []
     through: list[float] = []
     direct: list[float] = []
     channels = aio.Channels()
     deadline = time.monotonic() + seconds
-    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx2.AsyncClient(timeout=60, limits=limits, trust_env=False) as client:
-        await gateway_ttfa(client, url, token, SHORT)  # warm the connection and the caches
 
-        async def worker(seed: int) -> None:
-            rng = random.Random(seed)  # noqa: S311 - load shapes, not secrets
-            while time.monotonic() < deadline:
-                order = [True, False]
-                rng.shuffle(order)
-                for via_gateway in order:
-                    if via_gateway:
-                        ttfa, upstream = await gateway_ttfa(client, url, token, SHORT)
-                        through.append(ttfa)
-                        added.append(ttfa - upstream)
-                    else:
-                        direct.append(await direct_ttfa(channels, address, SHORT))
+    async def worker(seed: int) -> None:
+        rng = random.Random(seed)  # noqa: S311 - load shapes, not secrets
+        connection = Connection(url, token, fmt)
+        await connection.speak(SHORT)  # warm the connection and the caches
+        while time.monotonic() < deadline:
+            order = [True, False]
+            rng.shuffle(order)
+            for via_gateway in order:
+                if via_gateway:
+                    ttfa, upstream = await connection.speak(SHORT)
+                    through.append(ttfa)
+                    added.append(ttfa - upstream)
+                else:
+                    direct.append(await direct_ttfa(channels, address, SHORT))
+        connection.close()
 
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     await channels.close()
     return {
         "concurrency": concurrency,
+        "format": fmt,
         "requests": len(through) + len(direct),
         "added_ttfa_ms": ms(added),
         "gateway_ttfa_ms": ms(through),
@@ -183,12 +220,23 @@ async def added_latency(
 
 
 def ms(values: list[float]) -> dict[str, float]:
-    return {f"p{q}": round(harness.percentile(values, q) * 1000, 2) for q in (50, 95, 99)} | {
+    return {f"p{q}": round(harness.percentile(values, q / 100) * 1000, 2) for q in (50, 95, 99)} | {
         "n": len(values)
     }
 
 
 # ---- 2. authenticated requests per core -----------------------------------------------------
+
+
+ALL_CORES = set(range(os.cpu_count() or 1))
+
+
+def pin(pid: int, cores: set[int]) -> None:
+    """Every thread of `pid` and of its children on `cores`."""
+    for process in (pid, *children(pid)):
+        for task in Path(f"/proc/{process}/task").iterdir():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(task.name), cores)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -201,10 +249,7 @@ def requests_per_core(
 ) -> dict[str, Any]:
     assert gateway.process is not None
     pid = gateway.process.pid
-    os.sched_setaffinity(pid, {0})
-    for task in Path(f"/proc/{pid}/task").iterdir():  # every thread of it
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(task.name), {0})
+    pin(pid, {0})
     header = ["-H", f"Authorization: Bearer {token}"] if token else []
     argv = ["taskset", "-c", "1", "wrk", "-t1", "-c32", f"-d{seconds:.0f}s", "--latency",
             *header, f"{gateway.url}/v1/voices"]  # fmt: skip
@@ -227,15 +272,33 @@ def requests_per_core(
 # ---- 3. least outstanding vs round robin with a slow replica --------------------------------
 
 
+def children(pid: int) -> list[int]:
+    """Every descendant of `pid`."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                parents.setdefault(ppid, []).append(int(entry.name))
+    found, pending = [], [pid]
+    while pending:
+        for child in parents.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
 @contextlib.contextmanager
 def cpu_share(pid: int, share: float) -> Iterator[None]:
-    """Hold `pid` (and every thread it starts after) to `share` of one core."""
+    """Hold `pid` and its children (Triton runs each Python model instance in a stub
+    process of its own: that is where synthesis happens) to `share` of one core."""
     CGROUP.mkdir(exist_ok=True)
     (CGROUP / "cpu.cfs_period_us").write_text("100000")
     (CGROUP / "cpu.cfs_quota_us").write_text(str(int(100000 * share)))
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            (CGROUP / "tasks").write_text(task.name)
+    for process in (pid, *children(pid)):
+        for task in Path(f"/proc/{process}/task").iterdir():
+            with contextlib.suppress(OSError):
+                (CGROUP / "tasks").write_text(task.name)
     try:
         yield
     finally:
@@ -249,109 +312,136 @@ def cpu_share(pid: int, share: float) -> Iterator[None]:
 async def open_loop(url: str, token: str, rate: float, seconds: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)  # noqa: S311 - load shapes, not secrets
     ttfas: list[float] = []
-    failures = 0
-    limits = httpx2.Limits(max_connections=256, max_keepalive_connections=64)
-    async with httpx2.AsyncClient(timeout=120, limits=limits, trust_env=False) as client:
+    failures: dict[str, int] = {}
 
-        async def one(text: str) -> None:
-            nonlocal failures
-            try:
-                ttfa, _ = await gateway_ttfa(client, url, token, text)
-                ttfas.append(ttfa)
-            except (httpx2.HTTPError, AssertionError):
-                failures += 1
+    async def one(text: str) -> None:
+        # A connection per request: an open loop has no idle connections to reuse that
+        # the server might be closing (uvicorn drops keep-alives idle for 5 s).
+        connection = Connection(url, token)
+        try:
+            ttfa, _ = await connection.speak(text)
+            ttfas.append(ttfa)
+        except (OSError, RuntimeError, asyncio.IncompleteReadError) as err:
+            reason = str(err).split("\r\n")[0][:80] or type(err).__name__
+            failures[reason] = failures.get(reason, 0) + 1
+        finally:
+            connection.close()
 
-        tasks = []
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            text = " ".join(rng.sample(SENTENCES, rng.randint(1, 4)))
-            tasks.append(asyncio.create_task(one(text)))
-            await asyncio.sleep(rng.expovariate(rate))
-        await asyncio.gather(*tasks)
-    return {"requests": len(tasks), "failures": failures, "ttfa_ms": ms(ttfas)}
+    tasks = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        text = " ".join(rng.sample(SENTENCES, rng.randint(1, 4)))
+        tasks.append(asyncio.create_task(one(text)))
+        await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+    return {
+        "requests": len(tasks), "failures": sum(failures.values()), "failure_reasons": failures,
+        "ttfa_ms": ms(ttfas),
+    }  # fmt: skip
 
 
 # ---- the run --------------------------------------------------------------------------------
 
 
+def part_added(
+    setup: Setup, servers: list[harness.TritonProcess], seconds: float
+) -> dict[str, Any]:
+    """1. What the gateway adds to the time to first audio, with its auth rate after."""
+    replica = servers[0]
+    one = setup.gateway("one", [replica.grpc_address])
+    assert replica.process is not None and one.process is not None
+    try:
+        # As in a cluster, where the gateway has a node's CPU of its own: the replica on
+        # one core, the gateway and this client on the other.
+        pin(replica.process.pid, {1})
+        pin(one.process.pid, {0})
+        pin(os.getpid(), {0})
+        levels = []
+        for concurrency in (1, 4, 8):
+            level = asyncio.run(
+                added_latency(one.url, setup.token, replica.grpc_address, concurrency, seconds)
+            )
+            print(json.dumps(level))
+            levels.append(level)
+        # What encoding costs on top: OpenAI's pcm (resampled to 24 kHz) and mp3.
+        formats = [
+            asyncio.run(added_latency(one.url, setup.token, replica.grpc_address, 1, seconds, fmt))
+            for fmt in ("pcm", "mp3")
+        ]
+        print(json.dumps(formats))
+        pin(replica.process.pid, ALL_CORES)
+        pin(os.getpid(), ALL_CORES)
+        authed = requests_per_core(one, setup.token, seconds)
+    finally:
+        one.stop()
+    open_gateway = setup.gateway("open", [replica.grpc_address], authenticated=False)
+    try:
+        unauthed = requests_per_core(open_gateway, None, seconds)
+    finally:
+        open_gateway.stop()
+    print(json.dumps({"with_auth": authed, "without": unauthed}))
+    return {
+        "added_latency": levels,
+        "added_latency_other_formats": formats,
+        "added_ttfa_ms": {
+            str(level["concurrency"]): {k: level["added_ttfa_ms"][k] for k in ("p50", "p99")}
+            for level in levels
+        },
+        "auth": {"with_auth": authed, "baseline_without_auth": unauthed},
+        "auth_rps_per_core": authed["requests_per_cpu_second"],
+    }
+
+
+def part_balancing(
+    setup: Setup, servers: list[harness.TritonProcess], rate: float, seconds: float
+) -> dict[str, Any]:
+    """3. Least outstanding vs round robin, one of three replicas slow."""
+    addresses = [s.grpc_address for s in servers]
+    slow = servers[-1]
+    assert slow.process is not None
+    balanced: dict[str, Any] = {}
+    with cpu_share(slow.process.pid, SLOW_SHARE):
+        for balancer in ("least-outstanding", "round-robin"):
+            gateway = setup.gateway(balancer, addresses, balancer=balancer)
+            try:
+                balanced[balancer] = asyncio.run(
+                    open_loop(gateway.url, setup.token, rate, seconds, seed=7)
+                )
+            finally:
+                gateway.stop()
+            print(balancer, json.dumps(balanced[balancer]))
+    p2c = balanced["least-outstanding"]["ttfa_ms"]["p95"]
+    rr = balanced["round-robin"]["ttfa_ms"]["p95"]
+    return {
+        "balancing": balanced | {
+            "slow_replica_cpu_share": SLOW_SHARE, "rate_per_second": rate, "replicas": 3,
+            "seconds": seconds,
+        },
+        "p2c_vs_round_robin_ttfa_p95": round(p2c / rr, 3),
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--rate", type=float, default=4.0, help="Requests/s in part 3.")
+    parser.add_argument("--rate", type=float, default=2.0, help="Requests/s in part 3.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/gateway.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ttsfleet-gateway-bench-"))
     setup = Setup(work)
-    results: dict[str, Any] = {}
     with tritons(work, 3) as servers:
-        addresses = [s.grpc_address for s in servers]
-        one = setup.gateway("one", addresses[:1])
-        try:
-            levels = []
-            for concurrency in (1, 4, 8):
-                level = asyncio.run(
-                    added_latency(one.url, setup.token, addresses[0], concurrency, args.seconds)
-                )
-                print(json.dumps(level))
-                levels.append(level)
-            results["added_latency"] = levels
-            results["added_ttfa_ms"] = {
-                str(level["concurrency"]): {k: level["added_ttfa_ms"][k] for k in ("p50", "p99")}
-                for level in levels
-            }
-            authed = requests_per_core(one, setup.token, args.seconds)
-        finally:
-            one.stop()
-        open_gateway = setup.gateway("open", addresses[:1], authenticated=False)
-        try:
-            unauthed = requests_per_core(open_gateway, None, args.seconds)
-        finally:
-            open_gateway.stop()
-        results["auth"] = {"with_auth": authed, "baseline_without_auth": unauthed}
-        results["auth_rps_per_core"] = authed["requests_per_cpu_second"]
-        print(json.dumps(results["auth"]))
-
-        slow = servers[2]
-        assert slow.process is not None
-        balanced: dict[str, Any] = {}
-        with cpu_share(slow.process.pid, 0.25):
-            for balancer in ("least-outstanding", "round-robin"):
-                gateway = setup.gateway(balancer, addresses, balancer=balancer)
-                try:
-                    balanced[balancer] = asyncio.run(
-                        open_loop(gateway.url, setup.token, args.rate, args.seconds * 2, seed=7)
-                    )
-                finally:
-                    gateway.stop()
-                print(balancer, json.dumps(balanced[balancer]))
-        results["balancing"] = balanced | {
-            "slow_replica_cpu_share": 0.25, "rate_per_second": args.rate, "replicas": 3,
-        }  # fmt: skip
-        p2c = balanced["least-outstanding"]["ttfa_ms"]["p95"]
-        rr = balanced["round-robin"]["ttfa_ms"]["p95"]
-        results["p2c_vs_round_robin_ttfa_p95"] = round(p2c / rr, 3)
-    goals = {
-        "added_ttfa_p50_under_2ms": all(v["p50"] < 2 for v in results["added_ttfa_ms"].values()),
-        "added_ttfa_p99_under_10ms": all(v["p99"] < 10 for v in results["added_ttfa_ms"].values()),
+        results = part_added(setup, servers, args.seconds)
+        results |= part_balancing(setup, servers, args.rate, args.seconds * 3)
+    added = results["added_ttfa_ms"].values()
+    results["goals"] = {
+        "added_ttfa_p50_under_2ms": all(v["p50"] < 2 for v in added),
+        "added_ttfa_p99_under_10ms": all(v["p99"] < 10 for v in added),
         "auth_rps_per_core_at_least_2000": results["auth_rps_per_core"] >= 2000,
         "p2c_p95_at_least_30pct_lower": results["p2c_vs_round_robin_ttfa_p95"] <= 0.7,
     }
-    results["goals"] = goals
     harness.write_results(args.out, results)
-    print(
-        json.dumps(
-            {
-                k: results[k]
-                for k in (
-                    "added_ttfa_ms",
-                    "auth_rps_per_core",
-                    "p2c_vs_round_robin_ttfa_p95",
-                    "goals",
-                )
-            },
-            indent=2,
-        )
-    )
+    keys = ("added_ttfa_ms", "auth_rps_per_core", "p2c_vs_round_robin_ttfa_p95", "goals")
+    print(json.dumps({k: results[k] for k in keys}, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ttsfleet.routing.balance import Load, choose, round_robin
+from ttsfleet.gateway.fleet import Fleet
+from ttsfleet.routing.balance import Load, choose, peak_ewma, round_robin
 from ttsfleet.routing.outliers import Outliers, Policy
 
 REPLICAS = ["10.0.0.1:8001", "10.0.0.2:8001", "10.0.0.3:8001", "10.0.0.4:8001"]
@@ -165,3 +168,41 @@ def test_replicas_that_left_are_forgotten_and_states_are_immutable() -> None:
     state = fail(start, "a", 1, 0).record("b", ok=True, now=0, fleet_size=2)
     assert start.health == {}
     assert set(state.forget(["b"]).health) == {"b"}
+
+
+def test_outstanding_work_is_weighed_by_how_fast_each_replica_has_been() -> None:
+    # The same text queued at both: the one answering ten times slower costs more.
+    load = {"slow": Load(300, 1, latency=1.0), "fast": Load(300, 1, latency=0.1)}
+    assert {choose(["slow", "fast"], load, random.Random(s)) for s in range(20)} == {"fast"}
+    # Unless the fast one has far more queued than the slow one.
+    load = {"slow": Load(0, 0, latency=1.0), "fast": Load(5000, 9, latency=0.1)}
+    assert choose(["slow", "fast"], load, random.Random(1), request_characters=100) == "slow"
+    # Unmeasured replicas count at the mean of the measured ones.
+    load = {
+        "new": Load(300, 1),
+        "slow": Load(300, 1, latency=2.0),
+        "fast": Load(300, 1, latency=0.2),
+    }
+    picks = {choose(["new", "slow"], load, random.Random(s)) for s in range(20)}
+    assert picks == {"new"}
+
+
+def test_peak_ewma_jumps_up_and_comes_down_slowly() -> None:
+    assert peak_ewma(0.0, 0.3, 0.0, 5.0) == 0.3  # first sample
+    assert peak_ewma(0.1, 2.0, 0.0, 5.0) == 2.0  # slower: at once
+    halfway = peak_ewma(2.0, 0.1, 5.0, 5.0)
+    assert 0.1 < halfway < 2.0 and halfway == pytest.approx(0.1 + 1.9 / math.e)
+    assert peak_ewma(2.0, 0.1, 500.0, 5.0) == pytest.approx(0.1)
+
+
+def test_a_fleet_avoids_a_replica_that_answered_slowly_then_tries_it_again() -> None:
+    now = [0.0]
+    fleet = Fleet("ns/f", seed=3, clock=lambda: now[0])
+    fleet.set_addresses(["slow:1", "fast:1"])
+    fleet.observe("slow:1", 3.0)
+    fleet.observe("fast:1", 0.1)
+    fleet.begin("fast:1", 200)  # the fast one is busier, still it wins
+    assert {fleet.pick(100) for _ in range(20)} == {"fast:1"}
+    now[0] = 600.0  # long unmeasured: the slow one's estimate has faded
+    fleet.observe("fast:1", 0.1)
+    assert "slow:1" in {fleet.pick(100) for _ in range(20)}

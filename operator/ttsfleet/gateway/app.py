@@ -46,6 +46,7 @@ log = logging.getLogger("ttsfleet.gateway")
 SPEED_RANGE = (0.25, 4.0)  # OpenAI's
 STREAM_FORMATS = ("audio", "sse")
 MAX_BODY_BYTES = 64 * 1024
+FIRST_SLICE_SAMPLES = 2048  # ~93 ms at 22.05 kHz: two MP3 frames and change
 
 
 class ApiError(Exception):
@@ -278,6 +279,7 @@ class Gateway:
                 await upstream.aclose()
                 self._end(fleet, address, characters)
                 fleet.record(address, ok=False)
+                fleet.observe(address, max(time.perf_counter() - asked, 1.0))
                 continue
             except BaseException:
                 await upstream.aclose()
@@ -285,6 +287,7 @@ class Gateway:
                 raise
             fleet.record(address, ok=True)
             arrived = time.perf_counter()
+            fleet.observe(address, arrived - asked)
             if first is not None:
                 fleet.sample_rate = first.sample_rate
                 self.metrics.ttfa.labels(fleet.key).observe(arrived - started)
@@ -325,7 +328,11 @@ class Gateway:
         try:
             if first is not None:
                 samples += first.audio.size
-                yield _frame(pipeline.feed(first.audio), speech.sse)
+                # The first sentence in slices: its first bytes go out after a slice is
+                # encoded, not after the whole sentence is (12 ms of MP3 for 1.5 s).
+                for piece in _slices(first.audio, FIRST_SLICE_SAMPLES):
+                    if data := pipeline.feed(piece):
+                        yield _frame(data, speech.sse)
             async for chunk in upstream:
                 samples += chunk.audio.size
                 if data := pipeline.feed(chunk.audio):
@@ -341,6 +348,10 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await upstream.aclose()
             self._end(fleet, address, len(speech.text))
+
+
+def _slices(audio: aio.Audio, size: int) -> list[aio.Audio]:
+    return [audio[i : i + size] for i in range(0, len(audio), size)] or [audio]
 
 
 def _frame(data: bytes, sse: bool) -> bytes:

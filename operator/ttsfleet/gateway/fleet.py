@@ -6,6 +6,7 @@ Not thread-safe: the gateway's event loop owns it.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -13,6 +14,9 @@ from dataclasses import replace
 
 from ttsfleet.routing import balance, outliers
 from ttsfleet.routing.balance import Load
+
+LATENCY_DECAY_SECONDS = 5.0  # a faster answer pulls the estimate down this fast
+LATENCY_IDLE_SECONDS = 30.0  # an unmeasured replica's estimate fades to unknown
 
 
 class Fleet:
@@ -27,6 +31,8 @@ class Fleet:
         self.load: dict[str, Load] = {}
         self.health = outliers.Outliers(policy or outliers.Policy())
         self.sample_rate = 22_050  # until a replica says otherwise
+        # Each replica's peak-EWMA time to first audio and when it was last measured.
+        self.latency: dict[str, tuple[float, float]] = {}
         self._rng = random.Random(seed)  # noqa: S311 - load spreading, not secrets
         self._clock = clock
         self._turn = 0
@@ -36,6 +42,7 @@ class Fleet:
         counted until it ends (its streams are still open)."""
         self.addresses = tuple(sorted(set(addresses)))
         self.health = self.health.forget(self.addresses)
+        self.latency = {a: v for a, v in self.latency.items() if a in self.addresses}
 
     def pick(
         self, characters: int, exclude: frozenset[str] = frozenset(), session: str | None = None
@@ -47,9 +54,29 @@ class Fleet:
             self._turn += 1
             return balance.round_robin(pool, self._turn)
         return balance.choose(
-            usable, self.load, self._rng, session=session, exclude=exclude,
+            usable, self._weighed(usable), self._rng, session=session, exclude=exclude,
             request_characters=characters,
         )  # fmt: skip
+
+    def _weighed(self, usable: list[str]) -> dict[str, Load]:
+        """Outstanding work with each replica's latency, faded towards unknown (the
+        mean of the others) while it goes unmeasured, so a replica once slow is tried
+        again in time."""
+        now = self._clock()
+        out = {}
+        for address in usable:
+            load = self.load.get(address, balance.IDLE)
+            latency, at = self.latency.get(address, (0.0, now))
+            fade = math.exp(-(now - at) / LATENCY_IDLE_SECONDS)
+            out[address] = replace(load, latency=latency * fade)
+        return out
+
+    def observe(self, address: str, seconds: float) -> None:
+        """A replica's time to first audio (or, for a failure, the time it was given)."""
+        now = self._clock()
+        current, at = self.latency.get(address, (0.0, now))
+        value = balance.peak_ewma(current, seconds, now - at, LATENCY_DECAY_SECONDS)
+        self.latency[address] = (value, now)
 
     def begin(self, address: str, characters: int) -> None:
         now = self.load.get(address, balance.IDLE)

@@ -1,11 +1,14 @@
 """Which replica gets a request: power-of-two choices on outstanding work. Pure.
 
 Each replica's outstanding work is what the gateway has sent it and not yet had back:
-queued characters of text (a long paragraph weighs more than "Hello"), with open
-streams as the tie-break. `choose` samples two distinct usable replicas and takes the
-one with less outstanding work (Mitzenmacher's power of two choices, Envoy's
-`least_request`): near the best of a full scan, with no herd on one replica when many
-gateways decide at once on stale counts.
+queued characters of text (a long paragraph weighs more than "Hello"), this request's
+included, weighed by how fast that replica has lately been (its peak-EWMA time to
+first audio, as Finagle's and Linkerd's balancers weigh open requests by latency), so
+that a replica on a slow or sick node costs more per character; open streams break
+ties. A replica not yet measured counts at the mean of those measured. `choose` samples two
+distinct usable replicas and takes the one with less outstanding work (Mitzenmacher's
+power of two choices, Envoy's `least_request`): near the best of a full scan, with no
+herd on one replica when many gateways decide at once on stale counts.
 
 Session affinity: a request with a session key goes to the replica that rendezvous
 hashing gives that key (the same replica while the fleet is the same; only the
@@ -18,6 +21,7 @@ session cannot sink a replica.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,17 +29,37 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Load:
-    """What the gateway has outstanding at one replica."""
+    """What the gateway has outstanding at one replica, and how fast it has been."""
 
     characters: int = 0
     streams: int = 0
+    latency: float = 0.0  # seconds: recent time to first audio (peak EWMA); 0: unknown
 
 
 IDLE = Load()
 
 
-def _key(load: Load) -> tuple[int, int]:
-    return (load.characters, load.streams)
+def _costs(
+    pool: Sequence[str], load: Mapping[str, Load], request_characters: int
+) -> dict[str, tuple[float, int]]:
+    known = [entry.latency for entry in load.values() if entry.latency > 0]
+    default = sum(known) / len(known) if known else 1.0
+    costs = {}
+    for candidate in pool:
+        here = load.get(candidate, IDLE)
+        latency = here.latency if here.latency > 0 else default
+        costs[candidate] = (latency * (here.characters + max(request_characters, 1)), here.streams)
+    return costs
+
+
+def peak_ewma(current: float, sample: float, elapsed: float, decay_seconds: float) -> float:
+    """A latency estimate that jumps up to a slower sample at once and comes down to
+    faster ones over `decay_seconds` (Finagle's peak EWMA): a replica that slows down
+    is avoided at its first slow answer, and trusted again only as it proves fast."""
+    if current <= 0 or sample >= current:
+        return sample
+    weight = math.exp(-max(elapsed, 0.0) / decay_seconds)
+    return current * weight + sample * (1 - weight)
 
 
 def choose(
@@ -62,7 +86,8 @@ def choose(
     if len(pool) == 1:
         return pool[0]
     first, second = rng.sample(pool, 2)
-    return min(first, second, key=lambda c: _key(load.get(c, IDLE)))
+    costs = _costs(pool, load, request_characters)
+    return min(first, second, key=costs.__getitem__)
 
 
 def _weight(session: str, replica: str) -> int:
