@@ -83,7 +83,7 @@ bench-sim: .venv ## Simulate every trace with ttsfleet and its peers, check the 
 bench-chaos: tools .venv ## Kill and pause the leader of two operator replicas >= 10 times: failover (JSON).
 	$(BIN)/python benchmarks/chaos_bench.py --out benchmarks/results/chaos.json
 
-bench-gateway: deps .venv ## The speech gateway: added TTFA, auth requests per core, p2c vs round robin (JSON).
+bench-gateway: deps tools .venv ## The speech gateway: added TTFA, auth per core, p2c vs round robin, a replica killed (JSON).
 	$(BIN)/python benchmarks/gateway_bench.py --out benchmarks/results/gateway.json
 
 clean: ## Remove the virtualenv and caches of this checkout (not the built binaries).

@@ -27,6 +27,12 @@ endpoints. Each figure has its baseline from the same run:
    cgroup's CFS quota); the same open-loop Poisson load (texts of 1 to 4 sentences)
    through a least-outstanding gateway and a round-robin one; the ratio of their TTFA
    p95s (below 0.7 means at least 30 % lower).
+4. `replica_kill_failed_pct`: on the local cluster (`bench-gateway`, made and removed
+   here), a TtsGateway in front of two real replicas, closed-loop load of 4 streams;
+   a third of the way in, one replica's tritonserver is killed (SIGKILL). Failed
+   requests (an error status, or a stream cut short) in percent, and how many of them
+   started after the replica's endpoint left its EndpointSlice (a watch here records
+   when).
 
 The load generator shares the 2 cores with the servers: figures are for this machine.
 """
@@ -40,6 +46,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import tempfile
 import time
@@ -47,8 +54,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ttsfleet import harness
-from ttsfleet.cluster import local
+import yaml
+
+from ttsfleet import harness, kube
+from ttsfleet.api import crd
+from ttsfleet.cluster import images, local, tokens
+from ttsfleet.cluster.pool import load_pool_file
 from ttsfleet.gateway import auth
 from ttsfleet.triton import aio
 
@@ -152,8 +163,11 @@ class Connection:
         headers = (await reader.readuntil(b"\r\n\r\n")).decode()
         if not headers.startswith("HTTP/1.1 200"):
             self.streams = None
+            detail = await reader.read(400)  # the error's JSON, as much as came
             writer.close()
-            raise RuntimeError(headers.split("\r\n", 1)[0])
+            message = re.search(rb'"message":\s*"([^"]{0,120})', detail)
+            why = message.group(1).decode() if message else ""
+            raise RuntimeError(f"{headers.split(chr(13), 1)[0]}: {why}")
         first = None
         while True:  # chunked: size line, data, CRLF; a zero size ends it
             size = int((await reader.readuntil(b"\r\n")).strip(), 16)
@@ -421,6 +435,123 @@ def part_balancing(
     }  # fmt: skip
 
 
+# ---- 4. a replica killed under load (on the local cluster) ----------------------------------
+
+CLUSTER = "bench-gateway"
+NAMESPACE = "gateway-bench"
+
+
+def cluster_setup(work: Path) -> tuple[Any, str, str]:
+    """The local cluster with the operator, a two-replica fleet on the local node and a
+    TtsGateway in front of it; (api, the gateway's address, a token)."""
+    record = local.up(CLUSTER, load_pool_file(None), reuse=True).record
+    api = kube.api_client(record.kubeconfig)
+    kube.apply(api, [crd.crd(), crd.gateway_crd()], "bench")
+    for plural in ("ttsdeployments", "ttsgateways"):
+        harness.wait_established(api, f"{plural}.ttsfleet.io")
+    if kube.get(api, "v1", "Namespace", NAMESPACE, None) is None:
+        kube.create_namespace(api, NAMESPACE)
+    operator = harness.OperatorProcess(
+        record.kubeconfig, work / "operator.log", local.free_port(), local.free_port(),
+        leader_election=False,
+    )  # fmt: skip
+    operator.start()
+    fleet = yaml.safe_load((REPO / "examples/local-cpu.yaml").read_text())
+    fleet["spec"] |= {"replicas": 2, "minReplicas": 2, "maxReplicas": 2}
+    fleet["spec"]["runtime"]["resources"]["requests"]["cpu"] = "250m"
+    gateway = yaml.safe_load((REPO / "examples/local-gateway.yaml").read_text())
+    for doc in fleet, gateway:
+        doc["metadata"]["namespace"] = NAMESPACE
+    kube.apply(api, [fleet, tokens.jwks_secret(CLUSTER, NAMESPACE), gateway], "bench")
+    harness.wait_for(
+        "two ready replicas",
+        lambda: len(kube.ready_endpoints(api, NAMESPACE, "joe-local", "grpc")) == 2,
+        timeout=300,
+    )
+    (address,) = harness.wait_for(
+        "the gateway", lambda: kube.ready_endpoints(api, NAMESPACE, "speech-gateway", "http"),
+        timeout=180,
+    )  # fmt: skip
+    return (api, operator), address, tokens.token(CLUSTER)
+
+
+def server_pid(pod_uid: str) -> int:
+    """The tritonserver process the local runner runs for a pod."""
+    marker = images.shm_prefix(pod_uid)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                if marker in cmdline and "tritonserver" in cmdline.split(" ")[0]:
+                    return int(entry.name)
+    raise RuntimeError(f"no tritonserver for pod {pod_uid}")
+
+
+async def killed_under_load(
+    api: Any, address: str, token: str, seconds: float, concurrency: int
+) -> dict[str, Any]:
+    changes: list[tuple[float, list[str]]] = []
+    watch = kube.EndpointWatch(
+        api, NAMESPACE, "joe-local", "grpc", on_change=lambda a: changes.append((time.time(), a))
+    ).start()
+    watch.wait_listed(30)
+    before = watch.addresses()
+    pods = kube.list_pods(api, NAMESPACE, "ttsfleet.io/deployment=joe-local")
+    victim = pods[0]
+    victim_address = f"{victim['status']['podIP']}:8001"
+    outcomes: list[tuple[float, bool, str]] = []  # (started, ok, why)
+    deadline = time.monotonic() + seconds
+    killed_at = 0.0
+
+    async def worker(seed: int) -> None:
+        rng = random.Random(seed)  # noqa: S311 - load shapes, not secrets
+        while time.monotonic() < deadline:
+            connection = Connection(address, token)
+            started = time.time()
+            try:
+                await connection.speak(" ".join(rng.sample(SENTENCES, rng.randint(1, 2))))
+                outcomes.append((started, True, ""))
+            except (OSError, RuntimeError, asyncio.IncompleteReadError) as err:
+                outcomes.append((started, False, str(err).split("\r\n")[0][:160]))
+            finally:
+                connection.close()
+
+    async def kill() -> None:
+        nonlocal killed_at
+        await asyncio.sleep(seconds / 3)
+        killed_at = time.time()
+        os.kill(server_pid(victim["metadata"]["uid"]), signal.SIGKILL)
+
+    await asyncio.gather(kill(), *(worker(i) for i in range(concurrency)))
+    watch.stop()
+    left = next((t for t, a in changes if t >= killed_at and victim_address not in a), None)
+    failed = [o for o in outcomes if not o[1]]
+    after_left = [o for o in failed if left is not None and o[0] >= left]
+    return {
+        "requests": len(outcomes),
+        "failed": len(failed),
+        "failed_pct": round(100 * len(failed) / max(len(outcomes), 1), 3),
+        "failed_after_endpoint_left": len(after_left),
+        "failure_reasons": sorted({why for _, _, why in failed}),
+        "replicas_before": len(before),
+        "endpoint_left_seconds_after_kill": None if left is None else round(left - killed_at, 2),
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "kill": "SIGKILL of one replica's tritonserver (a crash); the runner restarts it",
+    }
+
+
+def part_replica_kill(work: Path, seconds: float) -> dict[str, Any]:
+    (api, operator), address, token = cluster_setup(work)
+    try:
+        result = asyncio.run(killed_under_load(api, address, token, seconds, concurrency=4))
+    finally:
+        operator.stop()
+        local.down(CLUSTER)
+    print(json.dumps(result))
+    return {"replica_kill": result, "replica_kill_failed_pct": result["failed_pct"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -432,15 +563,23 @@ def main() -> None:
     with tritons(work, 3) as servers:
         results = part_added(setup, servers, args.seconds)
         results |= part_balancing(setup, servers, args.rate, args.seconds * 3)
+    results |= part_replica_kill(work, args.seconds * 6)
     added = results["added_ttfa_ms"].values()
     results["goals"] = {
         "added_ttfa_p50_under_2ms": all(v["p50"] < 2 for v in added),
         "added_ttfa_p99_under_10ms": all(v["p99"] < 10 for v in added),
         "auth_rps_per_core_at_least_2000": results["auth_rps_per_core"] >= 2000,
         "p2c_p95_at_least_30pct_lower": results["p2c_vs_round_robin_ttfa_p95"] <= 0.7,
+        "replica_kill_under_1pct_failed": results["replica_kill_failed_pct"] < 1,
+        "replica_kill_none_failed_after_endpoint_left": (
+            results["replica_kill"]["failed_after_endpoint_left"] == 0
+        ),
     }
     harness.write_results(args.out, results)
-    keys = ("added_ttfa_ms", "auth_rps_per_core", "p2c_vs_round_robin_ttfa_p95", "goals")
+    keys = (
+        "added_ttfa_ms", "auth_rps_per_core", "p2c_vs_round_robin_ttfa_p95",
+        "replica_kill_failed_pct", "goals",
+    )  # fmt: skip
     print(json.dumps({k: results[k] for k in keys}, indent=2))
 
 

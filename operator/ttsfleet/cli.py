@@ -417,14 +417,15 @@ def bench(
     names = [t for t in target if ":" not in t]
 
     api: Any = _api_for(kubeconfig, cluster) if names else None
+    # Each TtsDeployment's ready endpoints, kept current by a watch (not polled).
+    watches = [kube.EndpointWatch(api, namespace, name, "grpc").start() for name in names]
+    for endpoints in watches:
+        endpoints.wait_listed(10)
 
     def resolve() -> list[str]:
-        found = list(addresses)
-        for name in names:
-            found += kube.ready_endpoints(api, namespace, name, "grpc")
-        return found
+        return [*addresses, *(a for endpoints in watches for a in endpoints.addresses())]
 
-    balancer = client.Balancer(resolve)
+    balancer = client.Balancer(resolve, refresh_seconds=0)
     call = client.stream if stream else client.synthesize
     levels = [int(c) for c in concurrency.split(",") if c.strip()]
     results = []

@@ -257,8 +257,39 @@ class OperatorProcess:
             self.process = None
 
 
+class _Server:
+    """A server process whose output goes to `log`, ready once `ready()` says so."""
+
+    log: Path
+    process: subprocess.Popen[bytes] | None
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def _launch(self, argv: list[str], env: dict[str, str], what: str, timeout: float) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | env
+            )
+        try:
+            wait_for(f"{what} to be ready ({self.log})", self.ready, timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _alive(self, what: str) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"{what} exited:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
 @dataclass
-class TritonProcess:
+class TritonProcess(_Server):
     """A real tritonserver serving this repository's models on loopback."""
 
     http: int
@@ -284,21 +315,10 @@ class TritonProcess:
             f"--metrics-port={self.metrics}",
             *self.extra_args,
         )  # fmt: skip
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT,
-                env=os.environ | images.triton_environment() | self.env,
-            )  # fmt: skip
-        try:
-            wait_for("tritonserver to be ready", self.ready, timeout=timeout)
-        except BaseException:
-            self.stop()
-            raise
+        self._launch(argv, images.triton_environment() | self.env, "tritonserver", timeout)
 
     def ready(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"tritonserver exited:\n{self.log.read_text()[-3000:]}")
+        self._alive("tritonserver")
         return http_ok(f"http://127.0.0.1:{self.http}/v2/health/ready")
 
     def metric(self, name: str, **labels: str) -> float:
@@ -306,14 +326,9 @@ class TritonProcess:
         url = f"http://127.0.0.1:{self.metrics}/metrics"
         return metric_value(url, name, **labels) or 0.0
 
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
-
 
 @dataclass
-class GatewayProcess:
+class GatewayProcess(_Server):
     """`ttsfleet gateway` on loopback, serving the config in `config` (JSON)."""
 
     config: Path
@@ -341,29 +356,14 @@ class GatewayProcess:
             "--host", "127.0.0.1", "--port", str(self.port),
             *(["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else []),
         ]  # fmt: skip
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | self.env
-            )
-        try:
-            wait_for(f"the gateway to be ready ({self.log})", self.ready, timeout=timeout)
-        except BaseException:
-            self.stop()
-            raise
+        self._launch(argv, self.env, "the gateway", timeout)
 
     def ready(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"the gateway exited:\n{self.log.read_text()[-3000:]}")
+        self._alive("the gateway")
         return http_ok(f"{self.url}/readyz")
 
     def metric(self, name: str, **labels: str) -> float:
         return metric_value(f"{self.url}/metrics", name, **labels) or 0.0
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
 
 
 @contextmanager

@@ -396,10 +396,15 @@ def _slice_endpoints(slices: Iterable[Manifest], port: str) -> list[tuple[str, s
 def _reachable(
     api: client.ApiClient, candidates: list[tuple[str, str]], known: dict[str, bool]
 ) -> list[str]:
-    """The addresses of `candidates` on nodes with a pod network; `known` caches nodes."""
+    """The addresses of `candidates` on nodes with a pod network; `known` caches nodes.
+    A node that cannot be read (gone, or not yet readable: RBAC just granted) is left
+    out and not cached."""
     for name in {node for node, _ in candidates} - known.keys():
-        found = read_node(api, name)
-        if found is not None:  # an unreadable node is asked again next time
+        try:
+            found = read_node(api, name)
+        except ApiException:
+            found = None
+        if found is not None:
             known[name] = has_pod_network(found)
     return sorted({address for node, address in candidates if known.get(node)})
 
@@ -443,13 +448,17 @@ class EndpointWatch:
         """Whether the first list arrived within `timeout` seconds."""
         return self._listed.wait(timeout)
 
-    def _publish(self, slices: dict[str, Manifest]) -> None:
-        addresses = _reachable(self.api, _slice_endpoints(slices.values(), self.port), self._nodes)
-        changed = addresses != self._addresses
+    def _publish(self, slices: dict[str, Manifest]) -> bool:
+        """Pass on the addresses; False if some endpoint's node could not be read (the
+        caller lists again soon: no slice event may come to try it again)."""
+        candidates = _slice_endpoints(slices.values(), self.port)
+        addresses = _reachable(self.api, candidates, self._nodes)
+        changed = addresses != self._addresses or not self._listed.is_set()
         self._addresses = addresses
         self._listed.set()
         if changed and self._on_change is not None:
             self._on_change(addresses)
+        return all(node in self._nodes for node, _ in candidates)
 
     def _run(self) -> None:
         from kubernetes import watch  # noqa: PLC0415
@@ -463,7 +472,9 @@ class EndpointWatch:
                 )
                 document = json.loads(listed.data)
                 slices = {i["metadata"]["name"]: i for i in document["items"]}
-                self._publish(slices)
+                if not self._publish(slices):
+                    self._stop.wait(self._retry)
+                    continue
                 version = document["metadata"]["resourceVersion"]
                 stream = watch.Watch()
                 for event in stream.stream(
@@ -484,7 +495,10 @@ class EndpointWatch:
                         slices.pop(name, None)
                     else:
                         slices[name] = item
-                    self._publish(slices)
+                    if not self._publish(slices):
+                        stream.stop()
+                        self._stop.wait(self._retry)
+                        break
             except Exception:  # the apiserver restarting or unreachable: list again
                 self._stop.wait(self._retry)
 

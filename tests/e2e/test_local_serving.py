@@ -69,6 +69,21 @@ def test_say_speaks_through_a_real_triton_pod(
         assert wav.getnframes() / wav.getframerate() > 1.5
 
 
+def test_bench_loads_a_deployment_by_name_through_its_watched_endpoints(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLE))
+    serving(cluster, namespace, 1)
+    out = tmp_path / "bench.json"
+    result = ttsfleet(
+        "bench", "--target", "joe-local", "-n", namespace, "--cluster", cluster.name,
+        "--concurrency", "1", "--seconds", "3", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (level,) = json.loads(out.read_text())["levels"]
+    assert level["requests"] > 0 and level["errors"] == 0
+
+
 def test_a_deleted_pod_stops_its_process_and_a_new_one_serves(
     cluster: Cluster, namespace: str
 ) -> None:

@@ -125,6 +125,7 @@ class Gateway:
         self.fleets: dict[str, Fleet] = {}
         self.verifier: Verifier | None = None
         self.keys_loaded = False
+        self.listed: set[str] = set()  # fleets whose endpoints are known (fixed or watched)
         self.config = config
         self.apply(config)
         if keys is not None:
@@ -143,6 +144,8 @@ class Gateway:
                 fleet = self.fleets[key] = Fleet(key, round_robin=round_robin)
             if spec.endpoints is not None:
                 fleet.set_addresses(spec.endpoints)
+                self.listed.add(key)
+        self.listed &= set(wanted)
         if config.auth is None:
             self.verifier = None
         elif self.verifier is None or self.verifier.config != config.auth.verifier_config():
@@ -160,10 +163,14 @@ class Gateway:
         fleet = self.fleets.get(key)
         if fleet is not None:
             fleet.set_addresses(addresses)
+            self.listed.add(key)
 
     def ready(self) -> tuple[bool, str]:
         if self.config.auth is not None and not self.keys_loaded:
             return False, "the JWKS is not loaded yet"
+        unknown = sorted(set(self.fleets) - self.listed)
+        if unknown:
+            return False, f"the endpoints of {', '.join(unknown)} are not known yet"
         return True, "ok"
 
     # ---- requests ---------------------------------------------------------------------------

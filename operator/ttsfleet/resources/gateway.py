@@ -159,8 +159,15 @@ def children(
     rbac = "rbac.authorization.k8s.io/v1"
     account = {"kind": "ServiceAccount", "name": name, "namespace": gateway.namespace}
     document = json.dumps(config(gateway, fleets), indent=2, sort_keys=True)
-    volumes: list[Manifest] = [{"name": "config", "configMap": {"name": name}}]
-    mounts: list[Manifest] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    # /tmp writable under a read-only root file system.
+    volumes: list[Manifest] = [
+        {"name": "config", "configMap": {"name": name}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[Manifest] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a container path
+    ]
     if spec.auth is not None and spec.auth.jwks_secret_ref is not None:
         volumes.append({"name": "jwks", "secret": {"secretName": spec.auth.jwks_secret_ref.name}})
         mounts.append({"name": "jwks", "mountPath": JWKS_DIR, "readOnly": True})
