@@ -213,7 +213,11 @@ def resolve_target(
 
     if ":" in target:
         return target
-    addresses = kube.ready_endpoints(_api_for(kubeconfig, cluster), namespace, target, "grpc")
+    # The same watch-based endpoint cache as `ttsfleet bench` and the gateway use.
+    endpoints = kube.EndpointWatch(_api_for(kubeconfig, cluster), namespace, target).start()
+    endpoints.wait_listed(10)
+    endpoints.stop()
+    addresses = endpoints.addresses()
     if not addresses:
         raise _fail(
             f"TtsDeployment {namespace}/{target} has no ready endpoints: "
