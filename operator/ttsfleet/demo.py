@@ -127,8 +127,9 @@ def speak_openai(base_url: str, token: str, out: Path) -> None:
         try:
             response = speech.audio.speech.create(model="tts-1", voice="alloy", input=SENTENCE)
             break
-        except openai.AuthenticationError:
-            # A gateway reused from an earlier run re-reads a changed key within seconds.
+        except (openai.AuthenticationError, openai.InternalServerError):
+            # A gateway reused from an earlier run re-reads a changed key within
+            # seconds; a new one may not have seen the fleet's endpoint yet (503).
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)

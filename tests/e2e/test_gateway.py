@@ -69,13 +69,19 @@ def test_a_gateway_speaks_for_its_fleet_and_follows_its_routes(
     assert token.stdout.count("\n") == 1 and token.stdout.count(".") == 2  # only the JWT
 
     client = openai.OpenAI(base_url=base, api_key=token.stdout.strip())
-    wait_for(
-        "the gateway to see the Triton endpoint",
-        lambda: kube.ready_endpoints(cluster.api, namespace, "joe-local", "grpc"),
-        timeout=180,
-    )
-    speech = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello, cluster.")
-    with av.open(io.BytesIO(speech.content), format="mp3") as container:
+
+    def spoken() -> bytes | None:
+        """The first speech, once the gateway's watch has seen a ready replica (503
+        until then: the fleet's pod may still be starting)."""
+        try:
+            return client.audio.speech.create(
+                model="tts-1", voice="alloy", input="Hello, cluster."
+            ).content
+        except openai.InternalServerError:
+            return None
+
+    content = wait_for("speech through the gateway", spoken, timeout=180)
+    with av.open(io.BytesIO(content), format="mp3") as container:
         samples = sum(f.samples for f in container.decode(audio=0))
     assert samples / 22_050 > 0.5
 

@@ -4,6 +4,7 @@ the official `openai` client, plain HTTP, and bad requests of every kind."""
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 import json
 import struct
@@ -373,3 +374,55 @@ def test_rotated_keys_apply_without_a_restart(setup: Setup) -> None:
     finally:
         auth.write_jwks(setup.jwks, [setup.key])
     wait_for("the first key back", lambda: setup.post(GOOD).status_code == 200)
+
+
+def test_keys_from_a_jwks_url_are_fetched_in_the_background(
+    tmp_path: Path, triton: TritonProcess
+) -> None:
+    """A JWKS URL (an identity provider's): fetched at start and every refreshSeconds;
+    a rotated key is accepted after the next fetch, and while the URL is down the keys
+    loaded before keep working."""
+    first, second = auth.new_signing_key(), auth.new_signing_key()
+    served = {"doc": json.dumps(auth.jwks([first])).encode(), "up": True}
+
+    class Keys(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if not served["up"]:
+                self.send_error(503)
+                return
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(served["doc"])  # type: ignore[arg-type]
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Keys)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    gateway = GatewayProcess(tmp_path / "gateway.json", local.free_port(), tmp_path / "gw.log")
+    document = gateway_config([triton.grpc_address], tmp_path / "unused.json")
+    document["auth"] = {
+        "issuer": ISSUER, "audiences": [AUDIENCE], "refreshSeconds": 5,
+        "jwksUrl": f"http://127.0.0.1:{server.server_address[1]}/keys",
+    }  # fmt: skip
+    gateway.configure(document)
+    gateway.start()
+    try:
+
+        def status(key: ec.EllipticCurvePrivateKey) -> int:
+            token = auth.sign(key, issuer=ISSUER, audience=AUDIENCE, subject="u")
+            return httpx2.get(
+                f"{gateway.url}/v1/models", headers={"authorization": f"Bearer {token}"}
+            ).status_code
+
+        assert status(first) == 200 and status(second) == 401
+        served["up"] = False
+        time.sleep(6)  # a refresh fails: the loaded keys stay
+        assert status(first) == 200
+        served["doc"], served["up"] = json.dumps(auth.jwks([second])).encode(), True
+        wait_for("the rotated key", lambda: status(second) == 200, timeout=20)
+        assert status(first) == 401
+    finally:
+        gateway.stop()
+        server.shutdown()
