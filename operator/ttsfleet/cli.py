@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import dataclasses
@@ -213,11 +214,9 @@ def resolve_target(
 
     if ":" in target:
         return target
-    # The same watch-based endpoint cache as `ttsfleet bench` and the gateway use.
-    endpoints = kube.EndpointWatch(_api_for(kubeconfig, cluster), namespace, target).start()
-    endpoints.wait_listed(10)
-    endpoints.stop()
-    addresses = endpoints.addresses()
+    # One request: one list of the slices (bench and the gateway, which keep going,
+    # watch them).
+    addresses = kube.ready_endpoints(_api_for(kubeconfig, cluster), namespace, target, "grpc")
     if not addresses:
         raise _fail(
             f"TtsDeployment {namespace}/{target} has no ready endpoints: "
@@ -430,6 +429,8 @@ def bench(
         return [*addresses, *(a for endpoints in watches for a in endpoints.addresses())]
 
     balancer = client.Balancer(resolve, refresh_seconds=0)
+    for endpoints in watches:
+        atexit.register(endpoints.stop)
     call = client.stream if stream else client.synthesize
     levels = [int(c) for c in concurrency.split(",") if c.strip()]
     results = []

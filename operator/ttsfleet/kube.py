@@ -6,6 +6,7 @@ Everything else builds plain manifests (dicts) and hands them here.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import shutil
@@ -430,6 +431,7 @@ class EndpointWatch:
         self._listed = threading.Event()
         self._stop = threading.Event()
         self._nodes: dict[str, bool] = {}
+        self._watch: Any = None
         self._thread = threading.Thread(
             target=self._run, name=f"endpoints-{namespace}/{service}", daemon=True
         )
@@ -438,8 +440,20 @@ class EndpointWatch:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop watching and wait (up to `timeout`) for the thread to end: its open
+        response is closed, so a read blocked on it returns at once (a process that
+        exits with the thread still reading can abort in the interpreter's teardown)."""
         self._stop.set()
+        stream = self._watch
+        if stream is not None:
+            stream.stop()
+            response = getattr(stream, "_resp", None)  # the kubernetes client's open watch
+            if response is not None:
+                with contextlib.suppress(Exception):
+                    response.close()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def addresses(self) -> list[str]:
         return list(self._addresses)
@@ -476,7 +490,9 @@ class EndpointWatch:
                     self._stop.wait(self._retry)
                     continue
                 version = document["metadata"]["resourceVersion"]
-                stream = watch.Watch()
+                stream = self._watch = watch.Watch()
+                if self._stop.is_set():
+                    break
                 for event in stream.stream(
                     discovery.list_namespaced_endpoint_slice, self.namespace,
                     label_selector=selector, resource_version=version,
