@@ -57,6 +57,33 @@ def test_mp3_frames_decode_from_the_first_chunks_and_in_full() -> None:
     assert len(samples) / RATE == pytest.approx(2.0, abs=0.08)  # MP3 adds priming/padding
 
 
+CONTAINERS = {"mp3": "mp3", "opus": "ogg", "aac": "adts", "flac": "flac"}
+
+
+@pytest.mark.parametrize("fmt", sorted(CONTAINERS))
+def test_compressed_formats_stream_from_their_first_frames_and_keep_their_length(
+    fmt: str,
+) -> None:
+    encoder = audio.FORMATS[fmt](RATE)
+    parts = [encoder.encode(c) for c in chunks()]
+    parts.append(encoder.finish())
+    data = b"".join(parts)
+    # Playable early: within the first 0.6 s of input (three chunks), not at the end.
+    samples, _ = decode(b"".join(parts[:3]), CONTAINERS[fmt])
+    assert len(samples) > 0
+    samples, rate = decode(data, CONTAINERS[fmt])
+    # Within 2 % of the input, or the codec's own priming and padding (<= 100 ms).
+    assert abs(len(samples) / rate - 2.0) <= max(0.02 * 2.0, 0.1), fmt
+    pitch = np.abs(np.fft.rfft(samples.astype(np.float32))).argmax() * rate / len(samples)
+    assert pitch == pytest.approx(220.0, abs=3)  # the same tone, at any output rate
+
+
+def test_every_openai_format_has_an_encoder_and_a_media_type() -> None:
+    assert set(audio.FORMATS) == {"mp3", "opus", "aac", "flac", "wav", "pcm"}
+    assert audio.FORMATS_MEDIA["opus"] == "audio/opus"
+    assert audio.FORMATS_MEDIA["mp3"] == "audio/mpeg"
+
+
 def test_pcm_is_resampled_to_24khz_without_losing_length() -> None:
     encoder = audio.Pcm(RATE)
     data = b"".join(encoder.encode(c) for c in chunks()) + encoder.finish()

@@ -1,5 +1,7 @@
-"""The speech gateway: the OpenAI-compatible API in front of every fleet (in progress).
+"""The speech gateway: OpenAI's speech API in front of every fleet (`ttsfleet gateway`).
 
-`auth`: JWT bearer tokens checked against a key set, verified tokens cached until they
-expire. The HTTP service, its Triton and Kubernetes adapters come next.
+- `app`: the ASGI app (Starlette) and the request path: validation, auth, balancing,
+  streaming; `server`: uvicorn and the background reloads (config, JWKS, endpoints);
+- `audio`: the formats, encoded while they stream; `auth`: JWT bearer tokens;
+- `config`: the gateway's config document; `fleet`: one fleet's state for `routing`.
 """

@@ -226,11 +226,6 @@ class Gateway:
                 f"{', '.join(voices)}", param="voice",
             )  # fmt: skip
         fmt = _string(body, "response_format") or "mp3"
-        if fmt in audio.LATER_FORMATS:
-            raise ApiError(
-                400, f"'response_format' {fmt} is not supported by this gateway yet: use "
-                f"{', '.join(audio.FORMATS)}", param="response_format",
-            )  # fmt: skip
         if fmt not in audio.FORMATS:
             raise ApiError(
                 400, f"'response_format' must be one of {', '.join(audio.FORMATS)} "

@@ -6,6 +6,7 @@ now; `finish` returns the rest. Every format plays from its first bytes:
   (0xFFFFFFFF: unknown; players read to the end), then raw samples;
 - `mp3`: MPEG audio frames from libmp3lame (FFmpeg, through PyAV), with no ID3 tag
   and no Xing header (a stream cannot go back to patch one in);
+- `opus` (Ogg, 48 kHz, 20 ms pages), `aac` (ADTS), `flac`: FFmpeg's encoders too;
 - `pcm`: raw 24 kHz signed 16-bit little-endian mono, as OpenAI's `pcm` is.
 `Tempo` time-stretches (FFmpeg's `atempo`: rate without changing pitch) the part of a
 requested speed the engine cannot make itself.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import io
 import struct
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,8 +30,6 @@ STREAMING_SIZE = 0xFFFFFFFF
 
 
 class Encoder(Protocol):
-    media_type: str
-
     def encode(self, audio: Audio) -> bytes: ...
 
     def finish(self) -> bytes: ...
@@ -118,8 +117,17 @@ class _Sink(io.RawIOBase):
         return out
 
 
-class Mp3:
-    media_type = "audio/mpeg"
+class _Muxed:
+    """A compressed format: an FFmpeg encoder into a streaming muxer (PyAV). PyAV
+    converts the engine's s16 samples to the encoder's sample format and rate and cuts
+    them into its frame size; each call returns what the muxer wrote since the last."""
+
+    media_type: ClassVar[str]
+    container: ClassVar[str]
+    codec: ClassVar[str]
+    rate: ClassVar[int | None] = None  # the encoder's rate; the source's when None
+    bit_rate: ClassVar[int | None] = None
+    options: ClassVar[dict[str, str]] = {}
 
     def __init__(self, sample_rate: int) -> None:
         import av  # noqa: PLC0415
@@ -127,14 +135,19 @@ class Mp3:
         self._rate = sample_rate
         self._sink = _Sink()
         self._container: Any = av.open(
-            self._sink, "w", format="mp3", options={"id3v2_version": "0", "write_xing": "0"}
+            self._sink, "w", format=self.container, options=dict(self.options)
         )
-        self._stream = self._container.add_stream("libmp3lame", rate=sample_rate, layout="mono")
-        self._stream.bit_rate = MP3_BIT_RATE
+        stream: Any = self._container.add_stream(
+            self.codec, rate=self.rate or sample_rate, layout="mono"
+        )
+        if self.bit_rate:
+            stream.bit_rate = self.bit_rate
+        self._stream = stream
 
     def encode(self, audio: Audio) -> bytes:
-        for packet in self._stream.encode(_frame(audio, self._rate)):
-            self._container.mux(packet)
+        if audio.size:
+            for packet in self._stream.encode(_frame(audio, self._rate)):
+                self._container.mux(packet)
         return self._sink.take()
 
     def finish(self) -> bytes:
@@ -142,6 +155,36 @@ class Mp3:
             self._container.mux(packet)
         self._container.close()
         return self._sink.take()
+
+
+class Mp3(_Muxed):
+    """MPEG audio frames from libmp3lame, with no ID3 tag and no Xing header."""
+
+    media_type = "audio/mpeg"
+    container, codec, bit_rate = "mp3", "libmp3lame", MP3_BIT_RATE
+    options: ClassVar[dict[str, str]] = {"id3v2_version": "0", "write_xing": "0"}
+
+
+class Opus(_Muxed):
+    """Opus in Ogg at 48 kHz, a page every 20 ms (Ogg's default holds ~1 s back)."""
+
+    media_type = "audio/opus"
+    container, codec, rate, bit_rate = "ogg", "libopus", 48_000, 32_000
+    options: ClassVar[dict[str, str]] = {"page_duration": "20000"}
+
+
+class Aac(_Muxed):
+    """AAC-LC in ADTS frames (each carries its own header: playable mid-stream)."""
+
+    media_type = "audio/aac"
+    container, codec, bit_rate = "adts", "aac", 64_000
+
+
+class Flac(_Muxed):
+    """FLAC; a stream's header cannot be patched, so it says 0 total samples."""
+
+    media_type = "audio/flac"
+    container, codec = "flac", "flac"
 
 
 class Tempo:
@@ -190,10 +233,11 @@ def _stages(factor: float) -> list[float]:
     return [*stages, factor]
 
 
-FORMATS: dict[str, Callable[[int], Encoder]] = {"mp3": Mp3, "wav": Wav, "pcm": Pcm}
-FORMATS_MEDIA = {"mp3": Mp3.media_type, "wav": Wav.media_type, "pcm": Pcm.media_type}
-# OpenAI's other formats: refused with a clear 400 until the gateway encodes them.
-LATER_FORMATS = ("opus", "aac", "flac")
+_ENCODERS: tuple[tuple[str, type[Wav | Pcm | _Muxed]], ...] = (
+    ("mp3", Mp3), ("opus", Opus), ("aac", Aac), ("flac", Flac), ("wav", Wav), ("pcm", Pcm),
+)  # fmt: skip
+FORMATS: dict[str, Callable[[int], Encoder]] = dict(_ENCODERS)
+FORMATS_MEDIA = {name: encoder.media_type for name, encoder in _ENCODERS}
 
 
 class Pipeline:
