@@ -97,6 +97,7 @@ class Setup:
             "routes": [{"models": ["tts-1"], "voices": ["alloy"],
                         "fleet": {"name": "bench", "voice": VOICE, "endpoints": endpoints}}],
             "balancer": balancer,
+            "cacheBytes": 0,  # every request to a replica: the bench repeats its texts
         }  # fmt: skip
         if authenticated:
             config["auth"] = {
@@ -460,6 +461,7 @@ def cluster_setup(work: Path) -> tuple[Any, str, str]:
     fleet["spec"] |= {"replicas": 2, "minReplicas": 2, "maxReplicas": 2}
     fleet["spec"]["runtime"]["resources"]["requests"]["cpu"] = "250m"
     gateway = yaml.safe_load((REPO / "examples/local-gateway.yaml").read_text())
+    gateway["spec"]["cacheMiB"] = 0  # every request to a replica: the load repeats texts
     for doc in fleet, gateway:
         doc["metadata"]["namespace"] = NAMESPACE
     kube.apply(api, [fleet, tokens.jwks_secret(CLUSTER, NAMESPACE), gateway], "bench")

@@ -341,7 +341,7 @@ def test_a_dead_replica_is_retried_around_and_ejected(setup: Setup, triton: Trit
     client = setup.client()
 
     def retried() -> bool:
-        client.audio.speech.create(model="tts-1", voice="alloy", input="Retried.")
+        client.audio.speech.create(model="tts-1", voice="alloy", input=f"Retry {time.time()}.")
         return setup.gateway.metric(contract.GATEWAY_RETRIES, **fleet) > before
 
     before = setup.gateway.metric(contract.GATEWAY_RETRIES, **fleet)
@@ -349,8 +349,8 @@ def test_a_dead_replica_is_retried_around_and_ejected(setup: Setup, triton: Trit
     try:
         wait_for("a request retried on the live replica", retried, timeout=30)
         start = setup.gateway.metric(contract.GATEWAY_RETRIES, **fleet)
-        for _ in range(30):
-            client.audio.speech.create(model="tts-1", voice="alloy", input="Still fine.")
+        for i in range(30):  # different words each time: nothing comes from the cache
+            client.audio.speech.create(model="tts-1", voice="alloy", input=f"Fine, {i}.")
         # Without ejection about 15 of 30 would be retried; with it, ~3 per re-admission.
         assert setup.gateway.metric(contract.GATEWAY_RETRIES, **fleet) - start <= 8
     finally:
@@ -445,3 +445,33 @@ def test_keys_from_a_jwks_url_are_fetched_in_the_background(
     finally:
         gateway.stop()
         server.shutdown()
+
+
+def test_a_reply_spoken_before_is_replayed_from_the_cache(
+    setup: Setup, triton: TritonProcess
+) -> None:
+    """The same words again stream the same bytes from the cache (no replica asked);
+    a new config empties it."""
+    fleet = {"fleet": "speech/joe"}
+    body = {"model": "tts-1", "voice": "alloy", "input": "Cached  reply, please.",
+            "response_format": "wav"}  # fmt: skip
+    first = setup.post(body)
+    assert first.status_code == 200 and "upstream" in first.headers["server-timing"]
+    hits = setup.gateway.metric(contract.GATEWAY_CACHE_REQUESTS, result="hit", **fleet)
+    again = setup.post(body | {"input": "Cached reply,   please."})  # the same words
+    assert again.status_code == 200 and again.content == first.content
+    assert again.headers["server-timing"] == "cache;desc=hit"
+    assert setup.gateway.metric(contract.GATEWAY_CACHE_REQUESTS, result="hit", **fleet) == (
+        hits + 1
+    )
+    setup.write([triton.grpc_address], maxInputCharacters=4000)
+    try:
+        wait_for(
+            "the new config",
+            lambda: setup.post(GOOD | {"input": "a" * 4001}).status_code == 400,
+            timeout=15,
+        )
+        fresh = setup.post(body)
+        assert fresh.status_code == 200 and "upstream" in fresh.headers["server-timing"]
+    finally:
+        setup.write([triton.grpc_address])

@@ -8,6 +8,7 @@ import pytest
 
 from ttsfleet.gateway import config
 from ttsfleet.gateway.auth import ConfigError
+from ttsfleet.gateway.cache import ReplyCache, normalise
 from ttsfleet.gateway.fleet import Fleet
 
 ROUTE = {"models": ["tts-1"], "fleet": {"name": "joe", "voice": "en_US-joe-medium"}}
@@ -71,3 +72,16 @@ def test_round_robin_takes_turns_whatever_the_load() -> None:
     fleet.set_addresses(["a:1", "b:1", "c:1"])
     fleet.begin("a:1", 10_000)
     assert sorted(fleet.pick(1) or "" for _ in range(6)) == ["a:1"] * 2 + ["b:1"] * 2 + ["c:1"] * 2
+
+
+def test_the_reply_cache_keeps_whole_replies_within_its_bound_least_recent_out() -> None:
+    cache = ReplyCache(max_bytes=800)
+    assert cache.put(("a",), [b"x" * 50, b"y" * 50])
+    assert cache.put(("b",), [b"z" * 100])
+    assert cache.get(("a",)) == (b"x" * 50, b"y" * 50)  # a is now the most recent
+    assert not cache.put(("big",), [b"q" * 101])  # over an eighth of the bound
+    for i in range(7):  # 900 bytes asked for: the least recent (b) goes
+        cache.put((f"c{i}",), [b"w" * 100])
+    assert cache.size <= 800
+    assert cache.get(("b",)) is None and cache.get(("a",)) is not None
+    assert normalise("  Hello \n  world ") == "Hello world"

@@ -541,6 +541,10 @@ class TtsGatewaySpec(_Model):
         description="Power-of-two choices on outstanding characters, or round robin.",
     )
     max_input_characters: int = Field(default=4096, ge=1, le=4096)
+    cache_mi_b: int = Field(
+        default=64, ge=0, le=16384, alias="cacheMiB",
+        description="Memory per gateway pod for replies spoken before, replayed at once; 0: off.",
+    )  # fmt: skip
     resources: Resources = Field(
         default_factory=lambda: Resources(
             requests={"cpu": "250m", "memory": "256Mi"}, limits={"memory": "1Gi"}

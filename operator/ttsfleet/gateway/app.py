@@ -35,6 +35,7 @@ from starlette.routing import Route
 
 from ttsfleet.gateway import audio
 from ttsfleet.gateway.auth import AuthError, KeySet, Principal, Verifier
+from ttsfleet.gateway.cache import ReplyCache, normalise
 from ttsfleet.gateway.config import GatewayConfig
 from ttsfleet.gateway.config import Route as SpeechRoute
 from ttsfleet.gateway.fleet import Fleet
@@ -110,6 +111,10 @@ class Metrics:
             contract.GATEWAY_REQUESTS, "Speech API requests by fleet and status code.",
             ["fleet", "code"], registry=self.registry,
         )  # fmt: skip
+        self.cache = Counter(
+            contract.GATEWAY_CACHE_REQUESTS, "Speech requests answered from the reply cache "
+            "(hit) or not (miss).", ["fleet", "result"], registry=self.registry,
+        )  # fmt: skip
         self.retries = Counter(
             contract.GATEWAY_RETRIES, "Requests retried on another replica before audio.", fleet,
             registry=self.registry,
@@ -132,7 +137,9 @@ class Gateway:
             self.use_keys(keys)
 
     def apply(self, config: GatewayConfig) -> None:
-        """A new config: fleets that stay keep their state; fixed endpoints apply now."""
+        """A new config: fleets that stay keep their state; fixed endpoints apply now;
+        the reply cache starts empty (a route may now lead elsewhere)."""
+        self.cache = ReplyCache(config.cache_bytes)
         self.config = config
         wanted = config.fleets()
         round_robin = config.balancer == "round-robin"
@@ -255,6 +262,15 @@ class Gateway:
     async def speak(self, speech: Speech, started: float) -> StreamingResponse:
         """Open a stream on a replica (retrying once before any audio), then stream."""
         fleet = self.fleets[speech.route.fleet.key]
+        media = "text/event-stream" if speech.sse else audio.FORMATS_MEDIA[speech.response_format]
+        key = (fleet.key, speech.voice, normalise(speech.text), speech.speed,
+               speech.response_format, speech.sse)  # fmt: skip
+        if self.config.cache_bytes:
+            cached = self.cache.get(key)
+            self.metrics.cache.labels(fleet.key, "miss" if cached is None else "hit").inc()
+            if cached is not None:
+                headers = {"cache-control": "no-store", "server-timing": "cache;desc=hit"}
+                return StreamingResponse(_replay(cached), media_type=media, headers=headers)
         characters = len(speech.text)
         tried: frozenset[str] = frozenset()
         failure = "no ready replicas"
@@ -293,10 +309,7 @@ class Gateway:
             if first is not None:
                 fleet.sample_rate = first.sample_rate
                 self.metrics.ttfa.labels(fleet.key).observe(arrived - started)
-            body = self._body(speech, fleet, address, first, upstream)
-            media = audio.FORMATS_MEDIA[speech.response_format]
-            if speech.sse:
-                media = "text/event-stream"
+            body = self._body(speech, fleet, address, first, upstream, key)
             # Server-Timing: the replica's time to first audio as the gateway saw it, and
             # the gateway's own time before it (browsers' dev tools show both).
             timing = (
@@ -322,26 +335,15 @@ class Gateway:
 
     async def _body(
         self, speech: Speech, fleet: Fleet, address: str, first: aio.Chunk | None,
-        upstream: AsyncGenerator[aio.Chunk],
+        upstream: AsyncGenerator[aio.Chunk], key: tuple[Any, ...],
     ) -> AsyncIterator[bytes]:  # fmt: skip
-        rate = first.sample_rate if first is not None else fleet.sample_rate
-        pipeline = audio.Pipeline(speech.response_format, rate, speech.tempo)
-        samples = 0
+        sent: list[bytes] = []
         try:
-            if first is not None:
-                samples += first.audio.size
-                # The first sentence in slices: its first bytes go out after a slice is
-                # encoded, not after the whole sentence is (12 ms of MP3 for 1.5 s).
-                for piece in _slices(first.audio, FIRST_SLICE_SAMPLES):
-                    if data := pipeline.feed(piece):
-                        yield _frame(data, speech.sse)
-            async for chunk in upstream:
-                samples += chunk.audio.size
-                if data := pipeline.feed(chunk.audio):
-                    yield _frame(data, speech.sse)
-            yield _frame(pipeline.finish(), speech.sse)
-            if speech.sse:
-                yield _sse({"type": "speech.audio.done", "usage": _usage(speech, samples, rate)})
+            async for data in _encoded(speech, fleet, first, upstream):
+                sent.append(data)
+                yield data
+            if self.config.cache_bytes:
+                self.cache.put(key, sent)
         except aio.UpstreamError as err:
             log.warning("replica %s failed mid-stream: %s", address, err)
             fleet.record(address, ok=False)
@@ -350,6 +352,35 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await upstream.aclose()
             self._end(fleet, address, len(speech.text))
+
+
+async def _encoded(
+    speech: Speech, fleet: Fleet, first: aio.Chunk | None, upstream: AsyncGenerator[aio.Chunk]
+) -> AsyncIterator[bytes]:
+    """The response's bytes, chunk by chunk, as the replica's audio arrives."""
+    rate = first.sample_rate if first is not None else fleet.sample_rate
+    pipeline = audio.Pipeline(speech.response_format, rate, speech.tempo)
+    samples = 0
+    if first is not None:
+        samples += first.audio.size
+        # The first sentence in slices: its first bytes go out after a slice is encoded,
+        # not after the whole sentence is (12 ms of MP3 for 1.5 s).
+        for piece in _slices(first.audio, FIRST_SLICE_SAMPLES):
+            if data := pipeline.feed(piece):
+                yield _frame(data, speech.sse)
+    async for chunk in upstream:
+        samples += chunk.audio.size
+        if data := pipeline.feed(chunk.audio):
+            yield _frame(data, speech.sse)
+    yield _frame(pipeline.finish(), speech.sse)
+    if speech.sse:
+        yield _sse({"type": "speech.audio.done", "usage": _usage(speech, samples, rate)})
+
+
+async def _replay(chunks: tuple[bytes, ...]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        if chunk:
+            yield chunk
 
 
 def _slices(audio: aio.Audio, size: int) -> list[aio.Audio]:

@@ -91,6 +91,10 @@ class GatewayConfig(_Model):
         description="A replica with no audio by then has failed; the request is retried.",
     )  # fmt: skip
     request_timeout_seconds: float = Field(default=120.0, gt=0, alias="requestTimeoutSeconds")
+    cache_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=0, alias="cacheBytes",
+        description="Memory for replies spoken before, replayed at once; 0 turns it off.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _models_unique(self) -> GatewayConfig:

@@ -133,6 +133,7 @@ def config(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> Manifest:
         "routes": routes,
         "balancer": spec.balancer.value,
         "maxInputCharacters": spec.max_input_characters,
+        "cacheBytes": spec.cache_mi_b * 1024 * 1024,
     }
     if spec.auth is not None:
         auth = spec.auth
