@@ -66,6 +66,11 @@ def test_the_config_it_writes_is_one_the_gateway_accepts() -> None:
     assert route is not None
     assert route.fleet.key == "voice/joe" and route.fleet.service == "joe"
     assert route.fleet.voice == "en_US-joe-medium" and route.fleet.endpoints is None
+    # The fleet's model goes into the reply cache's key: a new precision is a new key.
+    assert route.fleet.version == f"{api.DEFAULT_IMAGE} fp16"
+    fp32 = FLEET | {"spec": {"model": {"voice": "en_US-joe-medium", "precision": "fp32"}}}
+    other = gateway_config.parse(gw.config(gateway, {"joe": fp32})).route("tts-1")
+    assert other is not None and other.fleet.version.endswith(" fp32")
     assert parsed.max_input_characters == 1000 and parsed.balancer == "round-robin"
     assert parsed.auth is not None
     assert parsed.auth.jwks_file == f"{gw.JWKS_DIR}/jwks.json"

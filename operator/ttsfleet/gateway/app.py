@@ -263,8 +263,8 @@ class Gateway:
         """Open a stream on a replica (retrying once before any audio), then stream."""
         fleet = self.fleets[speech.route.fleet.key]
         media = "text/event-stream" if speech.sse else audio.FORMATS_MEDIA[speech.response_format]
-        key = (fleet.key, speech.voice, normalise(speech.text), speech.speed,
-               speech.response_format, speech.sse)  # fmt: skip
+        key = (fleet.key, speech.route.fleet.version, speech.voice, normalise(speech.text),
+               speech.speed, speech.response_format, speech.sse)  # fmt: skip
         if self.config.cache_bytes:
             cached = self.cache.get(key)
             self.metrics.cache.labels(fleet.key, "miss" if cached is None else "hit").inc()

@@ -1,7 +1,8 @@
 """Replies already spoken, kept to be streamed again at once. Not thread-safe: the
 gateway's event loop owns it.
 
-Keyed on what makes the audio: the fleet and its voice, the text with its whitespace
+Keyed on what makes the audio: the fleet, its model (image and precision, as the
+operator writes them into the config) and voice, the text with its whitespace
 normalised, the speed, the format and whether it is framed as server-sent events. A
 reply is stored only when it streamed to its end, as the bytes the client received,
 and replayed chunk by chunk, so a cached stream reads like a live one but for its

@@ -31,6 +31,9 @@ class Fleet(_Model):
     service: str = Field(default="", description="The Service whose EndpointSlices to watch.")
     port: str = Field(default="grpc", description="The Service's port name for Triton gRPC.")
     voice: str = Field(description="The voice the fleet's engine serves.")
+    version: str = Field(
+        default="", description="The fleet's model (image and precision): part of a cache key."
+    )
     endpoints: tuple[str, ...] | None = Field(
         default=None, description="Fixed host:port addresses instead of watching the Service."
     )

@@ -116,16 +116,20 @@ def config(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> Manifest:
     routes = []
     for route in spec.routes:
         found = fleets.get(route.fleet)
-        voice = api.DEFAULT_VOICE
+        voice, version = api.DEFAULT_VOICE, ""
         if found is not None:
-            voice = ((found.get("spec") or {}).get("model") or {}).get("voice") or voice
+            fleet_spec = found.get("spec") or {}
+            model = fleet_spec.get("model") or {}
+            voice = model.get("voice") or voice
+            image = (fleet_spec.get("runtime") or {}).get("image") or api.DEFAULT_IMAGE
+            version = f"{image} {model.get('precision') or 'fp16'}"
         routes.append(
             {
                 "models": list(route.models),
                 "voices": list(route.voices),
                 "fleet": {
                     "namespace": gateway.namespace, "name": route.fleet, "service": route.fleet,
-                    "port": "grpc", "voice": voice,
+                    "port": "grpc", "voice": voice, "version": version,
                 },
             }
         )  # fmt: skip
