@@ -182,9 +182,7 @@ def reconcile_gateway(
             "observedGeneration": generation,
             "conditions": status.merge_conditions(
                 old_status.get("conditions") or [],
-                [c for c in status.stalled_conditions("InvalidSpec", problem)
-                 if c["type"] in (status.READY, status.RECONCILING, status.STALLED)],
-                generation, now_stamp(),
+                gw.stalled_conditions("InvalidSpec", problem), generation, now_stamp(),
             ),
         }  # fmt: skip
         if plan.changed(old_status, new):

@@ -124,23 +124,25 @@ class Volumes:
         return {}  # emptyDir: the directory itself
 
     def _config_map(self, namespace: str, ref: Manifest) -> dict[str, str | bytes]:
-        data = self.source.config_map(namespace, ref["name"])
-        optional = bool(ref.get("optional"))
-        if data is None:
-            if optional:
-                return {}
-            raise PodSetupError(f"ConfigMap {namespace}/{ref['name']} does not exist")
-        return _keys(data, ref.get("items"), f"ConfigMap {namespace}/{ref['name']}", optional)
+        return self._files_of(self.source.config_map, "ConfigMap", namespace, ref["name"], ref)
 
     def _secret(self, namespace: str, ref: Manifest) -> dict[str, str | bytes]:
         name = ref.get("secretName") or ref.get("name") or ""
-        data = self.source.secret(namespace, name)
+        return self._files_of(self.source.secret, "Secret", namespace, name, ref)
+
+    @staticmethod
+    def _files_of(
+        read: Callable[[str, str], dict[str, Any] | None], kind: str, namespace: str,
+        name: str, ref: Manifest,
+    ) -> dict[str, str | bytes]:  # fmt: skip
+        """A ConfigMap's or Secret's keys as files (`items`: only those, renamed)."""
+        data = read(namespace, name)
         optional = bool(ref.get("optional"))
         if data is None:
             if optional:
                 return {}
-            raise PodSetupError(f"Secret {namespace}/{name} does not exist")
-        return _keys(data, ref.get("items"), f"Secret {namespace}/{name}", optional)
+            raise PodSetupError(f"{kind} {namespace}/{name} does not exist")
+        return _keys(data, ref.get("items"), f"{kind} {namespace}/{name}", optional)
 
     def _downward(self, items: list[Manifest]) -> dict[str, str | bytes]:
         return {

@@ -337,12 +337,14 @@ class Gateway:
         self, speech: Speech, fleet: Fleet, address: str, first: aio.Chunk | None,
         upstream: AsyncGenerator[aio.Chunk], key: tuple[Any, ...],
     ) -> AsyncIterator[bytes]:  # fmt: skip
+        keep = self.config.cache_bytes > 0  # the bytes are kept only for the cache
         sent: list[bytes] = []
         try:
             async for data in _encoded(speech, fleet, first, upstream):
-                sent.append(data)
+                if keep:
+                    sent.append(data)
                 yield data
-            if self.config.cache_bytes:
+            if keep:
                 self.cache.put(key, sent)
         except aio.UpstreamError as err:
             log.warning("replica %s failed mid-stream: %s", address, err)

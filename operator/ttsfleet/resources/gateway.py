@@ -323,6 +323,17 @@ def problems(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> list[st
     return found
 
 
+def stalled_conditions(
+    reason: str, message: str, waiting: str = "waiting for the spec to change"
+) -> list[dict[str, str]]:
+    """What the user must change before the gateway can be Ready."""
+    return [
+        _condition(READY, False, reason, message),
+        _condition(RECONCILING, False, reason, waiting),
+        _condition(STALLED, True, reason, message),
+    ]
+
+
 def conditions(
     gateway: Gateway, deployment: Manifest | None, fleets: Mapping[str, Manifest | None]
 ) -> list[dict[str, str]]:
@@ -333,12 +344,9 @@ def conditions(
     updated = int(dep_status.get("updatedReplicas") or 0)
     missing = problems(gateway, fleets)
     if missing:
-        message = "; ".join(missing)
-        return [
-            _condition(READY, False, "FleetNotFound", message),
-            _condition(RECONCILING, False, "FleetNotFound", "waiting for the fleets to exist"),
-            _condition(STALLED, True, "FleetNotFound", message),
-        ]
+        return stalled_conditions(
+            "FleetNotFound", "; ".join(missing), "waiting for the fleets to exist"
+        )
     if ready >= wanted and updated >= wanted:
         message = f"{ready}/{wanted} gateway replicas ready at {gateway.url}"
         return [
