@@ -266,6 +266,20 @@ def apply(api: client.ApiClient, manifests: Iterable[Manifest], field_manager: s
         )
 
 
+def create_if_absent(api: client.ApiClient, manifest: Manifest) -> bool:
+    """Create an object unless one of its name exists (left as it is); True if created."""
+    resource = dynamic_client(api).resources.get(
+        api_version=manifest["apiVersion"], kind=manifest["kind"]
+    )
+    try:
+        resource.create(body=manifest, namespace=manifest["metadata"].get("namespace"))
+    except ApiException as err:
+        if err.status == 409:
+            return False
+        raise
+    return True
+
+
 def get(
     api: client.ApiClient, api_version: str, kind: str, name: str, namespace: str | None
 ) -> Manifest | None:

@@ -10,6 +10,7 @@ a child deleted or edited by hand), and an unchanged object changes nothing
 from __future__ import annotations
 
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -195,6 +196,8 @@ def reconcile_gateway(
         )
         for route in gateway.spec.routes
     }
+    if gateway.spec.auth is not None:  # before the Deployment that mounts it
+        kube.create_if_absent(api_client, gw.ticket_secret(gateway, secrets.token_bytes(32)))
     children = gw.children(gateway, fleets, node_reader)
     kube.apply(api_client, children, FIELD_MANAGER)
     deployment = kube.get(

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import av
+import httpx2
 import openai
 import pytest
+from websockets.sync.client import connect
 
 from tests.conftest import Cluster, ttsfleet, wait_for
 from tests.helpers import REPO, load_example
@@ -92,6 +94,9 @@ def test_a_gateway_speaks_for_its_fleet_and_follows_its_routes(
 
     obj = gateway(cluster, namespace)
     assert condition(obj, "Ready")["status"] == "True"
+    secret = kube.get(cluster.api, "v1", "Secret", "speech-gateway-tickets", namespace)
+    assert secret is not None
+    ticket_key = secret["data"]
     assert obj["status"]["url"] == f"http://speech-gateway.{namespace}.svc/v1"
     assert obj["status"]["fleets"] == [{"name": "joe-local", "ready": True, "readyReplicas": 1}]
     table = cluster.kubectl("get", "-n", namespace, "ttsgw", "speech")
@@ -112,6 +117,25 @@ def test_a_gateway_speaks_for_its_fleet_and_follows_its_routes(
     assert after["metadata"]["uid"] == before["metadata"]["uid"]
     assert after["status"]["containerStatuses"][0]["restartCount"] == 0
     client.audio.speech.create(model="narrator", voice="nova", input="New route.")
+
+    # The ticket key was made once, and the reconciles since left it as it was; a ticket
+    # from an authenticated call opens a WebSocket on the pod that mounts it.
+    key = kube.get(cluster.api, "v1", "Secret", "speech-gateway-tickets", namespace)
+    assert key is not None and key["data"] == ticket_key
+    issued = httpx2.post(f"{base}/audio/speech/tickets",
+                         headers={"authorization": f"Bearer {token.stdout.strip()}"})  # fmt: skip
+    assert issued.status_code == 200, issued.text
+    url = (
+        base.replace("http://", "ws://") + f"/audio/speech/stream?ticket={issued.json()['ticket']}"
+    )
+    with connect(url, open_timeout=10) as socket:
+        assert json.loads(socket.recv(timeout=10)) == {"type": "ready"}
+        words = {"model": "narrator", "voice": "nova", "text": "Over a socket."}
+        socket.send(json.dumps({"type": "continue", "context_id": "c"} | words))
+        socket.send(json.dumps({"type": "close", "context_id": "c"}))
+        while (message := json.loads(socket.recv(timeout=30)))["type"] != "done":
+            assert message["type"] == "audio"
+    assert message["reason"] == "completed"
 
     # A route to a fleet that does not exist is reported, and the others keep serving.
     doc["spec"]["routes"].append({"models": ["missing-model"], "fleet": "nobody"})

@@ -278,6 +278,7 @@ def can_i(cluster: Cluster, installed: Installed, *args: str) -> bool:
         ("watch", "ttsgateways.ttsfleet.io"),
         ("patch", "ttsgateways.ttsfleet.io", "--subresource=status"),
         ("create", "serviceaccounts"),
+        ("create", "secrets"),
         ("create", "rolebindings.rbac.authorization.k8s.io"),
         ("delete", "clusterrolebindings.rbac.authorization.k8s.io"),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
@@ -74,6 +75,24 @@ def test_the_config_it_writes_is_one_the_gateway_accepts() -> None:
     assert parsed.max_input_characters == 1000 and parsed.balancer == "round-robin"
     assert parsed.auth is not None
     assert parsed.auth.jwks_file == f"{gw.JWKS_DIR}/jwks.json"
+    assert parsed.auth.ticket_key_file == f"{gw.TICKETS_DIR}/{gw.TICKET_KEY}"
+
+
+def test_replicas_share_one_ticket_key_from_a_secret_the_gateway_owns() -> None:
+    gateway = gw.Gateway.from_body(body())
+    secret = gw.ticket_secret(gateway, b"k" * 32)
+    assert secret["metadata"]["name"] == "speech-gateway-tickets"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert base64.b64decode(secret["data"][gw.TICKET_KEY]) == b"k" * 32
+    pod = kinds(gw.children(gateway, {"joe": FLEET}))["Deployment"]["spec"]["template"]["spec"]
+    volume = {v["name"]: v for v in pod["volumes"]}["tickets"]
+    assert volume["secret"]["secretName"] == "speech-gateway-tickets"
+    mount = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}["tickets"]
+    assert mount["mountPath"] == gw.TICKETS_DIR and mount["readOnly"]
+    # Without auth there are no tickets, and no Secret to mount.
+    open_pod = kinds(gw.children(gw.Gateway.from_body(body(auth=None)), {"joe": FLEET}))
+    volumes = open_pod["Deployment"]["spec"]["template"]["spec"]["volumes"]
+    assert "tickets" not in {v["name"] for v in volumes}
 
 
 def test_a_route_change_changes_the_configmap_but_not_the_pod_template() -> None:

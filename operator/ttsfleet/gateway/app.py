@@ -24,6 +24,8 @@ import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -31,10 +33,11 @@ from prometheus_client import exposition as prom
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from ttsfleet.gateway import audio
-from ttsfleet.gateway.auth import AuthError, KeySet, Principal, Verifier
+from ttsfleet.gateway.auth import AuthError, KeySet, Principal, Tickets, Verifier
 from ttsfleet.gateway.cache import ReplyCache, normalise
 from ttsfleet.gateway.config import GatewayConfig
 from ttsfleet.gateway.config import Route as SpeechRoute
@@ -115,6 +118,14 @@ class Metrics:
             contract.GATEWAY_CACHE_REQUESTS, "Speech requests answered from the reply cache "
             "(hit) or not (miss).", ["fleet", "result"], registry=self.registry,
         )  # fmt: skip
+        self.websockets = Gauge(
+            contract.GATEWAY_WEBSOCKETS, "Speech WebSockets open.", registry=self.registry
+        )
+        self.contexts = Counter(
+            contract.GATEWAY_CONTEXTS, "WebSocket contexts ended, by how they ended "
+            "(completed, cancelled, failed, disconnected).", ["fleet", "reason"],
+            registry=self.registry,
+        )  # fmt: skip
         self.retries = Counter(
             contract.GATEWAY_RETRIES, "Requests retried on another replica before audio.", fleet,
             registry=self.registry,
@@ -130,6 +141,8 @@ class Gateway:
         self.fleets: dict[str, Fleet] = {}
         self.verifier: Verifier | None = None
         self.keys_loaded = False
+        self.tickets = Tickets()
+        self.ticket_key_file: str | None = None
         self.listed: set[str] = set()  # fleets whose endpoints are known (fixed or watched)
         self.config = config
         self.apply(config)
@@ -153,6 +166,7 @@ class Gateway:
                 fleet.set_addresses(spec.endpoints)
                 self.listed.add(key)
         self.listed &= set(wanted)
+        self._ticket_key(config)
         if config.auth is None:
             self.verifier = None
         elif self.verifier is None or self.verifier.config != config.auth.verifier_config():
@@ -160,6 +174,17 @@ class Gateway:
             self.verifier = Verifier(config.auth.verifier_config(), KeySet())
             if previous is not None and self.keys_loaded:
                 self.verifier.use_keys(previous.keys)
+
+    def _ticket_key(self, config: GatewayConfig) -> None:
+        path = config.auth.ticket_key_file if config.auth is not None else None
+        if path == self.ticket_key_file:
+            return
+        self.ticket_key_file = path
+        try:
+            self.tickets = Tickets(Path(path).read_bytes().strip() if path else None)
+        except OSError as err:
+            log.error("tickets redeem only on this replica: cannot read %s: %s", path, err)
+            self.tickets = Tickets()
 
     def use_keys(self, keys: KeySet) -> None:
         if self.verifier is not None:
@@ -182,7 +207,8 @@ class Gateway:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def authenticate(self, request: Request) -> Principal | None:
+    def authenticate(self, header: str | None) -> Principal | None:
+        """The caller with this `Authorization` header; ApiError 401/403/503."""
         if self.verifier is None:
             return None
         if not self.keys_loaded:
@@ -190,7 +216,7 @@ class Gateway:
                 503, "The gateway has not loaded its keys yet: retry", kind="server_error"
             )
         try:
-            principal = self.verifier.verify(request.headers.get("authorization"))
+            principal = self.verifier.verify(header)
         except AuthError as err:
             raise ApiError(401, err.message, code=err.code) from None
         assert self.config.auth is not None
@@ -201,6 +227,13 @@ class Gateway:
                 code="insufficient_scope", kind="permission_error",
             )  # fmt: skip
         return principal
+
+    def redeem(self, ticket: str) -> Principal:
+        """The principal of a WebSocket ticket; ApiError 401 when it is not valid."""
+        try:
+            return self.tickets.redeem(ticket)
+        except AuthError as err:
+            raise ApiError(401, err.message, param="ticket", code=err.code) from None
 
     def voices(self, route: SpeechRoute) -> tuple[str, ...]:
         return (*route.voices, *(() if route.fleet.voice in route.voices else (route.fleet.voice,)))
@@ -219,6 +252,8 @@ class Gateway:
         text = _string(body, "input", required=True)
         if not text.strip():
             raise ApiError(400, "'input' is empty: send the text to speak", param="input")
+        if "\0" in text:  # the engine fails on it: a bad request, not a failing replica
+            raise ApiError(400, "'input' has a NUL character", param="input")
         limit = self.config.max_input_characters
         if len(text) > limit:
             raise ApiError(
@@ -242,7 +277,7 @@ class Gateway:
         if speed is None:
             speed = 1.0
         number = isinstance(speed, int | float) and not isinstance(speed, bool)
-        if not number or not math.isfinite(speed):
+        if not number or (isinstance(speed, float) and not math.isfinite(speed)):
             raise ApiError(400, "'speed' must be a number from 0.25 to 4.0", param="speed")
         if not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
             raise ApiError(
@@ -271,6 +306,23 @@ class Gateway:
             if cached is not None:
                 headers = {"cache-control": "no-store", "server-timing": "cache;desc=hit"}
                 return StreamingResponse(_replay(cached), media_type=media, headers=headers)
+        opened = await self.open(fleet, speech)
+        if opened.first is not None:
+            self.metrics.ttfa.labels(fleet.key).observe(opened.arrived - started)
+        body = self._body(speech, fleet, opened, key)
+        # Server-Timing: the replica's time to first audio as the gateway saw it, and
+        # the gateway's own time before it (browsers' dev tools show both).
+        timing = (
+            f"upstream;dur={(opened.arrived - opened.asked) * 1000:.2f}, "
+            f"gateway;dur={(opened.asked - started) * 1000:.2f}"
+        )
+        headers = {"cache-control": "no-store", "server-timing": timing}
+        return StreamingResponse(body, media_type=media, headers=headers)
+
+    async def open(self, fleet: Fleet, speech: Speech) -> Opened:
+        """A stream of `speech.text` on a replica, its first audio received; retried once
+        on another replica when the first fails before any audio; 503 when none can.
+        The caller owns the stream: it must call `close` on it."""
         characters = len(speech.text)
         tried: frozenset[str] = frozenset()
         failure = "no ready replicas"
@@ -295,29 +347,20 @@ class Gateway:
                 failure = str(err) or "no audio in time"
                 log.warning("replica %s failed before audio: %s", address, failure)
                 await upstream.aclose()
-                self._end(fleet, address, characters)
+                self.release(fleet, address, characters)
                 fleet.record(address, ok=False)
                 fleet.observe(address, max(time.perf_counter() - asked, 1.0))
                 continue
             except BaseException:
                 await upstream.aclose()
-                self._end(fleet, address, characters)
+                self.release(fleet, address, characters)
                 raise
             fleet.record(address, ok=True)
             arrived = time.perf_counter()
             fleet.observe(address, arrived - asked)
             if first is not None:
                 fleet.sample_rate = first.sample_rate
-                self.metrics.ttfa.labels(fleet.key).observe(arrived - started)
-            body = self._body(speech, fleet, address, first, upstream, key)
-            # Server-Timing: the replica's time to first audio as the gateway saw it, and
-            # the gateway's own time before it (browsers' dev tools show both).
-            timing = (
-                f"upstream;dur={(arrived - asked) * 1000:.2f}, "
-                f"gateway;dur={(asked - started) * 1000:.2f}"
-            )
-            headers = {"cache-control": "no-store", "server-timing": timing}
-            return StreamingResponse(body, media_type=media, headers=headers)
+            return Opened(self, fleet, address, characters, first, upstream, asked, arrived)
         raise ApiError(
             503, f"No replica of {fleet.key} could serve the request: {failure}",
             kind="server_error", code="service_unavailable",
@@ -328,61 +371,83 @@ class Gateway:
         self.metrics.inflight.labels(fleet.key).inc()
         self.metrics.queued.labels(fleet.key).inc(characters)
 
-    def _end(self, fleet: Fleet, address: str, characters: int) -> None:
+    def release(self, fleet: Fleet, address: str, characters: int) -> None:
         fleet.end(address, characters)
         self.metrics.inflight.labels(fleet.key).dec()
         self.metrics.queued.labels(fleet.key).dec(characters)
 
     async def _body(
-        self, speech: Speech, fleet: Fleet, address: str, first: aio.Chunk | None,
-        upstream: AsyncGenerator[aio.Chunk], key: tuple[Any, ...],
-    ) -> AsyncIterator[bytes]:  # fmt: skip
+        self, speech: Speech, fleet: Fleet, opened: Opened, key: tuple[Any, ...]
+    ) -> AsyncIterator[bytes]:
         keep = self.config.cache_bytes > 0  # the bytes are kept only for the cache
         sent: list[bytes] = []
         try:
-            async for data in _encoded(speech, fleet, first, upstream):
-                if keep:
-                    sent.append(data)
-                yield data
+            pipeline = audio.Pipeline(speech.response_format, opened.sample_rate, speech.tempo)
+            samples = 0
+            async for samples_in in opened.audio():
+                samples += samples_in.size
+                if encoded := pipeline.feed(samples_in):
+                    framed = _frame(encoded, speech.sse)
+                    if keep:
+                        sent.append(framed)
+                    yield framed
+            tail = [_frame(pipeline.finish(), speech.sse)]
+            if speech.sse:
+                spent = usage(len(speech.text), samples, opened.sample_rate)
+                tail.append(_sse({"type": "speech.audio.done", "usage": spent}))
+            for framed in tail:
+                yield framed
             if keep:
-                self.cache.put(key, sent)
-        except aio.UpstreamError as err:
-            log.warning("replica %s failed mid-stream: %s", address, err)
-            fleet.record(address, ok=False)
-            raise
+                self.cache.put(key, [*sent, *tail])
         finally:
-            with contextlib.suppress(Exception):
-                await upstream.aclose()
-            self._end(fleet, address, len(speech.text))
+            await opened.close()
 
 
-async def _encoded(
-    speech: Speech, fleet: Fleet, first: aio.Chunk | None, upstream: AsyncGenerator[aio.Chunk]
-) -> AsyncIterator[bytes]:
-    """The response's bytes, chunk by chunk, as the replica's audio arrives."""
-    rate = first.sample_rate if first is not None else fleet.sample_rate
-    pipeline = audio.Pipeline(speech.response_format, rate, speech.tempo)
-    samples = 0
-    if first is not None:
-        samples += first.audio.size
-        # The first sentence in slices: its first bytes go out after a slice is encoded,
-        # not after the whole sentence is (12 ms of MP3 for 1.5 s).
-        for piece in _slices(first.audio, FIRST_SLICE_SAMPLES):
-            if data := pipeline.feed(piece):
-                yield _frame(data, speech.sse)
-    async for chunk in upstream:
-        samples += chunk.audio.size
-        if data := pipeline.feed(chunk.audio):
-            yield _frame(data, speech.sse)
-    yield _frame(pipeline.finish(), speech.sse)
-    if speech.sse:
-        yield _sse({"type": "speech.audio.done", "usage": _usage(speech, samples, rate)})
+@dataclass
+class Opened:
+    """A replica's stream of one text, its first audio already received."""
+
+    gateway: Gateway
+    fleet: Fleet
+    address: str
+    characters: int
+    first: aio.Chunk | None
+    upstream: AsyncGenerator[aio.Chunk]
+    asked: float
+    arrived: float
+    closed: bool = False
+
+    @property
+    def sample_rate(self) -> int:
+        return self.first.sample_rate if self.first is not None else self.fleet.sample_rate
+
+    async def audio(self) -> AsyncIterator[aio.Audio]:
+        """The samples as they arrive; the first sentence in slices, so that its first
+        bytes are encoded and sent before the whole sentence is (12 ms of MP3 for 1.5 s)."""
+        if self.first is not None:
+            for piece in _slices(self.first.audio, FIRST_SLICE_SAMPLES):
+                yield piece
+        try:
+            async for chunk in self.upstream:
+                yield chunk.audio
+        except aio.UpstreamError as err:
+            log.warning("replica %s failed mid-stream: %s", self.address, err)
+            self.fleet.record(self.address, ok=False)
+            raise
+
+    async def close(self) -> None:
+        """Cancel the replica's stream if it is still going (Triton stops at its next
+        chunk) and give back its share of the replica's outstanding work."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            await self.upstream.aclose()
+        self.gateway.release(self.fleet, self.address, self.characters)
 
 
-async def _replay(chunks: tuple[bytes, ...]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        if chunk:
-            yield chunk
+async def _replay(reply: bytes) -> AsyncIterator[bytes]:
+    yield reply  # in one write; chunked framing, as a live reply has
 
 
 def _slices(audio: aio.Audio, size: int) -> list[aio.Audio]:
@@ -399,10 +464,10 @@ def _sse(event: Mapping[str, Any]) -> bytes:
     return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _usage(speech: Speech, samples: int, rate: int) -> dict[str, int]:
-    # Characters in and audio out stand in for tokens: roughly 4 characters a token,
-    # and OpenAI's audio models count about 20 tokens per second of audio.
-    input_tokens = max(1, len(speech.text) // 4)
+def usage(characters: int, samples: int, rate: int) -> dict[str, int]:
+    """Characters in and audio out, as tokens: roughly 4 characters a token, and
+    OpenAI's audio models count about 20 tokens per second of audio."""
+    input_tokens = max(1, characters // 4)
     output_tokens = round(samples / rate * 20) if rate else 0
     return {
         "input_tokens": input_tokens, "output_tokens": output_tokens,
@@ -418,13 +483,17 @@ def _string(body: Mapping[str, Any], field: str, *, required: bool = False) -> s
         return ""
     if not isinstance(value, str):
         raise ApiError(400, f"'{field}' must be a string", param=field)
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800") is no text to speak or echo
+        raise ApiError(400, f"'{field}' is not valid Unicode text", param=field) from None
     return value
 
 
 def _voice(body: Mapping[str, Any]) -> str:
     value = body.get("voice")
     if isinstance(value, dict) and isinstance(value.get("id"), str):  # {"id": "..."}
-        return str(value["id"])
+        body = {"voice": value["id"]}
     return _string(body, "voice", required=True)
 
 
@@ -438,13 +507,13 @@ def build(gateway: Gateway, lifespan: Any = None) -> Starlette:
         started = time.perf_counter()
         fleet = ""
         try:
-            gateway.authenticate(request)
+            gateway.authenticate(request.headers.get("authorization"))
             raw = await request.body()
             if len(raw) > MAX_BODY_BYTES:
                 raise ApiError(413, f"The request body is over {MAX_BODY_BYTES} bytes")
             try:
                 body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, too deep, too long
                 raise ApiError(
                     400, "We could not parse the JSON body of your request: send a JSON object "
                     "with 'model', 'input' and 'voice'",
@@ -459,7 +528,7 @@ def build(gateway: Gateway, lifespan: Any = None) -> Starlette:
 
     async def models(request: Request) -> Response:
         try:
-            gateway.authenticate(request)
+            gateway.authenticate(request.headers.get("authorization"))
         except ApiError as err:
             return err.response()
         data = [
@@ -471,7 +540,7 @@ def build(gateway: Gateway, lifespan: Any = None) -> Starlette:
 
     async def voices(request: Request) -> Response:
         try:
-            gateway.authenticate(request)
+            gateway.authenticate(request.headers.get("authorization"))
         except ApiError as err:
             return err.response()
         data = [
@@ -495,15 +564,44 @@ def build(gateway: Gateway, lifespan: Any = None) -> Starlette:
     async def openapi(_: Request) -> Response:
         return JSONResponse(openapi_document(gateway.config))
 
+    async def ticket(request: Request) -> Response:
+        try:
+            principal = gateway.authenticate(request.headers.get("authorization"))
+        except ApiError as err:
+            return err.response()
+        if principal is None:  # no auth configured: any ticket would do; issue one anyway
+            principal = Principal("anonymous", "default", frozenset(), time.time() + 3600)
+        issued, expires = gateway.tickets.issue(principal)
+        return JSONResponse(
+            {"ticket": issued, "expires_at": int(expires),
+             "url": f"/v1/audio/speech/stream?ticket={issued}"},
+            headers={"cache-control": "no-store"},
+        )  # fmt: skip
+
+    async def stream(socket: WebSocket) -> None:
+        from ttsfleet.gateway.ws import Session  # noqa: PLC0415 - ws imports this module
+
+        await Session(gateway, socket).run()
+
+    page = resources.files("ttsfleet.gateway").joinpath("static/index.html").read_bytes()
+
+    async def index(_: Request) -> Response:
+        # The page holds no secret: every call it makes carries the user's own token.
+        return Response(page, media_type="text/html; charset=utf-8",
+                        headers={"cache-control": "no-cache"})  # fmt: skip
+
     return Starlette(
         routes=[
             Route("/v1/audio/speech", speech, methods=["POST"]),
+            Route("/v1/audio/speech/tickets", ticket, methods=["POST"]),
+            WebSocketRoute("/v1/audio/speech/stream", stream),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/voices", voices, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_page, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
+            Route("/", index, methods=["GET"]),
         ],
         exception_handlers={404: _not_found, 405: _not_allowed},
         lifespan=lifespan,
@@ -514,47 +612,158 @@ async def _not_found(request: Request, _: Exception) -> Response:
     return ApiError(404, f"No route {request.method} {request.url.path}").response()
 
 
-async def _not_allowed(request: Request, _: Exception) -> Response:
-    return ApiError(405, f"{request.method} is not allowed on {request.url.path}").response()
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    response = ApiError(405, f"{request.method} is not allowed on {request.url.path}").response()
+    response.headers.update(getattr(exc, "headers", None) or {})  # Allow: the methods that are
+    return response
 
 
 def openapi_document(config: GatewayConfig) -> dict[str, Any]:
-    """The API's OpenAPI 3.1 description, with this gateway's models and voices."""
+    """The API's OpenAPI 3.1 description, with this gateway's models and voices: every
+    path the gateway serves, every status code and media type it answers with (the
+    schemathesis test in tests/integration/test_gateway_schema.py holds it to that)."""
     models = [m for route in config.routes for m in route.models]
     voices = sorted({v for route in config.routes for v in (*route.voices, route.fleet.voice)})
 
     def json_body(schema: dict[str, Any]) -> dict[str, Any]:
         return {"application/json": {"schema": schema}}
 
-    error = json_body({"$ref": "#/components/schemas/Error"})
-    errors = {
-        "400": "Invalid request: the message names the field",
+    def ref(name: str) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def failures(codes: dict[str, str]) -> dict[str, Any]:
+        return {code: {"description": why, "content": json_body(ref("Error"))}
+                for code, why in codes.items()}  # fmt: skip
+
+    # Without auth configured nobody is turned away, and there are no keys to wait for.
+    keys = "the gateway has not loaded its signing keys yet"
+    denied = {} if config.auth is None else {
         "401": "Missing, expired or wrongly signed token",
         "403": "The token lacks a required scope",
-        "404": "Unknown model",
-        "503": "No replica could serve the request",
-    }
+    }  # fmt: skip
+    unready = {} if config.auth is None else {"503": f"Retry: {keys}"}
     text = {"type": "string"}
     nullable = {"type": ["string", "null"]}
+    integer = {"type": "integer", "minimum": 0}
+    no_store = text | {"const": "no-store"}
+    voice_name = text | {"enum": voices}
+    voice_object = {"type": "object", "required": ["id"], "properties": {"id": voice_name}}
     request = {
         "type": "object",
         "required": ["model", "input", "voice"],
         "properties": {
             "model": text | {"enum": models},
-            "input": text | {"minLength": 1, "maxLength": config.max_input_characters},
-            "voice": text | {"enum": voices},
-            "response_format": text | {"enum": list(audio.FORMATS), "default": "mp3"},
-            "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0, "default": 1.0},
-            "instructions": text | {"description": "Accepted; these voices ignore it."},
-            "stream_format": text | {"enum": list(STREAM_FORMATS), "default": "audio"},
+            # Something to speak (not only whitespace), and no NUL.
+            "input": text
+            | {
+                "minLength": 1,
+                "maxLength": config.max_input_characters,
+                "pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$",
+            },
+            "voice": {"anyOf": [voice_name, voice_object]},
+            # The optional fields take null for their default.
+            "response_format": {"enum": [*audio.FORMATS, None], "default": "mp3"},
+            "speed": {"type": ["number", "null"], "minimum": 0.25, "maximum": 4.0, "default": 1.0},
+            "instructions": nullable | {"description": "Accepted; these voices ignore it."},
+            "stream_format": {"enum": [*STREAM_FORMATS, None], "default": "audio"},
+        },
+    }
+    event = {  # the JSON in each server-sent event's data
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["type", "audio"],
+                "properties": {
+                    "type": {"const": "speech.audio.delta"},
+                    "audio": text | {"contentEncoding": "base64"},
+                },
+            },
+            {
+                "type": "object",
+                "required": ["type", "usage"],
+                "properties": {
+                    "type": {"const": "speech.audio.done"},
+                    "usage": {
+                        "type": "object",
+                        "required": ["input_tokens", "output_tokens", "total_tokens"],
+                        "properties": {
+                            "input_tokens": integer,
+                            "output_tokens": integer,
+                            "total_tokens": integer,
+                        },
+                    },
+                },
+            },
+        ]
+    }
+    sse = {  # OpenAPI before 3.2 has no itemSchema: this schema is each event's
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": text | {"contentMediaType": "application/json", "contentSchema": ref("Event")}
         },
     }
     binary = {"schema": text | {"format": "binary"}}
     speech_ok = {
         "description": "Audio as it is generated, or server-sent events (stream_format sse)",
+        "headers": {
+            "Cache-Control": {"required": True, "schema": no_store},
+            "Server-Timing": {
+                "description": "The replica's time to first audio and the gateway's before it, "
+                "or a hit in the reply cache",
+                "required": True,
+                "schema": text,
+            },
+        },
         "content": {media: binary for media in audio.FORMATS_MEDIA.values()}
-        | {"text/event-stream": {"schema": text}},
+        | {"text/event-stream": {"schema": sse}},
     }
+    model = {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by"],
+        "properties": {
+            "id": text | {"enum": models},
+            "object": {"const": "model"},
+            "created": integer,
+            "owned_by": text,
+        },
+    }
+    voice = {
+        "type": "object",
+        "required": ["id", "models", "engine_voice", "fleet"],
+        "properties": {
+            "id": voice_name,
+            "models": {"type": "array", "items": text | {"enum": models}},
+            "engine_voice": text,
+            "fleet": text | {"description": "namespace/name of the TtsDeployment"},
+        },
+    }
+
+    ticket = {
+        "type": "object",
+        "required": ["ticket", "expires_at", "url"],
+        "properties": {
+            "ticket": text,
+            "expires_at": integer | {"description": "Unix time"},
+            "url": text | {"description": "The WebSocket's path, the ticket in its query"},
+        },
+    }
+
+    def listing(item: str) -> dict[str, Any]:
+        items = {"type": "array", "items": ref(item)}
+        return {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": items},
+        }
+
+    def public(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
+        """An operation anyone may call: no token."""
+        return {"get": {"summary": summary, "security": [], "responses": responses}}
+
+    def plain(description: str, media: str = "text/plain") -> dict[str, Any]:
+        return {"description": description, "content": {media: {"schema": text}}}
+
     return {
         "openapi": "3.1.0",
         "info": {"title": "ttsfleet speech API", "version": "v1"},
@@ -569,6 +778,7 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
                     "properties": {
                         "error": {
                             "type": "object",
+                            "required": ["message", "type", "param", "code"],
                             "properties": {
                                 "message": text,
                                 "type": text,
@@ -579,6 +789,12 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
                     },
                 },
                 "SpeechRequest": request,
+                "Event": event,
+                "Model": model,
+                "ModelList": listing("Model"),
+                "Voice": voice,
+                "VoiceList": listing("Voice"),
+                "Ticket": ticket,
             },
         },
         "security": [{"bearer": []}] if config.auth is not None else [],
@@ -588,15 +804,65 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
                     "summary": "Speak text; the audio streams as it is generated",
                     "requestBody": {
                         "required": True,
-                        "content": json_body({"$ref": "#/components/schemas/SpeechRequest"}),
+                        "content": json_body(ref("SpeechRequest")),
                     },
                     "responses": {"200": speech_ok}
-                    | {
-                        code: {"description": why, "content": error} for code, why in errors.items()
-                    },
+                    | failures(
+                        {
+                            "400": "Invalid request: the message names the field",
+                            "404": "Unknown model",
+                            "413": f"The request body is over {MAX_BODY_BYTES} bytes",
+                            "503": "Retry: no replica could serve the request"
+                            + ("" if config.auth is None else f", or {keys}"),
+                        }
+                        | denied
+                    ),
                 }
             },
-            "/v1/models": {"get": {"summary": "The models this gateway routes", "responses": {}}},
-            "/v1/voices": {"get": {"summary": "The voices each model accepts", "responses": {}}},
+            "/v1/audio/speech/tickets": {
+                "post": {
+                    "summary": "A short-lived ticket for the speech WebSocket "
+                    "(/v1/audio/speech/stream), which browsers cannot send a token to",
+                    "responses": {
+                        "200": {
+                            "description": "The ticket",
+                            "headers": {
+                                "Cache-Control": {"required": True, "schema": no_store},
+                            },
+                            "content": json_body(ref("Ticket")),
+                        }
+                    }
+                    | failures(denied | unready),
+                }
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "The models this gateway routes",
+                    "responses": {
+                        "200": {"description": "The models", "content": json_body(ref("ModelList"))}
+                    }
+                    | failures(denied | unready),
+                }
+            },
+            "/v1/voices": {
+                "get": {
+                    "summary": "The voices each model accepts",
+                    "responses": {
+                        "200": {"description": "The voices", "content": json_body(ref("VoiceList"))}
+                    }
+                    | failures(denied | unready),
+                }
+            },
+            "/healthz": public("Liveness: the process serves", {"200": plain("ok")}),
+            "/readyz": public(
+                "Readiness: keys loaded and every fleet's endpoints known",
+                {"200": plain("ok"), "503": plain("What the gateway still waits for")},
+            ),
+            "/metrics": public("Prometheus metrics", {"200": plain("The text exposition format")}),
+            "/openapi.json": public(
+                "This document",
+                {"200": {"description": "OpenAPI 3.1", "content": json_body({"type": "object"})}},
+            ),
+            "/": public("The speech page", {"200": plain("The page", "text/html")}),
         },
     }

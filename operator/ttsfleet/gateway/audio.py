@@ -29,6 +29,9 @@ MP3_BIT_RATE = 64_000
 STREAMING_SIZE = 0xFFFFFFFF
 
 
+DRAIN_SECONDS = 0.15  # silence that pushes out what any codec here holds back
+
+
 class Encoder(Protocol):
     def encode(self, audio: Audio) -> bytes: ...
 
@@ -245,12 +248,21 @@ class Pipeline:
 
     def __init__(self, fmt: str, sample_rate: int, tempo: float = 1.0) -> None:
         self.encoder = FORMATS[fmt](sample_rate)
+        self._rate = sample_rate
         self._tempo = Tempo(sample_rate, tempo) if abs(tempo - 1.0) > 1e-6 else None
 
     def feed(self, audio: Audio) -> bytes:
         if self._tempo is not None:
             audio = self._tempo.process(audio)
         return self.encoder.encode(audio)
+
+    def drain(self) -> bytes:
+        """What the encoder holds back, pushed out with a little silence, the stream
+        going on (a WebSocket `flush`: the listener hears all of what was said so far).
+        Raw formats hold nothing back."""
+        if isinstance(self.encoder, Wav | Pcm):
+            return b""
+        return self.feed(np.zeros(round(self._rate * DRAIN_SECONDS), np.int16))
 
     def finish(self) -> bytes:
         tail = b""

@@ -10,14 +10,21 @@
   machine's cores, a dict lookup far less); a new key set empties the cache, so a key
   rotated out stops its tokens at once.
 
+`Tickets` lets a browser's WebSocket (which cannot carry an `Authorization` header)
+authenticate: an authenticated HTTP call gets a ticket, short-lived and single-use,
+and the socket's URL carries it.
+
 `sign` and `new_signing_key` make tokens for a local cluster (`ttsfleet token`) and for
 tests.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import json
+import secrets
 import threading
 import time
 import uuid
@@ -186,6 +193,73 @@ class Verifier:
             scopes=frozenset(scopes.split() if isinstance(scopes, str) else scopes),
             expires_at=exp,
         )
+
+
+# ---- tickets --------------------------------------------------------------------------------
+
+TICKET_SECONDS = 30.0
+
+
+class Tickets:
+    """Short-lived, single-use tickets standing for a verified principal.
+
+    A ticket is `payload.mac`: the principal and an expiry in base64url JSON, and an
+    HMAC-SHA256 of it under `key`. Replicas given the same key redeem each other's
+    tickets; each replica remembers the tickets it redeemed until they expire (a ticket
+    replayed on another replica within its 30 s is the documented residue). A ticket
+    grants no more than the token it came from, and never outlives it.
+    """
+
+    def __init__(self, key: bytes | None = None, ttl_seconds: float = TICKET_SECONDS) -> None:
+        self.key = key or secrets.token_bytes(32)
+        self.ttl_seconds = ttl_seconds
+        self._redeemed: dict[str, float] = {}
+
+    def issue(self, principal: Principal, now: float | None = None) -> tuple[str, float]:
+        """A ticket for `principal`, and when it expires."""
+        now = time.time() if now is None else now
+        expires = min(now + self.ttl_seconds, principal.expires_at)
+        payload = {
+            "sub": principal.subject, "tenant": principal.tenant,
+            "scopes": sorted(principal.scopes), "token_exp": principal.expires_at,
+            "exp": expires, "nonce": secrets.token_urlsafe(12),
+        }  # fmt: skip
+        body = _b64(json.dumps(payload, separators=(",", ":")).encode())
+        return f"{body}.{_b64(self._mac(body))}", expires
+
+    def redeem(self, ticket: str, now: float | None = None) -> Principal:
+        """The principal of a valid, unused ticket; AuthError otherwise."""
+        now = time.time() if now is None else now
+        body, _, mac = ticket.partition(".")
+        try:
+            valid = hmac.compare_digest(_unb64(mac), self._mac(body))
+            payload = json.loads(_unb64(body)) if valid else None
+        except (ValueError, json.JSONDecodeError):
+            valid, payload = False, None
+        if not valid or not isinstance(payload, dict):
+            raise AuthError("The ticket is not one this gateway issued: get a new one")
+        if now > float(payload["exp"]):
+            raise AuthError("The ticket has expired (they last 30 s): get a new one")
+        for nonce in [n for n, exp in self._redeemed.items() if exp < now]:
+            del self._redeemed[nonce]
+        if payload["nonce"] in self._redeemed:
+            raise AuthError("The ticket was used already (each is good once): get a new one")
+        self._redeemed[payload["nonce"]] = float(payload["exp"])
+        return Principal(
+            subject=str(payload["sub"]), tenant=str(payload["tenant"]),
+            scopes=frozenset(payload["scopes"]), expires_at=float(payload["token_exp"]),
+        )  # fmt: skip
+
+    def _mac(self, body: str) -> bytes:
+        return hmac.new(self.key, body.encode(), hashlib.sha256).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 # ---- signing (local clusters and tests) ----------------------------------------------------

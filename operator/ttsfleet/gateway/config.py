@@ -62,6 +62,11 @@ class Auth(_Model):
     jwks_file: str | None = Field(default=None, alias="jwksFile")
     jwks_url: str | None = Field(default=None, alias="jwksUrl")
     refresh_seconds: float = Field(default=300.0, ge=5, alias="refreshSeconds")
+    ticket_key_file: str | None = Field(
+        default=None, alias="ticketKeyFile",
+        description="The key WebSocket tickets are signed with, shared by all replicas; "
+        "without it each replica makes its own (tickets redeem only where issued).",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _one_key_source(self) -> Auth:
@@ -94,6 +99,10 @@ class GatewayConfig(_Model):
         description="A replica with no audio by then has failed; the request is retried.",
     )  # fmt: skip
     request_timeout_seconds: float = Field(default=120.0, gt=0, alias="requestTimeoutSeconds")
+    websocket_idle_seconds: float = Field(
+        default=60.0, gt=0, alias="websocketIdleSeconds",
+        description="A WebSocket with no message and no open context for this long is closed.",
+    )  # fmt: skip
     cache_bytes: int = Field(
         default=64 * 1024 * 1024, ge=0, alias="cacheBytes",
         description="Memory for replies spoken before, replayed at once; 0 turns it off.",

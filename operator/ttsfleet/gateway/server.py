@@ -158,4 +158,8 @@ def serve(config_path: Path, host: str, port: int, api: Any | None = None) -> No
     uvicorn.run(
         build(gateway, lifespan), host=host, port=port, log_level="warning", access_log=False,
         loop="uvloop", http="httptools", timeout_graceful_shutdown=10,
+        # WebSockets: protocol pings every 20 s find dead peers (browsers answer them
+        # too); a message is at most 256 KiB (text, not audio, comes in).
+        ws="websockets-sansio", ws_ping_interval=20.0, ws_ping_timeout=20.0,
+        ws_max_size=256 * 1024,
     )  # fmt: skip

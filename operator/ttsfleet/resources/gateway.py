@@ -14,6 +14,7 @@ it); the pod template does not change with it, so a route change restarts nothin
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ PORT = 8080
 CONFIG_DIR = "/etc/ttsfleet/gateway"
 CONFIG_KEY = "gateway.json"
 JWKS_DIR = "/etc/ttsfleet/jwks"
+TICKETS_DIR = "/etc/ttsfleet/tickets"
+TICKET_KEY = "key"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ class Gateway:
     @property
     def child_name(self) -> str:
         return f"{self.name}-gateway"
+
+    @property
+    def ticket_secret_name(self) -> str:
+        return f"{self.child_name}-tickets"
 
     @property
     def cluster_binding_name(self) -> str:
@@ -151,7 +158,18 @@ def config(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> Manifest:
             document["auth"]["jwksFile"] = f"{JWKS_DIR}/{auth.jwks_secret_ref.key}"
         else:
             document["auth"]["jwksUrl"] = auth.jwks_url
+        document["auth"]["ticketKeyFile"] = f"{TICKETS_DIR}/{TICKET_KEY}"
     return document
+
+
+def ticket_secret(gateway: Gateway, key: bytes) -> Manifest:
+    """The key every replica signs and redeems WebSocket tickets with. Created once with
+    a random key (never applied again: that would change it) and owned by the gateway."""
+    secret = _child(gateway, "v1", "Secret", {"type": "Opaque"})
+    secret["metadata"]["name"] = gateway.ticket_secret_name
+    del secret["metadata"]["annotations"]
+    secret["data"] = {TICKET_KEY: base64.b64encode(key).decode()}
+    return secret
 
 
 def children(
@@ -176,6 +194,9 @@ def children(
     if spec.auth is not None and spec.auth.jwks_secret_ref is not None:
         volumes.append({"name": "jwks", "secret": {"secretName": spec.auth.jwks_secret_ref.name}})
         mounts.append({"name": "jwks", "mountPath": JWKS_DIR, "readOnly": True})
+    if spec.auth is not None:
+        volumes.append({"name": "tickets", "secret": {"secretName": gateway.ticket_secret_name}})
+        mounts.append({"name": "tickets", "mountPath": TICKETS_DIR, "readOnly": True})
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 2}
     container = {
         "name": "gateway",
