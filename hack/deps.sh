@@ -8,6 +8,8 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v sysctl >/dev/null 2>&1 || need+=(procps)
 # `make bench-gateway` loads the speech gateway with wrk (HTTP keep-alive, one core).
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+# The gateway's page is tested in a real headless browser (Playwright drives Debian's).
+[ -x /usr/lib/chromium/chromium ] || need+=(chromium)
 if command -v python3.11 >/dev/null 2>&1; then
   # venv needs ensurepip (Debian's python3.11-venv); Triton's Python backend stub
   # links libpython3.11.so.1.0 (Debian's libpython3.11, or the interpreter's own LIBDIR).
