@@ -2,6 +2,7 @@
 balancing on outstanding work beats round robin when one replica is slow.
 
     python benchmarks/gateway_bench.py [--seconds 20] [--out benchmarks/results/gateway.json]
+        [--parts added,balancing,replica_kill,formats]
 
 Everything runs on loopback: real tritonservers (`harness.TritonProcess`, the streaming
 model) and real `ttsfleet gateway` processes (`harness.GatewayProcess`) with fixed
@@ -34,14 +35,27 @@ endpoints. Each figure has its baseline from the same run:
    started after the replica's endpoint left its EndpointSlice (a watch here records
    when).
 
+5. `formats`: what encoding costs the gateway, per response format, on real speech (the
+   voice run in-process here: no Triton, no cluster): the encoder's CPU time (process
+   time around feeding `audio.Pipeline` the engine's chunks, as the gateway does, and
+   `finish`) over the audio's duration: the share of a core one real-time stream
+   takes (`core_fraction`, the best of 3 runs). Beside it: whether PyAV decodes the
+   whole reply, the decoded duration over the input's, the bit rate, how much audio
+   went in before the first bytes came out, and the smallest head of the reply that
+   decodes.
+
 The load generator shares the 2 cores with the servers: figures are for this machine.
+`--parts` runs some parts alone; their keys are merged into the results file, the
+others kept (with the provenance of the run that measured them, in `parts_provenance`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import io
 import json
 import os
 import random
@@ -60,7 +74,7 @@ from ttsfleet import harness, kube
 from ttsfleet.api import crd
 from ttsfleet.cluster import images, local, tokens
 from ttsfleet.cluster.pool import load_pool_file
-from ttsfleet.gateway import auth
+from ttsfleet.gateway import audio, auth
 from ttsfleet.triton import aio
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,13 +105,13 @@ class Setup:
 
     def gateway(
         self, name: str, endpoints: list[str], *, balancer: str = "least-outstanding",
-        authenticated: bool = True,
+        authenticated: bool = True, cache_bytes: int = 0,
     ) -> harness.GatewayProcess:  # fmt: skip
         config: dict[str, Any] = {
             "routes": [{"models": ["tts-1"], "voices": ["alloy"],
                         "fleet": {"name": "bench", "voice": VOICE, "endpoints": endpoints}}],
             "balancer": balancer,
-            "cacheBytes": 0,  # every request to a replica: the bench repeats its texts
+            "cacheBytes": cache_bytes,  # 0: every request to a replica (texts repeat)
         }  # fmt: skip
         if authenticated:
             config["auth"] = {
@@ -355,7 +369,7 @@ async def open_loop(url: str, token: str, rate: float, seconds: float, seed: int
     }  # fmt: skip
 
 
-# ---- the run --------------------------------------------------------------------------------
+# ---- the parts ------------------------------------------------------------------------------
 
 
 def part_added(
@@ -554,35 +568,485 @@ def part_replica_kill(work: Path, seconds: float) -> dict[str, Any]:
     return {"replica_kill": result, "replica_kill_failed_pct": result["failed_pct"]}
 
 
+# ---- 5. what each response format costs to encode ------------------------------------------
+
+# About 22 s of speech: eight sentences, each a chunk from the engine, as Triton streams them.
+FORMAT_TEXT = " ".join([
+    *SENTENCES,
+    "The quick brown fox jumps over the lazy dog.",
+    "Your order number is 4512, and it ships on Friday.",
+    "She sells seashells by the seashore, doesn't she?",
+    "Thanks for waiting; your refund has been approved and will reach your account soon.",
+])  # fmt: skip
+FORMAT_RUNS = 3
+# How PyAV reads each reply back: (container, options); pcm is headerless s16le.
+READ_AS = {
+    "mp3": ("mp3", {}), "opus": ("ogg", {}), "aac": ("adts", {}), "flac": ("flac", {}),
+    "wav": ("wav", {}),
+    "pcm": ("s16le", {"sample_rate": str(audio.PCM_RATE), "ch_layout": "mono"}),
+}  # fmt: skip
+
+
+def gateway_chunks(sentences: list[Any]) -> list[Any]:
+    """The engine's chunks as the gateway feeds them to the encoder: the first sentence
+    in slices (so its first bytes go out early), then a chunk per sentence."""
+    from ttsfleet.gateway.app import FIRST_SLICE_SAMPLES  # noqa: PLC0415 - this part only
+
+    first, rest = sentences[0], sentences[1:]
+    slices = [first[i : i + FIRST_SLICE_SAMPLES] for i in range(0, len(first), FIRST_SLICE_SAMPLES)]
+    return [*slices, *rest]
+
+
+def read_back(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """(samples, sample rate) PyAV decodes from `data`, or None if it cannot."""
+    import av  # noqa: PLC0415 - this part only
+
+    container, options = READ_AS[fmt]
+    try:
+        with av.open(io.BytesIO(data), "r", format=container, options=options) as reader:
+            count: int = sum(frame.samples for frame in reader.decode(audio=0))
+            return count, reader.streams.audio[0].sample_rate
+    except (av.error.FFmpegError, IndexError, ValueError):
+        return None
+
+
+def significant(value: float, digits: int = 3) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def encode_once(fmt: str, chunks: list[Any], rate: int) -> tuple[list[bytes], float]:
+    """The reply's parts and the CPU seconds this process spent making them (the
+    encoder opened, every chunk fed, the stream finished)."""
+    start = time.process_time()
+    pipeline = audio.Pipeline(fmt, rate)
+    parts = [pipeline.feed(chunk) for chunk in chunks]
+    parts.append(pipeline.finish())
+    return parts, time.process_time() - start
+
+
+def part_formats() -> dict[str, Any]:
+    """5. Per response format: the share of a core one real-time stream's encoding takes,
+    and whether the reply decodes whole, at its length, and early."""
+    from ttsfleet.serving.engine import Synthesizer  # noqa: PLC0415 - this part only
+
+    engine = Synthesizer(VOICE)
+    rate = engine.sample_rate
+    sentences = list(engine.chunks(FORMAT_TEXT))
+    # The voice's threads are gone before any timing: process time counts every thread.
+    del engine
+    chunks = gateway_chunks(sentences)
+    seconds = sum(len(chunk) for chunk in chunks) / rate
+    fed_ms = [sum(len(c) for c in chunks[: i + 1]) / rate * 1000 for i in range(len(chunks))]
+    formats: dict[str, Any] = {}
+    for fmt in audio.FORMATS:
+        encode_once(fmt, chunks[:2], rate)  # warm: libraries loaded, first-use costs paid
+        runs = [encode_once(fmt, chunks, rate) for _ in range(FORMAT_RUNS)]
+        parts = runs[0][0]
+        data = b"".join(parts)
+        whole = read_back(data, fmt)
+        first = next((i for i, part in enumerate(parts) if part), None)
+        decodable = next(
+            (i for i in range(len(parts)) if (got := read_back(b"".join(parts[: i + 1]), fmt))
+             and got[0] > 0),
+            None,
+        )  # fmt: skip
+        cpu = [used for _, used in runs]
+        formats[fmt] = {
+            "core_fraction": significant(min(cpu) / seconds),
+            "core_fraction_runs": [significant(used / seconds) for used in cpu],
+            "streams_per_core": int(seconds / min(cpu)) if min(cpu) > 0 else None,
+            "decodes": whole is not None and whole[0] > 0,
+            "duration_ratio": None if whole is None else round(whole[0] / whole[1] / seconds, 4),
+            "decoded_rate": None if whole is None else whole[1],
+            "kbps": round(len(data) * 8 / seconds / 1000, 1),
+            "bytes": len(data),
+            "first_bytes_after_input_ms": None if first is None else round(fed_ms[first], 1),
+            "first_decodable_bytes": (
+                None if decodable is None else len(b"".join(parts[: decodable + 1]))
+            ),
+            "first_decodable_after_input_ms": (
+                None if decodable is None else round(fed_ms[min(decodable, len(chunks) - 1)], 1)
+            ),
+        }
+        print(fmt, json.dumps(formats[fmt]))
+    return {
+        "formats": formats,
+        "formats_input": {
+            "audio_seconds": round(seconds, 3),
+            "sample_rate": rate,
+            "chunks": len(chunks),
+            "chunking": "the first sentence in the gateway's first-reply slices, then one "
+            "chunk per sentence, as the gateway feeds its encoder",
+            "runs": FORMAT_RUNS,
+            "core_fraction": "process CPU seconds to encode the stream (best of the runs) "
+            "over its audio seconds: the share of a core one real-time stream takes; "
+            "streams_per_core: its inverse",
+            "first_bytes": "input fed before the first bytes, or the first head that "
+            "decodes, came out: in the gateway's chunks, so to within one",
+        },
+    }
+
+
+# ---- 6-9. WebSockets, barge-in, memory, cached replies -----------------------------------------
+
+LONG = " ".join(
+    f"Sentence {n} of a long answer that the caller is about to interrupt." for n in range(20)
+)
+FORMAT_CYCLE = ("mp3", "wav", "opus", "aac", "flac", "pcm")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def ws_url(gateway: harness.GatewayProcess) -> str:
+    return gateway.url.replace("http://", "ws://") + "/v1/audio/speech/stream"
+
+
+async def open_sockets(url: str, token: str, count: int) -> list[Any]:
+    """`count` authenticated WebSockets (each has said `ready`), opened 50 at a time."""
+    from websockets.asyncio.client import connect  # noqa: PLC0415
+
+    async def one() -> Any:
+        socket = await connect(url, open_timeout=30, ping_interval=None)
+        await socket.send(json.dumps({"type": "auth", "token": token}))
+        assert json.loads(await socket.recv()) == {"type": "ready"}
+        return socket
+
+    sockets: list[Any] = []
+    for start in range(0, count, 50):
+        sockets += await asyncio.gather(*(one() for _ in range(min(50, count - start))))
+    return sockets
+
+
+def part_websockets(setup: Setup, triton: harness.TritonProcess, count: int) -> dict[str, Any]:
+    """`ws_connections_rss_mb`: the gateway's RSS holding `count` open, authenticated
+    WebSockets (distinct connections), beside its RSS before they opened."""
+    gateway = setup.gateway("ws", [triton.grpc_address])
+    try:
+        assert gateway.process is not None
+        pid = gateway.process.pid
+        asyncio.run(speak_http(gateway, setup.token, ["Warm up."], 1))
+        idle = rss_mb(pid)
+
+        async def hold() -> tuple[float, float]:
+            sockets = await open_sockets(ws_url(gateway), setup.token, count)
+            await asyncio.sleep(2)
+            held, metric = rss_mb(pid), gateway.metric("ttsfleet_gateway_websockets")
+            await asyncio.gather(*(s.close() for s in sockets))
+            return held, metric
+
+        held, metric = asyncio.run(hold())
+    finally:
+        gateway.stop()
+    per_connection_kb = round((held - idle) * 1024 / count, 1)
+    result = {"connections": count, "gauge": metric, "rss_mb_before": idle,
+              "rss_mb_holding": held, "per_connection_kb": per_connection_kb}  # fmt: skip
+    print(json.dumps(result))
+    return {"ws_connections_rss_mb": held, "ws_connections": result}
+
+
+async def speak_http(
+    gateway: harness.GatewayProcess, token: str, texts: list[str], concurrency: int,
+    formats: tuple[str, ...] = ("wav",),
+) -> int:  # fmt: skip
+    """Speak every text (cycling through `formats`); the number that failed."""
+    import httpx2  # noqa: PLC0415
+
+    failed = 0
+    queue = list(enumerate(texts))
+    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=0)
+    async with httpx2.AsyncClient(timeout=60, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal failed
+            while queue:
+                index, text = queue.pop()
+                body = {"model": "tts-1", "voice": "alloy", "input": text,
+                        "response_format": formats[index % len(formats)]}  # fmt: skip
+                response = await client.post(
+                    f"{gateway.url}/v1/audio/speech", json=body,
+                    headers={"authorization": f"Bearer {token}"},
+                )  # fmt: skip
+                failed += response.status_code != 200 or not response.content
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return failed
+
+
+def part_memory(setup: Setup, triton: harness.TritonProcess, requests: int) -> dict[str, Any]:
+    """`rss_growth_mb_10k`: the gateway's RSS growth over `requests` speech requests
+    after 1,000 to warm up: distinct short texts (each a real synthesis), the six
+    formats in turn, a 1 MiB reply cache that keeps evicting, 4 at a time."""
+    gateway = setup.gateway("memory", [triton.grpc_address], cache_bytes=1024 * 1024)
+    try:
+        assert gateway.process is not None
+        pid = gateway.process.pid
+        texts = [f"Reply number {n}." for n in range(1000 + requests)]
+        started = time.monotonic()
+        failed = asyncio.run(speak_http(gateway, setup.token, texts[:1000], 4, FORMAT_CYCLE))
+        warm = rss_mb(pid)
+        failed += asyncio.run(speak_http(gateway, setup.token, texts[1000:], 4, FORMAT_CYCLE))
+        after = rss_mb(pid)
+    finally:
+        gateway.stop()
+    result = {"requests": requests, "failed": failed, "rss_mb_warm": warm, "rss_mb_after": after,
+              "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+    print(json.dumps(result))
+    return {"rss_growth_mb_10k": round((after - warm) * 10_000 / requests, 1), "memory": result}
+
+
+async def barge_in(url: str, token: str, triton: harness.TritonProcess) -> dict[str, float]:
+    """One context speaking a long text (pcm), cancelled after its first audio: until
+    its `done`, how many of its audio messages came after the cancel (sent before the
+    gateway read it), how much audio it got in all, and until Triton's in-flight gauge
+    for the streaming model is back to 0."""
+    from websockets.asyncio.client import connect  # noqa: PLC0415
+
+    async with connect(url, ping_interval=None, max_size=None) as socket:
+        await socket.send(json.dumps({"type": "auth", "token": token}))
+        await socket.recv()
+        start = {"type": "continue", "context_id": "c", "model": "tts-1", "voice": "alloy",
+                 "response_format": "pcm", "text": LONG}  # fmt: skip
+        await socket.send(json.dumps(start))
+        while (message := json.loads(await socket.recv()))["type"] != "audio":
+            pass
+        received = len(base64.b64decode(message["audio"]))
+        cancelled = time.perf_counter()
+        await socket.send(json.dumps({"type": "cancel", "context_id": "c"}))
+        late = 0
+        while (message := json.loads(await socket.recv()))["type"] != "done":
+            late += 1
+            received += len(base64.b64decode(message["audio"]))
+        done = time.perf_counter()
+        while triton.metric("ttsfleet_inflight_streams", model="tts_stream") > 0:
+            await asyncio.sleep(0.002)
+        gone = time.perf_counter()
+    return {"done_ms": (done - cancelled) * 1000, "triton_gone_ms": (gone - cancelled) * 1000,
+            "audio_after_cancel": late, "audio_s": received / 2 / audio.PCM_RATE}  # fmt: skip
+
+
+def one_sentence(gateway: harness.GatewayProcess, token: str) -> tuple[float, float]:
+    """The audio seconds of LONG's first sentence, and the replica's time to synthesise
+    it (its time to first audio: the engine sends a sentence when it is done)."""
+    import httpx2  # noqa: PLC0415
+
+    sentence = LONG.split(". ")[0] + "."
+    body = {"model": "tts-1", "voice": "alloy", "input": sentence, "response_format": "pcm"}
+    response = httpx2.post(
+        f"{gateway.url}/v1/audio/speech", json=body, timeout=60,
+        headers={"authorization": f"Bearer {token}"},
+    )  # fmt: skip
+    upstream = re.search(r"upstream;dur=([\d.]+)", response.headers["server-timing"])
+    assert upstream is not None
+    return len(response.content) / 2 / audio.PCM_RATE, float(upstream.group(1))
+
+
+def part_barge_in(setup: Setup, triton: harness.TritonProcess, rounds: int) -> dict[str, Any]:
+    """`cancel_to_silence_ms`: cancel to `done` (after which nothing of the context
+    comes), p95 over `rounds`; beside it, when Triton's stream ends and how much audio
+    the client got, against one sentence's audio and synthesis time (the engine checks
+    for a cancel between the chunks it sends, and today a chunk is a sentence)."""
+    gateway = setup.gateway("barge-in", [triton.grpc_address])
+    try:
+        sentence_s, sentence_ms = one_sentence(gateway, setup.token)
+        runs = [asyncio.run(barge_in(ws_url(gateway), setup.token, triton)) for _ in range(rounds)]
+    finally:
+        gateway.stop()
+
+    def quantiles(key: str) -> dict[str, float]:
+        values = [run[key] for run in runs]
+        return {f"p{q}": round(harness.percentile(values, q / 100), 2) for q in (50, 95)} | {
+            "max": round(max(values), 2)
+        }
+
+    result = {
+        "rounds": rounds, "done_ms": quantiles("done_ms"),
+        "triton_gone_ms": quantiles("triton_gone_ms"),
+        "audio_messages_after_cancel": quantiles("audio_after_cancel"),
+        "audio_s_received": quantiles("audio_s"),
+        "sentence_audio_s": round(sentence_s, 2), "sentence_synthesis_ms": round(sentence_ms, 1),
+    }  # fmt: skip
+    print(json.dumps(result))
+    return {"cancel_to_silence_ms": result["done_ms"]["p95"], "barge_in": result}
+
+
+def part_cached(setup: Setup, triton: harness.TritonProcess, seconds: float) -> dict[str, Any]:
+    """`cached_p99_ms`, `cached_rps_per_core`: one reply (an mp3 of a sentence) asked
+    again and again by wrk (on one core; the gateway pinned to the other): wrk's latency
+    p99 for the whole reply (from the cache it is sent at once) with 2 connections, and
+    replies per CPU-second of the gateway with 16 (its core saturated; the p99 there,
+    mostly queueing, is reported beside)."""
+    gateway = setup.gateway("cached", [triton.grpc_address], cache_bytes=64 * 1024 * 1024)
+    body = {"model": "tts-1", "voice": "alloy", "input": SENTENCES[0], "response_format": "mp3"}
+    lua = (  # a Lua string literal is a JSON string literal here
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(json.dumps(body))}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {setup.token}"\n'
+    )
+    script = setup.work / "cached.lua"
+    script.write_text(lua)
+    try:
+        assert gateway.process is not None
+        pid = gateway.process.pid
+        asyncio.run(speak_http(gateway, setup.token, [SENTENCES[0]], 1, ("mp3",)))  # cached now
+        pin(pid, {0})
+
+        def wrk(connections: int) -> str:
+            argv = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}",
+                    f"-d{seconds:.0f}s", "--latency", "-s", str(script),
+                    f"{gateway.url}/v1/audio/speech"]  # fmt: skip
+            out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+            if re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+                raise RuntimeError(f"cached replies failed:\n{out}")
+            return out
+
+        light = wrk(2)  # latency: a light load, no queue at the gateway
+        before = cpu_seconds(pid)
+        out = wrk(16)  # throughput: the gateway's core saturated
+        used = cpu_seconds(pid) - before
+        hits = gateway.metric("ttsfleet_gateway_cache_requests_total", result="hit")
+    finally:
+        pin(pid, ALL_CORES)
+        gateway.stop()
+
+    def p99_ms(report: str) -> float:
+        found = re.search(r"99%\s+([\d.]+)(us|ms|s)", report)
+        assert found is not None, report
+        return float(found.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[found.group(2)]
+
+    done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    result = {"requests": done, "cache_hits": hits, "gateway_cpu_seconds": round(used, 2),
+              "p99_ms_saturated": round(p99_ms(out), 2),
+              "wrk_light": light.strip().splitlines()[-2:],
+              "wrk": out.strip().splitlines()[-2:]}  # fmt: skip
+    print(json.dumps(result))
+    return {
+        "cached_p99_ms": round(p99_ms(light), 2),
+        "cached_rps_per_core": round(done / used, 1), "cached": result,
+    }  # fmt: skip
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+PARTS = ("added", "balancing", "replica_kill", "formats", "websockets", "barge_in", "memory",
+         "cached")  # fmt: skip
+# A key each part writes: where a results file has it, that part has been measured.
+PART_KEYS = {
+    "added": "added_ttfa_ms", "balancing": "p2c_vs_round_robin_ttfa_p95",
+    "replica_kill": "replica_kill_failed_pct", "formats": "formats",
+    "websockets": "ws_connections_rss_mb", "barge_in": "cancel_to_silence_ms",
+    "memory": "rss_growth_mb_10k", "cached": "cached_p99_ms",
+}  # fmt: skip
+
+
+def goals(results: dict[str, Any]) -> dict[str, bool]:
+    """The issue's goals, for the parts that have figures."""
+    found: dict[str, bool] = {}
+    if "added_ttfa_ms" in results:
+        added = results["added_ttfa_ms"].values()
+        found["added_ttfa_p50_under_2ms"] = all(v["p50"] < 2 for v in added)
+        found["added_ttfa_p99_under_10ms"] = all(v["p99"] < 10 for v in added)
+        found["auth_rps_per_core_at_least_2000"] = results["auth_rps_per_core"] >= 2000
+    if "p2c_vs_round_robin_ttfa_p95" in results:
+        found["p2c_p95_at_least_30pct_lower"] = results["p2c_vs_round_robin_ttfa_p95"] <= 0.7
+    if "replica_kill" in results:
+        found["replica_kill_under_1pct_failed"] = results["replica_kill_failed_pct"] < 1
+        found["replica_kill_none_failed_after_endpoint_left"] = (
+            results["replica_kill"]["failed_after_endpoint_left"] == 0
+        )
+    if "ws_connections_rss_mb" in results:
+        found["ws_1000_connections_at_most_200mb"] = results["ws_connections_rss_mb"] <= 200
+    if "rss_growth_mb_10k" in results:
+        found["rss_growth_10k_under_10mb"] = results["rss_growth_mb_10k"] < 10
+    if "cancel_to_silence_ms" in results:
+        barge = results["barge_in"]
+        # All the audio the client got: the chunk in flight at the cancel, at most one more.
+        found["cancel_audio_within_one_chunk"] = (
+            barge["audio_s_received"]["max"] <= 2 * barge["sentence_audio_s"]
+        )
+        found["cancel_triton_gone_within_100ms"] = barge["triton_gone_ms"]["p95"] <= 100
+    if "cached_p99_ms" in results:
+        found["cached_p99_at_most_5ms"] = results["cached_p99_ms"] <= 5
+        found["cached_at_least_1000_per_core"] = results["cached_rps_per_core"] >= 1000
+    if "formats" in results:
+        found["formats_all_decode_whole"] = all(f["decodes"] for f in results["formats"].values())
+    return found
+
+
+def merged(path: Path, ran: list[str], results: dict[str, Any]) -> dict[str, Any]:
+    """The results file at `path` with the keys of the parts that ran replaced; each
+    part's provenance (the run that measured it) in `parts_provenance`."""
+    previous: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    before = previous.pop("provenance", None)
+    provenances = previous.pop("parts_provenance", {})
+    now = harness.provenance()
+    for part in PARTS:
+        if part in ran:
+            provenances[part] = now
+        elif part not in provenances and PART_KEYS[part] in previous and before:
+            provenances[part] = before
+    doc = previous | results
+    doc["goals"] = goals(doc)
+    doc["parts_provenance"] = provenances
+    return doc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=2.0, help="Requests/s in part 3.")
+    parser.add_argument("--requests", type=int, default=10_000, help="Requests in part 8.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/gateway.json")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS),
+        help=f"Comma-separated parts to run (default all: {','.join(PARTS)}); their keys are "
+        "merged into --out, the others kept.",
+    )  # fmt: skip
     args = parser.parse_args()
+    ran = [part.strip() for part in args.parts.split(",") if part.strip()]
+    if unknown := sorted(set(ran) - set(PARTS)):
+        parser.error(f"unknown parts {', '.join(unknown)}: choose from {', '.join(PARTS)}")
     work = Path(tempfile.mkdtemp(prefix="ttsfleet-gateway-bench-"))
-    setup = Setup(work)
-    with tritons(work, 3) as servers:
-        results = part_added(setup, servers, args.seconds)
-        results |= part_balancing(setup, servers, args.rate, args.seconds * 3)
-    results |= part_replica_kill(work, args.seconds * 6)
-    added = results["added_ttfa_ms"].values()
-    results["goals"] = {
-        "added_ttfa_p50_under_2ms": all(v["p50"] < 2 for v in added),
-        "added_ttfa_p99_under_10ms": all(v["p99"] < 10 for v in added),
-        "auth_rps_per_core_at_least_2000": results["auth_rps_per_core"] >= 2000,
-        "p2c_p95_at_least_30pct_lower": results["p2c_vs_round_robin_ttfa_p95"] <= 0.7,
-        "replica_kill_under_1pct_failed": results["replica_kill_failed_pct"] < 1,
-        "replica_kill_none_failed_after_endpoint_left": (
-            results["replica_kill"]["failed_after_endpoint_left"] == 0
-        ),
-    }
-    harness.write_results(args.out, results)
+    results: dict[str, Any] = {}
+    if "added" in ran or "balancing" in ran:
+        setup = Setup(work)
+        with tritons(work, 3 if "balancing" in ran else 1) as servers:
+            if "added" in ran:
+                results |= part_added(setup, servers, args.seconds)
+            if "balancing" in ran:
+                results |= part_balancing(setup, servers, args.rate, args.seconds * 3)
+    if "replica_kill" in ran:
+        results |= part_replica_kill(work, args.seconds * 6)
+    if "formats" in ran:
+        results |= part_formats()
+    if {"websockets", "barge_in", "memory", "cached"} & set(ran):
+        setup = Setup(work)
+        with tritons(work, 1) as servers:
+            if "websockets" in ran:
+                results |= part_websockets(setup, servers[0], 1000)
+            if "barge_in" in ran:
+                results |= part_barge_in(setup, servers[0], 20)
+            if "cached" in ran:
+                results |= part_cached(setup, servers[0], args.seconds / 2)
+            if "memory" in ran:
+                results |= part_memory(setup, servers[0], args.requests)
+    doc = merged(args.out, ran, results)
+    harness.write_results(args.out, doc)
     keys = (
         "added_ttfa_ms", "auth_rps_per_core", "p2c_vs_round_robin_ttfa_p95",
-        "replica_kill_failed_pct", "goals",
+        "replica_kill_failed_pct", "ws_connections_rss_mb", "rss_growth_mb_10k",
+        "cancel_to_silence_ms", "cached_p99_ms", "cached_rps_per_core", "goals",
     )  # fmt: skip
-    print(json.dumps({k: results[k] for k in keys}, indent=2))
+    summary = {k: doc[k] for k in keys if k in doc}
+    summary["formats_core_fraction"] = {
+        fmt: figures["core_fraction"] for fmt, figures in doc.get("formats", {}).items()
+    }
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import io
+import itertools
 import struct
+from collections.abc import Callable
 
 import av
 import numpy as np
 import pytest
 
 from ttsfleet.gateway import audio
+from ttsfleet.serving.engine import Synthesizer
+from ttsfleet.serving.quality import join_energy
 
 RATE = 22_050
 
@@ -106,3 +110,112 @@ def test_the_pipeline_stretches_then_encodes() -> None:
     pipeline = audio.Pipeline("wav", RATE, tempo=2.0)
     data = b"".join(pipeline.feed(c) for c in chunks()) + pipeline.finish()
     assert (len(data) - 44) / 2 == pytest.approx(RATE, rel=0.03)
+
+
+# ---- no clicks at chunk joins, on real speech -------------------------------------------------
+
+VOICE = "en_US-joe-medium"
+SPEECH = (
+    "Thanks for calling, how can I help you today? Your order shipped this morning and "
+    "should arrive on Thursday. She sells seashells by the seashore."
+)
+# Chunk sizes the engine never sends, in a cycle: joins fall mid codec frame (MP3 1,152
+# samples, AAC 1,024, Opus 20 ms) and at every phase of one.
+UNEVEN = (1000, 2048, 4096, 333)
+LOSSLESS = {"flac", "wav"}
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    """About 7 s of the shipped voice (as in test_engine, loaded once here)."""
+    engine = Synthesizer(VOICE)
+    assert engine.sample_rate == RATE
+    return engine.synthesize(SPEECH)
+
+
+def uneven(signal: np.ndarray) -> list[np.ndarray]:
+    cuts = itertools.accumulate(itertools.cycle(UNEVEN))
+    inside: list[int] = list(itertools.takewhile(lambda cut: cut < len(signal), cuts))
+    return np.split(signal, inside)
+
+
+def ends(parts: list[np.ndarray]) -> np.ndarray:
+    """The joins between `parts`: where each part but the last ends."""
+    return np.cumsum([len(p) for p in parts])[:-1]
+
+
+def dropped(parts: list[np.ndarray], count: int = 37) -> list[np.ndarray]:
+    """A broken stream: each chunk's last `count` samples lost."""
+    return [p[:-count] for p in parts[:-1]] + parts[-1:]
+
+
+def stepped(parts: list[np.ndarray], step: int = 1000) -> list[np.ndarray]:
+    """A broken stream: its level jumps by `step` (3 % of full scale), up then down, at
+    every join."""
+    return [
+        np.clip(p.astype(np.int32) + step * (i % 2), -32768, 32767).astype(np.int16)
+        for i, p in enumerate(parts)
+    ]
+
+
+def streamed(fmt: str, parts: list[np.ndarray]) -> bytes:
+    pipeline = audio.Pipeline(fmt, RATE)
+    return b"".join(pipeline.feed(p) for p in parts) + pipeline.finish()
+
+
+def decoded(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
+    if fmt == "pcm":
+        return np.frombuffer(data, "<i2"), audio.PCM_RATE
+    return decode(data, CONTAINERS.get(fmt, fmt))
+
+
+def delay(sent: np.ndarray, got: np.ndarray, rate: int) -> int:
+    """The codec's priming delay in `got` (at `rate`), in samples: where `sent`
+    (resampled to `rate`) correlates best with it, within 200 ms."""
+    times = np.arange(int(len(sent) * rate / RATE)) / rate
+    reference = np.interp(times, np.arange(len(sent)) / RATE, sent.astype(np.float64))
+    size = 1 << int(np.ceil(np.log2(len(got) + len(reference))))
+    spectrum = np.fft.rfft(got.astype(np.float64), size) * np.conj(np.fft.rfft(reference, size))
+    correlation = np.fft.irfft(spectrum, size)
+    limit = int(0.2 * rate)
+    lags = np.r_[np.arange(limit), np.arange(-limit, 0)]
+    return int(lags[np.argmax(correlation[lags])])
+
+
+def joins_heard(parts: list[np.ndarray], got: np.ndarray, rate: int) -> float:
+    """`join_energy` of `got`, the stream of `parts` decoded, at the joins between the
+    parts: moved to the decoded rate and by the codec's delay (known to within 0.5 ms)."""
+    joins = np.round(ends(parts) * rate / RATE).astype(int)
+    joins += delay(np.concatenate(parts), got, rate)
+    return join_energy(got, joins, rate, reach_s=0.0005)
+
+
+@pytest.mark.parametrize("broken", [dropped, stepped], ids=["37-samples-dropped", "level-step"])
+def test_the_join_detector_flags_broken_joins_in_speech_and_not_the_speech(
+    speech: np.ndarray, broken: Callable[[list[np.ndarray]], list[np.ndarray]]
+) -> None:
+    parts = uneven(speech)
+    assert join_energy(speech, ends(parts), RATE) < 0.6  # speech cut nowhere: no clicks
+    bad = broken(parts)
+    assert join_energy(np.concatenate(bad), ends(bad), RATE) > 3
+
+
+@pytest.mark.parametrize("fmt", sorted(audio.FORMATS))
+def test_every_format_streamed_in_uneven_chunks_has_no_clicks_and_is_the_one_piece_stream(
+    speech: np.ndarray, fmt: str
+) -> None:
+    parts = uneven(speech)
+    chunked, rate = decoded(streamed(fmt, parts), fmt)
+    whole, _ = decoded(streamed(fmt, [speech]), fmt)
+    # One encoder state spans the stream: chunking changes nothing that is decoded.
+    assert chunked.shape == whole.shape
+    if fmt in LOSSLESS:
+        assert np.array_equal(chunked, speech)
+    tolerance = 0 if fmt in LOSSLESS else 1e-4 * (32768 if chunked.dtype == np.int16 else 1)
+    assert np.abs(chunked.astype(np.float64) - whole).max() <= tolerance, fmt
+    assert len(chunked) / rate == pytest.approx(len(speech) / RATE, abs=0.1)
+    # No join clicks louder than the voice does anywhere else (about 0.3 here) ...
+    assert joins_heard(parts, chunked, rate) < 0.6, fmt
+    # ... where the same measure, through the same codec, hears a broken stream.
+    broken = dropped(parts)
+    assert joins_heard(broken, *decoded(streamed(fmt, broken), fmt)) > 2, fmt

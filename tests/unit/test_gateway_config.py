@@ -78,7 +78,7 @@ def test_the_reply_cache_keeps_whole_replies_within_its_bound_least_recent_out()
     cache = ReplyCache(max_bytes=800)
     assert cache.put(("a",), [b"x" * 50, b"y" * 50])
     assert cache.put(("b",), [b"z" * 100])
-    assert cache.get(("a",)) == (b"x" * 50, b"y" * 50)  # a is now the most recent
+    assert cache.get(("a",)) == b"x" * 50 + b"y" * 50  # a is now the most recent
     assert not cache.put(("big",), [b"q" * 101])  # over an eighth of the bound
     for i in range(7):  # 900 bytes asked for: the least recent (b) goes
         cache.put((f"c{i}",), [b"w" * 100])
