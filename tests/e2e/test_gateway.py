@@ -72,6 +72,8 @@ def test_a_gateway_speaks_for_its_fleet_and_follows_its_routes(
 
     client = openai.OpenAI(base_url=base, api_key=token.stdout.strip())
 
+    refused: list[str] = []
+
     def spoken() -> bytes | None:
         """The first speech, once the gateway's watch has seen a ready replica (503
         until then: the fleet's pod may still be starting)."""
@@ -79,10 +81,19 @@ def test_a_gateway_speaks_for_its_fleet_and_follows_its_routes(
             return client.audio.speech.create(
                 model="tts-1", voice="alloy", input="Hello, cluster."
             ).content
-        except openai.InternalServerError:
+        except openai.InternalServerError as err:
+            refused[:] = [str(err)]
             return None
 
-    content = wait_for("speech through the gateway", spoken, timeout=180)
+    try:
+        content = wait_for("speech through the gateway", spoken, timeout=180)
+    except AssertionError as err:  # say why: the gateway's last answer, and the pods
+        pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False)
+        status = cluster.kubectl("get", "ttsgw", "speech", "-n", namespace, "-o",
+                                 "jsonpath={.status}", check=False)  # fmt: skip
+        raise AssertionError(
+            f"{err}; the gateway said {refused}; its status: {status}; pods:\n{pods}"
+        ) from None
     with av.open(io.BytesIO(content), format="mp3") as container:
         samples = sum(f.samples for f in container.decode(audio=0))
     assert samples / 22_050 > 0.5

@@ -240,6 +240,8 @@ def test_a_disconnect_cancels_every_triton_stream_the_socket_held(
         ),
         ({"type": "continue", "context_id": "c", **SETTINGS, "speed": 9}, "speed"),
         ({"type": "continue", "context_id": "c", **SETTINGS, "text": 7}, "text"),
+        ({"type": "continue", "context_id": "c", **SETTINGS, "text": "a\0b. "}, "text"),
+        ({"type": "continue", "context_id": "c", **SETTINGS, "text": "\ud800 lone. "}, "text"),
         ({"type": "continue", **SETTINGS, "text": "hi"}, "context_id"),
         ({"type": "shout", "context_id": "c"}, "type"),
         ({"type": "flush", "context_id": "nobody"}, "context_id"),

@@ -241,7 +241,7 @@ class Gateway:
     def validate(self, body: Any) -> Speech:
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object")
-        model = _string(body, "model", required=True)
+        model = text_field(body, "model", required=True)
         route = self.config.route(model)
         if route is None:
             known = ", ".join(m for r in self.config.routes for m in r.models)
@@ -249,7 +249,7 @@ class Gateway:
                 404, f"The model '{model}' does not exist on this gateway: use one of {known}",
                 param="model", code="model_not_found",
             )  # fmt: skip
-        text = _string(body, "input", required=True)
+        text = text_field(body, "input", required=True)
         if not text.strip():
             raise ApiError(400, "'input' is empty: send the text to speak", param="input")
         if "\0" in text:  # the engine fails on it: a bad request, not a failing replica
@@ -267,7 +267,7 @@ class Gateway:
                 400, f"The voice '{voice}' is not available for model '{model}': use one of "
                 f"{', '.join(voices)}", param="voice",
             )  # fmt: skip
-        fmt = _string(body, "response_format") or "mp3"
+        fmt = text_field(body, "response_format") or "mp3"
         if fmt not in audio.FORMATS:
             raise ApiError(
                 400, f"'response_format' must be one of {', '.join(audio.FORMATS)} "
@@ -284,8 +284,8 @@ class Gateway:
                 400, f"'speed' is {speed}; it must be from 0.25 to 4.0", param="speed",
                 code="decimal_out_of_range",
             )  # fmt: skip
-        _string(body, "instructions")  # accepted, and ignored by these voices
-        stream_format = _string(body, "stream_format") or "audio"
+        text_field(body, "instructions")  # accepted, and ignored by these voices
+        stream_format = text_field(body, "stream_format") or "audio"
         if stream_format not in STREAM_FORMATS:
             raise ApiError(
                 400, f"'stream_format' must be 'audio' or 'sse' (got '{stream_format}')",
@@ -294,7 +294,7 @@ class Gateway:
         engine_voice = route.fleet.voice
         return Speech(route, text, engine_voice, fmt, float(speed), stream_format == "sse")
 
-    async def speak(self, speech: Speech, started: float) -> StreamingResponse:
+    async def speak(self, speech: Speech, started: float) -> Response:
         """Open a stream on a replica (retrying once before any audio), then stream."""
         fleet = self.fleets[speech.route.fleet.key]
         media = "text/event-stream" if speech.sse else audio.FORMATS_MEDIA[speech.response_format]
@@ -305,7 +305,8 @@ class Gateway:
             self.metrics.cache.labels(fleet.key, "miss" if cached is None else "hit").inc()
             if cached is not None:
                 headers = {"cache-control": "no-store", "server-timing": "cache;desc=hit"}
-                return StreamingResponse(_replay(cached), media_type=media, headers=headers)
+                # The same bytes at once, in one write (with a Content-Length: all known).
+                return Response(cached, media_type=media, headers=headers)
         opened = await self.open(fleet, speech)
         if opened.first is not None:
             self.metrics.ttfa.labels(fleet.key).observe(opened.arrived - started)
@@ -446,10 +447,6 @@ class Opened:
         self.gateway.release(self.fleet, self.address, self.characters)
 
 
-async def _replay(reply: bytes) -> AsyncIterator[bytes]:
-    yield reply  # in one write; chunked framing, as a live reply has
-
-
 def _slices(audio: aio.Audio, size: int) -> list[aio.Audio]:
     return [audio[i : i + size] for i in range(0, len(audio), size)] or [audio]
 
@@ -475,7 +472,7 @@ def usage(characters: int, samples: int, rate: int) -> dict[str, int]:
     }  # fmt: skip
 
 
-def _string(body: Mapping[str, Any], field: str, *, required: bool = False) -> str:
+def text_field(body: Mapping[str, Any], field: str, *, required: bool = False) -> str:
     value = body.get(field)
     if value is None:
         if required:
@@ -494,7 +491,7 @@ def _voice(body: Mapping[str, Any]) -> str:
     value = body.get("voice")
     if isinstance(value, dict) and isinstance(value.get("id"), str):  # {"id": "..."}
         body = {"voice": value["id"]}
-    return _string(body, "voice", required=True)
+    return text_field(body, "voice", required=True)
 
 
 # ---- the ASGI app ---------------------------------------------------------------------------

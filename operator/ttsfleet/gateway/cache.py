@@ -5,8 +5,8 @@ Keyed on what makes the audio: the fleet, its model (image and precision, as the
 operator writes them into the config) and voice, the text with its whitespace
 normalised, the speed, the format and whether it is framed as server-sent events. A
 reply is stored only when it streamed to its end, as the bytes the client received,
-and replayed in one write: the same bytes and framing as a live stream, at once (one
-write rather than one per chunk: see benchmarks/results/gateway.json `cached`).
+and replayed in one write: the same bytes as the live stream, at once (one write
+rather than one per chunk: see benchmarks/results/gateway.json `cached`).
 Bounded by bytes, least recently used out first; a reply bigger than an eighth of the
 bound is not kept. A new gateway config empties it (routes may point elsewhere).
 """

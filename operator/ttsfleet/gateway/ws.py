@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ttsfleet.gateway import audio
-from ttsfleet.gateway.app import ApiError, Speech, usage
+from ttsfleet.gateway.app import ApiError, Speech, text_field, usage
 from ttsfleet.gateway.auth import Principal
 
 if TYPE_CHECKING:
@@ -266,9 +266,9 @@ class Session:
     async def _continue(
         self, context_id: str, context: Context | None, message: dict[str, Any]
     ) -> None:
-        text = message.get("text", "")
-        if not isinstance(text, str):
-            raise ApiError(400, "'text' must be a string", param="text")
+        text = text_field(message, "text")
+        if "\0" in text:  # the engine fails on it: a bad message, not a failing replica
+            raise ApiError(400, "'text' has a NUL character", param="text")
         if context is None:
             if len(self.contexts) >= MAX_CONTEXTS:
                 raise ApiError(
