@@ -23,6 +23,11 @@ RUN if [ -n "$ONNXRUNTIME_GPU" ]; then \
       pip uninstall -y onnxruntime && pip install --no-cache-dir "$ONNXRUNTIME_GPU"; \
     fi
 
+# The chunked engine's split of the voice (text part, frame part, gain), built from the
+# shipped voice at image build so that no pod builds it at start.
+ENV TTSFLEET_MODEL_DIR=/opt/ttsfleet/models
+RUN ttsfleet models split --out /opt/ttsfleet/models
+
 COPY triton_models /models
 USER triton-server
 ENTRYPOINT ["tritonserver"]

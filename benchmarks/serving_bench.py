@@ -7,7 +7,9 @@ on loopback with model repositories rendered by the same generator as `triton_mo
 and loads it with `ttsfleet.bench` (the code behind `ttsfleet bench`; percentiles by
 nearest rank, `harness.percentile`):
 1. streaming (`tts_stream`, one instance): TTFA and latency p50/p95/p99 at
-   concurrency 1, 4 and 8;
+   concurrency 1, 4 and 8, with the chunked engine (`streaming`) and the sentence
+   engine before it (`streaming_sentence_engine`), and each one's TTFA for a
+   400-character first sentence against a 32-character one (`first_sentence_length`);
 2. whole utterances (`tts_batch`) at concurrency 8: dynamic batching against
    unbatched configurations with 1 and 2 instances, and which gives the most
    throughput within a p95 latency bound;
@@ -58,18 +60,42 @@ def triton(config: ModelConfig, cache_mib: int = 0) -> Iterator[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def streaming(seconds: float) -> list[dict[str, Any]]:
-    out = []
-    with triton(ModelConfig(streaming=True, instances=1)) as address:
+SHORT_SENTENCE = "Thanks for calling, how are you?"  # 32 characters
+LONG_SENTENCE = (  # one sentence of about 400 characters
+    "Before we go any further with the booking that you asked about earlier this morning, "
+    "I would like to read back the details that I have on file for you, including the "
+    "travel dates, the names of everyone who will be staying in the room, the kind of "
+    "room that you asked for, the breakfast option, and the total price with the taxes "
+    "and the fees that the hotel adds at the end of the stay, so that nothing surprises you."
+)
+
+
+def streaming(seconds: float, engine: str) -> dict[str, Any]:
+    """TTFA and latency at concurrency 1, 4 and 8, and TTFA of a long first sentence
+    against a short one (alone, 10 of each), with the given engine."""
+    out: list[dict[str, Any]] = []
+    with triton(ModelConfig(streaming=True, instances=1, engine=engine)) as address:
         balancer = client.Balancer(lambda: [address])
         for level in (1, 4, 8):
             result = bench.closed_loop(client.stream, balancer, level, seconds, 100_000)
             print(
-                f"stream {result.label}: TTFA {result.ttfa_ms} latency {result.latency_ms}",
-                flush=True,
-            )
+                f"stream ({engine}) {result.label}: TTFA {result.ttfa_ms} latency "
+                f"{result.latency_ms}", flush=True,
+            )  # fmt: skip
             out.append(asdict(result))
-    return out
+        firsts = {
+            name: [client.stream(address, text).seconds_to_first_audio for _ in range(10)]
+            for name, text in (("short", SHORT_SENTENCE), ("long", LONG_SENTENCE))
+        }
+    medians = {name: harness.percentile(values, 0.5) * 1000 for name, values in firsts.items()}
+    length = {
+        "short_chars": len(SHORT_SENTENCE), "long_chars": len(LONG_SENTENCE),
+        "short_ttfa_ms_p50": round(medians["short"], 1),
+        "long_ttfa_ms_p50": round(medians["long"], 1),
+        "long_over_short": round(medians["long"] / medians["short"], 2),
+    }  # fmt: skip
+    print(f"stream ({engine}) first sentence length: {json.dumps(length)}", flush=True)
+    return {"levels": out, "sentence_length": length}
 
 
 def batching(seconds: float, bound_ms: float) -> dict[str, Any]:
@@ -131,7 +157,15 @@ def main() -> None:
     )
     args = parser.parse_args()
     report: dict[str, Any] = {}  # the machine: in its provenance
-    report["streaming"] = streaming(args.seconds)
+    # The chunked engine (the default) and the sentence engine before it, in one run.
+    chunked = streaming(args.seconds, "chunked")
+    sentence = streaming(args.seconds, "sentence")
+    report["streaming"] = chunked["levels"]
+    report["streaming_sentence_engine"] = sentence["levels"]
+    report["first_sentence_length"] = {
+        "chunked": chunked["sentence_length"],
+        "sentence": sentence["sentence_length"],
+    }
     report["batching"] = batching(args.seconds, args.bound_ms)
     report["cache"] = cache(500)
     print(json.dumps(report["cache"]), flush=True)

@@ -236,7 +236,7 @@ def say(
     output: Annotated[Path, typer.Option("--output", "-o", help="WAV file to write.")] = Path(
         "out/say.wav"
     ),
-    stream: Annotated[bool, typer.Option(help="Stream sentence by sentence.")] = True,
+    stream: Annotated[bool, typer.Option(help="Stream chunk by chunk as it is made.")] = True,
     rate: Annotated[float | None, typer.Option(help="Speaking rate, 0.5 to 2.")] = None,
     cluster: Annotated[
         str | None, typer.Option(help="A local cluster's name, for its kubeconfig.")
@@ -300,6 +300,22 @@ def models_build(
     if not report.passed:
         raise _fail(f"the {precision} variant of {voice} is refused ({report.reason}): {figures}")
     console.print(f"Built {report.path}: {figures}")
+
+
+@models_app.command("split")
+def models_split(
+    voice: Annotated[str, typer.Option()] = "en_US-joe-medium",
+    out: Annotated[Path | None, typer.Option(help="Directory of variants.")] = None,
+) -> None:
+    """Split a voice for the chunked engine: text part, frame part and its gain."""
+    from ttsfleet.serving import streaming
+    from ttsfleet.serving.engine import RequestError
+
+    try:
+        paths = streaming.build_split(voice, out)
+    except RequestError as err:
+        raise _fail(str(err)) from None
+    console.print(f"Split {voice}: {paths.text}, {paths.frames}, {paths.meta}")
 
 
 @app.command()

@@ -112,7 +112,7 @@ def stream(
     address: str, text: str, *, voice: str | None = None, rate: float | None = None,
     fmt: str | None = None, timeout: float = 120.0,
 ) -> Result:  # fmt: skip
-    """Synthesize over a gRPC stream from the streaming model; chunks arrive per sentence."""
+    """Synthesize over a gRPC stream from the streaming model; chunks arrive as made."""
     from tritonclient import grpc  # noqa: PLC0415 - heavy; only clients need it
 
     responses: queue.Queue[tuple[Any, Any]] = queue.Queue()

@@ -65,6 +65,11 @@ class Precision(StrEnum):
     INT8 = "int8"
 
 
+class Engine(StrEnum):
+    CHUNKED = "chunked"
+    SENTENCE = "sentence"
+
+
 class PlacementMode(StrEnum):
     WHOLE = "whole"
     MIG = "mig"
@@ -157,6 +162,13 @@ class RuntimeSpec(_Model):
     )
     graceful_drain_seconds: int = Field(
         default=30, ge=0, le=3600, description="Time open streams get to finish when a pod stops."
+    )
+    engine: Engine = Field(
+        default=Engine.CHUNKED,
+        description="How a streaming model makes audio: chunked (the voice split in two, "
+        "audio sent every 64 frames as it is made, a cancel honoured at the next chunk; "
+        "fp32 on CPU instances, others fall back to sentence) or sentence (a sentence at "
+        "a time, the engine before the split).",
     )
 
 

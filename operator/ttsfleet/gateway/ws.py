@@ -14,8 +14,9 @@ token in the first message, or a ticket from `POST /v1/audio/speech/tickets` in 
 URL; an `Authorization` header works too. Nothing is spoken before one of them passes.
 
 Each context has one task that speaks its sentences one at a time, one replica stream
-per sentence (so a `cancel` waits for at most one sentence on the replica, and its
-Triton request is cancelled at once); a single writer task sends the socket's messages,
+per sentence; a `cancel` cancels that stream's gRPC call at once, and the replica stops
+at its next chunk (0.74 s of audio with the chunked engine); a single writer task sends
+the socket's messages,
 so that a cancelled context's queued audio is dropped rather than sent. A disconnect
 cancels every context and with them every replica stream the socket held.
 """

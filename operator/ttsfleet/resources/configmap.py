@@ -19,6 +19,7 @@ def model_config(tts: TtsObject, placement: Placement) -> ModelConfig:
         max_batch_size=batching.max_batch_size if batching else 8,
         max_queue_delay_microseconds=batching.max_queue_delay_microseconds if batching else 2000,
         cache=spec.cache is not None,
+        engine=spec.runtime.engine.value,
     )
 
 

@@ -12,27 +12,44 @@ from typing import Any
 import numpy as np
 
 from ttsfleet.serving.engine import Audio, Request, Synthesizer, check_request
+from ttsfleet.serving.streaming import ChunkedSynthesizer, ensure_split
 from ttsfleet.triton import contract
+
+Engine = Synthesizer | ChunkedSynthesizer
 
 TTFA_BUCKETS = [0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0]
 
 
-def load(pb: Any, args: dict[str, str]) -> tuple[Synthesizer, str]:
-    """The engine for the voice and precision in the model's config parameters."""
+def load(pb: Any, args: dict[str, str]) -> tuple[Engine, str]:
+    """The engine for the voice, precision and engine in the model's config parameters.
+
+    `engine` "chunked" (the default the operator renders) runs the split voice a chunk
+    at a time, in both models (so a stream and a batch request give the same audio);
+    it is built for fp32 on CPU instances, and anything else falls back to the sentence
+    engine, with a line in Triton's log saying so.
+    """
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in (config.get("parameters") or {}).items()}
     # Triton says which kind of instance this is, and for KIND_GPU which GPU it is on.
     gpu = args.get("model_instance_kind") == "GPU"
     device_id = int(args.get("model_instance_device_id") or 0)
-    engine = Synthesizer(
-        params.get("voice", "en_US-joe-medium"),
-        params.get("precision", "fp32"),
-        device="cuda" if gpu else "cpu",
-        device_id=device_id,
-    )
+    voice, precision = params.get("voice", "en_US-joe-medium"), params.get("precision", "fp32")
     where = f"GPU {device_id}" if gpu else "CPU"
+    kind = params.get("engine", "sentence")
+    engine: Engine
+    if kind == "chunked" and precision == "fp32" and not gpu:
+        engine = ChunkedSynthesizer(voice, ensure_split(voice))
+    else:
+        if kind == "chunked":
+            pb.Logger.log_warn(
+                f"the chunked engine runs fp32 on CPU instances; {precision} on {where} "
+                "uses the sentence engine"
+            )
+            kind = "sentence"
+        engine = Synthesizer(voice, precision, device="cuda" if gpu else "cpu", device_id=device_id)
     pb.Logger.log_info(
-        f"Loaded voice {engine.voice_name} ({engine.precision}) on {where}, {engine.sample_rate} Hz"
+        f"Loaded voice {engine.voice_name} ({engine.precision}, {kind} engine) on {where}, "
+        f"{engine.sample_rate} Hz"
     )
     return engine, config["name"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,13 +177,18 @@ class Synthesizer:
         )
         self.sample_rate = int(self._voice.config.sample_rate)
 
-    def chunks(self, text: str, rate: float = 1.0) -> Iterator[Audio]:
-        """Int16 PCM, one array per sentence, as soon as each is ready."""
+    def chunks(
+        self, text: str, rate: float = 1.0, cancelled: Callable[[], bool] | None = None
+    ) -> Iterator[Audio]:
+        """Int16 PCM, one array per sentence, as soon as each is ready; stops before the
+        next sentence once `cancelled()` is true."""
         from piper import SynthesisConfig  # noqa: PLC0415
 
         config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0, length_scale=1.0 / rate)
         for chunk in self._voice.synthesize(normalize(text), syn_config=config):
             yield np.asarray(chunk.audio_int16_array, dtype=np.int16)
+            if cancelled is not None and cancelled():
+                return
 
     def synthesize(self, text: str, rate: float = 1.0) -> Audio:
         parts = list(self.chunks(text, rate))

@@ -20,6 +20,7 @@ class ModelConfig:
     max_batch_size: int = 8
     max_queue_delay_microseconds: int = 2000
     cache: bool = False
+    engine: str = "chunked"  # chunked or sentence (both models: the same audio)
 
     @property
     def name(self) -> str:
@@ -44,7 +45,7 @@ def render(config: ModelConfig) -> str:
         'backend: "python"',
     ]
     if config.streaming:
-        # Decoupled: one request, many responses (a chunk of audio per sentence).
+        # Decoupled: one request, many responses (a chunk of audio at a time).
         lines += ["max_batch_size: 0", "model_transaction_policy { decoupled: true }"]
     else:
         lines += [
@@ -64,4 +65,5 @@ def render(config: ModelConfig) -> str:
     lines.append(f"instance_group [ {{ count: {config.instances} kind: {kind} }} ]")
     lines.append(_parameter("precision", config.precision))
     lines.append(_parameter("voice", config.voice))
+    lines.append(_parameter("engine", config.engine))
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Streaming TTS (decoupled): one response per sentence, as soon as it is synthesized."""
+"""Streaming TTS (decoupled): one response per chunk of audio, as soon as it is made
+(a chunk of frames with the chunked engine, a sentence with the sentence engine)."""
 
 import json
 import time
@@ -24,9 +25,8 @@ class TritonPythonModel:
             try:
                 req = read_request(pb, request, self.engine.voice_name)
                 first = True
-                for audio in self.engine.chunks(req.text, req.rate):
-                    if request.is_cancelled():
-                        break
+                # A cancelled request (the client went, or barged in) stops at the next chunk.
+                for audio in self.engine.chunks(req.text, req.rate, request.is_cancelled):
                     sender.send(
                         pb.InferenceResponse(
                             output_tensors=outputs(pb, audio, self.engine.sample_rate, False)
