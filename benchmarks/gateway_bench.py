@@ -60,6 +60,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -75,7 +76,9 @@ from ttsfleet.api import crd
 from ttsfleet.cluster import images, local, tokens
 from ttsfleet.cluster.pool import load_pool_file
 from ttsfleet.gateway import audio, auth
+from ttsfleet.serving import streaming
 from ttsfleet.triton import aio
+from ttsfleet.triton.config import ModelConfig, render
 
 REPO = Path(__file__).resolve().parent.parent
 ISSUER, AUDIENCE = "https://bench.ttsfleet.test", "bench"
@@ -125,14 +128,23 @@ class Setup:
 
 
 @contextlib.contextmanager
-def tritons(work: Path, count: int) -> Iterator[list[harness.TritonProcess]]:
+def tritons(
+    work: Path, count: int, engine: str = "sentence"
+) -> Iterator[list[harness.TritonProcess]]:
+    """`count` tritonservers serving tts_stream with `engine`."""
+    repository = work / f"models-{engine}"
+    if not repository.exists():
+        shutil.copytree(REPO / "triton_models", repository)
+        config = repository / "tts_stream" / "config.pbtxt"
+        config.write_text(render(ModelConfig(streaming=True, engine=engine)))
     servers = [
         harness.TritonProcess(
             local.free_port(),
             local.free_port(),
             local.free_port(),
-            work / f"triton-{i}.log",
+            work / f"triton-{engine}-{i}.log",
             models=("tts_stream",),
+            repository=repository,
         )
         for i in range(count)
     ]
@@ -863,12 +875,15 @@ def part_barge_in(setup: Setup, triton: harness.TritonProcess, rounds: int) -> d
             "max": round(max(values), 2)
         }
 
+    hop_s = 256 / 22_050
     result = {
+        # The first chunk (the client cancels on its first audio) and the next one.
+        "one_chunk_later_s": round(3 * streaming.FIRST_CHUNK * hop_s, 2),
         "rounds": rounds, "done_ms": quantiles("done_ms"),
         "triton_gone_ms": quantiles("triton_gone_ms"),
         "audio_messages_after_cancel": quantiles("audio_after_cancel"),
         "audio_s_received": quantiles("audio_s"),
-        "sentence_audio_s": round(sentence_s, 2), "sentence_synthesis_ms": round(sentence_ms, 1),
+        "sentence_audio_s": round(sentence_s, 2), "first_audio_ms": round(sentence_ms, 1),
     }  # fmt: skip
     print(json.dumps(result))
     return {"cancel_to_silence_ms": result["done_ms"]["p95"], "barge_in": result}
@@ -967,7 +982,7 @@ def goals(results: dict[str, Any]) -> dict[str, bool]:
         barge = results["barge_in"]
         # All the audio the client got: the chunk in flight at the cancel, at most one more.
         found["cancel_audio_within_one_chunk"] = (
-            barge["audio_s_received"]["max"] <= 2 * barge["sentence_audio_s"]
+            barge["audio_s_received"]["max"] <= barge["one_chunk_later_s"]
         )
         found["cancel_triton_gone_within_100ms"] = barge["triton_gone_ms"]["p95"] <= 100
     if "cached_p99_ms" in results:
@@ -1024,13 +1039,24 @@ def main() -> None:
         results |= part_replica_kill(work, args.seconds * 6)
     if "formats" in ran:
         results |= part_formats()
-    if {"websockets", "barge_in", "memory", "cached"} & set(ran):
+    if "barge_in" in ran:
+        setup = Setup(work)
+        engines = {}
+        for engine in ("sentence", "chunked"):
+            with tritons(work, 1, engine) as servers:
+                engines[engine] = part_barge_in(setup, servers[0], 20)
+        # The chunked engine is what a voice agent that barges in runs (a cancel honoured
+        # at the next chunk); the sentence engine's figures are beside it.
+        results["cancel_to_silence_ms"] = engines["chunked"]["cancel_to_silence_ms"]
+        results["barge_in"] = engines["chunked"]["barge_in"] | {
+            "engine": "chunked",
+            "sentence_engine": engines["sentence"]["barge_in"],
+        }
+    if {"websockets", "memory", "cached"} & set(ran):
         setup = Setup(work)
         with tritons(work, 1) as servers:
             if "websockets" in ran:
                 results |= part_websockets(setup, servers[0], 1000)
-            if "barge_in" in ran:
-                results |= part_barge_in(setup, servers[0], 20)
             if "cached" in ran:
                 results |= part_cached(setup, servers[0], args.seconds / 2)
             if "memory" in ran:

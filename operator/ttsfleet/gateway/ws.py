@@ -15,7 +15,8 @@ URL; an `Authorization` header works too. Nothing is spoken before one of them p
 
 Each context has one task that speaks its sentences one at a time, one replica stream
 per sentence; a `cancel` cancels that stream's gRPC call at once, and the replica stops
-at its next chunk (0.74 s of audio with the chunked engine); a single writer task sends
+at its next chunk (at most 1.5 s of audio with the chunked engine, the sentence with the
+sentence engine); a single writer task sends
 the socket's messages,
 so that a cancelled context's queued audio is dropped rather than sent. A disconnect
 cancels every context and with them every replica stream the socket held.

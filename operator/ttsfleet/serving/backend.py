@@ -23,10 +23,11 @@ TTFA_BUCKETS = [0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.
 def load(pb: Any, args: dict[str, str]) -> tuple[Engine, str]:
     """The engine for the voice, precision and engine in the model's config parameters.
 
-    `engine` "chunked" (the default the operator renders) runs the split voice a chunk
-    at a time, in both models (so a stream and a batch request give the same audio);
-    it is built for fp32 on CPU instances, and anything else falls back to the sentence
-    engine, with a line in Triton's log saying so.
+    `engine` "chunked" runs the split voice a chunk at a time, in both models (a stream
+    and a batch request give the same audio, to one int16 step); "sentence" (the
+    default) a sentence at a time.
+    Chunked is built for fp32 on CPU instances; anything else falls back to the
+    sentence engine, with a line in Triton's log saying so.
     """
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in (config.get("parameters") or {}).items()}

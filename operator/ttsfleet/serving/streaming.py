@@ -9,8 +9,11 @@ Run one after the other they are the whole voice. The frame part is run on windo
 frames with `CONTEXT` frames of the neighbours on each side, which it needs to make a
 chunk's audio as the whole run would (32 frames reproduce it within 1e-5 of its peak;
 16 do not): the first chunk is `FIRST_CHUNK` frames (its audio leaves after the text
-part and one small window), the next ones `CHUNK`. Between chunks the engine asks
-`cancelled()`, so a cancelled stream stops within one chunk's compute.
+part and one small window), the next ones twice as long up to `CHUNK` (fewer context
+frames computed twice). Between chunks the engine asks `cancelled()`, so a cancelled
+stream stops within one chunk's compute (a 192-frame window: ~90 ms on this CPU).
+`synthesize` (the batch model) runs the frame part on whole sentences: no context
+recomputed, the same samples within one int16 step.
 
 Audio is scaled by one gain per voice (measured when the split is built: the loudest
 of a set of sentences reaches `TARGET_PEAK`), not by each sentence's own peak as Piper
@@ -41,7 +44,7 @@ from ttsfleet.serving.text import normalize
 SPLIT_POINT = ("/Add_output_0", "/Cast_2_output_0")
 TEXT_INPUTS = ("input", "input_lengths", "scales")
 FIRST_CHUNK = 32  # frames (0.37 s at 22,050 Hz): the first audio waits for this much
-CHUNK = 64  # frames (0.74 s)
+CHUNK = 128  # frames (1.5 s): chunks double from FIRST_CHUNK up to this
 CONTEXT = 32  # frames of neighbours on each side of a chunk's window
 TARGET_PEAK = 0.95
 CALIBRATION = (
@@ -126,12 +129,21 @@ def ensure_split(voice: str, directory: Path | None = None) -> Path:
 
 
 def windows(frames: int, first: int = FIRST_CHUNK, size: int = CHUNK) -> list[tuple[int, int]]:
-    """The chunks of a sentence of `frames` frames: (start, end), the first `first`
-    long, the rest `size` (the last what is left)."""
-    out, start, step = [], 0, first
+    """The chunks of a sentence of `frames` frames, (start, end): the first `first`
+    long, each next one twice the last up to `size`, and a tail shorter than half a
+    chunk joined to the chunk before it. The first is small for an early first audio;
+    the later ones grow because each window also computes 2 x CONTEXT frames it does
+    not keep (the bigger the chunk, the less of that), while the audio already sent
+    covers their compute many times over."""
+    out: list[tuple[int, int]] = []
+    start, step = 0, first
     while start < frames:
-        out.append((start, min(start + step, frames)))
-        start, step = start + step, size
+        end = min(start + step, frames)
+        if out and end - start < step // 2 and end == frames:
+            out[-1] = (out[-1][0], end)  # a short tail rides with the chunk before
+        else:
+            out.append((start, end))
+        start, step = end, min(step * 2, size)
     return out
 
 
@@ -139,6 +151,9 @@ def _session(path: Path) -> Any:
     import onnxruntime  # noqa: PLC0415 - optional: the serving extra
 
     options = onnxruntime.SessionOptions()
+    # Two sessions run one after the other: threads of one spinning while the other
+    # works only take cores from it.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     threads = os.environ.get("TTSFLEET_INTRA_OP_THREADS")
     if threads:
         options.intra_op_num_threads = int(threads)
@@ -237,7 +252,13 @@ class ChunkedSynthesizer:
                 yield _int16(audio * self.gain)
 
     def synthesize(self, text: str, rate: float = 1.0) -> Audio:
-        parts = list(self.chunks(text, rate))
+        """The whole utterance (the batch model): each sentence's frames in one run."""
+        parts = []
+        for ids in self._sentences(text):
+            z, mask = self._text_part(ids, rate)
+            feed = {SPLIT_POINT[0]: z, SPLIT_POINT[1]: mask}
+            (audio,) = self._frames.run(["output"], feed)
+            parts.append(_int16(np.asarray(audio).reshape(-1) * self.gain))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
 
 

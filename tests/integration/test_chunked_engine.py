@@ -1,0 +1,80 @@
+"""The chunked engine (`spec.runtime.engine: chunked`) in the real tritonserver: audio
+comes a chunk at a time, a stream equals a batch reply, and a cancelled stream stops."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import Triton, wait_for
+from ttsfleet import client
+from ttsfleet.cluster import local
+from ttsfleet.harness import REPO
+from ttsfleet.triton import aio, contract
+
+TEXT = "The fleet is ready. Every replica is warm, and the queue is empty. Speak now."
+LONG = " ".join(f"This is sentence {n} of a story nobody will hear to its end." for n in range(8))
+
+
+@pytest.fixture(scope="module")
+def chunked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
+    """Triton serving this repository's models with the config's engine set to chunked."""
+    repository = tmp_path_factory.mktemp("chunked") / "models"
+    shutil.copytree(REPO / "triton_models", repository)
+    for config in repository.glob("*/config.pbtxt"):
+        text = config.read_text()
+        engine = 'key: "engine" value: { string_value: "sentence" }'
+        assert engine in text
+        config.write_text(text.replace(engine, engine.replace("sentence", "chunked")))
+    server = Triton(
+        local.free_port(), local.free_port(), local.free_port(), repository.parent / "log",
+        repository=repository, extra_args=("--exit-timeout-secs=5",),
+    )  # fmt: skip
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_audio_comes_a_chunk_at_a_time_and_equals_the_batch_reply(chunked: Triton) -> None:
+    streamed = client.stream(chunked.grpc_address, TEXT)
+    whole = client.synthesize(chunked.grpc_address, TEXT)
+    assert streamed.chunks > 3  # more than one a sentence: the first after 32 frames
+    assert streamed.seconds_to_first_audio < streamed.seconds_total
+    assert len(streamed.audio) == len(whole.audio)
+    difference = np.abs(streamed.audio.astype(np.int32) - whole.audio.astype(np.int32))
+    assert difference.max() <= 1  # the same samples, to one int16 step
+    assert np.abs(whole.audio.astype(np.int32)).mean() > 100  # not silence
+    log = Path(chunked.log).read_text()
+    assert "chunked engine" in log
+
+
+def test_a_cancelled_stream_stops_at_the_next_chunk(chunked: Triton) -> None:
+    full = client.synthesize(chunked.grpc_address, LONG).audio_seconds
+
+    def spoken() -> float:
+        return chunked.metric(contract.AUDIO_SECONDS, model=contract.STREAM_MODEL)
+
+    before = spoken()
+
+    async def first_then_cancel() -> None:
+        channels = aio.Channels()
+        upstream = aio.stream(channels.stub(chunked.grpc_address), LONG)
+        assert await anext(upstream) is not None
+        await upstream.aclose()  # cancels the gRPC call
+        await channels.close()
+
+    asyncio.run(first_then_cancel())
+    wait_for(
+        "the cancelled request to end",
+        lambda: chunked.metric(contract.INFLIGHT_STREAMS, model=contract.STREAM_MODEL) == 0,
+        timeout=10,
+    )
+    # Eight sentences make ~30 s of audio; the model stopped a chunk or two in.
+    assert spoken() - before < full / 4
