@@ -140,6 +140,45 @@ def test_each_format_plays_as_long_as_the_wav(
         page.screenshot(path=SCREENSHOT, full_page=True)
 
 
+@pytest.mark.parametrize("fmt", ["mp3", "pcm"])
+def test_the_websocket_plays_too_with_the_token_in_its_first_message(
+    page: Page, gateway: Setup, wav_seconds: float, fmt: str
+) -> None:
+    page.fill("#token", gateway.token())
+    page.fill("#text", TEXT)
+    page.select_option("#format", fmt)
+    page.select_option("#transport", "websocket")
+    page.click("#speak")
+    run = spoken(page)
+    assert run["error"] is None, run["error"]
+    assert run["bytes"] > 0 and run["chunks"] >= 1
+    assert run["decodedSeconds"] == pytest.approx(wav_seconds, rel=0.1, abs=0.1)
+    assert run["playing"]
+    page.fill("#token", "not-a-token")  # refused as on HTTP, the reason shown
+    page.click("#speak")
+    run = spoken(page)
+    assert run["error"] and "invalid_api_key" in run["error"]
+    expect(page.locator("#error")).to_be_visible()
+
+
+def test_stop_on_the_websocket_cancels_the_context(page: Page, gateway: Setup) -> None:
+    cancelled = {"fleet": "speech/joe", "reason": "cancelled"}
+    before = gateway.gateway.metric(contract.GATEWAY_CONTEXTS, **cancelled)
+    page.fill("#token", gateway.token())
+    page.fill("#text", " ".join([TEXT, "It goes on for a while, so there is time to stop it."] * 3))
+    page.select_option("#transport", "websocket")
+    page.click("#speak")
+    page.wait_for_function("window.ttsfleet.firstByteMs !== null", timeout=30_000)
+    page.click("#stop")
+    run = spoken(page)
+    assert run["error"] is None
+    wait_for(
+        "the gateway to cancel the context",
+        lambda: gateway.gateway.metric(contract.GATEWAY_CONTEXTS, **cancelled) > before,
+        timeout=15,
+    )
+
+
 def test_stop_ends_the_stream_and_the_sound(page: Page, gateway: Setup) -> None:
     page.fill("#token", gateway.token())
     page.fill("#text", " ".join([TEXT, "It goes on for a while, so there is time to stop it."] * 3))
