@@ -62,7 +62,7 @@ bench-cluster: tools .venv ## Measure builds, cluster start, memory, 1,000 nodes
 bench-operator: tools .venv ## Measure create->applied latency and 1,000 objects at scale (JSON).
 	$(BIN)/python benchmarks/operator_bench.py --out benchmarks/results/operator.json
 
-bench-serving: tools .venv ## Measure TTFA by concurrency, batching and the cache on real Triton (JSON).
+bench-serving: tools .venv ## TTFA by concurrency (sentence and chunked engines), batching and the cache on real Triton (JSON).
 	$(BIN)/python benchmarks/serving_bench.py --out benchmarks/results/serving.json
 
 bench-precision: .venv ## Build, measure and gate the FP32/FP16/INT8 variants (JSON).
@@ -83,7 +83,7 @@ bench-sim: .venv ## Simulate every trace with ttsfleet and its peers, check the 
 bench-chaos: tools .venv ## Kill and pause the leader of two operator replicas >= 10 times: failover (JSON).
 	$(BIN)/python benchmarks/chaos_bench.py --out benchmarks/results/chaos.json
 
-bench-gateway: deps tools .venv ## The speech gateway: added TTFA, auth per core, p2c vs round robin, a replica killed (JSON).
+bench-gateway: deps tools .venv ## The speech gateway: added TTFA, auth, balancing, a replica killed, formats, sockets, barge-in, memory, cache (JSON).
 	$(BIN)/python benchmarks/gateway_bench.py --out benchmarks/results/gateway.json
 
 clean: ## Remove the virtualenv and caches of this checkout (not the built binaries).

@@ -237,6 +237,7 @@ BAD_BODIES = [
     (GOOD | {"model": 7}, 400, "model"),
     ({"model": "tts-1", "voice": "alloy"}, 400, "input"),
     (GOOD | {"input": "   "}, 400, "input"),
+    (GOOD | {"input": "?! ..."}, 400, "input"),
     (GOOD | {"input": "a" * 4097}, 400, "input"),
     ({"model": "tts-1", "input": "x"}, 400, "voice"),
     (GOOD | {"voice": "marvin"}, 400, "voice"),

@@ -252,6 +252,10 @@ class Gateway:
         text = text_field(body, "input", required=True)
         if not text.strip():
             raise ApiError(400, "'input' is empty: send the text to speak", param="input")
+        if not any(ch.isalnum() for ch in text):  # "?!": the voice has nothing to say
+            raise ApiError(
+                400, "'input' has no letters or digits: send words to speak", param="input"
+            )
         if "\0" in text:  # the engine fails on it: a bad request, not a failing replica
             raise ApiError(400, "'input' has a NUL character", param="input")
         limit = self.config.max_input_characters
@@ -650,12 +654,12 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
         "required": ["model", "input", "voice"],
         "properties": {
             "model": text | {"enum": models},
-            # Something to speak (not only whitespace), and no NUL.
+            # Something to speak (a letter or digit: `[^\W_]` with Unicode classes), no NUL.
             "input": text
             | {
                 "minLength": 1,
                 "maxLength": config.max_input_characters,
-                "pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$",
+                "pattern": "^[^\\u0000]*[^\\W_][^\\u0000]*$",
             },
             "voice": {"anyOf": [voice_name, voice_object]},
             # The optional fields take null for their default.

@@ -278,7 +278,7 @@ class Session:
                     "one first", param="context_id", code="too_many_contexts",
                 )  # fmt: skip
             body = {name: message[name] for name in SETTINGS if name in message}
-            speech = self.gateway.validate(body | {"input": "-"})
+            speech = self.gateway.validate(body | {"input": "settings"})  # text comes later
             context = self.contexts[context_id] = Context(context_id, speech)
             context.task = asyncio.create_task(self._speak(context))
         else:
@@ -307,7 +307,8 @@ class Session:
         ready, context.buffer = sentences(context.buffer, everything=everything)
         for sentence in ready:
             context.characters += len(sentence)
-            context.queue.put_nowait(sentence)
+            if any(ch.isalnum() for ch in sentence):  # "...": nothing to say
+                context.queue.put_nowait(sentence)
 
     # ---- speaking -----------------------------------------------------------------------
 
