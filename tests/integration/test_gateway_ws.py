@@ -260,6 +260,14 @@ def test_bad_messages_get_errors_naming_the_field_and_the_socket_stays(
         assert receive(socket) == {"type": "pong"}
 
 
+def test_a_refused_first_message_opens_no_context(ws: WsSetup) -> None:
+    with ws.session() as socket:
+        send(socket, "continue", "big", **SETTINGS, text="a " * 3000)
+        assert receive(socket)["error"]["code"] == "string_above_max_length"
+        send(socket, "flush", "big")
+        assert receive(socket)["error"]["message"].startswith("No open context 'big'")
+
+
 def test_a_contexts_settings_are_fixed_by_its_first_message(ws: WsSetup) -> None:
     with ws.session() as socket:
         send(socket, "continue", "s", **SETTINGS, response_format="pcm", text="Hello")

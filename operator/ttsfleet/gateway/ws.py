@@ -271,6 +271,14 @@ class Session:
         text = text_field(message, "text")
         if "\0" in text:  # the engine fails on it: a bad message, not a failing replica
             raise ApiError(400, "'text' has a NUL character", param="text")
+        held = len(context.buffer if context is not None else "") + len(text)
+        limit = self.gateway.config.max_input_characters
+        if held > limit:  # checked first: a refused message opens no context
+            raise ApiError(
+                400, f"Context {context_id!r} would hold {held} characters not yet spoken; the "
+                f"maximum is {limit}: send a flush or end sentences sooner", param="text",
+                code="string_above_max_length",
+            )  # fmt: skip
         if context is None:
             if len(self.contexts) >= MAX_CONTEXTS:
                 raise ApiError(
@@ -293,13 +301,6 @@ class Session:
                         400, f"'{name}' is fixed by a context's first message: open a new "
                         "context_id to change it", param=name,
                     )  # fmt: skip
-        limit = self.gateway.config.max_input_characters
-        if len(context.buffer) + len(text) > limit:
-            raise ApiError(
-                400, f"Context {context_id!r} would hold {len(context.buffer) + len(text)} "
-                f"characters not yet spoken; the maximum is {limit}: send a flush or end "
-                "sentences sooner", param="text", code="string_above_max_length",
-            )  # fmt: skip
         context.buffer += text
         self._feed(context)
 
