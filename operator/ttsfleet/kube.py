@@ -83,6 +83,18 @@ def _unless_missing(call: Callable[[], Any]) -> Any:
         raise
 
 
+def _unless_exists(call: Callable[[], Any]) -> bool:
+    """Whether `call()` created its object: False when the apiserver says 409 Conflict
+    (one of that name exists, left as it is)."""
+    try:
+        call()
+    except ApiException as err:
+        if err.status == 409:
+            return False
+        raise
+    return True
+
+
 def api_client(
     kubeconfig: Path | None = None,
     pool_size: int = 32,
@@ -126,13 +138,7 @@ def readyz(api: client.ApiClient, timeout: float = 2.0) -> bool:
 def create_node(api: client.ApiClient, node: Manifest) -> bool:
     """Create a Node; False (and nothing changed) when one of that name exists."""
     core: Any = client.CoreV1Api(api)  # takes plain dicts as bodies
-    try:
-        core.create_node(body=node, _preload_content=False)
-    except ApiException as err:
-        if err.status == 409:
-            return False
-        raise
-    return True
+    return _unless_exists(lambda: core.create_node(body=node, _preload_content=False))
 
 
 def read_node(api: client.ApiClient, name: str) -> Manifest | None:
@@ -271,13 +277,8 @@ def create_if_absent(api: client.ApiClient, manifest: Manifest) -> bool:
     resource = dynamic_client(api).resources.get(
         api_version=manifest["apiVersion"], kind=manifest["kind"]
     )
-    try:
-        resource.create(body=manifest, namespace=manifest["metadata"].get("namespace"))
-    except ApiException as err:
-        if err.status == 409:
-            return False
-        raise
-    return True
+    namespace = manifest["metadata"].get("namespace")
+    return _unless_exists(lambda: resource.create(body=manifest, namespace=namespace))
 
 
 def get(

@@ -22,6 +22,7 @@ SCREENSHOT = REPO / "out" / "artifacts" / "gateway-page.png"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/lib/chromium/chromium")  # Debian's
 TEXT = "The page plays this sentence while it streams."
 STREAMED_BY_MEDIA_SOURCE = ("mp3", "aac")
+LONG = " ".join([TEXT, "It goes on for a while, so there is time to stop it."] * 3)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,23 @@ def spoken(page: Page) -> dict[str, Any]:
     return run
 
 
+def start(page: Page, token: str, text: str, fmt: str = "mp3", transport: str = "http") -> None:
+    """Fill the form as a user does and press Speak."""
+    page.fill("#token", token)
+    page.fill("#text", text)
+    page.select_option("#format", fmt)
+    page.select_option("#transport", transport)
+    page.click("#speak")
+
+
+def stopped(page: Page, token: str, transport: str) -> dict[str, Any]:
+    """A long text started, then Stop pressed once its first bytes came."""
+    start(page, token, LONG, transport=transport)
+    page.wait_for_function("window.ttsfleet.firstByteMs !== null", timeout=30_000)
+    page.click("#stop")
+    return spoken(page)
+
+
 def test_the_page_is_served_without_a_token(gateway: Setup) -> None:
     response = httpx2.get(f"{gateway.gateway.url}/")
     assert response.status_code == 200
@@ -116,10 +134,7 @@ def test_a_pasted_token_loads_the_voices_and_is_kept(page: Page, gateway: Setup)
 def test_each_format_plays_as_long_as_the_wav(
     page: Page, gateway: Setup, wav_seconds: float, fmt: str
 ) -> None:
-    page.fill("#token", gateway.token())
-    page.fill("#text", TEXT)
-    page.select_option("#format", fmt)
-    page.click("#speak")
+    start(page, gateway.token(), TEXT, fmt)
     run = spoken(page)
     assert run["error"] is None, run["error"]
     assert run["format"] == fmt
@@ -144,11 +159,7 @@ def test_each_format_plays_as_long_as_the_wav(
 def test_the_websocket_plays_too_with_the_token_in_its_first_message(
     page: Page, gateway: Setup, wav_seconds: float, fmt: str
 ) -> None:
-    page.fill("#token", gateway.token())
-    page.fill("#text", TEXT)
-    page.select_option("#format", fmt)
-    page.select_option("#transport", "websocket")
-    page.click("#speak")
+    start(page, gateway.token(), TEXT, fmt, "websocket")
     run = spoken(page)
     assert run["error"] is None, run["error"]
     assert run["bytes"] > 0 and run["chunks"] >= 1
@@ -164,13 +175,7 @@ def test_the_websocket_plays_too_with_the_token_in_its_first_message(
 def test_stop_on_the_websocket_cancels_the_context(page: Page, gateway: Setup) -> None:
     cancelled = {"fleet": "speech/joe", "reason": "cancelled"}
     before = gateway.gateway.metric(contract.GATEWAY_CONTEXTS, **cancelled)
-    page.fill("#token", gateway.token())
-    page.fill("#text", " ".join([TEXT, "It goes on for a while, so there is time to stop it."] * 3))
-    page.select_option("#transport", "websocket")
-    page.click("#speak")
-    page.wait_for_function("window.ttsfleet.firstByteMs !== null", timeout=30_000)
-    page.click("#stop")
-    run = spoken(page)
+    run = stopped(page, gateway.token(), "websocket")
     assert run["error"] is None
     wait_for(
         "the gateway to cancel the context",
@@ -180,12 +185,7 @@ def test_stop_on_the_websocket_cancels_the_context(page: Page, gateway: Setup) -
 
 
 def test_stop_ends_the_stream_and_the_sound(page: Page, gateway: Setup) -> None:
-    page.fill("#token", gateway.token())
-    page.fill("#text", " ".join([TEXT, "It goes on for a while, so there is time to stop it."] * 3))
-    page.click("#speak")
-    page.wait_for_function("window.ttsfleet.firstByteMs !== null", timeout=30_000)
-    page.click("#stop")
-    run = spoken(page)
+    run = stopped(page, gateway.token(), "http")
     assert run["error"] is None
     expect(page.locator("#status")).to_have_text("Stopped.")
     expect(page.locator("#stop")).to_be_disabled()

@@ -65,9 +65,12 @@ class ApiError(Exception):
             status, message, param, code, kind
         )  # fmt: skip
 
+    def body(self) -> dict[str, Any]:
+        """The `error` object: on HTTP the response body's, on the WebSocket a message's."""
+        return {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+
     def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
+        return JSONResponse({"error": self.body()}, status_code=self.status)
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,10 @@ class Speech:
     @property
     def tempo(self) -> float:
         return self.speed / self.engine_rate
+
+    def pipeline(self, sample_rate: int) -> audio.Pipeline:
+        """The encoder of this request's audio (its format, and the tempo left to make)."""
+        return audio.Pipeline(self.response_format, sample_rate, self.tempo)
 
 
 class Metrics:
@@ -256,8 +263,7 @@ class Gateway:
             raise ApiError(
                 400, "'input' has no letters or digits: send words to speak", param="input"
             )
-        if "\0" in text:  # the engine fails on it: a bad request, not a failing replica
-            raise ApiError(400, "'input' has a NUL character", param="input")
+        refuse_nul(text, "input")
         limit = self.config.max_input_characters
         if len(text) > limit:
             raise ApiError(
@@ -314,7 +320,7 @@ class Gateway:
         opened = await self.open(fleet, speech)
         if opened.first is not None:
             self.metrics.ttfa.labels(fleet.key).observe(opened.arrived - started)
-        body = self._body(speech, fleet, opened, key)
+        body = self._body(speech, opened, key)
         # Server-Timing: the replica's time to first audio as the gateway saw it, and
         # the gateway's own time before it (browsers' dev tools show both).
         timing = (
@@ -382,12 +388,12 @@ class Gateway:
         self.metrics.queued.labels(fleet.key).dec(characters)
 
     async def _body(
-        self, speech: Speech, fleet: Fleet, opened: Opened, key: tuple[Any, ...]
+        self, speech: Speech, opened: Opened, key: tuple[Any, ...]
     ) -> AsyncIterator[bytes]:
         keep = self.config.cache_bytes > 0  # the bytes are kept only for the cache
         sent: list[bytes] = []
         try:
-            pipeline = audio.Pipeline(speech.response_format, opened.sample_rate, speech.tempo)
+            pipeline = speech.pipeline(opened.sample_rate)
             samples = 0
             async for samples_in in opened.audio():
                 samples += samples_in.size
@@ -489,6 +495,12 @@ def text_field(body: Mapping[str, Any], field: str, *, required: bool = False) -
     except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800") is no text to speak or echo
         raise ApiError(400, f"'{field}' is not valid Unicode text", param=field) from None
     return value
+
+
+def refuse_nul(text: str, field: str) -> None:
+    """The engine fails on a NUL: a bad request (400 naming `field`), not a failing replica."""
+    if "\0" in text:
+        raise ApiError(400, f"'{field}' has a NUL character", param=field)
 
 
 def _voice(body: Mapping[str, Any]) -> str:
@@ -762,6 +774,11 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
         """An operation anyone may call: no token."""
         return {"get": {"summary": summary, "security": [], "responses": responses}}
 
+    def authenticated(method: str, summary: str, what: str, schema: str) -> dict[str, Any]:
+        """An operation that takes the token and answers JSON."""
+        ok = {"description": what, "content": json_body(ref(schema))}
+        return {method: {"summary": summary, "responses": {"200": ok} | failures(denied | unready)}}
+
     def plain(description: str, media: str = "text/plain") -> dict[str, Any]:
         return {"description": description, "content": {media: {"schema": text}}}
 
@@ -836,24 +853,12 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
                     | failures(denied | unready),
                 }
             },
-            "/v1/models": {
-                "get": {
-                    "summary": "The models this gateway routes",
-                    "responses": {
-                        "200": {"description": "The models", "content": json_body(ref("ModelList"))}
-                    }
-                    | failures(denied | unready),
-                }
-            },
-            "/v1/voices": {
-                "get": {
-                    "summary": "The voices each model accepts",
-                    "responses": {
-                        "200": {"description": "The voices", "content": json_body(ref("VoiceList"))}
-                    }
-                    | failures(denied | unready),
-                }
-            },
+            "/v1/models": authenticated(
+                "get", "The models this gateway routes", "The models", "ModelList"
+            ),
+            "/v1/voices": authenticated(
+                "get", "The voices each model accepts", "The voices", "VoiceList"
+            ),
             "/healthz": public("Liveness: the process serves", {"200": plain("ok")}),
             "/readyz": public(
                 "Readiness: keys loaded and every fleet's endpoints known",

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ttsfleet.gateway import audio
-from ttsfleet.gateway.app import ApiError, Speech, text_field, usage
+from ttsfleet.gateway.app import ApiError, Speech, refuse_nul, text_field, usage
 from ttsfleet.gateway.auth import Principal
 
 if TYPE_CHECKING:
@@ -112,8 +112,10 @@ class Context:
     sample_rate: int = 0
     characters: int = 0
 
-    def usage(self) -> dict[str, int]:
-        return usage(self.characters, self.samples, self.sample_rate)
+    def done(self, reason: str) -> dict[str, Any]:
+        """The context's last message."""
+        spent = usage(self.characters, self.samples, self.sample_rate)
+        return {"type": "done", "context_id": self.id, "reason": reason, "usage": spent}
 
 
 class Session:
@@ -269,8 +271,7 @@ class Session:
         self, context_id: str, context: Context | None, message: dict[str, Any]
     ) -> None:
         text = text_field(message, "text")
-        if "\0" in text:  # the engine fails on it: a bad message, not a failing replica
-            raise ApiError(400, "'text' has a NUL character", param="text")
+        refuse_nul(text, "text")
         held = len(context.buffer if context is not None else "") + len(text)
         limit = self.gateway.config.max_input_characters
         if held > limit:  # checked first: a refused message opens no context
@@ -296,7 +297,7 @@ class Session:
                     param="context_id",
                 )  # fmt: skip
             for name in SETTINGS:
-                if name in message and not _same(context.speech, name, message[name]):
+                if name in message and not self._same(context.speech, name, message[name]):
                     raise ApiError(
                         400, f"'{name}' is fixed by a context's first message: open a new "
                         "context_id to change it", param=name,
@@ -329,10 +330,7 @@ class Session:
                 try:
                     if context.pipeline is None:
                         context.sample_rate = opened.sample_rate
-                        context.pipeline = audio.Pipeline(
-                            context.speech.response_format, opened.sample_rate,
-                            context.speech.tempo,
-                        )  # fmt: skip
+                        context.pipeline = context.speech.pipeline(opened.sample_rate)
                     async for samples in opened.audio():
                         context.samples += samples.size
                         await self._audio(context, context.pipeline.feed(samples))
@@ -351,10 +349,7 @@ class Session:
                                      code="upstream_error"),
             )  # fmt: skip
         self._forget(context, reason)
-        await self._send(
-            context, {"type": "done", "context_id": context.id, "reason": reason,
-                      "usage": context.usage()},
-        )  # fmt: skip
+        await self._send(context, context.done(reason))
 
     async def _stop(self, context: Context, reason: str) -> None:
         """Barge-in or disconnect: drop the context's unsent audio, cancel its replica
@@ -366,9 +361,19 @@ class Session:
             with contextlib.suppress(asyncio.CancelledError):
                 await context.task
         if reason == "cancelled":
-            done = {"type": "done", "context_id": context.id, "reason": reason,
-                    "usage": context.usage()}  # fmt: skip
-            await self._send(None, done)
+            await self._send(None, context.done(reason))  # not dropped: None, not the context
+
+    def _same(self, speech: Speech, name: str, value: Any) -> bool:
+        """Whether a later message's setting `name` is the context's (any name of the
+        same route's model or voice is)."""
+        if name == "model":
+            return value in speech.route.models
+        if name == "voice":
+            voice = value.get("id") if isinstance(value, dict) else value
+            return voice in self.gateway.voices(speech.route)
+        if name == "response_format":
+            return bool(value == speech.response_format)
+        return isinstance(value, int | float) and float(value) == speech.speed
 
     def _forget(self, context: Context, reason: str) -> None:
         if self.contexts.get(context.id) is context:
@@ -388,8 +393,7 @@ class Session:
     # ---- writing ------------------------------------------------------------------------
 
     async def _error(self, context_id: str | None, err: ApiError) -> None:
-        body = {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}
-        await self._send(None, {"type": "error", "context_id": context_id, "error": body})
+        await self._send(None, {"type": "error", "context_id": context_id, "error": err.body()})
 
     async def _send(self, context: Context | None, message: dict[str, Any]) -> None:
         await self.outbox.put((context, message))
@@ -418,14 +422,3 @@ class Session:
 def _context_id(message: Any) -> str | None:
     value = message.get("context_id") if isinstance(message, dict) else None
     return value if isinstance(value, str) else None
-
-
-def _same(speech: Speech, name: str, value: Any) -> bool:
-    if name == "model":
-        return value in speech.route.models
-    if name == "voice":
-        voice = value.get("id") if isinstance(value, dict) else value
-        return voice in speech.route.voices or voice == speech.route.fleet.voice
-    if name == "response_format":
-        return bool(value == speech.response_format)
-    return isinstance(value, int | float) and float(value) == speech.speed

@@ -50,6 +50,14 @@ def voices() -> dict[str, tuple[Path, Path]]:
     return found
 
 
+def installed_voice(voice: str) -> tuple[Path, Path]:
+    """`voice`'s ONNX model and JSON config; RequestError naming the installed ones."""
+    installed = voices()
+    if voice not in installed:
+        raise RequestError(f"voice {voice!r} is not installed here (have: {', '.join(installed)})")
+    return installed[voice]
+
+
 def check_request(
     text: bytes | str, voice: bytes | str | None, rate: float | None, fmt: bytes | str | None,
     default_voice: str,
@@ -154,12 +162,7 @@ class Synthesizer:
                 "int8 does not run on a GPU instance: onnxruntime's dynamic INT8 has no CUDA "
                 "kernels; serve fp16 on GPUs"
             )
-        installed = voices()
-        if voice not in installed:
-            raise RequestError(
-                f"voice {voice!r} is not installed here (have: {', '.join(installed)})"
-            )
-        model, config = installed[voice]
+        model, config = installed_voice(voice)
         if precision != "fp32":
             variant = (model_dir or default_model_dir()) / f"{voice}.{precision}.onnx"
             if not variant.exists():

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ttsfleet.serving.engine import Audio, RequestError, default_model_dir, voices
+from ttsfleet.serving.engine import Audio, RequestError, default_model_dir, installed_voice
 from ttsfleet.serving.text import normalize
 
 # The flow's input and the frame mask, as Piper's VITS export names them.
@@ -80,10 +80,7 @@ def build_split(voice: str, directory: Path | None = None) -> SplitPaths:
     import onnx  # noqa: PLC0415 - build-time tools only
     from onnx.utils import Extractor  # noqa: PLC0415
 
-    installed = voices()
-    if voice not in installed:
-        raise RequestError(f"voice {voice!r} is not installed here (have: {', '.join(installed)})")
-    source, _ = installed[voice]
+    source, _ = installed_voice(voice)
     paths = split_paths(voice, directory)
     paths.text.parent.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(source))
@@ -172,12 +169,7 @@ class ChunkedSynthesizer:
     ) -> None:
         from piper import PiperConfig, PiperVoice  # noqa: PLC0415 - optional: the serving extra
 
-        installed = voices()
-        if voice not in installed:
-            raise RequestError(
-                f"voice {voice!r} is not installed here (have: {', '.join(installed)})"
-            )
-        _, config = installed[voice]
+        _, config = installed_voice(voice)
         paths = split_paths(voice, directory)
         if not paths.text.exists() or not paths.frames.exists():
             raise RequestError(
@@ -214,6 +206,11 @@ class ChunkedSynthesizer:
         z, mask = self._text.run(list(SPLIT_POINT), inputs)
         return z, mask
 
+    def _frame_part(self, z: npt.NDArray[np.float32], mask: Any) -> npt.NDArray[np.float32]:
+        """The audio of frames `z` (a window, or a whole sentence), as the voice makes it."""
+        (audio,) = self._frames.run(["output"], {SPLIT_POINT[0]: z, SPLIT_POINT[1]: mask})
+        return np.asarray(audio, dtype=np.float32).reshape(-1)
+
     def _frame_chunks(
         self, z: npt.NDArray[np.float32], mask: Any, cancelled: Callable[[], bool],
         context: int = CONTEXT,
@@ -223,9 +220,7 @@ class ChunkedSynthesizer:
             if cancelled():
                 return
             left, right = max(0, start - context), min(frames, end + context)
-            feed = {SPLIT_POINT[0]: z[:, :, left:right], SPLIT_POINT[1]: mask[:, :, left:right]}
-            (audio,) = self._frames.run(["output"], feed)
-            samples = audio.reshape(-1)
+            samples = self._frame_part(z[:, :, left:right], mask[:, :, left:right])
             yield samples[(start - left) * self.hop : (end - left) * self.hop]
 
     def raw(self, text: str, rate: float = 1.0) -> npt.NDArray[np.float32]:
@@ -256,9 +251,7 @@ class ChunkedSynthesizer:
         parts = []
         for ids in self._sentences(text):
             z, mask = self._text_part(ids, rate)
-            feed = {SPLIT_POINT[0]: z, SPLIT_POINT[1]: mask}
-            (audio,) = self._frames.run(["output"], feed)
-            parts.append(_int16(np.asarray(audio).reshape(-1) * self.gain))
+            parts.append(_int16(self._frame_part(z, mask) * self.gain))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
 
 
