@@ -9,6 +9,7 @@ import atexit
 import contextlib
 import functools
 import json
+import logging
 import shutil
 import tempfile
 import threading
@@ -21,6 +22,8 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
+
+log = logging.getLogger("ttsfleet.kube")
 
 Manifest = dict[str, Any]
 
@@ -425,11 +428,16 @@ def _reachable(
     return sorted({address for node, address in candidates if known.get(node)})
 
 
+RELIST_SECONDS = 60
+
+
 class EndpointWatch:
     """A Service's ready endpoints kept current by a watch on its EndpointSlices.
 
     A daemon thread lists the slices, then watches them from that resourceVersion,
-    relisting after an expired watch or an error (after `retry_seconds`). Each change
+    relisting after an expired watch or an error (after `retry_seconds`), and at least
+    every `RELIST_SECONDS` (a watch that went quiet without closing, a missed event:
+    neither lasts longer than that). Each change
     of the address list (filtered as `ready_endpoints` filters) is passed to
     `on_change`, from the watch thread; `addresses()` reads the latest. For `ttsfleet
     say`, `ttsfleet bench` and the gateway.
@@ -440,7 +448,7 @@ class EndpointWatch:
         on_change: Callable[[list[str]], None] | None = None, retry_seconds: float = 1.0,
     ) -> None:  # fmt: skip
         self.api, self.namespace, self.service, self.port = api, namespace, service, port
-        self._on_change = on_change
+        self.on_change = on_change
         self._retry = retry_seconds
         self._addresses: list[str] = []
         self._listed = threading.Event()
@@ -482,11 +490,16 @@ class EndpointWatch:
         caller lists again soon: no slice event may come to try it again)."""
         candidates = _slice_endpoints(slices.values(), self.port)
         addresses = _reachable(self.api, candidates, self._nodes)
+        if self._stop.is_set():  # stopped while listing: a newer watch speaks now
+            return True
         changed = addresses != self._addresses or not self._listed.is_set()
+        if changed:
+            log.info("endpoints of %s/%s: %s (of %d ready)", self.namespace, self.service,
+                     addresses, len(candidates))  # fmt: skip
         self._addresses = addresses
         self._listed.set()
-        if changed and self._on_change is not None:
-            self._on_change(addresses)
+        if changed and self.on_change is not None:
+            self.on_change(addresses)
         return all(node in self._nodes for node, _ in candidates)
 
     def _run(self) -> None:
@@ -511,7 +524,8 @@ class EndpointWatch:
                 for event in stream.stream(
                     discovery.list_namespaced_endpoint_slice, self.namespace,
                     label_selector=selector, resource_version=version,
-                    timeout_seconds=300, allow_watch_bookmarks=True,
+                    timeout_seconds=RELIST_SECONDS, allow_watch_bookmarks=True,
+                    _request_timeout=(10, RELIST_SECONDS + 30),  # nothing read: relist
                 ):  # fmt: skip
                     if self._stop.is_set():
                         stream.stop()
@@ -530,7 +544,8 @@ class EndpointWatch:
                         stream.stop()
                         self._stop.wait(self._retry)
                         break
-            except Exception:  # the apiserver restarting or unreachable: list again
+            except Exception as err:  # the apiserver restarting or unreachable: list again
+                log.warning("watch of %s/%s: %r; listing again", self.namespace, self.service, err)
                 self._stop.wait(self._retry)
 
 

@@ -91,8 +91,14 @@ def test_a_gateway_speaks_for_its_fleet_and_follows_its_routes(
         pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False)
         status = cluster.kubectl("get", "ttsgw", "speech", "-n", namespace, "-o",
                                  "jsonpath={.status}", check=False)  # fmt: skip
+        uid = gateway_pod(cluster, namespace)["metadata"]["uid"]
+        log = local.runner_dir(cluster.name) / "pods" / uid / "container.log"
+        logs = log.read_text()[-4000:] if log.exists() else "(none)"
+        slices = cluster.kubectl("get", "endpointslices", "-n", namespace, "-o", "yaml",
+                                 check=False)  # fmt: skip
         raise AssertionError(
-            f"{err}; the gateway said {refused}; its status: {status}; pods:\n{pods}"
+            f"{err}; the gateway said {refused}; its status: {status}; pods:\n{pods}\n"
+            f"the gateway's log:\n{logs}\nthe EndpointSlices:\n{slices}"
         ) from None
     with av.open(io.BytesIO(content), format="mp3") as container:
         samples = sum(f.samples for f in container.decode(audio=0))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import urllib.request
 from collections.abc import AsyncIterator
@@ -100,10 +101,22 @@ class Background:
                 log.error("fleet %s has no fixed endpoints and no Kubernetes API to watch", key)
                 continue
 
-            def changed(addresses: list[str], key: str = key) -> None:
-                loop.call_soon_threadsafe(self.gateway.set_endpoints, key, addresses)
+            watch = kube.EndpointWatch(self.api, *spec)
+            watch.on_change = functools.partial(self._changed, loop, key, watch)
+            self.watches[key] = watch.start()
 
-            self.watches[key] = kube.EndpointWatch(self.api, *spec, on_change=changed).start()
+    def _changed(
+        self, loop: asyncio.AbstractEventLoop, key: str, watch: Any, addresses: list[str]
+    ) -> None:
+        """From `watch`'s thread: its fleet's addresses, applied on the loop unless a
+        newer watch of that fleet replaced it meanwhile (a late word from a stopped
+        watch must not undo what the new one said)."""
+
+        def apply() -> None:
+            if self.watches.get(key) is watch:
+                self.gateway.set_endpoints(key, addresses)
+
+        loop.call_soon_threadsafe(apply)
 
     async def _keys_loop(self) -> None:
         last_source: tuple[str | None, str | None] | None = None
