@@ -89,8 +89,9 @@ class Result:
 
 
 def _inputs(
-    grpc: Any, text: str, voice: str | None, rate: float | None, fmt: str | None
-) -> list[Any]:
+    grpc: Any, text: str, voice: str | None, rate: float | None, fmt: str | None,
+    priority: str | None = None,
+) -> list[Any]:  # fmt: skip
     def string(name: str, value: str) -> Any:
         tensor = grpc.InferInput(name, [1], "BYTES")
         tensor.set_data_from_numpy(np.array([value.encode()], dtype=object))
@@ -101,6 +102,8 @@ def _inputs(
         tensors.append(string("VOICE", voice))
     if fmt:
         tensors.append(string("FORMAT", fmt))
+    if priority:
+        tensors.append(string("PRIORITY", priority))
     if rate is not None:
         tensor = grpc.InferInput("SPEAKING_RATE", [1], "FP32")
         tensor.set_data_from_numpy(np.array([rate], dtype=np.float32))
@@ -110,9 +113,10 @@ def _inputs(
 
 def stream(
     address: str, text: str, *, voice: str | None = None, rate: float | None = None,
-    fmt: str | None = None, timeout: float = 120.0,
+    fmt: str | None = None, timeout: float = 120.0, priority: str | None = None,
 ) -> Result:  # fmt: skip
-    """Synthesize over a gRPC stream from the streaming model; chunks arrive as made."""
+    """Synthesize over a gRPC stream from the streaming model; chunks arrive as made
+    (`priority` "bulk" yields to live streams, with the chunked engine)."""
     from tritonclient import grpc  # noqa: PLC0415 - heavy; only clients need it
 
     responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
@@ -121,7 +125,7 @@ def stream(
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
         client.async_stream_infer(
-            contract.STREAM_MODEL, _inputs(grpc, text, voice, rate, fmt),
+            contract.STREAM_MODEL, _inputs(grpc, text, voice, rate, fmt, priority),
             enable_empty_final_response=True,
         )  # fmt: skip
         parts: list[Audio] = []

@@ -1,11 +1,13 @@
 """The chunked engine (`spec.runtime.engine: chunked`) in the real tritonserver: audio
-comes a chunk at a time, a stream equals a batch reply, and a cancelled stream stops."""
+comes a chunk at a time, a stream equals a batch reply, streams side by side share one
+scheduler (in batches), bulk requests go through it, and a cancelled stream stops."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,9 @@ def chunked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
         text = config.read_text()
         engine = 'key: "engine" value: { string_value: "sentence" }'
         assert engine in text
-        config.write_text(text.replace(engine, engine.replace("sentence", "chunked")))
+        text = text.replace(engine, engine.replace("sentence", "chunked"))
+        sizes = 'parameters { key: "batch_sizes" value: { string_value: "1,2,4" } }'
+        config.write_text(text + sizes + "\n")
     server = Triton(
         local.free_port(), local.free_port(), local.free_port(), repository.parent / "log",
         repository=repository, extra_args=("--exit-timeout-secs=5",),
@@ -78,3 +82,30 @@ def test_a_cancelled_stream_stops_at_the_next_chunk(chunked: Triton) -> None:
     )
     # Eight sentences make ~30 s of audio; the model stopped a chunk or two in.
     assert spoken() - before < full / 4
+
+
+def test_streams_side_by_side_each_get_their_own_audio(chunked: Triton) -> None:
+    """One scheduler runs them all, in batches (this config allows 1, 2 and 4 rows):
+    each stream's audio is what it gets alone, to one int16 step."""
+    texts = [TEXT, "Please hold.", LONG[:200], "Your order ships on Friday.", TEXT[::-1]]
+    alone = [client.synthesize(chunked.grpc_address, t).audio for t in texts]
+    with ThreadPoolExecutor(len(texts)) as pool:
+        together = list(pool.map(lambda t: client.stream(chunked.grpc_address, t).audio, texts))
+    for expected, got in zip(alone, together, strict=True):
+        assert len(got) == len(expected)
+        assert np.abs(got.astype(np.int32) - expected.astype(np.int32)).max() <= 1
+
+
+def test_bulk_requests_run_through_the_stream_models_scheduler(chunked: Triton) -> None:
+    def streamed() -> float:
+        return chunked.metric(contract.AUDIO_SECONDS, model=contract.STREAM_MODEL)
+
+    before = streamed()
+    whole = client.synthesize(chunked.grpc_address, "A bulk request, for a narration batch.")
+    assert streamed() - before == pytest.approx(whole.audio_seconds, abs=0.01)
+    bulk = client.stream(chunked.grpc_address, TEXT, priority="bulk")
+    assert len(bulk.audio) == len(client.stream(chunked.grpc_address, TEXT).audio)
+    with pytest.raises(
+        client.SynthesisError, match="PRIORITY 'urgent' is not one of realtime, bulk"
+    ):
+        client.stream(chunked.grpc_address, TEXT, priority="urgent")

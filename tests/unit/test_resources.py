@@ -282,3 +282,27 @@ def test_drift_is_a_field_we_set_that_no_longer_holds() -> None:
     lost_port = copy.deepcopy(live)
     lost_port["spec"]["template"]["spec"]["containers"][0]["ports"].pop()
     assert drifted(desired, lost_port)
+
+
+def test_a_chunked_batch_fleet_loads_the_stream_model_whose_scheduler_it_uses() -> None:
+    spec = {
+        "model": {"precision": "fp32"}, "placement": {"mode": "cpu"}, "streaming": False,
+        "runtime": {"engine": "chunked"}, "minReplicas": 1, "maxReplicas": 2,
+    }  # fmt: skip
+    children = by_kind(build_children(tts(spec)))
+    data = children["ConfigMap"]["data"]
+    assert 'name: "tts_batch"' in data["config.pbtxt"]
+    assert (
+        'name: "tts_stream"' in data["stream.pbtxt"] and "decoupled: true" in data["stream.pbtxt"]
+    )
+    assert all('string_value: "chunked"' in text for text in data.values())
+    container = children["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert [a for a in container["args"] if a.startswith("--load-model")] == [
+        "--load-model=tts_batch", "--load-model=tts_stream",
+    ]  # fmt: skip
+    mounts = {m["mountPath"]: m.get("subPath") for m in container["volumeMounts"]}
+    assert mounts["/models/tts_stream/config.pbtxt"] == "stream.pbtxt"
+    # With the sentence engine a batch fleet loads its own model only.
+    spec["runtime"] = {"engine": "sentence"}
+    children = by_kind(build_children(tts(spec)))
+    assert set(children["ConfigMap"]["data"]) == {"config.pbtxt"}

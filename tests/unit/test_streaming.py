@@ -4,7 +4,6 @@ the whole voice makes, the first audio comes early, and a cancel stops it."""
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,9 @@ VOICE = "en_US-joe-medium"
 LONG = (
     "Your order shipped this morning and should arrive on Thursday, unless the weather "
     "gets in the way of the trucks that carry it across the mountains."
+)
+SENTENCES = " ".join(
+    f"This is sentence {n} of a story nobody will hear to its end." for n in range(8)
 )
 
 
@@ -63,31 +65,60 @@ def test_the_two_parts_run_one_after_the_other_are_the_whole_voice(
     assert np.array_equal(np.asarray(audio).reshape(-1), expected)
 
 
-def test_chunks_with_32_frames_of_context_reproduce_the_whole_run(
-    engine: streaming.ChunkedSynthesizer,
+@pytest.mark.parametrize("text", [LONG, SENTENCES[:200]])
+def test_windows_with_their_context_reproduce_the_whole_run(
+    engine: streaming.ChunkedSynthesizer, text: str
 ) -> None:
-    (ids,) = engine._sentences(LONG)
-    expected = whole_voice(engine, ids)
-    z, mask = engine._text_part(ids, 1.0)
-    assert len(streaming.windows(z.shape[2])) > 3  # several chunks, not one
-    chunked = np.concatenate(list(engine._frame_chunks(z, mask, lambda: False)))
+    ids = engine._sentences(text)
+    expected = np.concatenate([whole_voice(engine, one) for one in ids])
+    assert sum(engine._text_part(one, 1.0)[0].shape[2] for one in ids) > 2 * streaming.WINDOW
+    chunked = engine.raw(text)
     peak = np.abs(expected).max()
     assert len(chunked) == len(expected)
-    assert np.abs(chunked - expected).max() <= 1e-5 * peak
+    assert np.abs(chunked - expected).max() <= 1e-4 * peak  # -80 dB
     # 16 frames of context are not enough: the context is what makes the chunks exact.
-    short = np.concatenate(list(engine._frame_chunks(z, mask, lambda: False, context=16)))
+    short = engine.raw(text, context=16)
     assert np.abs(short - expected).max() > 1e-3 * peak
 
 
-def test_windows_cover_every_frame_once_the_first_small_then_growing() -> None:
-    assert streaming.windows(500) == [(0, 32), (32, 96), (96, 224), (224, 352), (352, 500)]
-    assert streaming.windows(240) == [(0, 32), (32, 96), (96, 240)]  # a short tail joins
-    assert streaming.windows(20) == [(0, 20)]
-    assert streaming.windows(0) == []
-    for frames in range(1, 700, 7):
-        spans = streaming.windows(frames)
-        assert spans[0][0] == 0 and spans[-1][1] == frames
-        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+def test_windows_cover_every_frame_once_with_context_where_the_sentence_goes_on() -> None:
+    window, context = streaming.WINDOW, streaming.CONTEXT
+    assert streaming.place(0, 1000, window) == (0, window - context)  # no context before 0
+    assert streaming.place(200, 1000, window) == (200 - context, 200 - context + window - context)
+    assert streaming.place(900, 1000, window) == (1000 - window, 1000)  # the rest fits
+    assert streaming.place(0, 50, streaming.FIRST_WINDOW) == (0, 50)  # shorter: padded
+    for frames in range(1, 900, 7):
+        for first in (streaming.FIRST_WINDOW, window):
+            position, size = 0, first
+            while position < frames:
+                start, end = streaming.place(position, frames, size)
+                assert start <= position < end <= frames and end - start <= size
+                assert position - start >= min(position, context)  # context before
+                assert end == frames or start + size - end >= context  # and after
+                position, size = end, window
+
+
+def test_a_batch_of_windows_makes_what_each_stream_makes_alone(
+    engine: streaming.ChunkedSynthesizer,
+) -> None:
+    texts = [LONG, "Please hold.", "Thanks for calling. How can I help you today?"]
+    alone = [np.concatenate(list(engine.chunks(t))) for t in texts]
+    streams = [engine.open(t) for t in texts]
+    made: list[list[np.ndarray]] = [[] for _ in texts]
+    while needs := [(i, n) for i, s in enumerate(streams) if (n := s.need()) is not None]:
+        for i, need in needs:
+            if need.kind == "text":
+                engine.run_text(streams[i])
+        frames = [(i, n) for i, n in needs if n.kind == "frames"]
+        for size in {n.frames for _, n in frames}:
+            rows = [i for i, n in frames if n.frames == size]
+            made_now = engine.run_frames([streams[i] for i in rows], size)
+            for i, audio in zip(rows, made_now, strict=True):
+                made[i].append(audio)
+    for expected, chunks in zip(alone, made, strict=True):
+        got = np.concatenate(chunks)
+        assert len(got) == len(expected)
+        assert np.abs(got.astype(np.int32) - expected.astype(np.int32)).max() <= 1
 
 
 def test_the_first_audio_is_one_small_chunk_not_the_sentence(
@@ -96,8 +127,9 @@ def test_the_first_audio_is_one_small_chunk_not_the_sentence(
     chunks = list(engine.chunks(LONG))
     assert len(chunks) > 4
     assert len(chunks[0]) == streaming.FIRST_CHUNK * engine.hop
-    assert len(chunks[1]) == 2 * streaming.FIRST_CHUNK * engine.hop
-    assert all(len(c) <= 1.5 * streaming.CHUNK * engine.hop for c in chunks)
+    kept = streaming.WINDOW - 2 * streaming.CONTEXT
+    assert len(chunks[1]) == kept * engine.hop
+    assert all(len(c) <= (streaming.WINDOW - streaming.CONTEXT) * engine.hop for c in chunks)
 
 
 def test_chunk_joins_are_as_smooth_as_the_voice_itself(

@@ -1,9 +1,13 @@
-"""The ConfigMap holding the Triton `config.pbtxt` of the served model."""
+"""The ConfigMap holding the Triton `config.pbtxt` of the served model (and, for a
+batch fleet on the chunked engine, of the `tts_stream` model whose scheduler it uses)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ttsfleet.resources.common import Manifest, TtsObject, child, configmap_name
 from ttsfleet.resources.placement import Placement
+from ttsfleet.triton import contract
 from ttsfleet.triton.config import ModelConfig, render
 
 
@@ -23,8 +27,22 @@ def model_config(tts: TtsObject, placement: Placement) -> ModelConfig:
     )
 
 
+STREAM_CONFIG_KEY = "stream.pbtxt"
+
+
+def models(tts: TtsObject) -> list[str]:
+    """The models a fleet's Triton loads: the one it serves, and `tts_stream` under a
+    chunked `tts_batch` (which sends its requests through that model's scheduler)."""
+    if tts.spec.streaming:
+        return [contract.STREAM_MODEL]
+    if tts.spec.runtime.engine.value == "chunked":
+        return [contract.BATCH_MODEL, contract.STREAM_MODEL]
+    return [contract.BATCH_MODEL]
+
+
 def build_configmap(tts: TtsObject, placement: Placement) -> Manifest:
-    return child(
-        tts, "v1", "ConfigMap", configmap_name(tts),
-        {"data": {"config.pbtxt": render(model_config(tts, placement))}},
-    )  # fmt: skip
+    config = model_config(tts, placement)
+    data = {"config.pbtxt": render(config)}
+    if contract.STREAM_MODEL in models(tts) and not config.streaming:
+        data[STREAM_CONFIG_KEY] = render(replace(config, streaming=True))
+    return child(tts, "v1", "ConfigMap", configmap_name(tts), {"data": data})

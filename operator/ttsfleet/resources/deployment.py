@@ -14,6 +14,7 @@ from ttsfleet.resources.common import (
     labels,
     selector_labels,
 )
+from ttsfleet.resources.configmap import STREAM_CONFIG_KEY, models
 from ttsfleet.resources.placement import Placement
 from ttsfleet.triton import contract
 
@@ -23,12 +24,12 @@ ENDPOINT_GRACE_SECONDS = 5
 DEFAULT_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
 
 
-def triton_args(tts: TtsObject, model: str) -> list[str]:
+def triton_args(tts: TtsObject, served: list[str]) -> list[str]:
     spec = tts.spec
     args = [
         f"--model-repository={contract.MODEL_REPOSITORY}",
         "--model-control-mode=explicit",
-        f"--load-model={model}",
+        *(f"--load-model={model}" for model in served),
         f"--http-port={contract.HTTP_PORT}",
         f"--grpc-port={contract.GRPC_PORT}",
         f"--metrics-port={contract.METRICS_PORT}",
@@ -61,13 +62,14 @@ def _resources(tts: TtsObject, gpu: dict[str, str]) -> Manifest:
 
 def build_deployment(tts: TtsObject, configmap: Manifest, placement: Placement) -> Manifest:
     spec = tts.spec
-    model = contract.STREAM_MODEL if spec.streaming else contract.BATCH_MODEL
+    served = models(tts)
+    model = served[0]
     drain = spec.runtime.graceful_drain_seconds
     container: Manifest = {
         "name": "triton",
         "image": spec.runtime.image,
         "command": ["tritonserver"],
-        "args": triton_args(tts, model),
+        "args": triton_args(tts, served),
         "ports": [
             {"name": "http", "containerPort": contract.HTTP_PORT, "protocol": "TCP"},
             {"name": "grpc", "containerPort": contract.GRPC_PORT, "protocol": "TCP"},
@@ -92,6 +94,15 @@ def build_deployment(tts: TtsObject, configmap: Manifest, placement: Placement) 
                 "subPath": "config.pbtxt",
                 "readOnly": True,
             },
+            *(
+                {
+                    "name": "model-config",
+                    "mountPath": f"{contract.MODEL_REPOSITORY}/{other}/config.pbtxt",
+                    "subPath": STREAM_CONFIG_KEY,
+                    "readOnly": True,
+                }
+                for other in served[1:]
+            ),
             # The Python backend talks to its stubs through shared memory.
             {"name": "shm", "mountPath": "/dev/shm"},  # noqa: S108 - in the container
             {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - in the container

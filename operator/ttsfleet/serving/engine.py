@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ttsfleet.serving.text import normalize
+from ttsfleet.triton.contract import PRIORITIES
 
 Audio = npt.NDArray[np.int16]
 
@@ -34,6 +35,7 @@ class Request:
     voice: str
     rate: float
     format: str
+    priority: str = "realtime"
 
 
 def voices() -> dict[str, tuple[Path, Path]]:
@@ -60,7 +62,7 @@ def installed_voice(voice: str) -> tuple[Path, Path]:
 
 def check_request(
     text: bytes | str, voice: bytes | str | None, rate: float | None, fmt: bytes | str | None,
-    default_voice: str,
+    default_voice: str, priority: bytes | str | None = None, default_priority: str = "realtime",
 ) -> Request:  # fmt: skip
     """Validate one request's inputs; raises RequestError with what to fix."""
 
@@ -92,7 +94,10 @@ def check_request(
         raise RequestError(
             f"FORMAT {form!r} is not supported: use one of {', '.join(SUPPORTED_FORMATS)}"
         )
-    return Request(plain, name, speed, form)
+    level = as_str(priority, "PRIORITY").strip().lower() if priority else default_priority
+    if level not in PRIORITIES:
+        raise RequestError(f"PRIORITY {level!r} is not one of {', '.join(PRIORITIES)}")
+    return Request(plain, name, speed, form, level)
 
 
 def default_model_dir() -> Path:

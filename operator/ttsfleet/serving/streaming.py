@@ -5,15 +5,21 @@ A Piper (VITS) voice is cut at the input of its flow, into
   the flow's input `z` (192 channels per 11.6 ms frame) and the frame mask out;
 - a **frame part** (flow and HiFi-GAN decoder, convolutions only): frames in, audio
   out (256 samples per frame).
-Run one after the other they are the whole voice. The frame part is run on windows of
-frames with `CONTEXT` frames of the neighbours on each side, which it needs to make a
-chunk's audio as the whole run would (32 frames reproduce it within 1e-5 of its peak;
-16 do not): the first chunk is `FIRST_CHUNK` frames (its audio leaves after the text
-part and one small window), the next ones twice as long up to `CHUNK` (fewer context
-frames computed twice). Between chunks the engine asks `cancelled()`, so a cancelled
-stream stops within one chunk's compute (a 192-frame window: ~90 ms on this CPU).
-`synthesize` (the batch model) runs the frame part on whole sentences: no context
-recomputed, the same samples within one int16 step.
+Run one after the other they are the whole voice. The frame part runs on windows of a
+few fixed lengths (`FIRST_WINDOW` for a stream's first audio, `WINDOW` after it), each
+with `CONTEXT` frames of its neighbours on the sides where the sentence goes on: it
+needs them to make a chunk's audio as the whole run would (28 frames reproduce it
+within 2e-5 of its peak, -94 dB; 24 leave -66 dB on some sentences, 16 -38 dB). A
+window at a sentence's edge is placed against it (no context needed there), so a
+window keeps up to `WINDOW - CONTEXT` frames; a sentence shorter than a window is
+padded with masked frames. Fixed lengths let windows of many streams run as one batch
+(`run_frames`), and let a GPU replay one captured graph per shape.
+
+`Stream` is one request's progress; `need()` says what it needs next (the text part of
+its next sentence, or a window of some length): `serving.scheduler` decides whose need
+runs when, `serving.worker` runs it. `chunks` runs a single stream on its own (the
+in-process path and the tests); `synthesize` (the sentence-at-a-time path) runs the
+frame part on whole sentences.
 
 Audio is scaled by one gain per voice (measured when the split is built: the loudest
 of a set of sentences reaches `TARGET_PEAK`), not by each sentence's own peak as Piper
@@ -30,7 +36,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +44,16 @@ import numpy as np
 import numpy.typing as npt
 
 from ttsfleet.serving.engine import Audio, RequestError, default_model_dir, installed_voice
+from ttsfleet.serving.scheduler import TEXT, Need
 from ttsfleet.serving.text import normalize
 
 # The flow's input and the frame mask, as Piper's VITS export names them.
 SPLIT_POINT = ("/Add_output_0", "/Cast_2_output_0")
 TEXT_INPUTS = ("input", "input_lengths", "scales")
-FIRST_CHUNK = 32  # frames (0.37 s at 22,050 Hz): the first audio waits for this much
-CHUNK = 128  # frames (1.5 s): chunks double from FIRST_CHUNK up to this
-CONTEXT = 32  # frames of neighbours on each side of a chunk's window
+CONTEXT = 28  # frames of neighbours a window needs on each side where the sentence goes on
+FIRST_CHUNK = 32  # frames (0.37 s at 22,050 Hz) of a stream's first audio
+FIRST_WINDOW = FIRST_CHUNK + CONTEXT  # the window that makes it (a sentence's start)
+WINDOW = 200  # frames of every later window: 144 kept between two contexts (1.7 s)
 TARGET_PEAK = 0.95
 CALIBRATION = (
     "The quick brown fox jumps over the lazy dog.",
@@ -125,23 +133,15 @@ def ensure_split(voice: str, directory: Path | None = None) -> Path:
     return base
 
 
-def windows(frames: int, first: int = FIRST_CHUNK, size: int = CHUNK) -> list[tuple[int, int]]:
-    """The chunks of a sentence of `frames` frames, (start, end): the first `first`
-    long, each next one twice the last up to `size`, and a tail shorter than half a
-    chunk joined to the chunk before it. The first is small for an early first audio;
-    the later ones grow because each window also computes 2 x CONTEXT frames it does
-    not keep (the bigger the chunk, the less of that), while the audio already sent
-    covers their compute many times over."""
-    out: list[tuple[int, int]] = []
-    start, step = 0, first
-    while start < frames:
-        end = min(start + step, frames)
-        if out and end - start < step // 2 and end == frames:
-            out[-1] = (out[-1][0], end)  # a short tail rides with the chunk before
-        else:
-            out.append((start, end))
-        start, step = end, min(step * 2, size)
-    return out
+def place(position: int, frames: int, window: int, context: int = CONTEXT) -> tuple[int, int]:
+    """Where the window of `window` frames making the next chunk from `position` of a
+    sentence of `frames` frames starts, and where the chunk ends: `context` frames on
+    each side the sentence goes on, the window pushed against the sentence's edges
+    (which need none), the rest of the sentence kept when it fits."""
+    start = max(0, position - context)
+    if frames - start <= window:  # the rest fits: the window ends at the sentence's end
+        return max(0, frames - window), frames
+    return start, start + window - context
 
 
 def _session(path: Path) -> Any:
@@ -211,27 +211,73 @@ class ChunkedSynthesizer:
         (audio,) = self._frames.run(["output"], {SPLIT_POINT[0]: z, SPLIT_POINT[1]: mask})
         return np.asarray(audio, dtype=np.float32).reshape(-1)
 
-    def _frame_chunks(
-        self, z: npt.NDArray[np.float32], mask: Any, cancelled: Callable[[], bool],
-        context: int = CONTEXT,
-    ) -> Iterator[npt.NDArray[np.float32]]:  # fmt: skip
-        frames = z.shape[2]
-        for start, end in windows(frames):
-            if cancelled():
-                return
-            left, right = max(0, start - context), min(frames, end + context)
-            samples = self._frame_part(z[:, :, left:right], mask[:, :, left:right])
-            yield samples[(start - left) * self.hop : (end - left) * self.hop]
+    def open(self, text: str, rate: float = 1.0, *, bulk: bool = False) -> Stream:
+        """A stream of `text` (phonemised now), nothing synthesised yet."""
+        return Stream(self._sentences(text), rate, bulk=bulk)
 
-    def raw(self, text: str, rate: float = 1.0) -> npt.NDArray[np.float32]:
-        """The model's own float output for `text`, chunked, no gain (for calibration
-        and the exactness tests)."""
-        parts = [
-            chunk
-            for ids in self._sentences(text)
-            for chunk in self._frame_chunks(*self._text_part(ids, rate), lambda: False)
-        ]
+    def run_text(self, stream: Stream) -> None:
+        """The text part of `stream`'s next sentence."""
+        stream.z, stream.mask = self._text_part(stream.sentences.pop(0), stream.rate)
+        stream.position = 0
+
+    def run_frames(self, streams: list[Stream], window: int, context: int = CONTEXT) -> list[Audio]:
+        """The next chunk of each of `streams`, all windows `window` frames long, run as
+        one batch; each stream moves past its chunk."""
+        zs, masks, spans = [], [], []
+        for stream in streams:
+            assert stream.z is not None and stream.mask is not None
+            frames = stream.z.shape[2]
+            start, end = place(stream.position, frames, window, context)
+            z, mask = (
+                stream.z[:, :, start : start + window],
+                stream.mask[:, :, start : start + window],
+            )
+            if (short := window - z.shape[2]) > 0:  # a sentence shorter than the window
+                z = np.pad(z, ((0, 0), (0, 0), (0, short)))
+                mask = np.pad(mask, ((0, 0), (0, 0), (0, short)))
+            zs.append(z)
+            masks.append(mask)
+            spans.append(((stream.position - start) * self.hop, (end - start) * self.hop))
+            stream.position, stream.first = end, False
+        batch = np.concatenate(zs), np.concatenate(masks).astype(np.float32)
+        (audio,) = self._frames.run(
+            ["output"], {SPLIT_POINT[0]: batch[0], SPLIT_POINT[1]: batch[1]}
+        )
+        rows = np.asarray(audio, dtype=np.float32).reshape(len(streams), -1)
+        return [_int16(row[a:b] * self.gain) for row, (a, b) in zip(rows, spans, strict=True)]
+
+    def run(self, stream: Stream, need: Need) -> Audio | None:
+        """`need` for `stream` alone: its text part (None), or its next chunk."""
+        if need.kind == "text":
+            self.run_text(stream)
+            return None
+        (audio,) = self.run_frames([stream], need.frames)
+        return audio
+
+    def raw(self, text: str, rate: float = 1.0, context: int = CONTEXT) -> npt.NDArray[np.float32]:
+        """The model's own float output for `text`, in the windows a stream runs, no
+        gain, no rounding (for calibration and the exactness tests)."""
+        gain, self.gain = self.gain, 1.0
+        try:
+            stream, parts = self.open(text, rate), []
+            while (need := stream.need()) is not None:
+                if need.kind == "text":
+                    self.run_text(stream)
+                else:
+                    parts.append(self._float_frames(stream, need.frames, context))
+        finally:
+            self.gain = gain
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def _float_frames(self, stream: Stream, window: int, context: int) -> npt.NDArray[np.float32]:
+        assert stream.z is not None and stream.mask is not None
+        start, end = place(stream.position, stream.z.shape[2], window, context)
+        z, mask = stream.z[:, :, start : end + context], stream.mask[:, :, start : end + context]
+        audio = self._frame_part(z, mask)[
+            (stream.position - start) * self.hop : (end - start) * self.hop
+        ]
+        stream.position, stream.first = end, False
+        return audio
 
     def chunks(
         self, text: str, rate: float = 1.0, cancelled: Callable[[], bool] | None = None
@@ -239,12 +285,10 @@ class ChunkedSynthesizer:
         """Int16 PCM, a chunk at a time, the first after the first sentence's text part
         and one small window; stops at the next chunk once `cancelled()` is true."""
         stop = cancelled or (lambda: False)
-        for ids in self._sentences(text):
-            if stop():
-                return
-            z, mask = self._text_part(ids, rate)
-            for audio in self._frame_chunks(z, mask, stop):
-                yield _int16(audio * self.gain)
+        stream = self.open(text, rate)
+        while (need := stream.need()) is not None and not stop():
+            if (audio := self.run(stream, need)) is not None:
+                yield audio
 
     def synthesize(self, text: str, rate: float = 1.0) -> Audio:
         """The whole utterance (the batch model): each sentence's frames in one run."""
@@ -257,3 +301,27 @@ class ChunkedSynthesizer:
 
 def _int16(audio: npt.NDArray[np.float32]) -> Audio:
     return (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
+
+
+@dataclass(eq=False)
+class Stream:
+    """One request's progress through the engine."""
+
+    sentences: list[list[int]]  # phoneme ids of the sentences not yet through the text part
+    rate: float
+    bulk: bool = False
+    z: npt.NDArray[np.float32] | None = field(default=None, repr=False)
+    mask: npt.NDArray[np.float32] | None = field(default=None, repr=False)
+    position: int = 0  # the next frame of the current sentence to make audio of
+    first: bool = True  # no audio made yet
+
+    def need(self) -> Need | None:
+        """What comes next: the next sentence's text part, a window (the short first
+        one for a live stream's first audio), or None when all is said."""
+        if self.z is not None and self.position >= self.z.shape[2]:
+            self.z = self.mask = None
+        if self.z is None:
+            return TEXT if self.sentences else None
+        if self.first and not self.bulk:
+            return Need("frames", FIRST_WINDOW)
+        return Need("frames", WINDOW)

@@ -36,7 +36,10 @@ INPUTS = (
     Tensor("VOICE", "TYPE_STRING", (1,), optional=True),
     Tensor("SPEAKING_RATE", "TYPE_FP32", (1,), optional=True),
     Tensor("FORMAT", "TYPE_STRING", (1,), optional=True),
+    # "realtime" (a listener waits: tts_stream's default) or "bulk" (tts_batch's).
+    Tensor("PRIORITY", "TYPE_STRING", (1,), optional=True),
 )
+PRIORITIES = ("realtime", "bulk")
 OUTPUTS = (
     Tensor("AUDIO", "TYPE_INT16", (-1,)),
     Tensor("SAMPLE_RATE", "TYPE_INT32", (1,)),
