@@ -1,15 +1,22 @@
-"""Measure serving on this machine: TTFA by concurrency, batching, the response cache.
+"""Measure serving on this machine: live streams by concurrency, bulk beside them,
+batching, the response cache.
 
-    python benchmarks/serving_bench.py [--seconds 15] [--out benchmarks/results/serving.json]
+    python benchmarks/serving_bench.py [--seconds 60] [--parts streaming,bulk,...]
+        [--out benchmarks/results/serving.json]
 
 Starts the real tritonserver (from the nvidia-pytriton wheel, `harness.TritonProcess`)
 on loopback with model repositories rendered by the same generator as `triton_models/`,
 and loads it with `ttsfleet.bench` (the code behind `ttsfleet bench`; percentiles by
 nearest rank, `harness.percentile`):
-1. streaming (`tts_stream`, one instance): TTFA and latency p50/p95/p99 at
-   concurrency 1, 4 and 8, with the chunked engine (`streaming`) and the sentence
-   engine before it (`streaming_sentence_engine`), and each one's TTFA for a
-   400-character first sentence against a 32-character one (`first_sentence_length`);
+1. live streams (`tts_stream`, one instance), open loop (`ttsfleet.listeners`): N listeners
+   each hear story after story of >= 15 s at 1x on their own clocks; per N, TTFA
+   p50/p95/p99 (to the first samples) and underruns, with the chunked engine
+   (`streaming`) and the sentence engine (`streaming_sentence_engine`) in the same
+   run; `streams_per_replica`: the most listeners with TTFA p95 <= 200 ms and no
+   underrun; and each engine's TTFA for a 400-character first sentence against a
+   32-character one (`first_sentence_length`);
+   bulk (`bulk`, chunked engine, both models): `tts_batch` audio-seconds per second
+   alone and beside 8 listeners, and those listeners' TTFA p95 with and without it;
 2. whole utterances (`tts_batch`) at concurrency 8: dynamic batching against
    unbatched configurations with 1 and 2 instances, and which gives the most
    throughput within a p95 latency bound;
@@ -20,16 +27,20 @@ The load generator shares the 2 cores with the server: figures are for this mach
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import random
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ttsfleet import bench, client, harness
+from ttsfleet import bench, client, harness, listeners
 from ttsfleet.cluster import local
 from ttsfleet.triton.config import ModelConfig, render
 
@@ -37,15 +48,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
-def triton(config: ModelConfig, cache_mib: int = 0) -> Iterator[str]:
-    """A tritonserver serving one model of `config` on loopback; yields its gRPC address."""
+def triton(config: ModelConfig, cache_mib: int = 0, *extra: ModelConfig) -> Iterator[str]:
+    """A tritonserver serving `config`'s model (and `extra` ones) on loopback; yields
+    its gRPC address."""
     work = Path(tempfile.mkdtemp(prefix="ttsfleet-serving-"))
-    model_dir = work / "models" / config.name
-    shutil.copytree(REPO / "triton_models" / config.name, model_dir)
-    (model_dir / "config.pbtxt").write_text(render(config))
+    for each in (config, *extra):
+        model_dir = work / "models" / each.name
+        shutil.copytree(REPO / "triton_models" / each.name, model_dir)
+        (model_dir / "config.pbtxt").write_text(render(each))
     server = harness.TritonProcess(
         local.free_port(), local.free_port(), local.free_port(), work / "triton.log",
-        models=(config.name,), repository=work / "models",
+        models=tuple(each.name for each in (config, *extra)), repository=work / "models",
         extra_args=(f"--cache-config=local,size={cache_mib * 1024 * 1024}",) if cache_mib else (),
     )  # fmt: skip
     try:
@@ -70,23 +83,28 @@ LONG_SENTENCE = (  # one sentence of about 400 characters
 )
 
 
-def streaming(seconds: float, engine: str) -> dict[str, Any]:
-    """TTFA and latency at concurrency 1, 4 and 8, and TTFA of a long first sentence
-    against a short one (alone, 10 of each), with the given engine."""
+REALTIME_TTFA_MS = 200.0
+
+
+def streaming(seconds: float, engine: str, levels: tuple[int, ...]) -> dict[str, Any]:
+    """Listeners at each level, then the TTFA of a long first sentence against a short
+    one (alone, 10 of each), with the given engine."""
     out: list[dict[str, Any]] = []
     with triton(ModelConfig(streaming=True, instances=1, engine=engine)) as address:
-        balancer = client.Balancer(lambda: [address])
-        for level in (1, 4, 8):
-            result = bench.closed_loop(client.stream, balancer, level, seconds, 100_000)
-            print(
-                f"stream ({engine}) {result.label}: TTFA {result.ttfa_ms} latency "
-                f"{result.latency_ms}", flush=True,
-            )  # fmt: skip
-            out.append(asdict(result))
+        for level in levels:
+            result = asyncio.run(listeners.listen(address, level, seconds))
+            print(f"stream ({engine}) {level} listeners: {json.dumps(result)}", flush=True)
+            out.append(result)
         firsts = {
             name: [client.stream(address, text).seconds_to_first_audio for _ in range(10)]
             for name, text in (("short", SHORT_SENTENCE), ("long", LONG_SENTENCE))
         }
+    carried = 0
+    for result in out:  # levels in order: the last one of an unbroken run that holds
+        p95 = result["ttfa_ms"]["p95"]
+        if result["errors"] or result["underruns"] or p95 is None or p95 > REALTIME_TTFA_MS:
+            break
+        carried = result["concurrency"]
     medians = {name: harness.percentile(values, 0.5) * 1000 for name, values in firsts.items()}
     length = {
         "short_chars": len(SHORT_SENTENCE), "long_chars": len(LONG_SENTENCE),
@@ -95,7 +113,53 @@ def streaming(seconds: float, engine: str) -> dict[str, Any]:
         "long_over_short": round(medians["long"] / medians["short"], 2),
     }  # fmt: skip
     print(f"stream ({engine}) first sentence length: {json.dumps(length)}", flush=True)
-    return {"levels": out, "sentence_length": length}
+    return {"levels": out, "sentence_length": length, "streams_per_replica": carried}
+
+
+def bulk(seconds: float, live: int = 8, workers: int = 4) -> dict[str, Any]:
+    """`tts_batch` (through `tts_stream`'s scheduler at bulk priority) alone and beside
+    `live` listeners, and the listeners' TTFA with and without it."""
+    stream = ModelConfig(streaming=True, instances=1, engine="chunked")
+    batch = ModelConfig(streaming=False, instances=1, engine="chunked")
+    rng_texts = [listeners.story(random.Random(n)) for n in range(64)]  # noqa: S311
+
+    def bulk_load(stop_after: float) -> float:
+        """Audio seconds per second from `workers` threads for `stop_after` seconds."""
+        made = [0.0]
+        start = time.perf_counter()
+
+        def worker(n: int) -> None:
+            i = n
+            while time.perf_counter() - start < stop_after:
+                made[0] += client.synthesize(address, rng_texts[i % len(rng_texts)]).audio_seconds
+                i += workers
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return made[0] / (time.perf_counter() - start)
+
+    with triton(stream, 0, batch) as address:
+        alone_rate = bulk_load(seconds / 2)
+        alone = asyncio.run(listeners.listen(address, live, seconds))
+        rate: list[float] = []
+
+        async def beside() -> None:
+            rate.append(await asyncio.to_thread(bulk_load, seconds + 10))
+
+        together = asyncio.run(listeners.listen(address, live, seconds, alongside=beside))
+    result = {
+        "live_listeners": live, "bulk_workers": workers,
+        "bulk_audio_s_per_s_alone": round(alone_rate, 2),
+        "bulk_audio_s_per_s_beside_live": round(rate[0], 2),
+        "bulk_share_kept": round(rate[0] / alone_rate, 2),
+        "live_alone": alone, "live_beside_bulk": together,
+        "live_ttfa_p95_ratio": round(together["ttfa_ms"]["p95"] / alone["ttfa_ms"]["p95"], 2),
+    }  # fmt: skip
+    print(f"bulk: {json.dumps(result)}", flush=True)
+    return result
 
 
 def batching(seconds: float, bound_ms: float) -> dict[str, Any]:
@@ -148,27 +212,44 @@ def cache(requests: int) -> dict[str, Any]:
     }
 
 
+PARTS = ("streaming", "bulk", "batching", "cache")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--bound-ms", type=float, default=2000.0)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"some of {','.join(PARTS)}")
     parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "serving.json"
     )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     report: dict[str, Any] = {}  # the machine: in its provenance
-    # The chunked engine (the default) and the sentence engine before it, in one run.
-    chunked = streaming(args.seconds, "chunked")
-    sentence = streaming(args.seconds, "sentence")
-    report["streaming"] = chunked["levels"]
-    report["streaming_sentence_engine"] = sentence["levels"]
-    report["first_sentence_length"] = {
-        "chunked": chunked["sentence_length"],
-        "sentence": sentence["sentence_length"],
-    }
-    report["batching"] = batching(args.seconds, args.bound_ms)
-    report["cache"] = cache(500)
-    print(json.dumps(report["cache"]), flush=True)
+    if args.out.exists():  # parts not run keep their last figures
+        report = {k: v for k, v in json.loads(args.out.read_text()).items() if k != "provenance"}
+    if "streaming" in parts:
+        # The chunked engine and the sentence engine before it, in one run.
+        chunked = streaming(args.seconds, "chunked", (1, 4, 8, 12, 16, 18, 20))
+        sentence = streaming(args.seconds, "sentence", (1, 4, 8))
+        report["streaming"] = chunked["levels"]
+        report["streaming_sentence_engine"] = sentence["levels"]
+        report["streams_per_replica"] = {
+            "ttfa_p95_ms_at_most": REALTIME_TTFA_MS, "underruns": 0,
+            "chunked": chunked["streams_per_replica"],
+            "sentence": sentence["streams_per_replica"],
+        }  # fmt: skip
+        report["first_sentence_length"] = {
+            "chunked": chunked["sentence_length"],
+            "sentence": sentence["sentence_length"],
+        }
+    if "bulk" in parts:
+        report["bulk"] = bulk(args.seconds)
+    if "batching" in parts:
+        report["batching"] = batching(15.0, args.bound_ms)
+    if "cache" in parts:
+        report["cache"] = cache(500)
+        print(json.dumps(report["cache"]), flush=True)
     harness.write_results(args.out, report)
     print(f"written to {args.out}")
 

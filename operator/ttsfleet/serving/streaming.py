@@ -51,7 +51,7 @@ from ttsfleet.serving.text import normalize
 SPLIT_POINT = ("/Add_output_0", "/Cast_2_output_0")
 TEXT_INPUTS = ("input", "input_lengths", "scales")
 CONTEXT = 28  # frames of neighbours a window needs on each side where the sentence goes on
-FIRST_CHUNK = 32  # frames (0.37 s at 22,050 Hz) of a stream's first audio
+FIRST_CHUNK = 24  # frames (0.28 s at 22,050 Hz) of a stream's first audio
 FIRST_WINDOW = FIRST_CHUNK + CONTEXT  # the window that makes it (a sentence's start)
 WINDOW = 200  # frames of every later window: 144 kept between two contexts (1.7 s)
 TARGET_PEAK = 0.95
@@ -144,6 +144,47 @@ def place(position: int, frames: int, window: int, context: int = CONTEXT) -> tu
     return start, start + window - context
 
 
+CLAUSE_MARKS = frozenset(",;:")
+MIN_PIECE = 12  # phonemes: no piece shorter than this is cut off
+FIRST_PIECE = 40  # phonemes (~18 ms of text part here): the most the first audio waits for
+MAX_PIECE = 160  # phonemes: longer sentences are cut at clause marks where they have them
+
+
+def _cut(phonemes: list[str], limit: int, words: bool) -> tuple[list[str], list[str]]:
+    """The longest head of `phonemes` of at most `limit` that ends at a clause mark
+    (or, with `words`, failing that, at a word's end), and the rest."""
+    if len(phonemes) <= limit:
+        return phonemes, []
+    ends = [i + 1 for i in range(MIN_PIECE - 1, limit) if phonemes[i] in CLAUSE_MARKS]
+    if not ends and words:
+        ends = [i for i in range(MIN_PIECE, limit + 1) if phonemes[i] == " "]
+    if not ends:
+        return phonemes, []
+    head, rest = phonemes[: ends[-1]], phonemes[ends[-1] :]
+    while rest and rest[0] == " ":
+        rest = rest[1:]
+    return head, rest
+
+
+def pieces(sentences: list[list[str]]) -> list[list[str]]:
+    """Sentences (phonemes) cut into the pieces the text part runs on, one at a time.
+    The text part's time grows with its input (17 ms for 34 phonemes, 215 ms for 400
+    here), and a stream's first audio waits for its first piece: that piece is at most
+    `FIRST_PIECE` phonemes, cut at a clause mark, else at a word's end (a 400-character
+    first sentence then starts as soon as a short one). Later pieces are cut only at
+    clause marks, at most `MAX_PIECE` long where the marks allow (a long text part
+    holds up every other stream's chunks while it runs). The cuts are pauses the voice
+    makes anyway; a word-end cut in a long first clause may be heard as a short one."""
+    out: list[list[str]] = []
+    for n, sentence in enumerate(sentences):
+        rest, limit, words = sentence, FIRST_PIECE if n == 0 else MAX_PIECE, n == 0
+        while rest:
+            head, rest = _cut(rest, limit, words)
+            out.append(head)
+            limit, words = MAX_PIECE, False
+    return out
+
+
 def _session(path: Path) -> Any:
     import onnxruntime  # noqa: PLC0415 - optional: the serving extra
 
@@ -190,11 +231,9 @@ class ChunkedSynthesizer:
         self.gain = gain
 
     def _sentences(self, text: str) -> list[list[int]]:
-        ids = []
-        for phonemes in self._voice.phonemize(normalize(text)):
-            if phonemes:
-                ids.append(self._voice.phonemes_to_ids(phonemes))
-        return ids
+        """The phoneme ids of each piece of `text` the text part runs on (`pieces`)."""
+        sentences = [p for p in self._voice.phonemize(normalize(text)) if p]
+        return [self._voice.phonemes_to_ids(piece) for piece in pieces(sentences)]
 
     def _text_part(self, ids: list[int], rate: float) -> tuple[npt.NDArray[np.float32], Any]:
         inputs = {
