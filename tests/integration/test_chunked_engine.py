@@ -25,14 +25,13 @@ LONG = " ".join(f"This is sentence {n} of a story nobody will hear to its end." 
 
 @pytest.fixture(scope="module")
 def chunked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
-    """Triton serving this repository's models with the config's engine set to chunked."""
+    """Triton serving this repository's models (the chunked engine, their default),
+    with batches of 1, 2 and 4 allowed."""
     repository = tmp_path_factory.mktemp("chunked") / "models"
     shutil.copytree(REPO / "triton_models", repository)
     for config in repository.glob("*/config.pbtxt"):
         text = config.read_text()
-        engine = 'key: "engine" value: { string_value: "sentence" }'
-        assert engine in text
-        text = text.replace(engine, engine.replace("sentence", "chunked"))
+        assert 'key: "engine" value: { string_value: "chunked" }' in text
         sizes = 'parameters { key: "batch_sizes" value: { string_value: "1,2,4" } }'
         config.write_text(text + sizes + "\n")
     server = Triton(
@@ -49,11 +48,11 @@ def chunked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
 def test_audio_comes_a_chunk_at_a_time_and_equals_the_batch_reply(chunked: Triton) -> None:
     streamed = client.stream(chunked.grpc_address, TEXT)
     whole = client.synthesize(chunked.grpc_address, TEXT)
-    assert streamed.chunks > 3  # more than one a sentence: the first after 32 frames
+    assert streamed.chunks > 3  # more than one a sentence: the first after 24 frames
     assert streamed.seconds_to_first_audio < streamed.seconds_total
     assert len(streamed.audio) == len(whole.audio)
     difference = np.abs(streamed.audio.astype(np.int32) - whole.audio.astype(np.int32))
-    assert difference.max() <= 1  # the same samples, to one int16 step
+    assert difference.max() <= 4  # the same samples to -78 dB (other window places)
     assert np.abs(whole.audio.astype(np.int32)).mean() > 100  # not silence
     log = Path(chunked.log).read_text()
     assert "chunked engine" in log
@@ -86,14 +85,15 @@ def test_a_cancelled_stream_stops_at_the_next_chunk(chunked: Triton) -> None:
 
 def test_streams_side_by_side_each_get_their_own_audio(chunked: Triton) -> None:
     """One scheduler runs them all, in batches (this config allows 1, 2 and 4 rows):
-    each stream's audio is what it gets alone, to one int16 step."""
+    each stream's audio is what it gets alone (to -78 dB: a bulk reply's windows are
+    placed apart from a live stream's first one)."""
     texts = [TEXT, "Please hold.", LONG[:200], "Your order ships on Friday.", TEXT[::-1]]
     alone = [client.synthesize(chunked.grpc_address, t).audio for t in texts]
     with ThreadPoolExecutor(len(texts)) as pool:
         together = list(pool.map(lambda t: client.stream(chunked.grpc_address, t).audio, texts))
     for expected, got in zip(alone, together, strict=True):
         assert len(got) == len(expected)
-        assert np.abs(got.astype(np.int32) - expected.astype(np.int32)).max() <= 1
+        assert np.abs(got.astype(np.int32) - expected.astype(np.int32)).max() <= 4
 
 
 def test_bulk_requests_run_through_the_stream_models_scheduler(chunked: Triton) -> None:

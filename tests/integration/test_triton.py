@@ -12,13 +12,16 @@ from ttsfleet import client
 TEXT = "The fleet is ready. Every replica is warm, and the queue is empty. Speak now."
 
 
-def test_streamed_chunks_arrive_per_sentence_and_equal_the_whole(triton: Triton) -> None:
+def test_streamed_chunks_arrive_as_made_and_equal_the_whole(triton: Triton) -> None:
     streamed = client.stream(triton.grpc_address, TEXT)
     whole = client.synthesize(triton.grpc_address, TEXT)
-    assert streamed.chunks == 3
+    assert streamed.chunks >= 3  # at least one a sentence (test_chunked_engine: more)
     assert streamed.sample_rate == whole.sample_rate == 22050
-    # Deterministic synthesis: the chunks join into exactly the non-streamed audio.
-    assert np.array_equal(streamed.audio, whole.audio)
+    # Deterministic synthesis: the chunks join into the non-streamed audio (to the
+    # int16 step: the batch model runs each piece in its own windows).
+    assert len(streamed.audio) == len(whole.audio)
+    difference = streamed.audio.astype(np.int32) - whole.audio.astype(np.int32)
+    assert np.abs(difference).max() <= 4  # -78 dB
     assert streamed.seconds_to_first_audio < streamed.seconds_total
     assert np.abs(streamed.audio.astype(np.int32)).mean() > 100  # not silence
 

@@ -73,13 +73,13 @@ def test_the_minimal_manifest_builds_a_triton_workload_on_a_mig_slice() -> None:
     assert owner["kind"] == "TtsDeployment" and owner["controller"] is True
     assert 'string_value: "fp16"' in children["ConfigMap"]["data"]["config.pbtxt"]
     assert "decoupled: true" in children["ConfigMap"]["data"]["config.pbtxt"]
-    # The sentence engine unless the spec asks for the chunked one.
+    # The chunked engine unless the spec asks for the sentence one.
     assert (
-        'key: "engine" value: { string_value: "sentence" }'
+        'key: "engine" value: { string_value: "chunked" }'
         in (children["ConfigMap"]["data"]["config.pbtxt"])
     )
-    new = by_kind(build_children(tts(MINIMAL | {"runtime": {"engine": "chunked"}})))
-    assert 'string_value: "chunked"' in new["ConfigMap"]["data"]["config.pbtxt"]
+    old = by_kind(build_children(tts(MINIMAL | {"runtime": {"engine": "sentence"}})))
+    assert 'string_value: "sentence"' in old["ConfigMap"]["data"]["config.pbtxt"]
 
 
 @pytest.mark.parametrize(

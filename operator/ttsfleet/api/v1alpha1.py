@@ -164,13 +164,14 @@ class RuntimeSpec(_Model):
         default=30, ge=0, le=3600, description="Time open streams get to finish when a pod stops."
     )
     engine: Engine = Field(
-        default=Engine.SENTENCE,
-        description="How the models make audio: sentence (a sentence at a time) or chunked "
-        "(the voice split in two, the first audio after 32 frames and then in chunks as "
-        "made, a cancel honoured at the next chunk; fp32 on CPU instances, others fall "
-        "back to sentence). Chunked has the lower time to first audio for one stream and "
-        "for long sentences but costs ~1.6x the compute per stream until chunks of many "
-        "streams are batched together (benchmarks/results/serving.json).",
+        default=Engine.CHUNKED,
+        description="How the models make audio: chunked (the voice split in two, one "
+        "deadline-aware scheduler per model instance running every stream's chunks, the "
+        "first audio after a short first window, live streams before bulk, a cancel "
+        "honoured at the next chunk; fp32 on CPU instances, others fall back to "
+        "sentence) or sentence (a sentence at a time, one request after another; kept "
+        "until the chunked engine's figures are all in). benchmarks/results/serving.json "
+        "has both, side by side.",
     )
 
 

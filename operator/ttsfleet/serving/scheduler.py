@@ -22,7 +22,7 @@ run out is an underrun (`underruns` counts them: the replica was past its capaci
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -139,13 +139,14 @@ class Scheduler:
             return (5, ahead)
         return None
 
-    def next(self, now: float) -> Work | None:
-        """The piece of work to run now, or None when no stream may run yet."""
+    def next(self, now: float, busy: Collection[Hashable] = ()) -> Work | None:
+        """The piece of work to run now, or None when no stream may run yet; streams in
+        `busy` (their last piece still running elsewhere) are not in it."""
         horizon = self.horizon()
         ranked = sorted(
             (rank, key)
             for key, stream in self.streams.items()
-            if (rank := self._rank(stream, now, horizon)) is not None
+            if key not in busy and (rank := self._rank(stream, now, horizon)) is not None
         )
         if not ranked:
             return None

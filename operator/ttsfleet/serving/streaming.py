@@ -185,16 +185,16 @@ def pieces(sentences: list[list[str]]) -> list[list[str]]:
     return out
 
 
-def _session(path: Path) -> Any:
+def _session(path: Path, threads: int | None = None) -> Any:
     import onnxruntime  # noqa: PLC0415 - optional: the serving extra
 
     options = onnxruntime.SessionOptions()
     # Two sessions run one after the other: threads of one spinning while the other
     # works only take cores from it.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    threads = os.environ.get("TTSFLEET_INTRA_OP_THREADS")
+    threads = threads or int(os.environ.get("TTSFLEET_INTRA_OP_THREADS") or 0)
     if threads:
-        options.intra_op_num_threads = int(threads)
+        options.intra_op_num_threads = threads
     return onnxruntime.InferenceSession(
         str(path), sess_options=options, providers=["CPUExecutionProvider"]
     )
@@ -206,8 +206,9 @@ class ChunkedSynthesizer:
     precision = "fp32"
 
     def __init__(
-        self, voice: str, directory: Path | None = None, *, gain: float | None = None
-    ) -> None:
+        self, voice: str, directory: Path | None = None, *, gain: float | None = None,
+        threads: int | None = None,
+    ) -> None:  # fmt: skip
         from piper import PiperConfig, PiperVoice  # noqa: PLC0415 - optional: the serving extra
 
         _, config = installed_voice(voice)
@@ -217,8 +218,9 @@ class ChunkedSynthesizer:
                 f"{voice} is not split in {paths.text.parent}: run `ttsfleet models split`"
             )
         self.voice_name = voice
-        self._text = _session(paths.text)
-        self._frames = _session(paths.frames)
+        self.directory, self.threads = directory, threads
+        self._text = _session(paths.text, threads)
+        self._frames = _session(paths.frames, threads)
         # Piper's front end only (espeak-ng phonemes, ids); its session is not used.
         self._voice: Any = PiperVoice(
             session=None,
@@ -249,6 +251,11 @@ class ChunkedSynthesizer:
         """The audio of frames `z` (a window, or a whole sentence), as the voice makes it."""
         (audio,) = self._frames.run(["output"], {SPLIT_POINT[0]: z, SPLIT_POINT[1]: mask})
         return np.asarray(audio, dtype=np.float32).reshape(-1)
+
+    def lane(self, threads: int) -> ChunkedSynthesizer:
+        """Another engine for the same voice with its own sessions of `threads` threads
+        (a scheduler's second lane runs windows beside this one's)."""
+        return ChunkedSynthesizer(self.voice_name, self.directory, gain=self.gain, threads=threads)
 
     def open(self, text: str, rate: float = 1.0, *, bulk: bool = False) -> Stream:
         """A stream of `text` (phonemised now), nothing synthesised yet."""

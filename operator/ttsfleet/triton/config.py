@@ -20,7 +20,7 @@ class ModelConfig:
     max_batch_size: int = 8
     max_queue_delay_microseconds: int = 2000
     cache: bool = False
-    engine: str = "sentence"  # or chunked (both models run the same engine)
+    engine: str = "chunked"  # or sentence (both models run the same engine)
 
     @property
     def name(self) -> str:

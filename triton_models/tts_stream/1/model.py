@@ -16,6 +16,7 @@ from ttsfleet.serving.backend import (
     TritonSink,
     batch_sizes,
     error_message,
+    lanes,
     load,
     outputs,
     read_request,
@@ -32,7 +33,7 @@ class TritonPythonModel:
         self.metrics = Metrics(pb, name)
         self.worker = None
         if isinstance(self.engine, ChunkedSynthesizer):
-            self.worker = Worker(self.engine, sizes=batch_sizes(args)).start()
+            self.worker = Worker(self.engine, sizes=batch_sizes(args), lanes=lanes(args)).start()
 
     def execute(self, requests):
         for request in requests:
