@@ -230,7 +230,7 @@ def main() -> None:
         report = {k: v for k, v in json.loads(args.out.read_text()).items() if k != "provenance"}
     if "streaming" in parts:
         # The chunked engine and the sentence engine before it, in one run.
-        chunked = streaming(args.seconds, "chunked", (1, 4, 8, 12, 16, 18, 20))
+        chunked = streaming(args.seconds, "chunked", (1, 4, 8, 12, 16, 18, 20, 22))
         sentence = streaming(args.seconds, "sentence", (1, 4, 8))
         report["streaming"] = chunked["levels"]
         report["streaming_sentence_engine"] = sentence["levels"]

@@ -122,6 +122,7 @@ def summary(listeners: int, heard: list[Heard]) -> dict[str, Any]:
         "concurrency": listeners,
         "streams": len(heard),
         "errors": len(heard) - len(good),
+        "error_examples": sorted({h.error for h in heard if h.error})[:3],
         "ttfa_ms": {
             name: round(harness.percentile(ttfa, q), 1) if ttfa else None
             for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -119,39 +120,49 @@ def error_message(err: Exception) -> str:
 
 class TritonSink:
     """A stream's audio to its gRPC client through Triton's response sender, with the
-    contract's metrics (`serving.worker.Sink`)."""
+    contract's metrics (`serving.worker.Sink`).
+
+    Every call into Triton (response sender, cancel flag, metrics) is made under one
+    lock: with two scheduler lanes sending at once, tritonserver crashed in its Python
+    backend (SIGSEGV in libtriton_python, reproduced at 16 streams)."""
+
+    _lock = threading.Lock()
 
     def __init__(self, pb: Any, request: Any, metrics: Metrics, sample_rate: int) -> None:
         self.pb, self.request, self.metrics, self.sample_rate = pb, request, metrics, sample_rate
-        self.sender = request.get_response_sender()
         self.arrived = time.perf_counter()
         self.first = True
         self.bulk = False  # a bulk stream's first audio is not a listener's wait: not in TTFA
-        metrics.inflight.increment(1)
+        with self._lock:
+            self.sender = request.get_response_sender()
+            metrics.inflight.increment(1)
 
     def cancelled(self) -> bool:
-        return bool(self.request.is_cancelled())
+        with self._lock:
+            return bool(self.request.is_cancelled())
 
     def audio(self, samples: Audio) -> None:
         pb = self.pb
         tensors = outputs(pb, samples, self.sample_rate, False)
-        self.sender.send(pb.InferenceResponse(output_tensors=tensors))
-        if self.first and not self.bulk:
-            self.metrics.ttfa.observe(time.perf_counter() - self.arrived)
-        self.first = False
-        self.metrics.audio_seconds.increment(len(samples) / self.sample_rate)
+        with self._lock:
+            self.sender.send(pb.InferenceResponse(output_tensors=tensors))
+            if self.first and not self.bulk:
+                self.metrics.ttfa.observe(time.perf_counter() - self.arrived)
+            self.first = False
+            self.metrics.audio_seconds.increment(len(samples) / self.sample_rate)
 
     def end(self, error: str | None = None) -> None:
         pb = self.pb
-        self.metrics.inflight.increment(-1)
-        if error is None:
-            self.sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            return
-        try:
-            response = pb.InferenceResponse(error=pb.TritonError(error))
-            self.sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception:  # the client is gone (cancelled): nothing to tell
-            pb.Logger.log_warn(f"could not send the error: {error}")
+        with self._lock:
+            self.metrics.inflight.increment(-1)
+            if error is None:
+                self.sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return
+            try:
+                response = pb.InferenceResponse(error=pb.TritonError(error))
+                self.sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception:  # the client is gone (cancelled): nothing to tell
+                pb.Logger.log_warn(f"could not send the error: {error}")
 
 
 def through_stream(pb: Any, request: Request) -> tuple[Audio, int]:

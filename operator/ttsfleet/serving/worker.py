@@ -30,6 +30,9 @@ IDLE_POLL_SECONDS = 1.0  # the longest the thread sleeps with nothing runnable
 
 
 class Sink(Protocol):
+    """Where a stream's audio goes. Lanes call sinks from their own threads, several at
+    once: a sink that cannot take that must serialise itself (`TritonSink` does)."""
+
     def cancelled(self) -> bool: ...
 
     def audio(self, samples: Audio) -> None: ...
