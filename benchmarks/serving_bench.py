@@ -156,7 +156,9 @@ def bulk(seconds: float, live: int = 8, workers: int = 4) -> dict[str, Any]:
         "bulk_audio_s_per_s_beside_live": round(rate[0], 2),
         "bulk_share_kept": round(rate[0] / alone_rate, 2),
         "live_alone": alone, "live_beside_bulk": together,
-        "live_ttfa_p95_ratio": round(together["ttfa_ms"]["p95"] / alone["ttfa_ms"]["p95"], 2),
+        "live_ttfa_p95_ratio": round(together["ttfa_ms"]["p95"] / alone["ttfa_ms"]["p95"], 2)
+        if together["ttfa_ms"]["p95"] and alone["ttfa_ms"]["p95"]
+        else None,
     }  # fmt: skip
     print(f"bulk: {json.dumps(result)}", flush=True)
     return result
@@ -243,8 +245,10 @@ def main() -> None:
             "chunked": chunked["sentence_length"],
             "sentence": sentence["sentence_length"],
         }
+        harness.write_results(args.out, report)  # each part kept as soon as it is measured
     if "bulk" in parts:
         report["bulk"] = bulk(args.seconds)
+        harness.write_results(args.out, report)
     if "batching" in parts:
         report["batching"] = batching(15.0, args.bound_ms)
     if "cache" in parts:

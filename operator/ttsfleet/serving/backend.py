@@ -165,10 +165,12 @@ class TritonSink:
                 pb.Logger.log_warn(f"could not send the error: {error}")
 
 
-def through_stream(pb: Any, request: Request) -> tuple[Audio, int]:
-    """`request` synthesised by the `tts_stream` model of this server (its scheduler,
-    at the request's priority), the chunks joined: the batch model's path with the
-    chunked engine (Business Logic Scripting, a decoupled call)."""
+def stream_call(pb: Any, request: Request) -> Any:
+    """The BLS request that has `tts_stream` of this server synthesise `request` (its
+    scheduler, at the request's priority): the batch model's path with the chunked
+    engine. Send it with `async_exec(decoupled=True)` from the model's own thread (BLS
+    calls from threads of our own crashed tritonserver) and join its responses with
+    `joined`."""
 
     def text(value: str) -> Any:
         return np.array([value.encode("utf-8")], dtype=np.object_)
@@ -179,12 +181,16 @@ def through_stream(pb: Any, request: Request) -> tuple[Audio, int]:
         pb.Tensor("SPEAKING_RATE", np.array([request.rate], dtype=np.float32)),
         pb.Tensor("PRIORITY", text(request.priority)),
     ]
-    call = pb.InferenceRequest(
+    return pb.InferenceRequest(
         model_name=contract.STREAM_MODEL, inputs=inputs,
         requested_output_names=["AUDIO", "SAMPLE_RATE"],
     )  # fmt: skip
+
+
+def joined(pb: Any, responses: Any) -> tuple[Audio, int]:
+    """The audio of a decoupled call's responses, joined, and its sample rate."""
     parts, sample_rate = [], 0
-    for response in call.exec(decoupled=True):
+    for response in responses:
         if response.has_error():
             raise RequestError(response.error().message())
         audio = pb.get_output_tensor_by_name(response, "AUDIO")
@@ -193,8 +199,8 @@ def through_stream(pb: Any, request: Request) -> tuple[Audio, int]:
         parts.append(audio.as_numpy().reshape(-1))
         rate = pb.get_output_tensor_by_name(response, "SAMPLE_RATE")
         sample_rate = int(rate.as_numpy().reshape(-1)[0])
-    joined = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
-    return joined.astype(np.int16), sample_rate
+    audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+    return audio.astype(np.int16), sample_rate
 
 
 def outputs(pb: Any, audio: Audio, sample_rate: int, batched: bool) -> list[Any]:
