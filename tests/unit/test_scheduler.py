@@ -120,13 +120,15 @@ def test_bulk_runs_only_when_no_live_stream_is_due_or_new() -> None:
     assert scheduler.next(0.3).streams == ("newcomer",)
 
 
-def test_a_stream_far_enough_ahead_waits_and_the_scheduler_says_when_to_look_again() -> None:
-    scheduler = Scheduler(max_lead=3.0)
+def test_a_stream_far_ahead_runs_only_when_nothing_else_waits() -> None:
+    scheduler = Scheduler(max_lead=3.0, sizes=(1,))
     scheduler.add("a", 0.0, need=WINDOW)
     scheduler.done(Work(WINDOW, ("a",)), 0.0, 0.1, {"a": 5.0}, {"a": WINDOW})
-    assert scheduler.next(0.2) is None
-    assert scheduler.wake(0.2) == pytest.approx(5.1 - 0.2 - 3.0)
-    assert scheduler.next(2.2) == Work(WINDOW, ("a",))
+    scheduler.add("bulk", 0.2, BULK, WINDOW)
+    assert scheduler.next(0.2) == Work(WINDOW, ("bulk",))  # bulk before a stream 4.9 s ahead
+    scheduler.drop("bulk")
+    assert scheduler.next(0.2) == Work(WINDOW, ("a",))  # alone: the engine does not idle
+    assert scheduler.next(0.2, busy={"a"}) is None
     scheduler.drop("a")
     assert scheduler.next(2.2) is None and scheduler.wake(2.2) == float("inf")
 

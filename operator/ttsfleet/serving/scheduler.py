@@ -12,8 +12,10 @@ seen before. The next piece goes, in this order, to
    goes before a running stream's chunk that is not yet due);
 3. live streams less than `low_lead` seconds ahead;
 4. bulk streams (`tts_batch`), oldest first: bulk fills what live streams leave;
-5. live streams less than `max_lead` seconds ahead (running ahead while idle makes a
-   buffer against the next burst; not further: a barge-in would waste it).
+5. live streams less than `max_lead` seconds ahead (a buffer against the next burst);
+6. live streams further ahead, only when nothing else is waiting: the engine never
+   idles while a stream has audio left to make (a client that waits for the whole
+   reply gets it as fast as the engine can make it, not at the listener's pace).
 A stream's playback starts when its first audio leaves and runs at 1x, so the audio
 ahead of the listener is `started + sent - now`. A chunk that leaves after that has
 run out is an underrun (`underruns` counts them: the replica was past its capacity).
@@ -137,11 +139,11 @@ class Scheduler:
             return (3, ahead)
         if ahead < self.max_lead:
             return (5, ahead)
-        return None
+        return (6, ahead)
 
     def next(self, now: float, busy: Collection[Hashable] = ()) -> Work | None:
-        """The piece of work to run now, or None when no stream may run yet; streams in
-        `busy` (their last piece still running elsewhere) are not in it."""
+        """The piece of work to run now, or None when there is none; streams in `busy`
+        (their last piece still running elsewhere) are not in it."""
         horizon = self.horizon()
         ranked = sorted(
             (rank, key)
