@@ -421,14 +421,22 @@ def _reachable(
     for name in {node for node, _ in candidates} - known.keys():
         try:
             found = read_node(api, name)
-        except ApiException:
-            found = None
-        if found is not None:
-            known[name] = has_pod_network(found)
+        except ApiException as err:
+            log.warning("cannot read node %s (%s %s): its endpoints are left out until it can be",
+                        name, err.status, err.reason)  # fmt: skip
+            continue
+        if found is None:
+            log.warning("node %s is not there: its endpoints are left out", name)
+            continue
+        known[name] = has_pod_network(found)
     return sorted({address for node, address in candidates if known.get(node)})
 
 
-RELIST_SECONDS = 60
+# Seen in the e2e suite on a cluster that had run other tests: a watch on EndpointSlices
+# that never delivered the change making a new pod ready (the slice was ready, the
+# watch's reader waited in its next chunk); a relist found it. Relisting this often
+# bounds such a miss; a list of one Service's slices is cheap.
+RELIST_SECONDS = 10
 
 
 class EndpointWatch:
@@ -510,8 +518,9 @@ class EndpointWatch:
         while not self._stop.is_set():
             try:
                 listed = discovery.list_namespaced_endpoint_slice(
-                    self.namespace, label_selector=selector, _preload_content=False
-                )
+                    self.namespace, label_selector=selector, _preload_content=False,
+                    _request_timeout=(10, 30),
+                )  # fmt: skip
                 document = json.loads(listed.data)
                 slices = {i["metadata"]["name"]: i for i in document["items"]}
                 if not self._publish(slices):
@@ -525,7 +534,7 @@ class EndpointWatch:
                     discovery.list_namespaced_endpoint_slice, self.namespace,
                     label_selector=selector, resource_version=version,
                     timeout_seconds=RELIST_SECONDS, allow_watch_bookmarks=True,
-                    _request_timeout=(10, RELIST_SECONDS + 30),  # nothing read: relist
+                    _request_timeout=(10, RELIST_SECONDS + 20),  # nothing read: relist
                 ):  # fmt: skip
                     if self._stop.is_set():
                         stream.stop()

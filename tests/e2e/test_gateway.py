@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,28 @@ def gateway_pod(cluster: Cluster, namespace: str) -> dict[str, Any]:
     return dict(pod)
 
 
+def why(cluster: Cluster, namespace: str) -> str:
+    """What a failed gateway test says: the gateway's status, the pods, the gateway's
+    log (its endpoint watch says what it saw), the EndpointSlices and the runner's log."""
+    pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False)
+    status = cluster.kubectl("get", "ttsgw", "speech", "-n", namespace, "-o",
+                             "jsonpath={.status}", check=False)  # fmt: skip
+    uid = gateway_pod(cluster, namespace)["metadata"]["uid"]
+    runner = local.runner_dir(cluster.name)
+    # The gateway prints its threads' stacks on SIGUSR1 (a watch stuck waiting shows).
+    subprocess.run(["pkill", "-USR1", "-f", "ttsfleet gateway --config"], check=False)
+    time.sleep(1)
+    log = runner / "pods" / uid / "container.log"
+    logs = log.read_text()[-12000:] if log.exists() else "(none)"
+    slices = cluster.kubectl("get", "endpointslices", "-n", namespace, "-o", "yaml",
+                             check=False)  # fmt: skip
+    runner_log = (runner / "runner.log").read_text()[-3000:]
+    return (
+        f"the gateway's status: {status}; pods:\n{pods}\nthe gateway's log:\n{logs}\n"
+        f"the EndpointSlices:\n{slices}\nthe runner's log:\n{runner_log}"
+    )
+
+
 def test_a_gateway_speaks_for_its_fleet_and_follows_its_routes(
     cluster: Cluster, namespace: str
 ) -> None:
@@ -87,19 +111,9 @@ def test_a_gateway_speaks_for_its_fleet_and_follows_its_routes(
 
     try:
         content = wait_for("speech through the gateway", spoken, timeout=180)
-    except AssertionError as err:  # say why: the gateway's last answer, and the pods
-        pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False)
-        status = cluster.kubectl("get", "ttsgw", "speech", "-n", namespace, "-o",
-                                 "jsonpath={.status}", check=False)  # fmt: skip
-        uid = gateway_pod(cluster, namespace)["metadata"]["uid"]
-        log = local.runner_dir(cluster.name) / "pods" / uid / "container.log"
-        logs = log.read_text()[-4000:] if log.exists() else "(none)"
-        slices = cluster.kubectl("get", "endpointslices", "-n", namespace, "-o", "yaml",
-                                 check=False)  # fmt: skip
-        raise AssertionError(
-            f"{err}; the gateway said {refused}; its status: {status}; pods:\n{pods}\n"
-            f"the gateway's log:\n{logs}\nthe EndpointSlices:\n{slices}"
-        ) from None
+    except AssertionError as err:
+        said = why(cluster, namespace)
+        raise AssertionError(f"{err}; the gateway said {refused}; {said}") from None
     with av.open(io.BytesIO(content), format="mp3") as container:
         samples = sum(f.samples for f in container.decode(audio=0))
     assert samples / 22_050 > 0.5
@@ -186,7 +200,8 @@ def test_the_demo_speaks_through_triton_and_through_the_speech_api(
     out = tmp_path / "demo.wav"
     try:
         result = ttsfleet("demo", "--name", cluster.name, "--output", str(out))
-        assert result.returncode == 0, result.stdout + result.stderr
+        if result.returncode != 0:
+            raise AssertionError(f"{result.stdout}{result.stderr}{why(cluster, 'default')}")
         lines = result.stdout.splitlines()
         gateway_lines = [line for line in lines if line.startswith("gateway: ")]
         assert len(gateway_lines) == 1

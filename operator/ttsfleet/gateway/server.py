@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import functools
 import logging
+import signal
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -155,6 +157,8 @@ def serve(config_path: Path, host: str, port: int, api: Any | None = None) -> No
     """Run the gateway until SIGINT/SIGTERM."""
     import uvicorn  # noqa: PLC0415
 
+    # `kill -USR1` prints every thread's stack to the log: where a stuck watch waits.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     gateway = Gateway(gateway_config.load(config_path))
     background = Background(gateway, config_path, api)
 
