@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from ttsfleet.serving import streaming
 from ttsfleet.serving.engine import voices
 from ttsfleet.serving.quality import join_energy
+from ttsfleet.serving.worker import Worker
 
 VOICE = "en_US-joe-medium"
 LONG = (
@@ -200,3 +202,48 @@ def test_a_first_sentence_is_cut_so_its_first_piece_is_short() -> None:
     assert all("".join(p).endswith(",") for p in cut[1:-1])
     assert streaming.pieces([phonemes("x" * 300)]) == [phonemes("x" * 300)]  # nowhere to cut
     assert streaming.pieces([phonemes("Short.")]) == [phonemes("Short.")]
+
+
+class Collected:
+    """A stream's audio as a client gets it (`serving.worker.Sink`)."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.ended = threading.Event()
+        self.error: str | None = None
+
+    def cancelled(self) -> bool:
+        return False
+
+    def audio(self, samples: np.ndarray) -> None:
+        self.parts.append(samples)
+
+    def end(self, error: str | None = None) -> None:
+        self.error = error
+        self.ended.set()
+
+
+def test_two_lanes_and_a_wide_engine_make_what_one_lane_makes(
+    engine: streaming.ChunkedSynthesizer,
+) -> None:
+    """A new stream's first audio may run on the all-cores engine while the other lane
+    idles: every stream still gets its own audio, in order, as one lane makes it."""
+    texts = ["Thanks for calling, how are you?", LONG, "Please hold.", SENTENCES]
+    workers = {
+        "one lane": Worker(engine),
+        "two lanes, wide": Worker(engine.lane(1), lanes=2, wide=engine.lane(2)),
+    }
+    heard: dict[str, list[np.ndarray]] = {}
+    for name, worker in workers.items():
+        worker.start()
+        sinks = [Collected() for _ in texts]
+        for text, sink in zip(texts, sinks, strict=True):
+            worker.submit(text, 1.0, sink)
+        for sink in sinks:
+            assert sink.ended.wait(120) and sink.error is None, (name, sink.error)
+        worker.stop()
+        heard[name] = [np.concatenate(sink.parts) for sink in sinks]
+    for alone, together in zip(heard["one lane"], heard["two lanes, wide"], strict=True):
+        assert alone.size == together.size
+        # Thread counts change float sums' order: within one int16 step or two.
+        assert np.max(np.abs(alone.astype(np.int32) - together.astype(np.int32))) <= 2

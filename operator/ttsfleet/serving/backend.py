@@ -100,6 +100,14 @@ def lanes(args: dict[str, str]) -> int:
     return int(text)
 
 
+def wide_engine(engine: ChunkedSynthesizer) -> ChunkedSynthesizer | None:
+    """An engine on every core for a new stream's first audio while the other lanes
+    are idle (`serving.worker.Worker`), when the lanes each have fewer threads than
+    there are cores."""
+    cores = _cores()
+    return engine.lane(cores) if (engine.threads or cores) < cores else None
+
+
 def batch_sizes(args: dict[str, str]) -> tuple[int, ...]:
     """The batch sizes the scheduler may run (the `batch_sizes` parameter, "1,2,4,8"):
     on a CPU 1 alone by default, where a batch costs its rows' sum (measured: 0.43 ms a

@@ -49,9 +49,14 @@ class Worker:
 
     def __init__(
         self, engine: ChunkedSynthesizer, *, sizes: Iterable[int] = (1,), lanes: int = 1,
-        clock: Callable[[], float] = time.perf_counter,
+        wide: ChunkedSynthesizer | None = None, clock: Callable[[], float] = time.perf_counter,
     ) -> None:  # fmt: skip
         self.engine = engine  # phonemises (in the callers' thread) and is the first lane
+        # An engine whose sessions use every core, for a new stream's first audio when
+        # no other lane is working (the first window takes 27 ms on two threads, 41 ms
+        # on one): a lane that starts meanwhile shares the cores with it until it ends.
+        self._wide = wide
+        self._wide_busy = False
         self.scheduler = Scheduler(sizes=sizes)
         self._clock = clock
         self._streams: dict[Hashable, tuple[Stream, Sink]] = {}
@@ -99,16 +104,21 @@ class Worker:
             self.scheduler.add(key, self._clock(), priority, need)
             self._wake.notify()
 
-    def _next(self) -> Work | None:
-        """The next work for a lane (its streams marked running), waiting for some;
-        None once stopped."""
+    def _next(self) -> tuple[Work, bool] | None:
+        """The next work for a lane (its streams marked running) and whether it runs on
+        the wide engine, waiting for some; None once stopped."""
         with self._wake:
             while not self._closed:
                 now = self._clock()
                 work = self.scheduler.next(now, busy=self._running)
                 if work is not None:
+                    wide = (
+                        self._wide is not None and not self._running and not self._wide_busy
+                        and all(self.scheduler.streams[k].started is None for k in work.streams)
+                    )  # fmt: skip
+                    self._wide_busy |= wide
                     self._running.update(work.streams)
-                    return work
+                    return work, wide
                 self._wake.wait(min(self.scheduler.wake(now), IDLE_POLL_SECONDS))
             for key in [k for k in self._streams if k not in self._running]:
                 self._end(key, UNLOADING)
@@ -122,13 +132,16 @@ class Worker:
             sink.end(error)
 
     def _run(self, engine: ChunkedSynthesizer) -> None:
-        while (work := self._next()) is not None:
+        while (picked := self._next()) is not None:
+            work, wide = picked
             try:
                 live = self._live(work)
                 if live:
-                    self._step(engine, Work(work.need, tuple(key for key, _, _ in live)), live)
+                    runs = self._wide if wide and self._wide is not None else engine
+                    self._step(runs, Work(work.need, tuple(key for key, _, _ in live)), live)
             finally:
                 with self._wake:
+                    self._wide_busy &= not wide
                     self._running.difference_update(work.streams)
                     self._wake.notify_all()
                     if self._closed:  # a stream that ran while stopping ends now

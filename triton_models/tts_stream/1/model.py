@@ -20,6 +20,7 @@ from ttsfleet.serving.backend import (
     load,
     outputs,
     read_request,
+    wide_engine,
 )
 from ttsfleet.serving.streaming import ChunkedSynthesizer
 from ttsfleet.serving.worker import Worker
@@ -33,7 +34,12 @@ class TritonPythonModel:
         self.metrics = Metrics(pb, name)
         self.worker = None
         if isinstance(self.engine, ChunkedSynthesizer):
-            self.worker = Worker(self.engine, sizes=batch_sizes(args), lanes=lanes(args)).start()
+            self.worker = Worker(
+                self.engine,
+                sizes=batch_sizes(args),
+                lanes=lanes(args),
+                wide=wide_engine(self.engine),
+            ).start()
 
     def execute(self, requests):
         for request in requests:
