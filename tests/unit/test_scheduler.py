@@ -127,8 +127,14 @@ def test_a_stream_far_ahead_runs_only_when_nothing_else_waits() -> None:
     scheduler.add("bulk", 0.2, BULK, WINDOW)
     assert scheduler.next(0.2) == Work(WINDOW, ("bulk",))  # bulk before a stream 4.9 s ahead
     scheduler.drop("bulk")
-    assert scheduler.next(0.2) == Work(WINDOW, ("a",))  # alone: the engine does not idle
+    # alone: the engine does not idle, and the work says nobody waits for it
+    assert scheduler.next(0.2) == Work(WINDOW, ("a",), eager=True)
     assert scheduler.next(0.2, busy={"a"}) is None
+    # a caller whose other lane already runs such work keeps this one free
+    assert scheduler.next(0.2, eager=False) is None
+    scheduler.add("new", 0.2, need=WINDOW)
+    assert scheduler.next(0.2, eager=False) == Work(WINDOW, ("new",))
+    scheduler.drop("new")
     scheduler.drop("a")
     assert scheduler.next(2.2) is None and scheduler.wake(2.2) == float("inf")
 

@@ -32,6 +32,7 @@ Priority = Literal["realtime", "bulk"]
 REALTIME: Priority = "realtime"
 BULK: Priority = "bulk"
 URGENT = 2  # classes up to this one (due chunks, first audio) are urgent
+EAGER = 6  # the class of streams far ahead: work nobody waits for yet
 FREE_RIDE = 1.25  # how much longer a batch may take for rows that are not urgent
 WAKE_RESOLUTION = 0.001  # seconds: the shortest wait `wake` asks for
 
@@ -49,6 +50,7 @@ TEXT = Need("text")
 class Work:
     need: Need
     streams: tuple[Hashable, ...]
+    eager: bool = False  # only streams far ahead (class 6): work nobody waits for
 
 
 @dataclass
@@ -139,27 +141,35 @@ class Scheduler:
             return (3, ahead)
         if ahead < self.max_lead:
             return (5, ahead)
-        return (6, ahead)
+        return (EAGER, ahead)
 
-    def next(self, now: float, busy: Collection[Hashable] = ()) -> Work | None:
+    def next(
+        self, now: float, busy: Collection[Hashable] = (), *, eager: bool = True
+    ) -> Work | None:
         """The piece of work to run now, or None when there is none; streams in `busy`
-        (their last piece still running elsewhere) are not in it."""
+        (their last piece still running elsewhere) are not in it, and with `eager`
+        False neither are streams far ahead (class 6: a caller with several lanes
+        keeps such work to one of them, so that another is free for a new stream's
+        first audio; a 200-frame window holds a lane for ~160 ms here)."""
         horizon = self.horizon()
         ranked = sorted(
             (rank, key)
             for key, stream in self.streams.items()
-            if key not in busy and (rank := self._rank(stream, now, horizon)) is not None
+            if key not in busy
+            and (rank := self._rank(stream, now, horizon)) is not None
+            and (eager or rank[0] < EAGER)
         )
         if not ranked:
             return None
         head = self.streams[ranked[0][1]].need
         if head.kind == "text":
-            return Work(head, (ranked[0][1],))
+            return Work(head, (ranked[0][1],), ranked[0][0][0] == EAGER)
         same = [(rank, key) for rank, key in ranked if self.streams[key].need == head]
         urgent = [key for rank, key in same if rank[0] <= URGENT]
         others = [key for rank, key in same if rank[0] > URGENT]
         if not urgent:
-            return Work(head, tuple(others[: self._fit(len(others))]))
+            rows = same[: self._fit(len(others))]
+            return Work(head, tuple(key for _, key in rows), all(r[0] == EAGER for r, _ in rows))
         # Urgent rows (due, or a first audio) with as many others as ride for free: a
         # bigger batch only if it costs at most FREE_RIDE times the urgent rows' own
         # (on a GPU extra rows cost little; on a CPU a row costs its frames).

@@ -57,6 +57,7 @@ class Worker:
         # on one): a lane that starts meanwhile shares the cores with it until it ends.
         self._wide = wide
         self._wide_busy = False
+        self._eager = 0  # lanes running work nobody waits for (see Scheduler.next)
         self.scheduler = Scheduler(sizes=sizes)
         self._clock = clock
         self._streams: dict[Hashable, tuple[Stream, Sink]] = {}
@@ -110,8 +111,10 @@ class Worker:
         with self._wake:
             while not self._closed:
                 now = self._clock()
-                work = self.scheduler.next(now, busy=self._running)
+                eager = self._eager == 0  # at most one lane on it
+                work = self.scheduler.next(now, busy=self._running, eager=eager)
                 if work is not None:
+                    self._eager += work.eager
                     wide = (
                         self._wide is not None and not self._running and not self._wide_busy
                         and all(self.scheduler.streams[k].started is None for k in work.streams)
@@ -142,6 +145,7 @@ class Worker:
             finally:
                 with self._wake:
                     self._wide_busy &= not wide
+                    self._eager -= work.eager
                     self._running.difference_update(work.streams)
                     self._wake.notify_all()
                     if self._closed:  # a stream that ran while stopping ends now
