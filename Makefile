@@ -62,7 +62,7 @@ bench-cluster: tools .venv ## Measure builds, cluster start, memory, 1,000 nodes
 bench-operator: tools .venv ## Measure create->applied latency and 1,000 objects at scale (JSON).
 	$(BIN)/python benchmarks/operator_bench.py --out benchmarks/results/operator.json
 
-bench-serving: tools .venv ## TTFA by concurrency (sentence and chunked engines), batching and the cache on real Triton (JSON).
+bench-serving: tools .venv ## TTFA by concurrency (chunked and sentence engines), bulk, through the demo cluster, batching, cache (JSON).
 	$(BIN)/python benchmarks/serving_bench.py --out benchmarks/results/serving.json
 
 bench-precision: .venv ## Build, measure and gate the FP32/FP16/INT8 variants (JSON).

@@ -21,7 +21,9 @@ nearest rank, `harness.percentile`):
    through `tts_stream`'s scheduler, part 1's `bulk`) at concurrency 8: dynamic
    batching against unbatched configurations with 1 and 2 instances, and which gives
    the most throughput within a p95 latency bound;
-3. the response cache: latency of repeated requests (cache hits) p50/p99.
+3. the response cache: latency of repeated requests (cache hits) p50/p99;
+4. `cluster`: listeners at 1, 4 and 8 against the pod `make demo` runs (its own
+   cluster, `bench-serving`, made and removed here), TTFA p95 at 8 against p50 at 1.
 The load generator shares the 2 cores with the server: figures are for this machine.
 """
 
@@ -41,7 +43,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ttsfleet import bench, client, harness, listeners
+from ttsfleet import bench, client, demo, harness, listeners
 from ttsfleet.cluster import local
 from ttsfleet.triton.config import ModelConfig, render
 
@@ -224,7 +226,38 @@ def cache(requests: int) -> dict[str, Any]:
     }
 
 
-PARTS = ("streaming", "bulk", "batching", "cache")
+CLUSTER = "bench-serving"
+CLUSTER_GOAL_MS = 250.0  # TTFA p95 at 8 listeners through the demo cluster's pod
+CLUSTER_SPREAD = 4.0  # ... and at most this many times the p50 at 1
+
+
+def cluster(seconds: float, levels: tuple[int, ...] = (1, 4, 8)) -> dict[str, Any]:
+    """Listeners against the pod `make demo` runs (its cluster, operator, TtsDeployment
+    and gateway all up on the same 2 cores), over the pod's own network namespace."""
+    if local.load(CLUSTER):
+        local.down(CLUSTER)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ttsfleet-bench-demo-") as out:
+            made = demo.run(CLUSTER, Path(out) / "demo.wav", say=print)
+        out_levels = []
+        for level in levels:
+            result = asyncio.run(listeners.listen(made.address, level, seconds))
+            print(f"cluster {level} listeners: {json.dumps(result)}", flush=True)
+            out_levels.append(result)
+    finally:
+        if local.load(CLUSTER):
+            local.down(CLUSTER)
+    at = {result["concurrency"]: result for result in out_levels}
+    p95_8, p50_1 = at[8]["ttfa_ms"]["p95"], at[1]["ttfa_ms"]["p50"]
+    return {
+        "through": "make demo's TtsDeployment pod (examples/local-cpu.yaml) on the local node",
+        "levels": out_levels,
+        "p95_at_8_over_p50_at_1": round(p95_8 / p50_1, 2) if p95_8 and p50_1 else None,
+        "goal": {"p95_at_8_ms_at_most": CLUSTER_GOAL_MS, "p50_at_1_times_at_most": CLUSTER_SPREAD},
+    }
+
+
+PARTS = ("streaming", "bulk", "cluster", "batching", "cache")
 
 
 def main() -> None:
@@ -258,6 +291,9 @@ def main() -> None:
         harness.write_results(args.out, report)  # each part kept as soon as it is measured
     if "bulk" in parts:
         report["bulk"] = bulk(args.seconds)
+        harness.write_results(args.out, report)
+    if "cluster" in parts:
+        report["cluster"] = cluster(args.seconds)
         harness.write_results(args.out, report)
     if "batching" in parts:
         report["batching"] = batching(15.0, args.bound_ms)
