@@ -32,7 +32,9 @@ def manifest() -> dict[str, Any]:
     doc["spec"]["runtime"]["resources"]["requests"]["cpu"] = "100m"
     doc["spec"]["scaling"] = {
         "mode": "builtin",
-        "targets": {"queueDepthPerReplica": 1},
+        # The chunked engine hands each request to its scheduler at once, so Triton's
+        # pending count stays 0: time to first audio is the signal that load raises.
+        "targets": {"queueDepthPerReplica": 1, "timeToFirstAudioMs": 50},
         "stableWindowSeconds": 6,
         "panicWindowSeconds": 2,
         "scaleDownDelaySeconds": 10,
