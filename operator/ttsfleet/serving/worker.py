@@ -56,7 +56,6 @@ class Worker:
         # no other lane is working (the first window takes 27 ms on two threads, 41 ms
         # on one): a lane that starts meanwhile shares the cores with it until it ends.
         self._wide = wide
-        self._wide_busy = False
         self._eager = 0  # lanes running work nobody waits for (see Scheduler.next)
         self.scheduler = Scheduler(sizes=sizes)
         self._clock = clock
@@ -105,9 +104,11 @@ class Worker:
             self.scheduler.add(key, self._clock(), priority, need)
             self._wake.notify()
 
-    def _next(self) -> tuple[Work, bool] | None:
-        """The next work for a lane (its streams marked running) and whether it runs on
-        the wide engine, waiting for some; None once stopped."""
+    def _next(self) -> tuple[Work, ChunkedSynthesizer | None] | None:
+        """The next work for a lane (its streams marked running) and the wide engine if
+        it runs there (a first audio while no other lane works: then no other lane can
+        take the wide engine until this work ends), waiting for some; None once
+        stopped."""
         with self._wake:
             while not self._closed:
                 now = self._clock()
@@ -115,11 +116,8 @@ class Worker:
                 work = self.scheduler.next(now, busy=self._running, eager=eager)
                 if work is not None:
                     self._eager += work.eager
-                    wide = (
-                        self._wide is not None and not self._running and not self._wide_busy
-                        and all(self.scheduler.streams[k].started is None for k in work.streams)
-                    )  # fmt: skip
-                    self._wide_busy |= wide
+                    first = all(self.scheduler.streams[k].started is None for k in work.streams)
+                    wide = self._wide if first and not self._running else None
                     self._running.update(work.streams)
                     return work, wide
                 self._wake.wait(min(self.scheduler.wake(now), IDLE_POLL_SECONDS))
@@ -140,11 +138,10 @@ class Worker:
             try:
                 live = self._live(work)
                 if live:
-                    runs = self._wide if wide and self._wide is not None else engine
-                    self._step(runs, Work(work.need, tuple(key for key, _, _ in live)), live)
+                    kept = Work(work.need, tuple(key for key, _, _ in live))
+                    self._step(wide or engine, kept, live)
             finally:
                 with self._wake:
-                    self._wide_busy &= not wide
                     self._eager -= work.eager
                     self._running.difference_update(work.streams)
                     self._wake.notify_all()
