@@ -112,6 +112,17 @@ def test_the_pipeline_stretches_then_encodes() -> None:
     assert (len(data) - 44) / 2 == pytest.approx(RATE, rel=0.03)
 
 
+@pytest.mark.parametrize("fmt", sorted(audio.FORMATS))
+def test_every_format_takes_the_empty_pieces_a_slow_stretch_gives(fmt: str) -> None:
+    """At speed 0.25 the stretch holds its first input back (an empty piece comes out):
+    PCM's resampler once failed on it (FFmpeg's ENOMEM), ending the response early."""
+    pipeline = audio.Pipeline(fmt, RATE, tempo=0.5)
+    data = b"".join(pipeline.feed(c) for c in chunks()) + pipeline.finish()
+    if fmt == "pcm":
+        assert len(data) / 2 == pytest.approx(4.0 * audio.PCM_RATE, rel=0.03)
+    assert len(data) > 1000
+
+
 # ---- no clicks at chunk joins, on real speech -------------------------------------------------
 
 VOICE = "en_US-joe-medium"

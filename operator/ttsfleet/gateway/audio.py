@@ -93,6 +93,8 @@ class Pcm:
     def encode(self, audio: Audio) -> bytes:
         if self._resampler is None:
             return audio.astype("<i2").tobytes()
+        if not audio.size:  # FFmpeg refuses an empty frame (ENOMEM); time-stretch gives them
+            return b""
         return _samples(self._resampler.resample(_frame(audio, self._rate))).astype("<i2").tobytes()
 
     def finish(self) -> bytes:
