@@ -8,6 +8,9 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v sysctl >/dev/null 2>&1 || need+=(procps)
 # `make bench-gateway` loads the speech gateway with wrk (HTTP keep-alive, one core).
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+# The gateway's rate limits are shared through a real Redis (the tests start it in the
+# foreground; the package's systemd unit is disabled below).
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 # The gateway's page is tested in a real headless browser (Playwright drives Debian's).
 [ -x /usr/lib/chromium/chromium ] || need+=(chromium)
 if command -v python3.11 >/dev/null 2>&1; then
@@ -28,4 +31,7 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
   echo ">> installing ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  if command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --now redis-server >/dev/null 2>&1 || true
+  fi
 fi

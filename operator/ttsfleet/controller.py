@@ -237,7 +237,9 @@ class Controller:
                 self.gateways_pending.discard(key)
                 return outcome
             routes = ((body or {}).get("spec") or {}).get("routes") or []
-            self.gateway_fleets[key] = frozenset(str(r.get("fleet")) for r in routes)
+            self.gateway_fleets[key] = frozenset(
+                str(name) for r in routes for name in (r.get("fleet"), r.get("fallback")) if name
+            )
             if outcome.ready or outcome.stalled_reason:
                 self.gateways_pending.discard(key)
             else:

@@ -19,7 +19,9 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -364,6 +366,39 @@ class GatewayProcess(_Server):
 
     def metric(self, name: str, **labels: str) -> float:
         return metric_value(f"{self.url}/metrics", name, **labels) or 0.0
+
+
+@dataclass
+class RedisProcess(_Server):
+    """Debian's redis-server on loopback, in the foreground, keeping nothing on disk."""
+
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 30) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is missing: run `make deps` (Debian's redis-server)")
+        argv = [
+            binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+            "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
+            "--dir", str(self.log.parent),
+        ]  # fmt: skip
+        self._launch(argv, {}, "redis-server", timeout)
+
+    def ready(self) -> bool:
+        self._alive("redis-server")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
 
 @contextmanager

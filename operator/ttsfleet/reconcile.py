@@ -191,10 +191,10 @@ def reconcile_gateway(
             kube.post_event(api_client, body, "Warning", "InvalidSpec", problem)
         return Outcome(False, "InvalidSpec", time.monotonic() - start)
     fleets = {
-        route.fleet: kube.get_custom(
-            api_client, api.GROUP, api.VERSION, api.PLURAL, gateway.namespace, route.fleet
+        name: kube.get_custom(
+            api_client, api.GROUP, api.VERSION, api.PLURAL, gateway.namespace, name
         )
-        for route in gateway.spec.routes
+        for name in gateway.spec.fleet_names()
     }
     if gateway.spec.auth is not None:  # before the Deployment that mounts it
         kube.create_if_absent(api_client, gw.ticket_secret(gateway, secrets.token_bytes(32)))

@@ -249,3 +249,93 @@ def test_children_of_any_valid_spec_pass_server_side_dry_run(
         api.server_side_apply(
             body=child, namespace="default", field_manager="ttsfleet-test", dry_run="All"
         )
+
+
+# ---- TtsGateway: limits, breaker and fallback ------------------------------------------------
+
+GATEWAY = load_example(REPO / "examples" / "local-gateway.yaml")
+TIER = {"name": "free", "requestsPerSecond": 10, "requestBurst": 20}
+
+
+def gateway_with(**spec: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(GATEWAY)
+    doc["spec"] |= spec
+    return doc
+
+
+GATEWAY_INVALID = [
+    (
+        "fallback is the fleet",
+        gateway_with(routes=[{"models": ["tts-1"], "fleet": "joe", "fallback": "joe"}]),
+        "fallback names the route's own fleet",
+    ),
+    (
+        "default tier unknown",
+        gateway_with(rateLimits={"tiers": [TIER], "defaultTier": "gold"}),
+        "spec.rateLimits.defaultTier names no tier",
+    ),
+    (
+        "tenant's tier unknown",
+        gateway_with(
+            rateLimits={"tiers": [TIER], "defaultTier": "free", "tenants": {"acme": "gold"}}
+        ),
+        "a tenant's tier names no tier",
+    ),
+    (
+        "two tiers one name",
+        gateway_with(rateLimits={"tiers": [TIER, TIER], "defaultTier": "free"}),
+        "two tiers share a name",
+    ),
+    (
+        "character burst below the longest input",
+        gateway_with(
+            rateLimits={
+                "defaultTier": "free",
+                "tiers": [TIER | {"charactersPerSecond": 100, "characterBurst": 1000}],
+            }
+        ),
+        "characterBurst is below spec.maxInputCharacters",
+    ),
+    (
+        "characters rate without a burst",
+        gateway_with(
+            rateLimits={"defaultTier": "free", "tiers": [TIER | {"charactersPerSecond": 100}]}
+        ),
+        "give both charactersPerSecond and characterBurst",
+    ),
+    (
+        "redis url not redis",
+        gateway_with(
+            rateLimits={"tiers": [TIER], "defaultTier": "free", "redisUrl": "http://redis:6379"}
+        ),
+        "spec.rateLimits.redisUrl",
+    ),
+    ("error rate over 1", gateway_with(breaker={"errorRate": 1.5}), "spec.breaker.errorRate"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "expected"), GATEWAY_INVALID, ids=[c[0] for c in GATEWAY_INVALID]
+)
+def test_invalid_gateways_are_rejected_with_a_message_naming_the_field(
+    cluster: Cluster, namespace: str, case: str, body: dict[str, Any], expected: str
+) -> None:
+    gateways = kube.dynamic_client(cluster.api).resources.get(
+        api_version="ttsfleet.io/v1alpha1", kind="TtsGateway"
+    )
+    with pytest.raises(ApiException) as rejected:
+        gateways.create(
+            body=body, namespace=namespace, query_params=[("fieldValidation", "Strict")]
+        )
+    assert rejected.value.status in (400, 422), case
+    message = json.loads(rejected.value.body)["message"]
+    assert expected in message, message
+
+
+def test_the_example_gateway_with_its_limits_is_accepted(cluster: Cluster, namespace: str) -> None:
+    gateways = kube.dynamic_client(cluster.api).resources.get(
+        api_version="ttsfleet.io/v1alpha1", kind="TtsGateway"
+    )
+    made = gateways.create(body=GATEWAY, namespace=namespace, query_params=[("dryRun", "All")])
+    tier = made.spec.rateLimits.tiers[0]
+    assert (tier.requestBurst, tier.requestsPerSecond) == (20, 10)

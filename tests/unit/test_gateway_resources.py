@@ -78,6 +78,40 @@ def test_the_config_it_writes_is_one_the_gateway_accepts() -> None:
     assert parsed.auth.ticket_key_file == f"{gw.TICKETS_DIR}/{gw.TICKET_KEY}"
 
 
+TIERS = {
+    "tiers": [{"name": "free", "requestsPerSecond": 10, "requestBurst": 20,
+               "charactersPerSecond": 1000, "characterBurst": 8192, "concurrentStreams": 8},
+              {"name": "gold", "requestsPerSecond": 100, "requestBurst": 200}],
+    "defaultTier": "free", "tenants": {"acme": "gold"}, "redisUrl": "redis://redis.voice:6379",
+}  # fmt: skip
+
+
+def test_limits_breaker_and_fallback_reach_the_gateway() -> None:
+    routes = [{"models": ["tts-1"], "fleet": "joe", "fallback": "joe-cpu",
+               "maxStreamsPerReplica": 6}]  # fmt: skip
+    gateway = gw.Gateway.from_body(
+        body(routes=routes, replicas=4, rateLimits=TIERS, breaker={"openSeconds": 2})
+    )
+    cpu = {"metadata": {"name": "joe-cpu"}, "spec": {"model": {"voice": "en_US-lessac-low"}}}
+    parsed = gateway_config.parse(gw.config(gateway, {"joe": FLEET, "joe-cpu": cpu}))
+    route = parsed.route("tts-1")
+    assert route is not None and route.fallback is not None
+    assert route.fallback.key == "voice/joe-cpu" and route.fallback.voice == "en_US-lessac-low"
+    assert route.fleet.max_streams_per_replica == 6
+    limits = parsed.rate_limits
+    assert limits is not None and limits.redis_url == "redis://redis.voice:6379"
+    assert limits.tier_of("acme").requests.burst == 200
+    assert limits.tier_of("someone").concurrent_streams == 8
+    assert limits.local_share == 0.25  # 4 replicas alone still admit at most each limit
+    assert parsed.breaker.open_seconds == 2 and parsed.breaker.min_requests == 5
+    # The fallback is a fleet of the gateway's too: a missing one is reported by name.
+    conditions = {
+        c["type"]: c for c in gw.conditions(gateway, None, {"joe": FLEET, "joe-cpu": None})
+    }
+    assert "spec.routes[0].fallback" in conditions["Stalled"]["message"]
+    assert gateway.spec.fleet_names() == ["joe", "joe-cpu"]
+
+
 def test_replicas_share_one_ticket_key_from_a_secret_the_gateway_owns() -> None:
     gateway = gw.Gateway.from_body(body())
     secret = gw.ticket_secret(gateway, b"k" * 32)

@@ -67,6 +67,11 @@ def openapi_schema(model: type[BaseModel]) -> Schema:
             merged = convert(rest[0]) if len(rest) == 1 else {"anyOf": convert(rest)}
             return convert({**merged, **node})
         node.pop("title", None)
+        # JSON Schema 2020's numeric exclusive bounds are OpenAPI v3.0's booleans.
+        for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            if isinstance(node.get(bound), int | float) and not isinstance(node[bound], bool):
+                node[limit] = node.pop(bound)
+                node[bound] = True
         if node.get("additionalProperties") is False:
             node.pop("additionalProperties")
         out = {k: convert(v) for k, v in node.items()}

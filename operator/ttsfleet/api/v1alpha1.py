@@ -466,6 +466,15 @@ ApiName = Annotated[str, Field(pattern=API_NAME_PATTERN, max_length=64)]
 class GatewayRoute(_Model):
     """Requests for these `model` names go to one TtsDeployment."""
 
+    cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "!has(self.fallback) || self.fallback != self.fleet",
+            "spec.routes[].fallback names the route's own fleet: name another TtsDeployment "
+            "(a simpler or CPU voice) or leave it out",
+            ".fallback",
+        ),
+    ]
+
     models: list[ApiName] = Field(
         min_length=1, max_length=16, description="`model` names routed here, e.g. tts-1."
     )
@@ -477,6 +486,19 @@ class GatewayRoute(_Model):
         default_factory=list, max_length=32,
         description="`voice` names callers may use (e.g. alloy); the fleet's own voice always "
         "works. All speak with the fleet's voice.",
+    )  # fmt: skip
+    fallback: str | None = Field(
+        default=None, pattern=NAME_PATTERN, max_length=40,
+        description="A TtsDeployment (in this namespace) that speaks instead while the fleet's "
+        "circuit breaker is open, it has no ready replica, or every replica is at its queue "
+        "limit (the response says so in X-TtsFleet-Fallback). Without it those requests get "
+        "503 with Retry-After.",
+    )  # fmt: skip
+    max_streams_per_replica: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="A replica's queue limit: when every replica of the fleet has this many "
+        "streams open, new requests go to the fallback or get 503 at once instead of queueing "
+        "past the SLO (WebSocket contexts already speaking are never cut).",
     )  # fmt: skip
 
 
@@ -539,12 +561,103 @@ class GatewayAuth(_Model):
     refresh_seconds: int = Field(default=300, ge=5, le=86400)
 
 
+class RateTier(_Model):
+    """What one tenant may send: requests and characters, each a sustained rate and a
+    burst (GCRA), and speech streams open at once."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "has(self.charactersPerSecond) == has(self.characterBurst)",
+            "give both charactersPerSecond and characterBurst, or neither",
+        ),
+    ]
+
+    name: str = Field(pattern=NAME_PATTERN, max_length=63)
+    requests_per_second: float = Field(gt=0, le=1e6, description="Sustained requests a second.")
+    request_burst: int = Field(ge=1, le=1_000_000, description="Requests at once.")
+    characters_per_second: float | None = Field(default=None, gt=0, le=1e9)
+    character_burst: int | None = Field(
+        default=None, ge=1, le=1_000_000_000,
+        description="Characters at once; at least maxInputCharacters.",
+    )  # fmt: skip
+    concurrent_streams: int | None = Field(
+        default=None, ge=1, le=100_000,
+        description="Speech streams (requests and WebSocket contexts) open at once.",
+    )  # fmt: skip
+
+
+class GatewayRateLimits(_Model):
+    """Per-tenant limits (the tenant from the token's tenant claim; the client's address
+    without auth), shared by every gateway replica through Redis."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "self.tiers.all(a, self.tiers.exists_one(b, b.name == a.name))",
+            "spec.rateLimits.tiers: two tiers share a name: give each its own",
+            ".tiers",
+        ),
+        rule(
+            "self.tiers.exists(t, t.name == self.defaultTier)",
+            "spec.rateLimits.defaultTier names no tier: use one of spec.rateLimits.tiers[].name",
+            ".defaultTier",
+        ),
+        rule(
+            "!has(self.tenants) || self.tenants.all(k, "
+            "self.tiers.exists(t, t.name == self.tenants[k]))",
+            "spec.rateLimits.tenants: a tenant's tier names no tier: use one of "
+            "spec.rateLimits.tiers[].name",
+            ".tenants",
+        ),
+    ]
+
+    tiers: list[RateTier] = Field(min_length=1, max_length=32)
+    default_tier: str = Field(
+        pattern=NAME_PATTERN, max_length=63, description="The tier of tenants not listed."
+    )
+    tenants: dict[str, Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]] = Field(
+        default_factory=dict,
+        description="Tenant -> tier name, for the tenants not in the default tier.",
+        json_schema_extra={"maxProperties": 1000},
+    )  # fmt: skip
+    redis_url: str | None = Field(
+        default=None, pattern=r"^(redis|rediss)://", max_length=2048,
+        description="The Redis all replicas share limits through. Without it, or while it "
+        "cannot be reached, each replica limits on its own at 1 / replicas of every limit.",
+    )  # fmt: skip
+
+
+class GatewayBreaker(_Model):
+    """Each fleet's circuit breaker: opened by failures or slow first audio."""
+
+    window_seconds: int = Field(default=10, ge=1, le=300)
+    min_requests: int = Field(default=5, ge=1, le=100_000)
+    error_rate: float = Field(default=0.5, gt=0, le=1)
+    slow_seconds: float = Field(
+        default=2.0, gt=0, le=60,
+        description="A first audio later than this counts as slow (it queued).",
+    )  # fmt: skip
+    slow_rate: float = Field(default=0.8, gt=0, le=1)
+    open_seconds: float = Field(default=5.0, gt=0, le=600)
+    max_open_seconds: float = Field(default=60.0, gt=0, le=3600)
+    probes: int = Field(default=3, ge=1, le=100)
+
+
 class Balancer(StrEnum):
     LEAST_OUTSTANDING = "least-outstanding"
     ROUND_ROBIN = "round-robin"
 
 
 class TtsGatewaySpec(_Model):
+    cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "!has(self.rateLimits) || self.rateLimits.tiers.all(t, !has(t.characterBurst) "
+            "|| t.characterBurst >= self.maxInputCharacters)",
+            "spec.rateLimits.tiers[].characterBurst is below spec.maxInputCharacters, so the "
+            "longest request could never pass: raise characterBurst or lower "
+            "maxInputCharacters",
+            ".rateLimits",
+        ),
+    ]
     replicas: int = Field(default=2, ge=0, le=100, description="Gateway pods.")
     image: str = Field(default=DEFAULT_GATEWAY_IMAGE, min_length=1, max_length=512)
     routes: list[GatewayRoute] = Field(min_length=1, max_length=32)
@@ -556,6 +669,10 @@ class TtsGatewaySpec(_Model):
         description="Power-of-two choices on outstanding characters, or round robin.",
     )
     max_input_characters: int = Field(default=4096, ge=1, le=4096)
+    rate_limits: GatewayRateLimits | None = Field(
+        default=None, description="Per-tenant rate limits; without them nobody is limited."
+    )
+    breaker: GatewayBreaker = Field(default_factory=GatewayBreaker)
     cache_mi_b: int = Field(
         default=64, ge=0, le=16384, alias="cacheMiB",
         description="Memory per gateway pod for replies spoken before, replayed at once; 0: off.",
@@ -567,6 +684,11 @@ class TtsGatewaySpec(_Model):
     )
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=16)
+
+    def fleet_names(self) -> list[str]:
+        """The TtsDeployments the routes lead to, fallbacks too, each once."""
+        names = [n for r in self.routes for n in (r.fleet, r.fallback) if n is not None]
+        return list(dict.fromkeys(names))
 
     def duplicate_model(self) -> tuple[int, str] | None:
         """(route index, model) of the first model name routed twice, or None."""

@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ from ttsfleet.gateway.cache import ReplyCache, normalise
 from ttsfleet.gateway.config import GatewayConfig
 from ttsfleet.gateway.config import Route as SpeechRoute
 from ttsfleet.gateway.fleet import Fleet
+from ttsfleet.gateway.limits import Admission, Limiter
+from ttsfleet.routing import breaker
 from ttsfleet.serving.engine import RATE_RANGE
 from ttsfleet.triton import aio, contract
 
@@ -51,6 +54,12 @@ SPEED_RANGE = (0.25, 4.0)  # OpenAI's
 STREAM_FORMATS = ("audio", "sse")
 MAX_BODY_BYTES = 64 * 1024
 FIRST_SLICE_SAMPLES = 2048  # ~93 ms at 22.05 kHz: two MP3 frames and change
+# Why a request goes to a route's fallback (or is shed, without one).
+REFUSALS = {
+    "unavailable": "has no ready replicas",
+    "overloaded": "has every replica at its queue limit",
+    "breaker-open": "has its circuit breaker open after failures or slow answers",
+}
 
 
 class ApiError(Exception):
@@ -58,19 +67,37 @@ class ApiError(Exception):
 
     def __init__(
         self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-        kind: str = "invalid_request_error",
+        kind: str = "invalid_request_error", headers: Mapping[str, str] | None = None,
     ) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = (
             status, message, param, code, kind
         )  # fmt: skip
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         """The `error` object: on HTTP the response body's, on the WebSocket a message's."""
         return {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.body()}, status_code=self.status)
+        return JSONResponse({"error": self.body()}, status_code=self.status, headers=self.headers)
+
+
+def unavailable(message: str, retry_after: float) -> ApiError:
+    """503 with Retry-After: shed, or no fleet can take the request now."""
+    return ApiError(
+        503, message, kind="server_error", code="service_unavailable",
+        headers={"retry-after": str(max(1, math.ceil(retry_after)))},
+    )  # fmt: skip
+
+
+def limited(admission: Admission) -> ApiError:
+    """429 in OpenAI's shape, with the RateLimit headers and Retry-After."""
+    code = "concurrency_limit_exceeded" if admission.refused == "streams" else "rate_limit_exceeded"
+    return ApiError(
+        429, admission.message(), kind="rate_limit_error", code=code,
+        headers=admission.headers(),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -137,6 +164,32 @@ class Metrics:
             contract.GATEWAY_RETRIES, "Requests retried on another replica before audio.", fleet,
             registry=self.registry,
         )  # fmt: skip
+        self.limited = Counter(
+            contract.GATEWAY_RATELIMITED, "Requests refused (429) by a tenant's limits, by tier "
+            "and limit (requests, characters, streams).", ["tier", "limit"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.limits_shared = Gauge(
+            contract.GATEWAY_RATELIMIT_SHARED, "1 while rate limits are shared through Redis, "
+            "0 while this replica limits on its own.", registry=self.registry,
+        )  # fmt: skip
+        self.breaker = Gauge(
+            contract.GATEWAY_BREAKER_STATE, "1 for a fleet's breaker's current state.",
+            ["fleet", "state"], registry=self.registry,
+        )  # fmt: skip
+        self.fallbacks = Counter(
+            contract.GATEWAY_FALLBACKS, "Requests sent to a route's fallback fleet, by why "
+            "(breaker-open, overloaded, unavailable, failed).", ["fleet", "fallback", "reason"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.shed = Counter(
+            contract.GATEWAY_SHED, "Requests refused at once (503) because no fleet could take "
+            "them, by why.", ["fleet", "reason"], registry=self.registry,
+        )  # fmt: skip
+
+    def breaker_state(self, fleet: str, state: breaker.State) -> None:
+        for each in breaker.State:
+            self.breaker.labels(fleet, each.value).set(1 if each is state else 0)
 
 
 class Gateway:
@@ -151,6 +204,7 @@ class Gateway:
         self.tickets = Tickets()
         self.ticket_key_file: str | None = None
         self.listed: set[str] = set()  # fleets whose endpoints are known (fixed or watched)
+        self.limiter: Limiter | None = None
         self.config = config
         self.apply(config)
         if keys is not None:
@@ -163,17 +217,23 @@ class Gateway:
         self.config = config
         wanted = config.fleets()
         round_robin = config.balancer == "round-robin"
+        policy = config.breaker.policy()
         for key in [k for k in self.fleets if k not in wanted]:
             del self.fleets[key]
         for key, spec in wanted.items():
             fleet = self.fleets.get(key)
             if fleet is None or fleet.round_robin != round_robin:
                 fleet = self.fleets[key] = Fleet(key, round_robin=round_robin)
+                fleet.on_breaker = functools.partial(self._breaker_moved, key)
+                self.metrics.breaker_state(key, breaker.State.CLOSED)
+            fleet.set_breaker_policy(policy)
+            fleet.max_streams = spec.max_streams_per_replica
             if spec.endpoints is not None:
                 fleet.set_addresses(spec.endpoints)
                 self.listed.add(key)
         self.listed &= set(wanted)
         self._ticket_key(config)
+        self._limits(config)
         if config.auth is None:
             self.verifier = None
         elif self.verifier is None or self.verifier.config != config.auth.verifier_config():
@@ -181,6 +241,23 @@ class Gateway:
             self.verifier = Verifier(config.auth.verifier_config(), KeySet())
             if previous is not None and self.keys_loaded:
                 self.verifier.use_keys(previous.keys)
+
+    def _breaker_moved(self, key: str, state: breaker.State) -> None:
+        log.warning("the breaker of fleet %s is %s", key, state.value)
+        self.metrics.breaker_state(key, state)
+
+    def _limits(self, config: GatewayConfig) -> None:
+        """A limiter for the config's limits; the one before stays while its Redis
+        does (streams it admitted are released by it, whatever comes after)."""
+        limits = config.rate_limits
+        if limits is None:
+            self.limiter = None
+        elif self.limiter is not None and self.limiter.config.redis_url == limits.redis_url:
+            self.limiter.config = limits
+        else:
+            self.limiter = Limiter.connect(limits)
+            self.limiter.on_backend = lambda shared: self.metrics.limits_shared.set(int(shared))
+            self.metrics.limits_shared.set(int(limits.redis_url is not None))
 
     def _ticket_key(self, config: GatewayConfig) -> None:
         path = config.auth.ticket_key_file if config.auth is not None else None
@@ -304,31 +381,104 @@ class Gateway:
         engine_voice = route.fleet.voice
         return Speech(route, text, engine_voice, fmt, float(speed), stream_format == "sse")
 
-    async def speak(self, speech: Speech, started: float) -> Response:
-        """Open a stream on a replica (retrying once before any audio), then stream."""
+    async def admit(self, tenant: str, characters: int) -> Admitted:
+        """The tenant's limits for one more request of `characters` (and a stream
+        slot); 429 (ApiError) when over them. Release what is returned when done."""
+        limiter = self.limiter
+        if limiter is None:
+            return Admitted(None, None)
+        admission = await limiter.admit(tenant, characters)
+        if not admission.allowed:
+            self.metrics.limited.labels(admission.tier.name, admission.refused or "").inc()
+            raise limited(admission)
+        return Admitted(limiter, admission)
+
+    async def charge(self, tenant: str, characters: int) -> None:
+        """More characters of a request already admitted; 429 when over the limit."""
+        if self.limiter is None:
+            return
+        admission = await self.limiter.charge(tenant, characters)
+        if not admission.allowed:
+            self.metrics.limited.labels(admission.tier.name, admission.refused or "").inc()
+            raise limited(admission)
+
+    async def speak(self, speech: Speech, started: float, admitted: Admitted) -> Response:
+        """Open a stream on a replica (retrying once before any audio), then stream.
+        `admitted` is released when the response ends."""
         fleet = self.fleets[speech.route.fleet.key]
         media = "text/event-stream" if speech.sse else audio.FORMATS_MEDIA[speech.response_format]
-        key = (fleet.key, speech.route.fleet.version, speech.voice, normalise(speech.text),
-               speech.speed, speech.response_format, speech.sse)  # fmt: skip
+        key: tuple[Any, ...] = (
+            fleet.key, speech.route.fleet.version, speech.voice, normalise(speech.text),
+            speech.speed, speech.response_format, speech.sse,
+        )  # fmt: skip
+        headers = {"cache-control": "no-store"} | admitted.headers()
         if self.config.cache_bytes:
             cached = self.cache.get(key)
             self.metrics.cache.labels(fleet.key, "miss" if cached is None else "hit").inc()
             if cached is not None:
-                headers = {"cache-control": "no-store", "server-timing": "cache;desc=hit"}
+                await admitted.release()
+                headers["server-timing"] = "cache;desc=hit"
                 # The same bytes at once, in one write (with a Content-Length: all known).
                 return Response(cached, media_type=media, headers=headers)
-        opened = await self.open(fleet, speech)
+        try:
+            opened = await self.connect(speech)
+        except BaseException:
+            await admitted.release()
+            raise
         if opened.first is not None:
             self.metrics.ttfa.labels(fleet.key).observe(opened.arrived - started)
-        body = self._body(speech, opened, key)
+        if opened.fleet is not fleet:  # a fallback's audio is not the route's: not cached
+            key = ()
+            headers["x-ttsfleet-fallback"] = opened.fleet.key
+            headers["x-ttsfleet-fallback-reason"] = opened.fallback_reason
+        body = self._body(speech, opened, key, admitted)
         # Server-Timing: the replica's time to first audio as the gateway saw it, and
         # the gateway's own time before it (browsers' dev tools show both).
-        timing = (
+        headers["server-timing"] = (
             f"upstream;dur={(opened.arrived - opened.asked) * 1000:.2f}, "
             f"gateway;dur={(opened.asked - started) * 1000:.2f}"
         )
-        headers = {"cache-control": "no-store", "server-timing": timing}
         return StreamingResponse(body, media_type=media, headers=headers)
+
+    async def connect(self, speech: Speech, *, admitted: bool = False) -> Opened:
+        """A stream of `speech.text` on the route's fleet, or on its fallback while the
+        fleet's breaker is open, it has no ready replica, all its replicas are over
+        their queue limit, or it failed this request; 503 with Retry-After when neither
+        can take it. `admitted`: the request continues one already taken (a WebSocket
+        context's next sentence), never shed for being over the queue limit."""
+        route = speech.route
+        primary = self.fleets[route.fleet.key]
+        reason = self._refusal(primary, admitted)
+        if reason is None:
+            try:
+                return await self.open(primary, speech)
+            except ApiError:
+                if route.fallback is None:
+                    raise
+                reason = "failed"
+        if route.fallback is None:
+            self.metrics.shed.labels(primary.key, reason).inc()
+            wait = primary.breaker.retry_after(time.monotonic()) if reason == "breaker-open" else 1
+            raise unavailable(f"{primary.key} {REFUSALS[reason]}: retry later", wait)
+        fallback = self.fleets[route.fallback.key]
+        self.metrics.fallbacks.labels(primary.key, fallback.key, reason).inc()
+        if fallback.overloaded() and not admitted:
+            self.metrics.shed.labels(fallback.key, "overloaded").inc()
+            raise unavailable(f"{primary.key} and its fallback {fallback.key} are full: retry", 1)
+        opened = await self.open(fallback, replace(speech, voice=route.fallback.voice))
+        opened.fallback_reason = reason
+        return opened
+
+    @staticmethod
+    def _refusal(fleet: Fleet, admitted: bool) -> str | None:
+        """Why `fleet` should not be asked (None: ask it)."""
+        if not fleet.addresses:
+            return "unavailable"
+        if not admitted and fleet.overloaded():
+            return "overloaded"
+        if not fleet.breaker_allows():
+            return "breaker-open"
+        return None
 
     async def open(self, fleet: Fleet, speech: Speech) -> Opened:
         """A stream of `speech.text` on a replica, its first audio received; retried once
@@ -369,13 +519,12 @@ class Gateway:
             fleet.record(address, ok=True)
             arrived = time.perf_counter()
             fleet.observe(address, arrived - asked)
+            fleet.breaker_record(True, arrived - asked)  # the request's outcome, not a try's
             if first is not None:
                 fleet.sample_rate = first.sample_rate
             return Opened(self, fleet, address, characters, first, upstream, asked, arrived)
-        raise ApiError(
-            503, f"No replica of {fleet.key} could serve the request: {failure}",
-            kind="server_error", code="service_unavailable",
-        )  # fmt: skip
+        fleet.breaker_record(False, 0.0)
+        raise unavailable(f"No replica of {fleet.key} could serve the request: {failure}", 1)
 
     def _begin(self, fleet: Fleet, address: str, characters: int) -> None:
         fleet.begin(address, characters)
@@ -388,9 +537,9 @@ class Gateway:
         self.metrics.queued.labels(fleet.key).dec(characters)
 
     async def _body(
-        self, speech: Speech, opened: Opened, key: tuple[Any, ...]
+        self, speech: Speech, opened: Opened, key: tuple[Any, ...], admitted: Admitted
     ) -> AsyncIterator[bytes]:
-        keep = self.config.cache_bytes > 0  # the bytes are kept only for the cache
+        keep = self.config.cache_bytes > 0 and bool(key)  # the bytes are kept for the cache
         sent: list[bytes] = []
         try:
             pipeline = speech.pipeline(opened.sample_rate)
@@ -412,6 +561,26 @@ class Gateway:
                 self.cache.put(key, [*sent, *tail])
         finally:
             await opened.close()
+            await admitted.release()
+
+
+@dataclass
+class Admitted:
+    """A request the tenant's limits let through, holding its stream slot until
+    `release` (idempotent); nothing when no limits are configured."""
+
+    limiter: Limiter | None
+    admission: Admission | None
+    released: bool = False
+
+    def headers(self) -> dict[str, str]:
+        return self.admission.headers() if self.admission is not None else {}
+
+    async def release(self) -> None:
+        if self.released or self.limiter is None or self.admission is None:
+            return
+        self.released = True
+        await self.limiter.release(self.admission)
 
 
 @dataclass
@@ -427,6 +596,7 @@ class Opened:
     asked: float
     arrived: float
     closed: bool = False
+    fallback_reason: str = field(default="")  # why the route's fallback serves it, if it does
 
     @property
     def sample_rate(self) -> int:
@@ -455,6 +625,14 @@ class Opened:
         with contextlib.suppress(Exception):
             await self.upstream.aclose()
         self.gateway.release(self.fleet, self.address, self.characters)
+
+
+def tenant(principal: Principal | None, request: Request | WebSocket) -> str:
+    """Whom a request's limits are counted against: the token's tenant, or without
+    auth the client's address (behind a proxy, the proxy's)."""
+    if principal is not None:
+        return principal.tenant
+    return f"client:{request.client.host if request.client else 'unknown'}"
 
 
 def _slices(audio: aio.Audio, size: int) -> list[aio.Audio]:
@@ -520,7 +698,7 @@ def build(gateway: Gateway, lifespan: Any = None) -> Starlette:
         started = time.perf_counter()
         fleet = ""
         try:
-            gateway.authenticate(request.headers.get("authorization"))
+            principal = gateway.authenticate(request.headers.get("authorization"))
             raw = await request.body()
             if len(raw) > MAX_BODY_BYTES:
                 raise ApiError(413, f"The request body is over {MAX_BODY_BYTES} bytes")
@@ -533,7 +711,8 @@ def build(gateway: Gateway, lifespan: Any = None) -> Starlette:
                 ) from None  # fmt: skip
             spoken = gateway.validate(body)
             fleet = spoken.route.fleet.key
-            response: Response = await gateway.speak(spoken, started)
+            admitted = await gateway.admit(tenant(principal, request), len(spoken.text))
+            response: Response = await gateway.speak(spoken, started, admitted)
         except ApiError as err:
             response = err.response()
         metrics.requests.labels(fleet, str(response.status_code)).inc()
@@ -648,6 +827,9 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
         return {code: {"description": why, "content": json_body(ref("Error"))}
                 for code, why in codes.items()}  # fmt: skip
 
+    def with_headers(response: dict[str, Any], headers: dict[str, Any]) -> dict[str, Any]:
+        return response | {"headers": headers}
+
     # Without auth configured nobody is turned away, and there are no keys to wait for.
     keys = "the gateway has not loaded its signing keys yet"
     denied = {} if config.auth is None else {
@@ -717,6 +899,12 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
         },
     }
     binary = {"schema": text | {"format": "binary"}}
+    limited = config.rate_limits is not None
+    limit_headers = {  # draft-ietf-httpapi-ratelimit-headers-09
+        "RateLimit-Policy": {"required": True, "schema": text},
+        "RateLimit": {"required": True, "schema": text},
+    } if limited else {}  # fmt: skip
+    retry_after = {"Retry-After": {"required": True, "schema": text | {"pattern": "^[0-9]+$"}}}
     speech_ok = {
         "description": "Audio as it is generated, or server-sent events (stream_format sse)",
         "headers": {
@@ -727,7 +915,16 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
                 "required": True,
                 "schema": text,
             },
-        },
+            "X-TtsFleet-Fallback": {
+                "description": "The fallback fleet (namespace/name) that spoke instead of the "
+                "route's own",
+                "schema": text,
+            },
+            "X-TtsFleet-Fallback-Reason": {
+                "schema": {"enum": ["unavailable", "overloaded", "breaker-open", "failed"]}
+            },
+        }
+        | limit_headers,
         "content": {media: binary for media in audio.FORMATS_MEDIA.values()}
         | {"text/event-stream": {"schema": sse}},
     }
@@ -830,10 +1027,31 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
                             "400": "Invalid request: the message names the field",
                             "404": "Unknown model",
                             "413": f"The request body is over {MAX_BODY_BYTES} bytes",
-                            "503": "Retry: no replica could serve the request"
-                            + ("" if config.auth is None else f", or {keys}"),
                         }
                         | denied
+                    )
+                    | {
+                        "503": {
+                            "description": "Retry: no replica could serve the request, or the "
+                            "fleet sheds load (Retry-After says when)"
+                            + ("" if config.auth is None else f", or {keys}"),
+                            "content": json_body(ref("Error")),
+                        }
+                    }
+                    | (
+                        {
+                            "429": with_headers(
+                                failures(
+                                    {
+                                        "429": "Over the tenant's rate or stream limit "
+                                        "(type rate_limit_error)"
+                                    }
+                                )["429"],
+                                limit_headers | retry_after,
+                            )
+                        }
+                        if limited
+                        else {}
                     ),
                 }
             },

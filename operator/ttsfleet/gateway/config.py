@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ttsfleet.gateway.auth import AuthConfig, ConfigError
+from ttsfleet.routing import breaker
+from ttsfleet.routing.limits import Rate
 
 MAX_INPUT_CHARACTERS = 4096  # OpenAI's limit on `input`
 
@@ -37,6 +39,11 @@ class Fleet(_Model):
     endpoints: tuple[str, ...] | None = Field(
         default=None, description="Fixed host:port addresses instead of watching the Service."
     )
+    max_streams_per_replica: int | None = Field(
+        default=None, ge=1, alias="maxStreamsPerReplica",
+        description="A replica's queue limit: when every replica has this many streams open, "
+        "new requests are shed (503 with Retry-After, or the route's fallback) at once.",
+    )  # fmt: skip
 
     @property
     def key(self) -> str:
@@ -49,6 +56,100 @@ class Route(_Model):
         default=(), description="Names callers may give as `voice`; the engine's own always work."
     )
     fleet: Fleet
+    fallback: Fleet | None = Field(
+        default=None,
+        description="Where requests go while the fleet's breaker is open, the fleet has no "
+        "ready replica, or all its replicas are over their queue limit.",
+    )
+
+
+class Tier(_Model):
+    """What a tenant may send: requests and characters, each a sustained rate with a
+    burst, and how many speech streams it may have open at once."""
+
+    name: str = Field(min_length=1)
+    requests_per_second: float = Field(gt=0, alias="requestsPerSecond")
+    request_burst: int = Field(ge=1, alias="requestBurst")
+    characters_per_second: float | None = Field(default=None, gt=0, alias="charactersPerSecond")
+    character_burst: int | None = Field(default=None, ge=1, alias="characterBurst")
+    concurrent_streams: int | None = Field(default=None, ge=1, alias="concurrentStreams")
+
+    @model_validator(mode="after")
+    def _characters_whole(self) -> Tier:
+        if (self.characters_per_second is None) != (self.character_burst is None):
+            raise ValueError(
+                f"tier {self.name!r}: give both charactersPerSecond and characterBurst, or neither"
+            )
+        return self
+
+    @property
+    def requests(self) -> Rate:
+        return Rate(self.requests_per_second, self.request_burst)
+
+    @property
+    def characters(self) -> Rate | None:
+        if self.characters_per_second is None or self.character_burst is None:
+            return None
+        return Rate(self.characters_per_second, self.character_burst)
+
+
+class RateLimits(_Model):
+    tiers: tuple[Tier, ...] = Field(min_length=1)
+    default_tier: str = Field(alias="defaultTier", description="The tier of unlisted tenants.")
+    tenants: dict[str, str] = Field(default_factory=dict, description="Tenant -> tier name.")
+    redis_url: str | None = Field(
+        default=None, alias="redisUrl", pattern=r"^(redis|rediss|unix)://",
+        description="Where limits are shared by all replicas; without it each replica limits "
+        "on its own at localShare.",
+    )  # fmt: skip
+    local_share: float = Field(
+        default=1.0, gt=0, le=1, alias="localShare",
+        description="The share of each limit one replica enforces on its own while Redis "
+        "cannot be reached (1 / replicas keeps the fleet of gateways within the limit).",
+    )  # fmt: skip
+    stream_lease_seconds: float = Field(default=30.0, ge=3, alias="streamLeaseSeconds")
+
+    @model_validator(mode="after")
+    def _tiers_known(self) -> RateLimits:
+        names = [tier.name for tier in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError("rateLimits.tiers: each tier needs its own name")
+        for where, name in [("defaultTier", self.default_tier)] + [
+            (f"tenants.{tenant}", tier) for tenant, tier in self.tenants.items()
+        ]:
+            if name not in names:
+                raise ValueError(
+                    f"rateLimits.{where}: no tier is named {name!r}: use one of {', '.join(names)}"
+                )
+        return self
+
+    def tier_of(self, tenant: str) -> Tier:
+        name = self.tenants.get(tenant, self.default_tier)
+        return next(tier for tier in self.tiers if tier.name == name)
+
+
+class Breaker(_Model):
+    """When a fleet's breaker opens (per fleet; see `ttsfleet.routing.breaker`)."""
+
+    window_seconds: int = Field(default=10, ge=1, le=300, alias="windowSeconds")
+    min_requests: int = Field(default=5, ge=1, alias="minRequests")
+    error_rate: float = Field(default=0.5, gt=0, le=1, alias="errorRate")
+    slow_seconds: float = Field(
+        default=2.0, gt=0, alias="slowSeconds",
+        description="A first audio later than this counts as slow (the request queued).",
+    )  # fmt: skip
+    slow_rate: float = Field(default=0.8, gt=0, le=1, alias="slowRate")
+    open_seconds: float = Field(default=5.0, gt=0, alias="openSeconds")
+    max_open_seconds: float = Field(default=60.0, gt=0, alias="maxOpenSeconds")
+    probes: int = Field(default=3, ge=1, le=100)
+
+    def policy(self) -> breaker.Policy:
+        return breaker.Policy(
+            window_seconds=self.window_seconds, min_requests=self.min_requests,
+            error_rate=self.error_rate, slow_seconds=self.slow_seconds,
+            slow_rate=self.slow_rate, open_seconds=self.open_seconds,
+            max_open_seconds=max(self.max_open_seconds, self.open_seconds), probes=self.probes,
+        )  # fmt: skip
 
 
 class Auth(_Model):
@@ -103,6 +204,12 @@ class GatewayConfig(_Model):
         default=60.0, gt=0, alias="websocketIdleSeconds",
         description="A WebSocket with no message and no open context for this long is closed.",
     )  # fmt: skip
+    rate_limits: RateLimits | None = Field(
+        default=None, alias="rateLimits",
+        description="Per-tenant limits (the tenant from the token; the client's address "
+        "without auth); without them nobody is limited.",
+    )  # fmt: skip
+    breaker: Breaker = Field(default_factory=Breaker)
     cache_bytes: int = Field(
         default=64 * 1024 * 1024, ge=0, alias="cacheBytes",
         description="Memory for replies spoken before, replayed at once; 0 turns it off.",
@@ -119,13 +226,33 @@ class GatewayConfig(_Model):
                         f"routes[{seen[model]}]: give each model name one route"
                     )
                 seen[model] = index
+        for index, route in enumerate(self.routes):
+            if route.fallback is not None and route.fallback.key == route.fleet.key:
+                raise ValueError(
+                    f"routes[{index}].fallback is the route's own fleet: name another one"
+                )
+        for tier in self.rate_limits.tiers if self.rate_limits else ():
+            burst = tier.character_burst
+            if burst is not None and burst < self.max_input_characters:
+                raise ValueError(
+                    f"rateLimits.tiers: tier {tier.name!r} has characterBurst "
+                    f"{tier.character_burst}, below maxInputCharacters "
+                    f"({self.max_input_characters}): a longest request could never pass; "
+                    "raise characterBurst or lower maxInputCharacters"
+                )
         return self
 
     def route(self, model: str) -> Route | None:
         return next((r for r in self.routes if model in r.models), None)
 
     def fleets(self) -> dict[str, Fleet]:
-        return {route.fleet.key: route.fleet for route in self.routes}
+        """Every fleet a route leads to, fallbacks too."""
+        out: dict[str, Fleet] = {}
+        for route in self.routes:
+            for fleet in (route.fleet, route.fallback):
+                if fleet is not None:
+                    out.setdefault(fleet.key, fleet)
+        return out
 
 
 def load(path: Path) -> GatewayConfig:

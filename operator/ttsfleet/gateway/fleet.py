@@ -1,5 +1,6 @@
 """One fleet as a gateway sees it: its ready replicas, the work outstanding at each,
-and their health. The decisions are `routing`'s; this keeps the state they read.
+their health, and the fleet's circuit breaker. The decisions are `routing`'s; this
+keeps the state they read.
 
 Not thread-safe: the gateway's event loop owns it.
 """
@@ -12,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-from ttsfleet.routing import balance, outliers
+from ttsfleet.routing import balance, breaker, outliers
 from ttsfleet.routing.balance import Load
 
 LATENCY_DECAY_SECONDS = 5.0  # a faster answer pulls the estimate down this fast
@@ -36,6 +37,39 @@ class Fleet:
         self._rng = random.Random(seed)  # noqa: S311 - load spreading, not secrets
         self._clock = clock
         self._turn = 0
+        self.breaker = breaker.Breaker()
+        self.max_streams: int | None = None  # a replica's queue limit (streams open)
+        self.on_breaker: Callable[[breaker.State], None] | None = None
+
+    def set_breaker_policy(self, policy: breaker.Policy) -> None:
+        if policy != self.breaker.policy:
+            self.breaker = breaker.Breaker(policy)
+
+    def breaker_allows(self) -> bool:
+        """Whether the breaker lets a request through now (counting a half-open trial)."""
+        before = self.breaker.current(self._clock())
+        self.breaker, allowed = self.breaker.allow(self._clock())
+        self._breaker_moved(before)
+        return allowed
+
+    def breaker_record(self, ok: bool, seconds: float) -> None:
+        """An answer (first audio after `seconds`) or a failure, for the breaker."""
+        now = self._clock()
+        before = self.breaker.current(now)
+        self.breaker = self.breaker.record(now, self.breaker.policy.outcome(ok, seconds))
+        self._breaker_moved(before)
+
+    def _breaker_moved(self, before: breaker.State) -> None:
+        after = self.breaker.current(self._clock())
+        if after is not before and self.on_breaker is not None:
+            self.on_breaker(after)
+
+    def overloaded(self) -> bool:
+        """Whether every usable replica is at its queue limit (no limit: never)."""
+        if self.max_streams is None or not self.addresses:
+            return False
+        usable = self.health.usable(self.addresses, self._clock())
+        return all(self.load.get(a, balance.IDLE).streams >= self.max_streams for a in usable)
 
     def set_addresses(self, addresses: Iterable[str]) -> None:
         """The fleet's ready replicas now; work outstanding at one that left stays

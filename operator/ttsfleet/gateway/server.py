@@ -7,7 +7,8 @@ Background work, never on a request's path:
 - the JWKS (a mounted Secret, or a URL) is re-read on change or every
   `auth.refreshSeconds`; a failed fetch keeps the keys already loaded;
 - each fleet's EndpointSlices are watched (`kube.EndpointWatch`), unless the config
-  fixes its endpoints.
+  fixes its endpoints;
+- the leases of the tenants' stream slots this replica holds in Redis are renewed.
 """
 
 from __future__ import annotations
@@ -60,7 +61,16 @@ class Background:
         self.watches: dict[str, Any] = {}
 
     async def run(self) -> None:
-        await asyncio.gather(self._config_loop(), self._keys_loop())
+        await asyncio.gather(self._config_loop(), self._keys_loop(), self._leases_loop())
+
+    async def _leases_loop(self) -> None:
+        while True:
+            limiter = self.gateway.limiter
+            await asyncio.sleep(
+                limiter.config.stream_lease_seconds / 3 if limiter else POLL_SECONDS
+            )
+            if self.gateway.limiter is not None:
+                await self.gateway.limiter.renew()
 
     async def _config_loop(self) -> None:
         seen = _stamp(self.path)
@@ -171,6 +181,8 @@ def serve(config_path: Path, host: str, port: int, api: Any | None = None) -> No
             task.cancel()
             background.stop()
             await gateway.channels.close()
+            if gateway.limiter is not None:
+                await gateway.limiter.close()
 
     uvicorn.run(
         build(gateway, lifespan), host=host, port=port, log_level="warning", access_log=False,

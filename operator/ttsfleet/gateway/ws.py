@@ -38,7 +38,15 @@ from typing import TYPE_CHECKING, Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ttsfleet.gateway import audio
-from ttsfleet.gateway.app import ApiError, Speech, refuse_nul, text_field, usage
+from ttsfleet.gateway.app import (
+    Admitted,
+    ApiError,
+    Speech,
+    refuse_nul,
+    tenant,
+    text_field,
+    usage,
+)
 from ttsfleet.gateway.auth import Principal
 
 if TYPE_CHECKING:
@@ -101,6 +109,7 @@ _CLOSE = None
 class Context:
     id: str
     speech: Speech  # the settings; `text` is each sentence's in turn
+    admitted: Admitted  # its place within the tenant's limits, released when it ends
     queue: asyncio.Queue[str | _Flush | None] = field(default_factory=asyncio.Queue)
     buffer: str = ""
     pipeline: audio.Pipeline | None = None
@@ -127,6 +136,11 @@ class Session:
         self.contexts: dict[str, Context] = {}
         self.outbox: asyncio.Queue[tuple[Context | None, dict[str, Any]]] = asyncio.Queue(OUTBOX)
         self.principal: Principal | None = None
+        self.releases: set[asyncio.Future[None]] = set()  # stream slots being given back
+
+    @property
+    def tenant(self) -> str:
+        return tenant(self.principal, self.socket)
 
     async def run(self) -> None:
         await self.socket.accept()
@@ -288,7 +302,9 @@ class Session:
                 )  # fmt: skip
             body = {name: message[name] for name in SETTINGS if name in message}
             speech = self.gateway.validate(body | {"input": "settings"})  # text comes later
-            context = self.contexts[context_id] = Context(context_id, speech)
+            # A context is a request and a stream; its text is charged as it comes.
+            admitted = await self.gateway.admit(self.tenant, 0)
+            context = self.contexts[context_id] = Context(context_id, speech, admitted)
             context.task = asyncio.create_task(self._speak(context))
         else:
             if context.closing:
@@ -302,6 +318,8 @@ class Session:
                         400, f"'{name}' is fixed by a context's first message: open a new "
                         "context_id to change it", param=name,
                     )  # fmt: skip
+        if text:
+            await self.gateway.charge(self.tenant, len(text))
         context.buffer += text
         self._feed(context)
 
@@ -317,7 +335,6 @@ class Session:
     async def _speak(self, context: Context) -> None:
         """Speak the context's sentences in order; then `done`."""
         gateway = self.gateway
-        fleet = gateway.fleets[context.speech.route.fleet.key]
         reason = "completed"
         try:
             while (item := await context.queue.get()) is not _CLOSE:
@@ -326,7 +343,9 @@ class Session:
                         await self._audio(context, context.pipeline.drain())
                     continue
                 assert isinstance(item, str)
-                opened = await gateway.open(fleet, dataclasses.replace(context.speech, text=item))
+                opened = await gateway.connect(
+                    dataclasses.replace(context.speech, text=item), admitted=context.samples > 0
+                )
                 try:
                     if context.pipeline is None:
                         context.sample_rate = opened.sample_rate
@@ -378,6 +397,9 @@ class Session:
     def _forget(self, context: Context, reason: str) -> None:
         if self.contexts.get(context.id) is context:
             del self.contexts[context.id]
+            release = asyncio.ensure_future(context.admitted.release())
+            self.releases.add(release)
+            release.add_done_callback(self.releases.discard)
             fleet = context.speech.route.fleet.key
             self.gateway.metrics.contexts.labels(fleet, reason).inc()
 

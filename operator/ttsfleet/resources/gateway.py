@@ -120,9 +120,9 @@ def node_reader_role(name: str = NODE_READER) -> Manifest:
 def config(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> Manifest:
     """The gateway's config document (`gateway.config.GatewayConfig`'s wire form)."""
     spec = gateway.spec
-    routes = []
-    for route in spec.routes:
-        found = fleets.get(route.fleet)
+
+    def fleet(name: str, queue_limit: int | None = None) -> Manifest:
+        found = fleets.get(name)
         voice, version = api.DEFAULT_VOICE, ""
         if found is not None:
             fleet_spec = found.get("spec") or {}
@@ -130,22 +130,37 @@ def config(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> Manifest:
             voice = model.get("voice") or voice
             image = (fleet_spec.get("runtime") or {}).get("image") or api.DEFAULT_IMAGE
             version = f"{image} {model.get('precision') or 'fp16'}"
-        routes.append(
-            {
-                "models": list(route.models),
-                "voices": list(route.voices),
-                "fleet": {
-                    "namespace": gateway.namespace, "name": route.fleet, "service": route.fleet,
-                    "port": "grpc", "voice": voice, "version": version,
-                },
-            }
-        )  # fmt: skip
+        out: Manifest = {
+            "namespace": gateway.namespace, "name": name, "service": name, "port": "grpc",
+            "voice": voice, "version": version,
+        }  # fmt: skip
+        if queue_limit is not None:
+            out["maxStreamsPerReplica"] = queue_limit
+        return out
+
+    routes = []
+    for route in spec.routes:
+        rendered = {
+            "models": list(route.models),
+            "voices": list(route.voices),
+            "fleet": fleet(route.fleet, route.max_streams_per_replica),
+        }
+        if route.fallback is not None:
+            rendered["fallback"] = fleet(route.fallback)
+        routes.append(rendered)
     document: Manifest = {
         "routes": routes,
         "balancer": spec.balancer.value,
         "maxInputCharacters": spec.max_input_characters,
         "cacheBytes": spec.cache_mi_b * 1024 * 1024,
+        "breaker": spec.breaker.model_dump(by_alias=True),
     }
+    if spec.rate_limits is not None:
+        limits = spec.rate_limits.model_dump(by_alias=True, exclude_none=True)
+        # Alone (no Redis, or while it is down) each replica keeps its share: together
+        # the gateway's replicas still admit at most each limit.
+        limits["localShare"] = 1 / max(1, spec.replicas)
+        document["rateLimits"] = limits
     if spec.auth is not None:
         auth = spec.auth
         document["auth"] = {
@@ -340,6 +355,11 @@ def problems(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> list[st
             found.append(
                 f"spec.routes[{index}].fleet: TtsDeployment {gateway.namespace}/{route.fleet} "
                 "does not exist: create it or route to one that does"
+            )
+        if route.fallback is not None and fleets.get(route.fallback) is None:
+            found.append(
+                f"spec.routes[{index}].fallback: TtsDeployment {gateway.namespace}/"
+                f"{route.fallback} does not exist: create it or leave the fallback out"
             )
     return found
 
