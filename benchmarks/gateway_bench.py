@@ -2,7 +2,7 @@
 balancing on outstanding work beats round robin when one replica is slow.
 
     python benchmarks/gateway_bench.py [--seconds 20] [--out benchmarks/results/gateway.json]
-        [--parts added,balancing,replica_kill,formats]
+        [--parts added,balancing,replica_kill,formats,...,limits,fairness,breaker,redis_down]
 
 Everything runs on loopback: real tritonservers (`harness.TritonProcess`, the streaming
 model) and real `ttsfleet gateway` processes (`harness.GatewayProcess`) with fixed
@@ -43,6 +43,22 @@ endpoints. Each figure has its baseline from the same run:
    whole reply, the decoded duration over the input's, the bit rate, how much audio
    went in before the first bytes came out, and the smallest head of the reply that
    decodes.
+
+9. `limits`: the limiter's own time per request with a real redis-server in the path
+   (`ratelimit_p99_ms`: one EVALSHA deciding both GCRA limits and a stream slot), and
+   cached replies per gateway CPU-second with every request authenticated and
+   rate-limited (`limited_rps_per_core`), beside the same without limits.
+10. `fairness`: tenant B within its limit, alone and while tenant A sends 10x its own:
+   B's TTFA p95 ratio (`fairness_b_ttfa_ratio`) and success rate.
+11. `breaker`: the primary fleet's replica killed (SIGKILL, with its backend stubs)
+   under load, a fallback fleet beside it: `breaker_failover_s`,
+   `failed_in_window_pct` (requests started in the 2 s after the kill),
+   `failed_after`, and `recovery_s` once the primary is back (local processes with
+   fixed endpoints: a pod killed in a cluster also leaves its EndpointSlice, which
+   sends the fleet's requests to the fallback even before any failure).
+12. `redis_down`: two replicas sharing a tier through Redis, one tenant at 10x it;
+   Redis killed half-way: what was admitted over the tier's allowance while each
+   replica limited alone (`redis_down_over_limit_admitted_pct`), 5xx, crashes.
 
 The load generator shares the 2 cores with the servers: figures are for this machine.
 `--parts` runs some parts alone; their keys are merged into the results file, the
@@ -102,20 +118,31 @@ class Setup:
         self.key = auth.new_signing_key()
         self.jwks = work / "jwks.json"
         auth.write_jwks(self.jwks, [self.key])
-        self.token = auth.sign(
-            self.key, issuer=ISSUER, audience=AUDIENCE, subject="bench", ttl_seconds=7200
-        )
+        self.token = self.sign("default")
+
+    def sign(self, tenant: str) -> str:
+        """A token for `tenant` (limits are per tenant)."""
+        return auth.sign(
+            self.key, issuer=ISSUER, audience=AUDIENCE, subject="bench", tenant=tenant,
+            ttl_seconds=7200,
+        )  # fmt: skip
 
     def gateway(
         self, name: str, endpoints: list[str], *, balancer: str = "least-outstanding",
-        authenticated: bool = True, cache_bytes: int = 0,
+        authenticated: bool = True, cache_bytes: int = 0, fallback: list[str] | None = None,
+        **extra: Any,
     ) -> harness.GatewayProcess:  # fmt: skip
+        route: dict[str, Any] = {
+            "models": ["tts-1"], "voices": ["alloy"],
+            "fleet": {"name": "bench", "voice": VOICE, "endpoints": endpoints},
+        }  # fmt: skip
+        if fallback is not None:
+            route["fallback"] = {"name": "bench-fallback", "voice": VOICE, "endpoints": fallback}
         config: dict[str, Any] = {
-            "routes": [{"models": ["tts-1"], "voices": ["alloy"],
-                        "fleet": {"name": "bench", "voice": VOICE, "endpoints": endpoints}}],
+            "routes": [route],
             "balancer": balancer,
             "cacheBytes": cache_bytes,  # 0: every request to a replica (texts repeat)
-        }  # fmt: skip
+        } | extra  # fmt: skip
         if authenticated:
             config["auth"] = {
                 "issuer": ISSUER, "audiences": [AUDIENCE], "jwksFile": str(self.jwks)
@@ -171,6 +198,7 @@ class Connection:
         self.token = token
         self.format = fmt
         self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.headers = ""  # the last response's status line and headers
 
     async def speak(self, text: str) -> tuple[float, float]:
         """(time to the first audio byte, the replica's TTFA from Server-Timing), s."""
@@ -188,6 +216,7 @@ class Connection:
         start = time.perf_counter()
         writer.write(head + body)
         headers = (await reader.readuntil(b"\r\n\r\n")).decode()
+        self.headers = headers
         if not headers.startswith("HTTP/1.1 200"):
             self.streams = None
             detail = await reader.read(400)  # the error's JSON, as much as came
@@ -896,19 +925,34 @@ def part_cached(setup: Setup, triton: harness.TritonProcess, seconds: float) -> 
     replies per CPU-second of the gateway with 16 (its core saturated; the p99 there,
     mostly queueing, is reported beside)."""
     gateway = setup.gateway("cached", [triton.grpc_address], cache_bytes=64 * 1024 * 1024)
+    result = cached_load(setup, gateway, seconds)
+    print(json.dumps(result))
+    return {
+        "cached_p99_ms": result.pop("p99_ms"), "cached_rps_per_core": result.pop("rps_per_core"),
+        "cached": result,
+    }  # fmt: skip
+
+
+def cached_load(
+    setup: Setup, gateway: harness.GatewayProcess, seconds: float, token: str | None = None
+) -> dict[str, Any]:
+    """wrk asking `gateway` for one cached reply: the light-load p99 (2 connections) and
+    replies per CPU-second of the gateway (16 connections, its core saturated). Stops
+    the gateway."""
+    token = token or setup.token
     body = {"model": "tts-1", "voice": "alloy", "input": SENTENCES[0], "response_format": "mp3"}
     lua = (  # a Lua string literal is a JSON string literal here
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(json.dumps(body))}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {setup.token}"\n'
+        f'wrk.headers["Authorization"] = "Bearer {token}"\n'
     )
     script = setup.work / "cached.lua"
     script.write_text(lua)
     try:
         assert gateway.process is not None
         pid = gateway.process.pid
-        asyncio.run(speak_http(gateway, setup.token, [SENTENCES[0]], 1, ("mp3",)))  # cached now
+        asyncio.run(speak_http(gateway, token, [SENTENCES[0]], 1, ("mp3",)))  # cached now
         pin(pid, {0})
 
         def wrk(connections: int) -> str:
@@ -935,27 +979,296 @@ def part_cached(setup: Setup, triton: harness.TritonProcess, seconds: float) -> 
         return float(found.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[found.group(2)]
 
     done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    result = {"requests": done, "cache_hits": hits, "gateway_cpu_seconds": round(used, 2),
-              "p99_ms_saturated": round(p99_ms(out), 2),
-              "wrk_light": light.strip().splitlines()[-2:],
-              "wrk": out.strip().splitlines()[-2:]}  # fmt: skip
+    return {
+        "p99_ms": round(p99_ms(light), 2), "rps_per_core": round(done / used, 1),
+        "requests": done, "cache_hits": hits, "gateway_cpu_seconds": round(used, 2),
+        "p99_ms_saturated": round(p99_ms(out), 2), "wrk_light": light.strip().splitlines()[-2:],
+        "wrk": out.strip().splitlines()[-2:],
+    }  # fmt: skip
+
+
+# ---- 9. limits, fairness, the breaker, Redis down -------------------------------------------
+
+UNLIMITED = {"name": "roomy", "requestsPerSecond": 1e6, "requestBurst": 1_000_000,
+             "concurrentStreams": 100_000}  # fmt: skip
+
+
+def limits_config(redis: harness.RedisProcess, tiers: list[dict[str, Any]], **extra: Any) -> Any:
+    return {"tiers": tiers, "defaultTier": tiers[0]["name"], "redisUrl": redis.url} | extra
+
+
+@contextlib.contextmanager
+def redis_server(work: Path) -> Iterator[harness.RedisProcess]:
+    server = harness.RedisProcess(local.free_port(), work / "redis.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def limiter_overhead(redis: harness.RedisProcess, count: int) -> dict[str, Any]:
+    """The limiter's own time per request with Redis in the path: `admit` (one EVALSHA:
+    both GCRA limits and a stream slot) and `release` (ZREM), timed in this process."""
+    from ttsfleet.gateway.config import RateLimits  # noqa: PLC0415
+    from ttsfleet.gateway.limits import Limiter  # noqa: PLC0415
+
+    tier = UNLIMITED | {"charactersPerSecond": 1e9, "characterBurst": 1_000_000_000}
+    limiter = Limiter.connect(RateLimits.model_validate(limits_config(redis, [tier])))
+    admits, releases = [], []
+    try:
+        for i in range(count):
+            start = time.perf_counter()
+            admission = await limiter.admit(f"tenant-{i % 50}", 120)
+            admitted = time.perf_counter()
+            await limiter.release(admission)
+            admits.append(admitted - start)
+            releases.append(time.perf_counter() - admitted)
+            assert admission.allowed and not admission.local
+    finally:
+        await limiter.close()
+    return {"admit_ms": ms(admits[100:]), "release_ms": ms(releases[100:])}
+
+
+def part_limits(setup: Setup, triton: harness.TritonProcess, seconds: float) -> dict[str, Any]:
+    """`ratelimit_p99_ms`: the limiter's time per request with a real Redis (admit, the
+    request's path; release runs after the reply). `limited_rps_per_core`: cached
+    replies through a gateway whose every request is authenticated and rate-limited
+    (admitted: the tier is roomy) in Redis, per CPU-second of the gateway, wrk as in
+    `cached`; the same gateway config without limits measured beside it."""
+    with redis_server(setup.work) as redis:
+        overhead = asyncio.run(limiter_overhead(redis, 3000))
+        limits = limits_config(redis, [UNLIMITED])
+        cache = 64 * 1024 * 1024
+        limited = cached_load(
+            setup,
+            setup.gateway("limited", [triton.grpc_address], cache_bytes=cache, rateLimits=limits),
+            seconds,
+        )
+        plain = cached_load(
+            setup, setup.gateway("unlimited", [triton.grpc_address], cache_bytes=cache), seconds
+        )  # fmt: skip
+    result = {"limiter": overhead, "limited": limited, "unlimited": plain}
     print(json.dumps(result))
     return {
-        "cached_p99_ms": round(p99_ms(light), 2),
-        "cached_rps_per_core": round(done / used, 1), "cached": result,
+        "ratelimit_p99_ms": overhead["admit_ms"]["p99"],
+        "limited_rps_per_core": limited["rps_per_core"],
+        "limits": result | {
+            "limited_vs_unlimited_rps_per_core": round(
+                limited["rps_per_core"] / plain["rps_per_core"], 3),
+        },
+    }  # fmt: skip
+
+
+def part_fairness(setup: Setup, triton: harness.TritonProcess, seconds: float) -> dict[str, Any]:
+    """`fairness_b_ttfa_ratio`: tenant B speaks at 1 request/s (its tier allows 2) alone,
+    then while tenant A sends 10 times its own limit (0.5/s, bursts of 2); B's TTFA p95
+    with A over B's alone, and B's success rate. Open-loop Poisson arrivals, texts of
+    1 to 4 sentences, a real replica behind one gateway with Redis."""
+    tiers = [
+        {"name": "steady", "requestsPerSecond": 2, "requestBurst": 4, "concurrentStreams": 8},
+        {"name": "bursty", "requestsPerSecond": 0.5, "requestBurst": 2, "concurrentStreams": 8},
+    ]
+    with redis_server(setup.work) as redis:
+        limits = limits_config(redis, tiers, tenants={"a": "bursty"})
+        gateway = setup.gateway("fairness", [triton.grpc_address], rateLimits=limits)
+        a, b = setup.sign("a"), setup.sign("b")
+        try:
+            alone = asyncio.run(open_loop(gateway.url, b, 1.0, seconds, seed=11))
+
+            async def both() -> tuple[dict[str, Any], dict[str, Any]]:
+                return await asyncio.gather(
+                    open_loop(gateway.url, b, 1.0, seconds, seed=11),
+                    open_loop(gateway.url, a, 5.0, seconds, seed=12),
+                )
+
+            with_a, from_a = asyncio.run(both())
+        finally:
+            gateway.stop()
+    result = {"b_alone": alone, "b_with_a": with_a, "a": from_a, "seconds": seconds}
+    print(json.dumps(result))
+    served = with_a["requests"] - with_a["failures"]
+    return {
+        "fairness_b_ttfa_ratio": round(with_a["ttfa_ms"]["p95"] / alone["ttfa_ms"]["p95"], 3),
+        "fairness_b_success_pct": round(100 * served / with_a["requests"], 2),
+        "fairness": result,
+    }  # fmt: skip
+
+
+def kill_tree(process: harness.TritonProcess) -> None:
+    """SIGKILL a tritonserver and its backend stubs: a pod that dies at once."""
+    assert process.process is not None
+    pids = [process.process.pid, *children(process.process.pid)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.process.wait()
+    process.process = None
+
+
+async def breaker_load(
+    url: str, token: str, workers: int, events: list[tuple[float, float, str]],
+    stop: asyncio.Event,
+) -> None:  # fmt: skip
+    """Closed-loop speech until `stop`: each request's (start, end, outcome), the
+    outcome `primary`, `fallback` (X-TtsFleet-Fallback) or `failed: why`."""
+
+    async def worker(seed: int) -> None:
+        rng = random.Random(seed)  # noqa: S311 - load shapes, not secrets
+        while not stop.is_set():
+            connection = Connection(url, token)
+            start = time.monotonic()
+            try:
+                await connection.speak(rng.choice(SENTENCES))
+                served = (
+                    "fallback"
+                    if "x-ttsfleet-fallback:" in connection.headers.lower()
+                    else "primary"
+                )
+            except (OSError, RuntimeError, asyncio.IncompleteReadError) as err:
+                served = f"failed: {str(err).splitlines()[0][:60] or type(err).__name__}"
+            finally:
+                connection.close()
+            events.append((start, time.monotonic(), served))
+
+    await asyncio.gather(*(worker(i) for i in range(workers)))
+
+
+def part_breaker(setup: Setup, work: Path, seconds: float) -> dict[str, Any]:
+    """The primary fleet's replica killed under load (4 streams, closed loop), a fallback
+    fleet beside it, the gateway's breaker at its defaults: `breaker_failover_s` from
+    the kill to the first reply the fallback spoke; `failed_in_window_pct`, requests
+    started in the 2 s after the kill that failed; `failed_after`, failures among those
+    started later; streams in flight at the kill (cut: their audio had begun) apart.
+    Then the primary is started again: `recovery_s` from it being ready to the first
+    reply it speaks."""
+    with tritons(work, 2, "chunked") as (primary, fallback):
+        gateway = setup.gateway("breaker", [primary.grpc_address],
+                                fallback=[fallback.grpc_address])  # fmt: skip
+        events: list[tuple[float, float, str]] = []
+        marks: dict[str, float] = {}
+
+        async def run() -> None:
+            stop = asyncio.Event()
+            load = asyncio.create_task(breaker_load(gateway.url, setup.token, 4, events, stop))
+            await asyncio.sleep(seconds / 3)
+            marks["kill"] = time.monotonic()
+            await asyncio.to_thread(kill_tree, primary)
+            await asyncio.sleep(seconds / 3)
+            await asyncio.to_thread(primary.start)
+            marks["back"] = time.monotonic()
+            await asyncio.sleep(seconds / 3)
+            stop.set()
+            await load
+
+        try:
+            asyncio.run(run())
+        finally:
+            gateway.stop()
+    kill, back = marks["kill"], marks["back"]
+    failed = [e for e in events if e[2].startswith("failed")]
+    cut = [e for e in failed if e[0] < kill <= e[1]]
+    window = [e for e in events if kill <= e[0] < kill + 2]
+    after = [e for e in events if e[0] >= kill + 2]
+    first_fallback = min((e[1] for e in events if e[2] == "fallback" and e[0] >= kill - 5),
+                         default=None)  # fmt: skip
+    first_primary = min((e[1] for e in events if e[2] == "primary" and e[0] >= back), default=None)
+    reasons: dict[str, int] = {}
+    for event in failed:
+        reasons[event[2]] = reasons.get(event[2], 0) + 1
+    result = {
+        "requests": len(events), "seconds": seconds, "workers": 4,
+        "cut_at_kill": len(cut), "window_requests": len(window),
+        "window_failed": sum(e[2].startswith("failed") for e in window),
+        "after_requests": len(after), "failure_reasons": reasons,
+        "served_by_fallback": sum(e[2] == "fallback" for e in events),
+    }  # fmt: skip
+    print(json.dumps(result))
+    return {
+        "breaker_failover_s": None if first_fallback is None else round(first_fallback - kill, 3),
+        "failed_in_window_pct": round(100 * result["window_failed"] / max(1, len(window)), 2),
+        "failed_after": sum(e[2].startswith("failed") for e in after if e[0] < back)
+        + sum(e[2].startswith("failed") for e in events if e[0] >= back),
+        "recovery_s": None if first_primary is None else round(first_primary - back, 3),
+        "breaker": result,
+    }  # fmt: skip
+
+
+def part_redis_down(setup: Setup, triton: harness.TritonProcess, seconds: float) -> dict[str, Any]:
+    """Two gateway replicas sharing a tier (2 requests/s, bursts of 4) through Redis, one
+    tenant sending 10 times that (20/s, alternating replicas, cached replies); Redis is
+    killed (SIGKILL) half-way. Over each half: admitted requests against what the tier
+    allows (burst + rate x seconds); `redis_down_over_limit_admitted_pct` is how far the
+    admitted went over it with Redis down (each replica keeps 1/2: the configured
+    share), and no replica may fail or crash."""
+    tier = {"name": "tight", "requestsPerSecond": 2, "requestBurst": 4}
+    with redis_server(setup.work) as redis:
+        limits = limits_config(redis, [tier], localShare=0.5)
+        cache = 64 * 1024 * 1024
+        gateways = [
+            setup.gateway(f"redis-{i}", [triton.grpc_address], cache_bytes=cache, rateLimits=limits)
+            for i in range(2)
+        ]
+        token = setup.sign("flood")
+        try:
+            for gateway in gateways:  # each caches the reply (a roomy tenant's requests)
+                asyncio.run(speak_http(gateway, setup.sign("warm"), [SHORT], 1, ("mp3",)))
+
+            async def flood(span: float) -> dict[str, int]:
+                counts: dict[str, int] = {}
+                import httpx2  # noqa: PLC0415
+
+                async with httpx2.AsyncClient(timeout=30) as client:
+                    end = time.monotonic() + span
+                    i = 0
+                    while time.monotonic() < end:
+                        url = f"{gateways[i % 2].url}/v1/audio/speech"
+                        answer = await client.post(
+                            url, headers={"authorization": f"Bearer {token}"},
+                            json={"model": "tts-1", "voice": "alloy", "input": SHORT,
+                                  "response_format": "mp3"},
+                        )  # fmt: skip
+                        key = str(answer.status_code)
+                        counts[key] = counts.get(key, 0) + 1
+                        i += 1
+                        await asyncio.sleep(1 / 20)
+                return counts
+
+            half = seconds / 2
+            shared = asyncio.run(flood(half))
+            assert redis.process is not None
+            redis.process.kill()
+            redis.process.wait()
+            redis.process = None
+            alone = asyncio.run(flood(half))
+            alive = all(g.process is not None and g.process.poll() is None for g in gateways)
+        finally:
+            for gateway in gateways:
+                gateway.stop()
+    allowance = tier["requestBurst"] + tier["requestsPerSecond"] * half
+    result = {"shared": shared, "redis_down": alone, "allowance_per_half": allowance,
+              "gateways_alive": alive, "local_share": 0.5}  # fmt: skip
+    print(json.dumps(result))
+    over = max(0.0, alone.get("200", 0) - allowance) / allowance
+    return {
+        "redis_down_over_limit_admitted_pct": round(100 * over, 2),
+        "redis_down_5xx": sum(n for code, n in alone.items() if code.startswith("5")),
+        "redis_down": result,
     }  # fmt: skip
 
 
 # ---- the run --------------------------------------------------------------------------------
 
 PARTS = ("added", "balancing", "replica_kill", "formats", "websockets", "barge_in", "memory",
-         "cached")  # fmt: skip
+         "cached", "limits", "fairness", "breaker", "redis_down")  # fmt: skip
 # A key each part writes: where a results file has it, that part has been measured.
 PART_KEYS = {
     "added": "added_ttfa_ms", "balancing": "p2c_vs_round_robin_ttfa_p95",
     "replica_kill": "replica_kill_failed_pct", "formats": "formats",
     "websockets": "ws_connections_rss_mb", "barge_in": "cancel_to_silence_ms",
-    "memory": "rss_growth_mb_10k", "cached": "cached_p99_ms",
+    "memory": "rss_growth_mb_10k", "cached": "cached_p99_ms", "limits": "ratelimit_p99_ms",
+    "fairness": "fairness_b_ttfa_ratio", "breaker": "breaker_failover_s",
+    "redis_down": "redis_down_over_limit_admitted_pct",
 }  # fmt: skip
 
 
@@ -988,6 +1301,25 @@ def goals(results: dict[str, Any]) -> dict[str, bool]:
     if "cached_p99_ms" in results:
         found["cached_p99_at_most_5ms"] = results["cached_p99_ms"] <= 5
         found["cached_at_least_1000_per_core"] = results["cached_rps_per_core"] >= 1000
+    if "ratelimit_p99_ms" in results:
+        found["limited_at_least_1000_per_core"] = results["limited_rps_per_core"] >= 1000
+    if "fairness_b_ttfa_ratio" in results:
+        found["fairness_b_all_served"] = results["fairness_b_success_pct"] == 100
+        found["fairness_b_ttfa_within_20pct"] = results["fairness_b_ttfa_ratio"] <= 1.2
+    if "breaker_failover_s" in results:
+        failover = results["breaker_failover_s"]
+        found["breaker_failover_within_2s"] = failover is not None and failover <= 2
+        found["breaker_under_1pct_failed_in_window"] = results["failed_in_window_pct"] < 1
+        found["breaker_none_failed_after"] = results["failed_after"] == 0
+        recovery = results["recovery_s"]
+        found["breaker_recovery_within_10s"] = recovery is not None and recovery <= 10
+    if "redis_down_over_limit_admitted_pct" in results:
+        share = results["redis_down"]["local_share"]
+        found["redis_down_within_share"] = (
+            results["redis_down_over_limit_admitted_pct"] <= 100 * share
+            and results["redis_down_5xx"] == 0
+            and results["redis_down"]["gateways_alive"]
+        )
     if "formats" in results:
         found["formats_all_decode_whole"] = all(f["decodes"] for f in results["formats"].values())
     return found
@@ -1011,21 +1343,8 @@ def merged(path: Path, ran: list[str], results: dict[str, Any]) -> dict[str, Any
     return doc
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--rate", type=float, default=2.0, help="Requests/s in part 3.")
-    parser.add_argument("--requests", type=int, default=10_000, help="Requests in part 8.")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/gateway.json")
-    parser.add_argument(
-        "--parts", default=",".join(PARTS),
-        help=f"Comma-separated parts to run (default all: {','.join(PARTS)}); their keys are "
-        "merged into --out, the others kept.",
-    )  # fmt: skip
-    args = parser.parse_args()
-    ran = [part.strip() for part in args.parts.split(",") if part.strip()]
-    if unknown := sorted(set(ran) - set(PARTS)):
-        parser.error(f"unknown parts {', '.join(unknown)}: choose from {', '.join(PARTS)}")
+def measure(ran: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The figures of the parts in `ran`."""
     work = Path(tempfile.mkdtemp(prefix="ttsfleet-gateway-bench-"))
     results: dict[str, Any] = {}
     if "added" in ran or "balancing" in ran:
@@ -1052,21 +1371,51 @@ def main() -> None:
             "engine": "chunked",
             "sentence_engine": engines["sentence"]["barge_in"],
         }
-    if {"websockets", "memory", "cached"} & set(ran):
+    if "breaker" in ran:
+        results |= part_breaker(Setup(work), work, args.seconds * 1.5)
+    # The parts that need one replica (the default, chunked engine) share it.
+    one_replica = {
+        "limits": lambda setup, server: part_limits(setup, server, args.seconds / 2),
+        "fairness": lambda setup, server: part_fairness(setup, server, args.seconds * 1.5),
+        "redis_down": lambda setup, server: part_redis_down(setup, server, args.seconds),
+        "websockets": lambda setup, server: part_websockets(setup, server, 1000),
+        "cached": lambda setup, server: part_cached(setup, server, args.seconds / 2),
+        "memory": lambda setup, server: part_memory(setup, server, args.requests),
+    }
+    if set(one_replica) & set(ran):
         setup = Setup(work)
-        with tritons(work, 1) as servers:
-            if "websockets" in ran:
-                results |= part_websockets(setup, servers[0], 1000)
-            if "cached" in ran:
-                results |= part_cached(setup, servers[0], args.seconds / 2)
-            if "memory" in ran:
-                results |= part_memory(setup, servers[0], args.requests)
+        with tritons(work, 1, "chunked") as servers:
+            for part, run in one_replica.items():
+                if part in ran:
+                    results |= run(setup, servers[0])
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--rate", type=float, default=2.0, help="Requests/s in part 3.")
+    parser.add_argument("--requests", type=int, default=10_000, help="Requests in part 8.")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/gateway.json")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS),
+        help=f"Comma-separated parts to run (default all: {','.join(PARTS)}); their keys are "
+        "merged into --out, the others kept.",
+    )  # fmt: skip
+    args = parser.parse_args()
+    ran = [part.strip() for part in args.parts.split(",") if part.strip()]
+    if unknown := sorted(set(ran) - set(PARTS)):
+        parser.error(f"unknown parts {', '.join(unknown)}: choose from {', '.join(PARTS)}")
+    results = measure(ran, args)
     doc = merged(args.out, ran, results)
     harness.write_results(args.out, doc)
     keys = (
         "added_ttfa_ms", "auth_rps_per_core", "p2c_vs_round_robin_ttfa_p95",
         "replica_kill_failed_pct", "ws_connections_rss_mb", "rss_growth_mb_10k",
-        "cancel_to_silence_ms", "cached_p99_ms", "cached_rps_per_core", "goals",
+        "cancel_to_silence_ms", "cached_p99_ms", "cached_rps_per_core", "ratelimit_p99_ms",
+        "limited_rps_per_core", "fairness_b_ttfa_ratio", "fairness_b_success_pct",
+        "breaker_failover_s", "failed_in_window_pct", "failed_after", "recovery_s",
+        "redis_down_over_limit_admitted_pct", "goals",
     )  # fmt: skip
     summary = {k: doc[k] for k in keys if k in doc}
     summary["formats_core_fraction"] = {
