@@ -61,6 +61,7 @@ CHILD_KINDS = (
     ("v1", "Service"),
     ("v1", "ConfigMap"),
     ("policy/v1", "PodDisruptionBudget"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 )
 
 

@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,14 +36,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ttsfleet import kube
-from ttsfleet.cluster import images, toolchain
+from ttsfleet.cluster import images, local, toolchain
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
 REPO = Path(__file__).resolve().parents[2]
-# Loopback probes never go through an HTTP proxy.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, every: float = 0.25) -> Any:
@@ -128,7 +125,7 @@ def _git(*args: str) -> str:
 def http_ok(url: str, timeout: float = 1.0) -> bool:
     """Whether `url` (on loopback) answers 2xx."""
     try:
-        with _DIRECT.open(url, timeout=timeout) as response:
+        with local.open_direct(url, timeout) as response:
             return bool(200 <= response.status < 300)
     except OSError:
         return False
@@ -136,7 +133,7 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
 
 def metric_value(url: str, name: str, **labels: str) -> float | None:
     """The sum of the samples of `name` that carry `labels` at a /metrics `url` (None: none)."""
-    with _DIRECT.open(url, timeout=5) as response:
+    with local.open_direct(url, 5) as response:
         text = response.read().decode()
     wanted = [f'{k}="{v}"' for k, v in labels.items()]
     total = None
@@ -339,10 +336,11 @@ class GatewayProcess(_Server):
     kubeconfig: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    tls: bool = False  # the config serves HTTPS
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def configure(self, document: dict[str, Any]) -> None:
         """Write the config, aside then renamed (as a ConfigMap volume swaps a file): a

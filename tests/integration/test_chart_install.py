@@ -270,6 +270,8 @@ def can_i(cluster: Cluster, installed: Installed, *args: str) -> bool:
         ("patch", "services"),
         ("patch", "configmaps"),
         ("patch", "poddisruptionbudgets.policy"),
+        ("patch", "networkpolicies.networking.k8s.io"),
+        ("watch", "networkpolicies.networking.k8s.io"),
         ("list", "pods"),
         ("patch", "pods"),
         ("create", "events"),

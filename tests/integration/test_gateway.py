@@ -476,3 +476,14 @@ def test_a_reply_spoken_before_is_replayed_from_the_cache(
         assert fresh.status_code == 200 and "upstream" in fresh.headers["server-timing"]
     finally:
         setup.write([triton.grpc_address])
+
+
+def test_each_request_is_synthesised_once(setup: Setup, triton: TritonProcess) -> None:
+    """At most once: a request the replica answers is sent to it once (retries happen
+    only before the first audio, on a replica that failed)."""
+    before = triton.metric("nv_inference_request_success", model="tts_stream")
+    client = setup.client()
+    for i in range(5):  # new words each time: nothing from the cache
+        client.audio.speech.create(model="tts-1", voice="alloy", input=f"Once only, {i}.")
+    after = triton.metric("nv_inference_request_success", model="tts_stream")
+    assert after - before == 5

@@ -41,7 +41,7 @@ def test_children_cover_identity_config_pods_service_and_budget() -> None:
     made = kinds(gw.children(gw.Gateway.from_body(body()), {"joe": FLEET}))
     assert set(made) == {
         "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding",
-        "ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
+        "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy",
     }  # fmt: skip
     deployment = made["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
@@ -90,7 +90,7 @@ def test_limits_breaker_and_fallback_reach_the_gateway() -> None:
     routes = [{"models": ["tts-1"], "fleet": "joe", "fallback": "joe-cpu",
                "maxStreamsPerReplica": 6}]  # fmt: skip
     gateway = gw.Gateway.from_body(
-        body(routes=routes, replicas=4, rateLimits=TIERS, breaker={"openSeconds": 2})
+        body(routes=routes, replicas=4, rateLimits=TIERS, breaker={"openSeconds": 3})
     )
     cpu = {"metadata": {"name": "joe-cpu"}, "spec": {"model": {"voice": "en_US-lessac-low"}}}
     parsed = gateway_config.parse(gw.config(gateway, {"joe": FLEET, "joe-cpu": cpu}))
@@ -103,7 +103,7 @@ def test_limits_breaker_and_fallback_reach_the_gateway() -> None:
     assert limits.tier_of("acme").requests.burst == 200
     assert limits.tier_of("someone").concurrent_streams == 8
     assert limits.local_share == 0.25  # 4 replicas alone still admit at most each limit
-    assert parsed.breaker.open_seconds == 2 and parsed.breaker.min_requests == 5
+    assert parsed.breaker.open_seconds == 3 and parsed.breaker.min_requests == 5
     # The fallback is a fleet of the gateway's too: a missing one is reported by name.
     conditions = {
         c["type"]: c for c in gw.conditions(gateway, None, {"joe": FLEET, "joe-cpu": None})
@@ -173,3 +173,38 @@ def test_a_model_routed_twice_is_found() -> None:
     routes = [{"models": ["tts-1"], "fleet": "a"}, {"models": ["x", "tts-1"], "fleet": "b"}]
     spec = api.TtsGatewaySpec.model_validate({"routes": routes})
     assert spec.duplicate_model() == (1, "tts-1")
+
+
+def test_tls_mounts_the_secret_and_serves_https_on_443() -> None:
+    gateway = gw.Gateway.from_body(body(tls={"secretName": "speech-cert"}))
+    made = kinds(gw.children(gateway, {"joe": FLEET}))
+    pod = made["Deployment"]["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["tls"]["secret"]["secretName"] == "speech-cert"
+    container = pod["containers"][0]
+    assert container["ports"] == [{"name": "https", "containerPort": gw.PORT, "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert made["Service"]["spec"]["ports"][0] | {} == {
+        "name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"
+    }  # fmt: skip
+    parsed = gateway_config.parse(gw.config(gateway, {"joe": FLEET}))
+    assert parsed.tls is not None and parsed.tls.cert_file == f"{gw.TLS_DIR}/tls.crt"
+    assert gateway.url.startswith("https://speech-gateway.voice.svc")
+    plain = kinds(gw.children(gw.Gateway.from_body(body()), {"joe": FLEET}))
+    assert plain["Service"]["spec"]["ports"][0]["port"] == 80
+
+
+def test_the_gateways_network_policy_opens_its_listener_and_reaches_only_what_it_needs() -> None:
+    routes = [{"models": ["tts-1"], "fleet": "joe", "fallback": "joe-cpu"}]
+    gateway = gw.Gateway.from_body(body(routes=routes, rateLimits=TIERS))
+    policy = kinds(gw.children(gateway, {"joe": FLEET}))["NetworkPolicy"]["spec"]
+    assert policy["podSelector"] == {"matchLabels": {gw.GATEWAY_LABEL: "speech"}}
+    assert policy["ingress"] == [{"ports": [{"protocol": "TCP", "port": "http"}]}]
+    fleets, dns, apiserver, redis = policy["egress"]
+    assert fleets["to"] == [
+        {"podSelector": {"matchLabels": {"ttsfleet.io/deployment": name}}}
+        for name in ("joe", "joe-cpu")
+    ]
+    assert fleets["ports"] == [{"protocol": "TCP", "port": 8001}]
+    assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns
+    assert redis["ports"] == [{"protocol": "TCP", "port": 6379}]
+    assert {p["port"] for p in apiserver["ports"]} == {443, 6443}

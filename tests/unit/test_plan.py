@@ -73,7 +73,7 @@ def test_a_new_object_applies_every_child_in_order_and_defaults_replicas() -> No
     desired = plan.desire(body({"replicas": None}), NODES, apply=True)
     assert desired is not None and desired.apply and desired.stalled is None
     assert [c["kind"] for c in desired.children] == [
-        "ConfigMap", "Service", "Deployment", "PodDisruptionBudget",
+        "ConfigMap", "Service", "Deployment", "PodDisruptionBudget", "NetworkPolicy",
     ]  # fmt: skip
     assert desired.scale_to == 1  # spec.replicas absent: minReplicas, through the scale
 
@@ -196,7 +196,8 @@ def test_ready_replicas_make_it_ready_and_the_first_report_says_applied() -> Non
     assert result.status is not None and result.status["readyReplicas"] == 2
     assert result.events == (
         plan.Event("Normal", "Applied",
-                   "Applied ConfigMap, Service, Deployment, PodDisruptionBudget for generation 1"),
+                   "Applied ConfigMap, Service, Deployment, PodDisruptionBudget, NetworkPolicy "
+                   "for generation 1"),
     )  # fmt: skip
 
 

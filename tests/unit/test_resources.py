@@ -56,7 +56,9 @@ MINIMAL = {
 
 def test_the_minimal_manifest_builds_a_triton_workload_on_a_mig_slice() -> None:
     children = by_kind(build_children(tts(MINIMAL)))
-    assert set(children) == {"ConfigMap", "Service", "Deployment", "PodDisruptionBudget"}
+    assert set(children) == {
+        "ConfigMap", "Service", "Deployment", "PodDisruptionBudget", "NetworkPolicy",
+    }  # fmt: skip
     dep = children["Deployment"]
     assert dep["spec"]["replicas"] == 1  # replicas default to minReplicas
     pod = dep["spec"]["template"]
@@ -262,6 +264,7 @@ def test_any_valid_spec_builds_or_names_the_slice_too_small(spec: dict[str, Any]
         "Service",
         "Deployment",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     ]
     assert children[2]["spec"]["replicas"] == spec["minReplicas"]
 

@@ -637,9 +637,19 @@ class GatewayBreaker(_Model):
         description="A first audio later than this counts as slow (it queued).",
     )  # fmt: skip
     slow_rate: float = Field(default=0.8, gt=0, le=1)
-    open_seconds: float = Field(default=5.0, gt=0, le=600)
-    max_open_seconds: float = Field(default=60.0, gt=0, le=3600)
+    open_seconds: float = Field(default=2.0, gt=0, le=600)
+    max_open_seconds: float = Field(default=8.0, gt=0, le=3600)
     probes: int = Field(default=3, ge=1, le=100)
+
+
+class GatewayTls(_Model):
+    """HTTPS on the gateway's listener."""
+
+    secret_name: str = Field(
+        pattern=NAME_PATTERN, max_length=253,
+        description="A kubernetes.io/tls Secret (tls.crt, tls.key), e.g. a cert-manager "
+        "Certificate's: a renewed one is loaded by the running pods.",
+    )  # fmt: skip
 
 
 class Balancer(StrEnum):
@@ -673,6 +683,9 @@ class TtsGatewaySpec(_Model):
         default=None, description="Per-tenant rate limits; without them nobody is limited."
     )
     breaker: GatewayBreaker = Field(default_factory=GatewayBreaker)
+    tls: GatewayTls | None = Field(
+        default=None, description="HTTPS on the listener (the Service's port 443); off: HTTP."
+    )
     cache_mi_b: int = Field(
         default=64, ge=0, le=16384, alias="cacheMiB",
         description="Memory per gateway pod for replies spoken before, replayed at once; 0: off.",

@@ -617,10 +617,6 @@ def check_api_certificate(url: str) -> None:
         )
 
 
-# Probes go straight to the pod IP in our namespace, never through an HTTP proxy.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
 def _probe(container: Manifest, ip: ipaddress.IPv4Address) -> bool:
     """The container's HTTP readiness probe, against its pod IP (in our namespace)."""
     probe = (container.get("readinessProbe") or {}).get("httpGet")
@@ -629,9 +625,10 @@ def _probe(container: Manifest, ip: ipaddress.IPv4Address) -> bool:
     port = probe["port"]
     if isinstance(port, str):
         port = next(p["containerPort"] for p in container.get("ports", []) if p.get("name") == port)
-    url = f"http://{ip}:{port}{probe.get('path', '/')}"
+    scheme = str(probe.get("scheme", "HTTP")).lower()
+    url = f"{scheme}://{ip}:{port}{probe.get('path', '/')}"
     try:
-        with _DIRECT.open(url, timeout=1) as response:
+        with local.open_direct(url, 1) as response:
             return bool(200 <= response.status < 400)
     except OSError:
         return False

@@ -139,8 +139,8 @@ class Breaker(_Model):
         description="A first audio later than this counts as slow (the request queued).",
     )  # fmt: skip
     slow_rate: float = Field(default=0.8, gt=0, le=1, alias="slowRate")
-    open_seconds: float = Field(default=5.0, gt=0, alias="openSeconds")
-    max_open_seconds: float = Field(default=60.0, gt=0, alias="maxOpenSeconds")
+    open_seconds: float = Field(default=2.0, gt=0, alias="openSeconds")
+    max_open_seconds: float = Field(default=8.0, gt=0, alias="maxOpenSeconds")
     probes: int = Field(default=3, ge=1, le=100)
 
     def policy(self) -> breaker.Policy:
@@ -183,6 +183,14 @@ class Auth(_Model):
         )  # fmt: skip
 
 
+class Tls(_Model):
+    """TLS on the gateway's listener: a PEM certificate (chain) and its key, re-read when
+    they change (a renewed cert-manager Secret): new connections get the new one."""
+
+    cert_file: str = Field(alias="certFile")
+    key_file: str = Field(alias="keyFile")
+
+
 class GatewayConfig(_Model):
     routes: tuple[Route, ...] = Field(min_length=1)
     auth: Auth | None = Field(
@@ -210,6 +218,9 @@ class GatewayConfig(_Model):
         "without auth); without them nobody is limited.",
     )  # fmt: skip
     breaker: Breaker = Field(default_factory=Breaker)
+    tls: Tls | None = Field(
+        default=None, description="HTTPS on the listener; turning it on or off needs a restart."
+    )
     cache_bytes: int = Field(
         default=64 * 1024 * 1024, ge=0, alias="cacheBytes",
         description="Memory for replies spoken before, replayed at once; 0 turns it off.",

@@ -19,6 +19,7 @@ import faulthandler
 import functools
 import logging
 import signal
+import ssl
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -59,9 +60,38 @@ class Background:
         self.path = config_path
         self.api = api  # a Kubernetes ApiClient, when fleets are watched
         self.watches: dict[str, Any] = {}
+        self.ssl: ssl.SSLContext | None = None  # the listener's, when it serves HTTPS
 
     async def run(self) -> None:
-        await asyncio.gather(self._config_loop(), self._keys_loop(), self._leases_loop())
+        await asyncio.gather(
+            self._config_loop(), self._keys_loop(), self._leases_loop(), self._tls_loop()
+        )
+
+    async def _tls_loop(self) -> None:
+        """Load a renewed certificate into the listener's context: new connections get
+        it, open ones keep theirs. A pair that does not load is logged and the last good
+        one kept (a Secret's two files may change a moment apart)."""
+        seen: tuple[Any, ...] | None = None
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            tls = self.gateway.config.tls
+            if self.ssl is None or tls is None:
+                continue
+            now = (_stamp(Path(tls.cert_file)), _stamp(Path(tls.key_file)))
+            if seen is None:
+                seen = now
+            if now == seen:
+                continue
+            try:
+                # A pair that loads alone goes live (a live context given a certificate
+                # without its key would refuse handshakes until the key came).
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.cert_file, tls.key_file)
+                self.ssl.load_cert_chain(tls.cert_file, tls.key_file)
+            except (OSError, ssl.SSLError) as err:
+                log.error("kept the last good certificate: %s", err)
+                continue
+            seen = now
+            log.info("loaded the renewed certificate %s", tls.cert_file)
 
     async def _leases_loop(self) -> None:
         while True:
@@ -171,6 +201,7 @@ def serve(config_path: Path, host: str, port: int, api: Any | None = None) -> No
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     gateway = Gateway(gateway_config.load(config_path))
     background = Background(gateway, config_path, api)
+    tls = gateway.config.tls
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -184,11 +215,15 @@ def serve(config_path: Path, host: str, port: int, api: Any | None = None) -> No
             if gateway.limiter is not None:
                 await gateway.limiter.close()
 
-    uvicorn.run(
+    config = uvicorn.Config(
         build(gateway, lifespan), host=host, port=port, log_level="warning", access_log=False,
         loop="uvloop", http="httptools", timeout_graceful_shutdown=10,
         # WebSockets: protocol pings every 20 s find dead peers (browsers answer them
         # too); a message is at most 256 KiB (text, not audio, comes in).
         ws="websockets-sansio", ws_ping_interval=20.0, ws_ping_timeout=20.0,
         ws_max_size=256 * 1024,
+        ssl_certfile=tls.cert_file if tls else None, ssl_keyfile=tls.key_file if tls else None,
     )  # fmt: skip
+    config.load()
+    background.ssl = config.ssl  # renewed certificates go into the listener's context
+    uvicorn.Server(config).run()

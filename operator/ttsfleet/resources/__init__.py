@@ -9,6 +9,7 @@ from __future__ import annotations
 from ttsfleet.resources.common import Manifest, TtsObject
 from ttsfleet.resources.configmap import build_configmap
 from ttsfleet.resources.deployment import build_deployment
+from ttsfleet.resources.networkpolicy import build_fleet_policy
 from ttsfleet.resources.pdb import build_pdb
 from ttsfleet.resources.placement import Placement, PlacementError, resolve_placement
 from ttsfleet.resources.service import build_service
@@ -21,6 +22,7 @@ __all__ = [
     "build_children",
     "build_configmap",
     "build_deployment",
+    "build_fleet_policy",
     "build_pdb",
     "build_service",
     "resolve_placement",
@@ -41,4 +43,5 @@ def build_children(tts: TtsObject, placement: Placement | None = None) -> list[M
         build_service(tts),
         build_deployment(tts, configmap, placement),
         build_pdb(tts),
+        build_fleet_policy(tts),
     ]

@@ -4,7 +4,7 @@ Per gateway `<name>`: a ServiceAccount, a Role and RoleBinding to watch Endpoint
 in its namespace, a ClusterRoleBinding to the shared ClusterRole that lets gateways
 read Nodes (to tell pods with a network behind them from simulated ones), the
 ConfigMap with the gateway's config (routes resolved to each fleet's Service and
-voice), the Deployment, its Service and a PodDisruptionBudget. All are named
+voice), the Deployment, its Service, its NetworkPolicy and a PodDisruptionBudget. All are named
 `<name>-gateway`; the ClusterRoleBinding, which cannot be owned by a namespaced
 object, is `ttsfleet-gateway-<namespace>-<name>` and is deleted with its gateway.
 
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ttsfleet.api import v1alpha1 as api
-from ttsfleet.resources.common import HASH_ANNOTATION, content_hash
+from ttsfleet.resources import networkpolicy
+from ttsfleet.resources.common import DEPLOYMENT_LABEL, HASH_ANNOTATION, content_hash
 from ttsfleet.status import READY, RECONCILING, STALLED
 
 Manifest = dict[str, Any]
@@ -35,6 +36,7 @@ CONFIG_KEY = "gateway.json"
 JWKS_DIR = "/etc/ttsfleet/jwks"
 TICKETS_DIR = "/etc/ttsfleet/tickets"
 TICKET_KEY = "key"
+TLS_DIR = "/etc/ttsfleet/tls"
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,12 @@ class Gateway:
         return cluster_binding_name(self.namespace, self.name)
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.spec.tls is not None else "http"
+
+    @property
     def url(self) -> str:
-        return f"http://{self.child_name}.{self.namespace}.svc/v1"
+        return f"{self.scheme}://{self.child_name}.{self.namespace}.svc/v1"
 
 
 def cluster_binding_name(namespace: str, name: str) -> str:
@@ -174,6 +180,8 @@ def config(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> Manifest:
         else:
             document["auth"]["jwksUrl"] = auth.jwks_url
         document["auth"]["ticketKeyFile"] = f"{TICKETS_DIR}/{TICKET_KEY}"
+    if spec.tls is not None:
+        document["tls"] = {"certFile": f"{TLS_DIR}/tls.crt", "keyFile": f"{TLS_DIR}/tls.key"}
     return document
 
 
@@ -212,12 +220,17 @@ def children(
     if spec.auth is not None:
         volumes.append({"name": "tickets", "secret": {"secretName": gateway.ticket_secret_name}})
         mounts.append({"name": "tickets", "mountPath": TICKETS_DIR, "readOnly": True})
-    probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 2}
+    if spec.tls is not None:
+        volumes.append({"name": "tls", "secret": {"secretName": spec.tls.secret_name}})
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    port = gateway.scheme
+    scheme = port.upper()
+    probe = {"httpGet": {"path": "/readyz", "port": port, "scheme": scheme}, "periodSeconds": 2}
     container = {
         "name": "gateway",
         "image": spec.image,
         "args": ["gateway", f"--config={CONFIG_DIR}/{CONFIG_KEY}", f"--port={PORT}"],
-        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "ports": [{"name": port, "containerPort": PORT, "protocol": "TCP"}],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {
@@ -227,7 +240,7 @@ def children(
         ],
         "readinessProbe": probe,
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "http"},
+            "httpGet": {"path": "/healthz", "port": port, "scheme": scheme},
             "periodSeconds": 10,
             "failureThreshold": 3,
         },
@@ -300,9 +313,27 @@ def children(
                 "spec": {
                     "selector": selector_labels(gateway),
                     "ports": [
-                        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}
+                        {
+                            "name": port,
+                            "port": 443 if spec.tls else 80,
+                            "targetPort": port,
+                            "protocol": "TCP",
+                        }
                     ],
                 }
+            },
+        ),
+        _child(
+            gateway,
+            "networking.k8s.io/v1",
+            "NetworkPolicy",
+            {
+                "spec": networkpolicy.gateway_policy_spec(
+                    selector_labels(gateway),
+                    port,
+                    [{DEPLOYMENT_LABEL: name} for name in spec.fleet_names()],
+                    spec.rate_limits.redis_url if spec.rate_limits else None,
+                )
             },
         ),
         _child(

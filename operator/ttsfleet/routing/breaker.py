@@ -43,8 +43,8 @@ class Policy:
     error_rate: float = 0.5
     slow_seconds: float = 2.0
     slow_rate: float = 0.8
-    open_seconds: float = 5.0
-    max_open_seconds: float = 60.0
+    open_seconds: float = 2.0
+    max_open_seconds: float = 8.0
     probes: int = 3
 
     def outcome(self, ok: bool, seconds: float) -> Outcome:
