@@ -175,7 +175,7 @@ def test_a_tenant_may_hold_only_its_cap_of_streams_across_replicas(pair: Pair) -
         refused = json.loads(second.recv(timeout=10))
         assert refused["type"] == "error" and refused["context_id"] == "c"
         assert refused["error"]["code"] == "concurrency_limit_exceeded"
-        over = pair.post(0, "gamma")
+        over = pair.post(0, "gamma", "Not spoken before, so a stream.")
         assert over.status_code == 429
         assert over.json()["error"]["code"] == "concurrency_limit_exceeded"
         assert params(over.headers["ratelimit"])["streams"]["r"] == "0"
@@ -183,9 +183,18 @@ def test_a_tenant_may_hold_only_its_cap_of_streams_across_replicas(pair: Pair) -
             "q": "2", "qu": '"concurrent-requests"'
         }  # fmt: skip
         first.send(json.dumps({"type": "cancel", "context_id": "a"}))
-        wait_for("a stream slot given back", lambda: pair.post(0, "gamma").status_code == 200)
+        wait_for(
+            "a stream slot given back",
+            lambda: pair.post(0, "gamma", f"Again at {time.time()}.").status_code == 200,
+        )
         # "b" and this request itself hold the two slots while it streams.
-        assert params(pair.post(1, "gamma").headers["ratelimit"])["streams"]["r"] == "0"
+        fresh = pair.post(1, "gamma", f"Fresh at {time.time()}.")
+        assert params(fresh.headers["ratelimit"])["streams"]["r"] == "0"
+        # A reply from the cache is a request, not a stream: it passes the full cap.
+        pair.post(1, "gamma", "Not spoken before, so a stream.")  # spoken: now cached
+        cached = pair.post(1, "gamma", "Not spoken before, so a stream.")
+        assert cached.headers["server-timing"] == "cache;desc=hit"
+        assert "streams" not in params(cached.headers["ratelimit"])
 
 
 def test_with_redis_down_each_replica_limits_on_its_own_share(

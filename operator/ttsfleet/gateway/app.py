@@ -53,6 +53,7 @@ log = logging.getLogger("ttsfleet.gateway")
 SPEED_RANGE = (0.25, 4.0)  # OpenAI's
 STREAM_FORMATS = ("audio", "sse")
 MAX_BODY_BYTES = 64 * 1024
+BODY_SECONDS = 10.0  # a request body that takes longer to arrive is refused (408)
 FIRST_SLICE_SAMPLES = 2048  # ~93 ms at 22.05 kHz: two MP3 frames and change
 # Why a request goes to a route's fallback (or is shed, without one).
 REFUSALS = {
@@ -381,13 +382,14 @@ class Gateway:
         engine_voice = route.fleet.voice
         return Speech(route, text, engine_voice, fmt, float(speed), stream_format == "sse")
 
-    async def admit(self, tenant: str, characters: int) -> Admitted:
-        """The tenant's limits for one more request of `characters` (and a stream
-        slot); 429 (ApiError) when over them. Release what is returned when done."""
+    async def admit(self, tenant: str, characters: int, *, stream: bool = True) -> Admitted:
+        """The tenant's limits for one more request of `characters` (and a stream slot,
+        when it streams); 429 (ApiError) when over them. Release what is returned when
+        done."""
         limiter = self.limiter
         if limiter is None:
             return Admitted(None, None)
-        admission = await limiter.admit(tenant, characters)
+        admission = await limiter.admit(tenant, characters, stream=stream)
         if not admission.allowed:
             self.metrics.limited.labels(admission.tier.name, admission.refused or "").inc()
             raise limited(admission)
@@ -402,24 +404,25 @@ class Gateway:
             self.metrics.limited.labels(admission.tier.name, admission.refused or "").inc()
             raise limited(admission)
 
-    async def speak(self, speech: Speech, started: float, admitted: Admitted) -> Response:
-        """Open a stream on a replica (retrying once before any audio), then stream.
-        `admitted` is released when the response ends."""
+    async def speak(self, speech: Speech, started: float, tenant: str) -> Response:
+        """Within `tenant`'s limits: a reply spoken before, from the cache (a request,
+        not a stream), or a stream opened on a replica (retrying once before any audio)
+        and streamed, holding one of the tenant's stream slots until it ends."""
         fleet = self.fleets[speech.route.fleet.key]
         media = "text/event-stream" if speech.sse else audio.FORMATS_MEDIA[speech.response_format]
         key: tuple[Any, ...] = (
             fleet.key, speech.route.fleet.version, speech.voice, normalise(speech.text),
             speech.speed, speech.response_format, speech.sse,
         )  # fmt: skip
+        cached = self.cache.get(key) if self.config.cache_bytes else None
+        admitted = await self.admit(tenant, len(speech.text), stream=cached is None)
         headers = {"cache-control": "no-store"} | admitted.headers()
         if self.config.cache_bytes:
-            cached = self.cache.get(key)
             self.metrics.cache.labels(fleet.key, "miss" if cached is None else "hit").inc()
-            if cached is not None:
-                await admitted.release()
-                headers["server-timing"] = "cache;desc=hit"
-                # The same bytes at once, in one write (with a Content-Length: all known).
-                return Response(cached, media_type=media, headers=headers)
+        if cached is not None:
+            headers["server-timing"] = "cache;desc=hit"
+            # The same bytes at once, in one write (with a Content-Length: all known).
+            return Response(cached, media_type=media, headers=headers)
         try:
             opened = await self.connect(speech)
         except BaseException:
@@ -627,6 +630,37 @@ class Opened:
         self.gateway.release(self.fleet, self.address, self.characters)
 
 
+async def read_body(request: Request) -> bytes:
+    """The request's body, at most MAX_BODY_BYTES of it, within BODY_SECONDS: 413 at
+    once when its Content-Length says it is bigger (nothing read), or as soon as a
+    chunked body grows past it; 408 for one that trickles in. Either closes the
+    connection (what was not read is not waited for)."""
+    close = {"connection": "close"}
+    too_big = ApiError(413, f"The request body is over {MAX_BODY_BYTES} bytes: send less text",
+                       headers=close)  # fmt: skip
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    parts: list[bytes] = []
+    size = 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_big
+            parts.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), BODY_SECONDS)
+    except TimeoutError:
+        raise ApiError(
+            408, f"The request body did not arrive within {BODY_SECONDS:.0f} s", headers=close
+        ) from None
+    return b"".join(parts)
+
+
 def tenant(principal: Principal | None, request: Request | WebSocket) -> str:
     """Whom a request's limits are counted against: the token's tenant, or without
     auth the client's address (behind a proxy, the proxy's)."""
@@ -699,9 +733,7 @@ def build(gateway: Gateway, lifespan: Any = None) -> Starlette:
         fleet = ""
         try:
             principal = gateway.authenticate(request.headers.get("authorization"))
-            raw = await request.body()
-            if len(raw) > MAX_BODY_BYTES:
-                raise ApiError(413, f"The request body is over {MAX_BODY_BYTES} bytes")
+            raw = await read_body(request)
             try:
                 body = json.loads(raw)
             except (ValueError, RecursionError):  # not JSON, not UTF-8, too deep, too long
@@ -711,8 +743,7 @@ def build(gateway: Gateway, lifespan: Any = None) -> Starlette:
                 ) from None  # fmt: skip
             spoken = gateway.validate(body)
             fleet = spoken.route.fleet.key
-            admitted = await gateway.admit(tenant(principal, request), len(spoken.text))
-            response: Response = await gateway.speak(spoken, started, admitted)
+            response: Response = await gateway.speak(spoken, started, tenant(principal, request))
         except ApiError as err:
             response = err.response()
         metrics.requests.labels(fleet, str(response.status_code)).inc()
@@ -1026,6 +1057,7 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
                         {
                             "400": "Invalid request: the message names the field",
                             "404": "Unknown model",
+                            "408": f"The request body did not arrive within {BODY_SECONDS:.0f} s",
                             "413": f"The request body is over {MAX_BODY_BYTES} bytes",
                         }
                         | denied

@@ -18,6 +18,7 @@ import contextlib
 import faulthandler
 import functools
 import logging
+import resource
 import signal
 import ssl
 import urllib.request
@@ -43,6 +44,10 @@ def _stamp(path: Path) -> tuple[float, int] | None:
     return (info.st_mtime, info.st_ino)
 
 
+def tls_stamps(tls: gateway_config.Tls) -> tuple[Any, ...]:
+    return (_stamp(Path(tls.cert_file)), _stamp(Path(tls.key_file)))
+
+
 def read_keys(auth: gateway_config.Auth) -> KeySet:
     """The JWKS the auth config names (blocking: run it in a thread)."""
     if auth.jwks_file is not None:
@@ -61,6 +66,7 @@ class Background:
         self.api = api  # a Kubernetes ApiClient, when fleets are watched
         self.watches: dict[str, Any] = {}
         self.ssl: ssl.SSLContext | None = None  # the listener's, when it serves HTTPS
+        self.tls_loaded: tuple[Any, ...] | None = None  # the stamps of the files it holds
 
     async def run(self) -> None:
         await asyncio.gather(
@@ -71,16 +77,13 @@ class Background:
         """Load a renewed certificate into the listener's context: new connections get
         it, open ones keep theirs. A pair that does not load is logged and the last good
         one kept (a Secret's two files may change a moment apart)."""
-        seen: tuple[Any, ...] | None = None
         while True:
             await asyncio.sleep(POLL_SECONDS)
             tls = self.gateway.config.tls
             if self.ssl is None or tls is None:
                 continue
-            now = (_stamp(Path(tls.cert_file)), _stamp(Path(tls.key_file)))
-            if seen is None:
-                seen = now
-            if now == seen:
+            now = tls_stamps(tls)
+            if now == self.tls_loaded:
                 continue
             try:
                 # A pair that loads alone goes live (a live context given a certificate
@@ -90,7 +93,7 @@ class Background:
             except (OSError, ssl.SSLError) as err:
                 log.error("kept the last good certificate: %s", err)
                 continue
-            seen = now
+            self.tls_loaded = now
             log.info("loaded the renewed certificate %s", tls.cert_file)
 
     async def _leases_loop(self) -> None:
@@ -193,6 +196,66 @@ class Background:
             watch.stop()
 
 
+HEADERS_SECONDS = 10.0  # a connection's request line and headers must arrive within this
+
+
+def guarded_http() -> type:
+    """uvicorn's httptools protocol, but a connection whose request line and headers do
+    not arrive within HEADERS_SECONDS of it opening (or of the previous response, on a
+    kept-alive one) is closed: idle or trickling connections (a flood, slowloris) cannot
+    pile up. uvicorn itself times out only idle kept-alive connections."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: PLC0415
+
+    class Guarded(HttpToolsProtocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._deadline is None:
+                self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request's headers, on this kept-alive connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(HEADERS_SECONDS, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if self.cycle is None or self.cycle.response_complete:  # between requests
+                self.transport.close()
+
+    return Guarded
+
+
+def raise_open_files() -> None:
+    """Every connection is a file: take the hard limit (a flood of connections then
+    meets the header deadline, not EMFILE on accept)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(config_path: Path, host: str, port: int, api: Any | None = None) -> None:
     """Run the gateway until SIGINT/SIGTERM."""
     import uvicorn  # noqa: PLC0415
@@ -202,6 +265,7 @@ def serve(config_path: Path, host: str, port: int, api: Any | None = None) -> No
     gateway = Gateway(gateway_config.load(config_path))
     background = Background(gateway, config_path, api)
     tls = gateway.config.tls
+    raise_open_files()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -217,13 +281,15 @@ def serve(config_path: Path, host: str, port: int, api: Any | None = None) -> No
 
     config = uvicorn.Config(
         build(gateway, lifespan), host=host, port=port, log_level="warning", access_log=False,
-        loop="uvloop", http="httptools", timeout_graceful_shutdown=10,
+        loop="uvloop", http=guarded_http(), timeout_graceful_shutdown=10,
         # WebSockets: protocol pings every 20 s find dead peers (browsers answer them
         # too); a message is at most 256 KiB (text, not audio, comes in).
         ws="websockets-sansio", ws_ping_interval=20.0, ws_ping_timeout=20.0,
         ws_max_size=256 * 1024,
         ssl_certfile=tls.cert_file if tls else None, ssl_keyfile=tls.key_file if tls else None,
     )  # fmt: skip
+    if tls is not None:
+        background.tls_loaded = tls_stamps(tls)  # before loading: a change after is seen
     config.load()
     background.ssl = config.ssl  # renewed certificates go into the listener's context
     uvicorn.Server(config).run()
