@@ -59,6 +59,9 @@ endpoints. Each figure has its baseline from the same run:
 12. `redis_down`: two replicas sharing a tier through Redis, one tenant at 10x it;
    Redis killed half-way: what was admitted over the tier's allowance while each
    replica limited alone (`redis_down_over_limit_admitted_pct`), 5xx, crashes.
+13. `abuse`: a well-behaved tenant alone and while another process abuses the gateway
+   (bad tokens, idle connection floods, unread streams, 1 MB bodies): its TTFA p95
+   ratio (`abuse_good_ttfa_ratio`), and every abusive request's outcome.
 
 The load generator shares the 2 cores with the servers: figures are for this machine.
 `--parts` runs some parts alone; their keys are merged into the results file, the
@@ -1283,10 +1286,76 @@ def part_redis_down(setup: Setup, triton: harness.TritonProcess, seconds: float)
     }  # fmt: skip
 
 
+def part_abuse(setup: Setup, triton: harness.TritonProcess, seconds: float) -> dict[str, Any]:
+    """`abuse_good_ttfa_ratio`: a well-behaved tenant at 1 request/s (open-loop Poisson,
+    texts of 1 to 4 sentences) alone and while another process abuses the same gateway
+    (`python -m ttsfleet.abuse`: 300 idle connections and 200 unread streams of one
+    tenant at once, 1,000 bad tokens and ten 1 MB bodies spread over the phase), in
+    alternating phases of
+    `seconds` / 4, twice, pooled; the good tenant's TTFA p95 with abuse over without,
+    its success rate, and what each abusive request got back (a status code, or
+    closed)."""
+    # Tiers sized from the replica's capacity (4 real-time streams, serving.json): a
+    # tenant's streams are real load on the replica whether it reads them or not.
+    tiers = [
+        {"name": "t", "requestsPerSecond": 20, "requestBurst": 40, "concurrentStreams": 8},
+        {"name": "small", "requestsPerSecond": 20, "requestBurst": 40, "concurrentStreams": 2},
+    ]
+    limits = {"tiers": tiers, "defaultTier": "t", "tenants": {"slow": "small", "big": "small"}}
+    gateway = setup.gateway("abuse", [triton.grpc_address], rateLimits=limits)
+    good = setup.sign("good")
+    samples: dict[str, list[float]] = {"quiet": [], "abused": []}
+    failures = {"quiet": 0, "abused": 0}
+    abused: list[dict[str, Any]] = []
+    span = seconds / 4
+    try:
+        for round_ in range(2):
+            for phase in ("quiet", "abused"):
+                attacker = None
+                if phase == "abused":
+                    attacker = harness.python_module(
+                        "ttsfleet.abuse", gateway.url, "--spread", str(span * 0.8),
+                        "--slow-token", setup.sign("slow"), "--big-token", setup.sign("big"),
+                    )  # fmt: skip
+                result = asyncio.run(open_loop(gateway.url, good, 1.0, span, 21 + round_,
+                                               samples[phase]))  # fmt: skip
+                failures[phase] += result["failures"]
+                if attacker is not None:
+                    out, _ = attacker.communicate(timeout=120)
+                    abused.append(json.loads(out))
+        alive = gateway.process is not None and gateway.process.poll() is None
+    finally:
+        gateway.stop()
+    totals: dict[str, dict[str, int]] = {}
+    for report in abused:
+        for kind, counts in report.items():
+            if isinstance(counts, dict):
+                for code, n in counts.items():
+                    totals.setdefault(kind, {})[code] = totals.setdefault(kind, {}).get(code, 0) + n
+    clean = {"401", "408", "413", "429", "closed"}
+    result_doc = {
+        "good_quiet_ttfa_ms": ms(samples["quiet"]), "good_abused_ttfa_ms": ms(samples["abused"]),
+        "good_failures": failures, "abuse": totals, "gateway_alive": alive, "seconds": seconds,
+    }  # fmt: skip
+    print(json.dumps(result_doc))
+    # The unread streams within the tenant's cap are answered 200: that is their right.
+    unclean = {}
+    for kind, counts in totals.items():
+        allowed = clean | ({"200"} if kind == "slow" else set())
+        unclean[kind] = {code: n for code, n in counts.items() if code not in allowed}
+    return {
+        "abuse_good_ttfa_ratio": round(
+            harness.percentile(samples["abused"], 0.95)
+            / harness.percentile(samples["quiet"], 0.95), 3),
+        "abuse_unclean": {k: v for k, v in unclean.items() if v},
+        "abuse_run": result_doc,
+    }  # fmt: skip
+
+
 # ---- the run --------------------------------------------------------------------------------
 
 PARTS = ("added", "balancing", "replica_kill", "formats", "websockets", "barge_in", "memory",
-         "cached", "limits", "fairness", "breaker", "redis_down")  # fmt: skip
+         "cached", "limits", "fairness", "breaker", "redis_down", "abuse")  # fmt: skip
 # A key each part writes: where a results file has it, that part has been measured.
 PART_KEYS = {
     "added": "added_ttfa_ms", "balancing": "p2c_vs_round_robin_ttfa_p95",
@@ -1294,7 +1363,7 @@ PART_KEYS = {
     "websockets": "ws_connections_rss_mb", "barge_in": "cancel_to_silence_ms",
     "memory": "rss_growth_mb_10k", "cached": "cached_p99_ms", "limits": "ratelimit_p99_ms",
     "fairness": "fairness_b_ttfa_ratio", "breaker": "breaker_failover_s",
-    "redis_down": "redis_down_over_limit_admitted_pct",
+    "redis_down": "redis_down_over_limit_admitted_pct", "abuse": "abuse_good_ttfa_ratio",
 }  # fmt: skip
 
 
@@ -1327,6 +1396,15 @@ def goals(results: dict[str, Any]) -> dict[str, bool]:
     if "cached_p99_ms" in results:
         found["cached_p99_at_most_5ms"] = results["cached_p99_ms"] <= 5
         found["cached_at_least_1000_per_core"] = results["cached_rps_per_core"] >= 1000
+    found |= protection_goals(results)
+    if "formats" in results:
+        found["formats_all_decode_whole"] = all(f["decodes"] for f in results["formats"].values())
+    return found
+
+
+def protection_goals(results: dict[str, Any]) -> dict[str, bool]:
+    """The goals of limits, fairness, the breaker, Redis down and abuse."""
+    found: dict[str, bool] = {}
     if "ratelimit_p99_ms" in results:
         found["limited_at_least_1000_per_core"] = results["limited_rps_per_core"] >= 1000
     if "fairness_b_ttfa_ratio" in results:
@@ -1346,8 +1424,11 @@ def goals(results: dict[str, Any]) -> dict[str, bool]:
             and results["redis_down_5xx"] == 0
             and results["redis_down"]["gateways_alive"]
         )
-    if "formats" in results:
-        found["formats_all_decode_whole"] = all(f["decodes"] for f in results["formats"].values())
+    if "abuse_good_ttfa_ratio" in results:
+        run = results["abuse_run"]
+        found["abuse_all_refused_cleanly"] = not results["abuse_unclean"] and run["gateway_alive"]
+        found["abuse_good_all_served"] = sum(run["good_failures"].values()) == 0
+        found["abuse_good_ttfa_within_20pct"] = results["abuse_good_ttfa_ratio"] <= 1.2
     return found
 
 
@@ -1404,6 +1485,7 @@ def measure(ran: list[str], args: argparse.Namespace) -> dict[str, Any]:
         "limits": lambda setup, server: part_limits(setup, server, args.seconds / 2),
         "fairness": lambda setup, server: part_fairness(setup, server, args.seconds * 9),
         "redis_down": lambda setup, server: part_redis_down(setup, server, args.seconds),
+        "abuse": lambda setup, server: part_abuse(setup, server, args.seconds * 12),
         "websockets": lambda setup, server: part_websockets(setup, server, 1000),
         "cached": lambda setup, server: part_cached(setup, server, args.seconds / 2),
         "memory": lambda setup, server: part_memory(setup, server, args.requests),
@@ -1442,7 +1524,7 @@ def main() -> None:
         "limited_rps_per_core", "fairness_b_ttfa_ratio", "fairness_flood_vs_within_ratio",
         "fairness_b_success_pct",
         "breaker_failover_s", "failed_in_window_pct", "failed_after", "recovery_s",
-        "redis_down_over_limit_admitted_pct", "goals",
+        "redis_down_over_limit_admitted_pct", "abuse_good_ttfa_ratio", "goals",
     )  # fmt: skip
     summary = {k: doc[k] for k in keys if k in doc}
     summary["formats_core_fraction"] = {

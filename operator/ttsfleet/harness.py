@@ -366,6 +366,14 @@ class GatewayProcess(_Server):
         return metric_value(f"{self.url}/metrics", name, **labels) or 0.0
 
 
+def python_module(module: str, *args: str) -> subprocess.Popen[str]:
+    """`python -m module args` running in the background with its stdout piped: a load
+    generator in a process of its own (not sharing this one's interpreter lock)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args], stdout=subprocess.PIPE, text=True
+    )
+
+
 @dataclass
 class RedisProcess(_Server):
     """Debian's redis-server on loopback, in the foreground, keeping nothing on disk."""

@@ -196,14 +196,15 @@ class Background:
             watch.stop()
 
 
-HEADERS_SECONDS = 10.0  # a connection's request line and headers must arrive within this
+REQUEST_SECONDS = 10.0  # a request (line, headers and body) must arrive within this
 
 
 def guarded_http() -> type:
-    """uvicorn's httptools protocol, but a connection whose request line and headers do
-    not arrive within HEADERS_SECONDS of it opening (or of the previous response, on a
-    kept-alive one) is closed: idle or trickling connections (a flood, slowloris) cannot
-    pile up. uvicorn itself times out only idle kept-alive connections."""
+    """uvicorn's httptools protocol, but a connection whose request (line, headers and
+    body) has not arrived within REQUEST_SECONDS of it opening (or of the previous
+    response, on a kept-alive one) is closed: idle or trickling connections (a flood,
+    slowloris, a body sent a byte at a time) cannot pile up. uvicorn itself times out
+    only idle kept-alive connections. A WebSocket is on its own once upgraded."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: PLC0415
 
     class Guarded(HttpToolsProtocol):
@@ -213,19 +214,19 @@ def guarded_http() -> type:
             super().connection_made(transport)
             self._arm()
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            if self._deadline is None:
-                self._arm()
-
         def on_headers_complete(self) -> None:
-            self._disarm()
+            if self.parser.should_upgrade():
+                self._disarm()
             super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing():
-                self._arm()  # the next request's headers, on this kept-alive connection
+                self._arm()  # the next request, on this kept-alive connection
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -233,7 +234,7 @@ def guarded_http() -> type:
 
         def _arm(self) -> None:
             self._disarm()
-            self._deadline = self.loop.call_later(HEADERS_SECONDS, self._expire)
+            self._deadline = self.loop.call_later(REQUEST_SECONDS, self._expire)
 
         def _disarm(self) -> None:
             if self._deadline is not None:
@@ -242,8 +243,7 @@ def guarded_http() -> type:
 
         def _expire(self) -> None:
             self._deadline = None
-            if self.cycle is None or self.cycle.response_complete:  # between requests
-                self.transport.close()
+            self.transport.close()
 
     return Guarded
 
