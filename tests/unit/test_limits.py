@@ -221,3 +221,24 @@ def test_a_routes_fallback_is_another_fleet() -> None:
     route["fallback"] |= {"name": "joe-cpu"}
     parsed = config.parse(doc)
     assert set(parsed.fleets()) == {"default/joe", "default/joe-cpu"}
+
+
+def test_a_full_fleet_sheds_new_requests_but_not_a_context_already_speaking() -> None:
+    from ttsfleet.gateway.app import Gateway  # noqa: PLC0415
+    from ttsfleet.gateway.fleet import Fleet  # noqa: PLC0415
+
+    fleet = Fleet("speech/joe", seed=1)
+    fleet.set_addresses(["10.0.0.1:8001", "10.0.0.2:8001"])
+    fleet.max_streams = 2
+    for address in fleet.addresses:
+        fleet.begin(address, 100)
+    assert not fleet.overloaded()  # one stream each: room for one more on either
+    fleet.begin("10.0.0.1:8001", 100)
+    fleet.begin("10.0.0.2:8001", 100)
+    assert fleet.overloaded()
+    assert Gateway._refusal(fleet, admitted=False) == "overloaded"
+    assert Gateway._refusal(fleet, admitted=True) is None  # a live context's next sentence
+    fleet.end("10.0.0.2:8001", 100)
+    assert Gateway._refusal(fleet, admitted=False) is None
+    fleet.set_addresses([])
+    assert Gateway._refusal(fleet, admitted=True) == "unavailable"
