@@ -82,7 +82,7 @@ def test_abuse_gets_clean_refusals_while_a_good_tenant_is_served(
         gateway.stop()
     assert alive, gateway.log.read_text()[-3000:]
     assert seen["bad_tokens"] == Counter({"401": 1000})
-    # Connections that send nothing are closed after the header deadline, none held.
+    # Connections that send nothing are closed after the request deadline, none held.
     assert seen["flood"] == Counter({"closed": 300})
     assert seen["trickle"] == Counter({"closed": 50})  # a body a byte a second: cut off
     # One tenant's 200 unread streams: its cap of 8 open, the rest refused at once.

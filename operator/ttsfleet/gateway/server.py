@@ -250,7 +250,7 @@ def guarded_http() -> type:
 
 def raise_open_files() -> None:
     """Every connection is a file: take the hard limit (a flood of connections then
-    meets the header deadline, not EMFILE on accept)."""
+    meets the request deadline, not EMFILE on accept)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
