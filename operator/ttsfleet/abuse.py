@@ -94,9 +94,10 @@ async def bad_tokens(
     return outcomes
 
 
-async def idle_flood(url: str, count: int, within: float) -> Counter[str]:
-    """`count` connections that send nothing: how many the gateway closed within
-    `within` seconds (`closed`) and how many it still held (`held`)."""
+async def _hold(url: str, count: int, within: float, head: bytes | None) -> Counter[str]:
+    """`count` connections that send `head` and then a byte a second (or, with no head,
+    nothing at all): how many the gateway closed within `within` seconds (`closed`;
+    whether it answered first or not) and how many it still held open (`held`)."""
     host, port = _address(url)
     outcomes: Counter[str] = Counter()
 
@@ -106,44 +107,17 @@ async def idle_flood(url: str, count: int, within: float) -> Counter[str]:
         except OSError:
             outcomes["refused"] += 1
             return
-        try:
-            data = await asyncio.wait_for(reader.read(1), within)
-            outcomes["closed" if not data else "answered"] += 1
-        except TimeoutError:
-            outcomes["held"] += 1
-        except OSError:
-            outcomes["closed"] += 1
-        finally:
-            writer.close()
-
-    await asyncio.gather(*(one() for _ in range(count)))
-    return outcomes
-
-
-async def trickling_bodies(url: str, count: int, within: float) -> Counter[str]:
-    """`count` requests whose headers arrive and whose body then comes a byte a second
-    (slowloris): how many the gateway closed within `within` seconds (`closed`), and
-    how many it still waited on (`held`)."""
-    host, port = _address(url)
-    outcomes: Counter[str] = Counter()
-
-    async def one() -> None:
-        try:
-            reader, writer = await asyncio.open_connection(host, port)
-        except OSError:
-            outcomes["refused"] += 1
-            return
-        head = (f"POST {SPEECH} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
-                "\r\nContent-Length: 1000\r\n\r\n")  # fmt: skip
         deadline = asyncio.get_running_loop().time() + within
         try:
-            writer.write(head.encode())
-            while asyncio.get_running_loop().time() < deadline:
-                writer.write(b" ")
-                await writer.drain()
+            if head is not None:
+                writer.write(head)
+            while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                if head is not None:
+                    writer.write(b" ")
+                    await writer.drain()
                 with contextlib.suppress(TimeoutError):
-                    if not await asyncio.wait_for(reader.read(1), 1.0):
-                        outcomes["closed"] += 1
+                    if not await asyncio.wait_for(reader.read(1024), min(left, 1.0)):
+                        outcomes["closed"] += 1  # an answer first (a 401) or not
                         return
             outcomes["held"] += 1
         except OSError:
@@ -153,6 +127,20 @@ async def trickling_bodies(url: str, count: int, within: float) -> Counter[str]:
 
     await asyncio.gather(*(one() for _ in range(count)))
     return outcomes
+
+
+async def idle_flood(url: str, count: int, within: float) -> Counter[str]:
+    """`count` connections that send nothing (see `_hold`)."""
+    return await _hold(url, count, within, None)
+
+
+async def trickling_bodies(url: str, count: int, within: float) -> Counter[str]:
+    """`count` requests whose headers arrive and whose body then comes a byte a second
+    (slowloris; see `_hold`)."""
+    host, _ = _address(url)
+    head = (f"POST {SPEECH} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
+            "\r\nContent-Length: 1000\r\n\r\n")  # fmt: skip
+    return await _hold(url, count, within, head.encode())
 
 
 async def slow_readers(
