@@ -242,3 +242,24 @@ def test_a_full_fleet_sheds_new_requests_but_not_a_context_already_speaking() ->
     assert Gateway._refusal(fleet, admitted=False) is None
     fleet.set_addresses([])
     assert Gateway._refusal(fleet, admitted=True) == "unavailable"
+
+
+def test_a_replica_alone_keeps_its_share_of_a_tenants_streams() -> None:
+    """Without Redis (none configured, or down) the stream cap is this replica's share."""
+    import asyncio  # noqa: PLC0415
+
+    from ttsfleet.gateway.limits import STREAMS, Limiter  # noqa: PLC0415
+
+    parsed = config.parse(document(rateLimits=limits(concurrentStreams=4) | {"localShare": 0.5}))
+    assert parsed.rate_limits is not None
+    limiter = Limiter(parsed.rate_limits)
+
+    async def run() -> list[tuple[str | None, int | None]]:
+        first = await limiter.admit("acme", 10)
+        second = await limiter.admit("acme", 10)
+        third = await limiter.admit("acme", 10)
+        await limiter.release(first)
+        fourth = await limiter.admit("acme", 10)
+        return [(a.refused, a.open_streams) for a in (first, second, third, fourth)]
+
+    assert asyncio.run(run()) == [(None, 1), (None, 2), (STREAMS, 2), (None, 2)]

@@ -388,20 +388,20 @@ class Gateway:
         limiter = self.limiter
         if limiter is None:
             return Admitted(None, None)
-        admission = await limiter.admit(tenant, characters, stream=stream)
-        if not admission.allowed:
-            self.metrics.limited.labels(admission.tier.name, admission.refused or "").inc()
-            raise limited(admission)
+        admission = self._within(await limiter.admit(tenant, characters, stream=stream))
         return Admitted(limiter, admission)
 
     async def charge(self, tenant: str, characters: int) -> None:
         """More characters of a request already admitted; 429 when over the limit."""
-        if self.limiter is None:
-            return
-        admission = await self.limiter.charge(tenant, characters)
+        if self.limiter is not None:
+            self._within(await self.limiter.charge(tenant, characters))
+
+    def _within(self, admission: Admission) -> Admission:
+        """`admission` if it was allowed; counted and raised as a 429 if not."""
         if not admission.allowed:
             self.metrics.limited.labels(admission.tier.name, admission.refused or "").inc()
             raise limited(admission)
+        return admission
 
     async def speak(self, speech: Speech, started: float, tenant: str) -> Response:
         """Within `tenant`'s limits: a reply spoken before, from the cache (a request,
@@ -460,7 +460,7 @@ class Gateway:
                 reason = "failed"
         if route.fallback is None:
             self.metrics.shed.labels(primary.key, reason).inc()
-            wait = primary.breaker.retry_after(time.monotonic()) if reason == "breaker-open" else 1
+            wait = primary.breaker_retry_after() if reason == "breaker-open" else 1
             raise unavailable(f"{primary.key} {REFUSALS[reason]}: retry later", wait)
         fallback = self.fleets[route.fallback.key]
         self.metrics.fallbacks.labels(primary.key, fallback.key, reason).inc()

@@ -47,9 +47,10 @@ class Fleet:
 
     def breaker_allows(self) -> bool:
         """Whether the breaker lets a request through now (counting a half-open trial)."""
-        before = self.breaker.current(self._clock())
-        self.breaker, allowed = self.breaker.allow(self._clock())
-        self._breaker_moved(before)
+        now = self._clock()
+        before = self.breaker.current(now)
+        self.breaker, allowed = self.breaker.allow(now)
+        self._breaker_moved(before, now)
         return allowed
 
     def breaker_record(self, ok: bool, seconds: float) -> None:
@@ -57,10 +58,14 @@ class Fleet:
         now = self._clock()
         before = self.breaker.current(now)
         self.breaker = self.breaker.record(now, self.breaker.policy.outcome(ok, seconds))
-        self._breaker_moved(before)
+        self._breaker_moved(before, now)
 
-    def _breaker_moved(self, before: breaker.State) -> None:
-        after = self.breaker.current(self._clock())
+    def breaker_retry_after(self) -> float:
+        """Seconds until the breaker lets a trial through (0 unless open)."""
+        return self.breaker.retry_after(self._clock())
+
+    def _breaker_moved(self, before: breaker.State, now: float) -> None:
+        after = self.breaker.current(now)
         if after is not before and self.on_breaker is not None:
             self.on_breaker(after)
 

@@ -179,6 +179,11 @@ class Admission:
         )
 
 
+def _key(tenant: str, kind: str) -> str:
+    """A tenant's Redis key for `kind` (its braces: one Redis Cluster slot per tenant)."""
+    return f"ttsfleet:rl:{{{tenant}}}:{kind}"
+
+
 def _rates(tier: Tier) -> list[tuple[str, Rate, str]]:
     rates = [(REQUESTS, tier.requests, REQUESTS)]
     if tier.characters is not None:
@@ -228,9 +233,9 @@ class Limiter:
         """A request of `characters` (0: characters are charged later) for `tenant`,
         holding one of its stream slots when `stream` and the tier caps them."""
         tier = self.tier(tenant)
-        charges = [Charge(f"ttsfleet:rl:{{{tenant}}}:r", tier.requests, 1)]
+        charges = {REQUESTS: Charge(_key(tenant, "r"), tier.requests, 1)}
         if tier.characters is not None and characters:
-            charges.append(Charge(f"ttsfleet:rl:{{{tenant}}}:c", tier.characters, characters))
+            charges[CHARACTERS] = Charge(_key(tenant, "c"), tier.characters, characters)
         cap = tier.concurrent_streams if stream else None
         return await self._decide(tenant, tier, charges, cap)
 
@@ -239,8 +244,8 @@ class Limiter:
         tier = self.tier(tenant)
         if tier.characters is None:
             return Admission(tenant, tier, {})
-        charge = Charge(f"ttsfleet:rl:{{{tenant}}}:c", tier.characters, characters)
-        return await self._decide(tenant, tier, [charge], None)
+        charge = Charge(_key(tenant, "c"), tier.characters, characters)
+        return await self._decide(tenant, tier, {CHARACTERS: charge}, None)
 
     async def release(self, admission: Admission) -> None:
         """Give back the admission's stream slot (if it holds one)."""
@@ -262,14 +267,17 @@ class Limiter:
                 self._failed(err)
 
     async def _decide(
-        self, tenant: str, tier: Tier, charges: list[Charge], cap: int | None
+        self, tenant: str, tier: Tier, charges: dict[str, Charge], cap: int | None
     ) -> Admission:
-        names = [REQUESTS if c.key.endswith(":r") else CHARACTERS for c in charges]
-        streams_key = f"ttsfleet:rl:{{{tenant}}}:s"
+        """`charges` (by limit name) and a stream slot when `cap`, all or nothing."""
+        names = list(charges)
+        streams_key = _key(tenant, "s")
         if self.redis is not None and self.shared:
             member = f"{self.replica}:{next(self._ids)}"
             try:
-                reply = await self._admit_script(charges, streams_key, cap or 0, member)
+                reply = await self._admit_script(
+                    list(charges.values()), streams_key, cap or 0, member
+                )
             except Exception as err:
                 self._failed(err)
             else:
@@ -290,26 +298,26 @@ class Limiter:
                     held = Stream(streams_key, member, shared=True)
                     self.held.setdefault(streams_key, set()).add(member)
                 return Admission(tenant, tier, verdicts, opened, stream=held)
-        return self._decide_locally(tenant, tier, charges, names, streams_key, cap)
+        return self._decide_locally(tenant, tier, charges, streams_key, cap)
 
     def _decide_locally(
-        self, tenant: str, tier: Tier, charges: list[Charge], names: list[str],
-        streams_key: str, cap: int | None,
+        self, tenant: str, tier: Tier, charges: dict[str, Charge], streams_key: str,
+        cap: int | None,
     ) -> Admission:  # fmt: skip
         share = self.config.local_share
         opened = self.local.streams.get(streams_key, 0)
         if cap and opened >= max(1, math.floor(cap * share)):  # refused: nothing spent
             return Admission(tenant, tier, {}, opened, STREAMS, local=True)
-        scaled = [Charge(c.key, c.rate.scaled(share), c.cost) for c in charges]
-        verdicts = dict(zip(names, self.local.admit(scaled, self.clock()), strict=True))
+        scaled = [Charge(c.key, c.rate.scaled(share), c.cost) for c in charges.values()]
+        verdicts = dict(zip(charges, self.local.admit(scaled, self.clock()), strict=True))
         for name, verdict in verdicts.items():
             if not verdict.allowed:
                 return Admission(tenant, tier, verdicts, refused=name, local=True)
         if not cap:
             return Admission(tenant, tier, verdicts, local=True)
-        self.local.open_stream(streams_key, cap)
+        opened = self.local.open_stream(streams_key)
         stream = Stream(streams_key, "", shared=False)
-        return Admission(tenant, tier, verdicts, opened + 1, stream=stream, local=True)
+        return Admission(tenant, tier, verdicts, opened, stream=stream, local=True)
 
     async def _admit_script(
         self, charges: list[Charge], streams_key: str, cap: int, member: str

@@ -101,13 +101,10 @@ class Local:
     def prune(self, now: float) -> None:
         self.tats = {k: tat for k, tat in self.tats.items() if tat > now}
 
-    def open_stream(self, key: str, cap: int) -> bool:
-        """One more stream for `key` if fewer than `cap` are open."""
-        count = self.streams.get(key, 0)
-        if count >= cap:
-            return False
-        self.streams[key] = count + 1
-        return True
+    def open_stream(self, key: str) -> int:
+        """One more stream open for `key` (the caller checked its cap): how many now."""
+        count = self.streams[key] = self.streams.get(key, 0) + 1
+        return count
 
     def close_stream(self, key: str) -> None:
         count = self.streams.get(key, 0) - 1
