@@ -1023,7 +1023,8 @@ async def limiter_overhead(redis: harness.RedisProcess, count: int) -> dict[str,
     from ttsfleet.gateway.limits import Limiter  # noqa: PLC0415
 
     tier = UNLIMITED | {"charactersPerSecond": 1e9, "characterBurst": 1_000_000_000}
-    limiter = Limiter.connect(RateLimits.model_validate(limits_config(redis, [tier])))
+    config = RateLimits.model_validate(limits_config(redis, [tier]))
+    limiter = Limiter.connect(config, config.redis_url)
     admits, releases = [], []
     try:
         for i in range(count):

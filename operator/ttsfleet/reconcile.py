@@ -215,6 +215,7 @@ def reconcile_gateway(
         "selector": f"{gw.GATEWAY_LABEL}={gateway.name}",
         "url": gateway.url,
         "fleets": gw.fleet_status(fleets),
+        "redis": _gateway_redis(api_client, gateway, old_status),
     }
     ready = conditions[0]["status"] == "True"
     stalled = conditions[0]["reason"] if conditions[2]["status"] == "True" else None
@@ -229,6 +230,22 @@ def reconcile_gateway(
         if stalled and old_status.get("observedGeneration") != generation:
             kube.post_event(api_client, body, "Warning", stalled, conditions[0]["message"])
     return Outcome(True, stalled, time.monotonic() - start, ready)
+
+
+def _gateway_redis(
+    api_client: client.ApiClient, gateway: gw.Gateway, old_status: Manifest
+) -> Manifest | None:
+    """The status of the Redis the operator runs for `gateway`; None (a merge patch
+    removes the field) once it runs none, after deleting the one it ran before."""
+    name, namespace = gateway.redis_name, gateway.namespace
+    if gw.managed_redis(gateway) is None:
+        if old_status.get("redis"):  # it did: managedRedis was taken out of the spec
+            for api_version, kind in gw.redis_leftovers():
+                kube.delete_object(api_client, api_version, kind, name, namespace)
+        return None
+    redis = kube.get(api_client, "apps/v1", "Deployment", name, namespace)
+    ready = int(((redis or {}).get("status") or {}).get("readyReplicas") or 0) > 0
+    return {"service": name, "ready": ready}
 
 
 def forget_gateway(api_client: client.ApiClient, namespace: str, name: str) -> None:

@@ -23,6 +23,8 @@ from ttsfleet import kube
 from ttsfleet.api import v1alpha1 as api
 from ttsfleet.cluster import local, tokens
 from ttsfleet.gateway import auth
+from ttsfleet.resources import gateway as gw
+from ttsfleet.triton import contract
 
 pytestmark = pytest.mark.usefixtures("operator")
 FLEET = REPO / "examples" / "local-cpu.yaml"
@@ -55,26 +57,31 @@ def address(cluster: Cluster, namespace: str) -> str:
         raise
 
 
-def gateway_pod(cluster: Cluster, namespace: str) -> dict[str, Any]:
-    out = cluster.kubectl("get", "pods", "-n", namespace, "-l", "ttsfleet.io/gateway=speech",
+def gateway_pods(cluster: Cluster, namespace: str, name: str = "speech") -> list[dict[str, Any]]:
+    out = cluster.kubectl("get", "pods", "-n", namespace, "-l", f"ttsfleet.io/gateway={name}",
                           "-o", "json")  # fmt: skip
-    (pod,) = json.loads(out)["items"]
-    return dict(pod)
+    return list(json.loads(out)["items"])
 
 
-def why(cluster: Cluster, namespace: str) -> str:
+def gateway_pod(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    (pod,) = gateway_pods(cluster, namespace)
+    return pod
+
+
+def why(cluster: Cluster, namespace: str, name: str = "speech") -> str:
     """What a failed gateway test says: the gateway's status, the pods, the gateway's
     log (its endpoint watch says what it saw), the EndpointSlices and the runner's log."""
     pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False)
-    status = cluster.kubectl("get", "ttsgw", "speech", "-n", namespace, "-o",
+    status = cluster.kubectl("get", "ttsgw", name, "-n", namespace, "-o",
                              "jsonpath={.status}", check=False)  # fmt: skip
-    uid = gateway_pod(cluster, namespace)["metadata"]["uid"]
     runner = local.runner_dir(cluster.name)
     # The gateway prints its threads' stacks on SIGUSR1 (a watch stuck waiting shows).
     subprocess.run(["pkill", "-USR1", "-f", "ttsfleet gateway --config"], check=False)
     time.sleep(1)
-    log = runner / "pods" / uid / "container.log"
-    logs = log.read_text()[-12000:] if log.exists() else "(none)"
+    logs = ""
+    for pod in gateway_pods(cluster, namespace, name):
+        log = runner / "pods" / pod["metadata"]["uid"] / "container.log"
+        logs += log.read_text()[-12000:] if log.exists() else "(none)"
     slices = cluster.kubectl("get", "endpointslices", "-n", namespace, "-o", "yaml",
                              check=False)  # fmt: skip
     runner_log = (runner / "runner.log").read_text()[-3000:]
@@ -212,3 +219,101 @@ def test_the_demo_speaks_through_triton_and_through_the_speech_api(
         assert samples / 22_050 > 3.0
     finally:
         cluster.kubectl("delete", "-n", "default", "ttsgw,ttsd", "--all", "--wait=false")
+
+
+def test_gateway_replicas_share_limits_through_the_redis_the_operator_runs(
+    cluster: Cluster, namespace: str
+) -> None:
+    """managedRedis: the operator runs a Redis pod (the runner: Debian's redis-server),
+    both gateway replicas find it through its Service's EndpointSlices, and a tenant's
+    burst is counted once across them, again after the Redis pod is replaced; taking
+    managedRedis out of the spec removes it. No fleet is needed: a request the limits
+    admit gets 503 (no replica), one they refuse 429."""
+    kube.apply(cluster.api, [tokens.jwks_secret(cluster.name, namespace)], "pytest")
+    example = load_example(GATEWAY)["spec"]
+    tier = {"name": "trial", "requestsPerSecond": 0.02, "requestBurst": 3}
+    doc: dict[str, Any] = {
+        "apiVersion": api.API_VERSION, "kind": api.GATEWAY_KIND,
+        "metadata": {"name": "limited", "namespace": namespace},
+        "spec": {
+            "replicas": 2,
+            "routes": [{"models": ["tts-1"], "fleet": "absent", "voices": ["alloy"]}],
+            "rateLimits": {"tiers": [tier], "defaultTier": "trial", "managedRedis": {}},
+            "auth": example["auth"],
+            "nodeSelector": example["nodeSelector"],
+            "tolerations": example["tolerations"],
+        },
+    }  # fmt: skip
+    kube.apply(cluster.api, [doc], "pytest")
+
+    def token(tenant: str) -> dict[str, str]:
+        made = ttsfleet("token", "--cluster", cluster.name, "--tenant", tenant)
+        assert made.returncode == 0, made.stderr
+        return {"authorization": f"Bearer {made.stdout.strip()}"}
+
+    def redis_ready() -> dict[str, Any] | None:
+        found = kube.get_custom(cluster.api, api.GROUP, api.VERSION, api.GATEWAY_PLURAL,
+                                namespace, "limited")  # fmt: skip
+        redis = ((found or {}).get("status") or {}).get("redis") or {}
+        return redis if redis.get("ready") else None
+
+    def pods() -> list[str]:
+        found = kube.ready_endpoints(cluster.api, namespace, "limited-gateway", "http")
+        return found if len(found) == 2 else []
+
+    speech = {"model": "tts-1", "voice": "alloy", "input": "Hello."}
+    warm = token("warm")
+
+    def shared_everywhere() -> bool:
+        """Whether both replicas' limits went through Redis for a request just now (a
+        replica that met a Redis gone away limits on its own for a second, then tries
+        it again)."""
+        gauge = f"{contract.GATEWAY_RATELIMIT_SHARED} 1.0"
+        for pod in pods():
+            spoken = http.post(f"http://{pod}/v1/audio/speech", json=speech, headers=warm)
+            assert spoken.status_code in (429, 503), spoken.text  # limited, or no replica
+        return bool(pods()) and all(
+            gauge in http.get(f"http://{pod}/metrics").text for pod in pods()
+        )
+
+    def burst(tenant: str) -> list[int]:
+        """Eight requests from `tenant`, alternating between the two replicas."""
+        headers, addresses = token(tenant), pods()
+        return [
+            http.post(f"http://{addresses[i % 2]}/v1/audio/speech", json=speech,
+                      headers=headers).status_code
+            for i in range(8)
+        ]  # fmt: skip
+
+    with httpx2.Client(trust_env=False, timeout=10) as http:
+        try:
+            assert wait_for("the managed Redis", redis_ready, timeout=120) == {
+                "service": "limited-gateway-redis", "ready": True,
+            }  # fmt: skip
+            wait_for("two ready gateway replicas", pods, timeout=120)
+            wait_for("limits shared through Redis on both", shared_everywhere, timeout=60)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; {why(cluster, namespace, 'limited')}") from None
+        codes = burst("acme")
+        assert sorted(codes) == [429] * 5 + [503] * 3, codes  # 3 admitted, not 2 x 3
+
+        # A new Redis pod starts empty; both replicas follow it to its address.
+        cluster.kubectl("delete", "pod", "-n", namespace, "-l", f"{gw.REDIS_LABEL}=limited",
+                        "--wait=true")  # fmt: skip
+        wait_for("a new Redis pod", redis_ready, timeout=120)
+        wait_for("limits shared through the new Redis", shared_everywhere, timeout=60)
+        codes = burst("globex")
+        assert sorted(codes) == [429] * 5 + [503] * 3, codes
+
+    doc["spec"]["rateLimits"].pop("managedRedis")
+    kube.apply(cluster.api, [doc], "pytest")
+    wait_for(
+        "the Redis Deployment to go",
+        lambda: kube.get(cluster.api, "apps/v1", "Deployment", "limited-gateway-redis",
+                         namespace) is None,
+        timeout=60,
+    )  # fmt: skip
+    found = kube.get_custom(cluster.api, api.GROUP, api.VERSION, api.GATEWAY_PLURAL, namespace,
+                            "limited")  # fmt: skip
+    assert found is not None and "redis" not in found["status"]
+    assert kube.get(cluster.api, "v1", "Service", "limited-gateway-redis", namespace) is None

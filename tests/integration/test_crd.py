@@ -310,6 +310,18 @@ GATEWAY_INVALID = [
         ),
         "spec.rateLimits.redisUrl",
     ),
+    (
+        "a redis url and a managed redis",
+        gateway_with(
+            rateLimits={
+                "tiers": [TIER],
+                "defaultTier": "free",
+                "redisUrl": "redis://redis:6379",
+                "managedRedis": {},
+            }
+        ),
+        "give redisUrl (a Redis you run) or managedRedis (one the operator runs), not both",
+    ),
     ("error rate over 1", gateway_with(breaker={"errorRate": 1.5}), "spec.breaker.errorRate"),
 ]
 

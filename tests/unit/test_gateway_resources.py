@@ -208,3 +208,53 @@ def test_the_gateways_network_policy_opens_its_listener_and_reaches_only_what_it
     assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns
     assert redis["ports"] == [{"protocol": "TCP", "port": 6379}]
     assert {p["port"] for p in apiserver["ports"]} == {443, 6443}
+
+
+def test_a_managed_redis_is_one_pod_only_the_gateway_reaches_and_the_config_finds() -> None:
+    limits = {"tiers": TIERS["tiers"], "defaultTier": "free", "managedRedis": {}}
+    gateway = gw.Gateway.from_body(
+        body(rateLimits=limits, replicas=3, nodeSelector={"pool": "edge"})
+    )
+    children = gw.children(gateway, {"joe": FLEET})
+    redis = {c["kind"]: c for c in children if c["metadata"]["name"] == "speech-gateway-redis"}
+    assert set(redis) == {"Deployment", "Service", "NetworkPolicy"}
+    deployment = redis["Deployment"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == api.DEFAULT_REDIS_IMAGE and container["command"] == [
+        "redis-server"
+    ]
+    args = container["args"]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+    assert args[args.index("--maxmemory") + 1] == "64mb"
+    assert container["readinessProbe"]["tcpSocket"] == {"port": "redis"}
+    assert pod["spec"]["nodeSelector"] == {"pool": "edge"}  # where the gateway runs
+    # The gateway's own selectors must not catch the Redis pod (its Service, its budget,
+    # the fleets' policies admit pods by GATEWAY_LABEL).
+    assert gw.GATEWAY_LABEL not in pod["metadata"]["labels"]
+    assert redis["Service"]["spec"]["selector"] == {gw.REDIS_LABEL: "speech"}
+    assert redis["Service"]["spec"]["ports"][0]["port"] == 6379
+    policy = redis["NetworkPolicy"]["spec"]
+    assert policy["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": {gw.GATEWAY_LABEL: "speech"}}}],
+         "ports": [{"protocol": "TCP", "port": 6379}]}
+    ]  # fmt: skip
+    assert policy["egress"] == [] and policy["policyTypes"] == ["Ingress", "Egress"]
+    # The gateway may reach it, and finds it through its Service's EndpointSlices.
+    gateway_policy = next(
+        c for c in children if c["kind"] == "NetworkPolicy" and c is not redis["NetworkPolicy"]
+    )
+    to_redis = {"to": [{"podSelector": {"matchLabels": {gw.REDIS_LABEL: "speech"}}}],
+                "ports": [{"protocol": "TCP", "port": 6379}]}  # fmt: skip
+    assert to_redis in gateway_policy["spec"]["egress"]
+    parsed = gateway_config.parse(gw.config(gateway, {"joe": FLEET}))
+    assert parsed.rate_limits is not None and parsed.rate_limits.redis_url is None
+    assert parsed.rate_limits.redis_service == gateway_config.ServiceRef(
+        namespace="voice", name="speech-gateway-redis", port="redis"
+    )
+    assert parsed.rate_limits.local_share == pytest.approx(1 / 3)
+    # Without managedRedis there is none.
+    plain = gw.Gateway.from_body(body(rateLimits=TIERS))
+    assert not [c for c in gw.children(plain, {"joe": FLEET}) if "redis" in c["metadata"]["name"]]

@@ -586,11 +586,35 @@ class RateTier(_Model):
     )  # fmt: skip
 
 
+DEFAULT_REDIS_IMAGE = "redis:7.0.15"
+
+
+class ManagedRedis(_Model):
+    """A Redis the operator runs for one gateway: one pod, nothing on disk (limits are
+    seconds long; a restarted Redis starts empty and every limit is whole again)."""
+
+    image: str = Field(default=DEFAULT_REDIS_IMAGE, min_length=1, max_length=512)
+    max_memory_mi_b: int = Field(
+        default=64, ge=8, le=65536, alias="maxMemoryMiB",
+        description="Redis's maxmemory; the least recently used keys go first past it.",
+    )  # fmt: skip
+    resources: Resources = Field(
+        default_factory=lambda: Resources(
+            requests={"cpu": "100m", "memory": "96Mi"}, limits={"memory": "256Mi"}
+        )
+    )
+
+
 class GatewayRateLimits(_Model):
     """Per-tenant limits (the tenant from the token's tenant claim; the client's address
     without auth), shared by every gateway replica through Redis."""
 
     cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "!(has(self.redisUrl) && has(self.managedRedis))",
+            "spec.rateLimits: give redisUrl (a Redis you run) or managedRedis (one the "
+            "operator runs), not both",
+        ),
         rule(
             "self.tiers.all(a, self.tiers.exists_one(b, b.name == a.name))",
             "spec.rateLimits.tiers: two tiers share a name: give each its own",
@@ -621,9 +645,15 @@ class GatewayRateLimits(_Model):
     )  # fmt: skip
     redis_url: str | None = Field(
         default=None, pattern=r"^(redis|rediss)://", max_length=2048,
-        description="The Redis all replicas share limits through. Without it, or while it "
-        "cannot be reached, each replica limits on its own at 1 / replicas of every limit.",
+        description="The Redis all replicas share limits through. Without it (or "
+        "managedRedis), or while it cannot be reached, each replica limits on its own at "
+        "1 / replicas of every limit.",
     )  # fmt: skip
+    managed_redis: ManagedRedis | None = Field(
+        default=None,
+        description="The operator runs a Redis for this gateway (`{}` for the defaults) and "
+        "the replicas share limits through it.",
+    )
 
 
 class GatewayBreaker(_Model):
@@ -720,6 +750,13 @@ class GatewayFleet(_Model):
     ready_replicas: int = 0
 
 
+class GatewayRedis(_Model):
+    """The Redis the operator runs for a gateway (managedRedis)."""
+
+    service: str
+    ready: bool = False
+
+
 class TtsGatewayStatus(_Model):
     model_config = ConfigDict(extra="allow")
 
@@ -729,3 +766,6 @@ class TtsGatewayStatus(_Model):
     ready_replicas: int = 0
     url: str | None = Field(default=None, description="The speech API's base URL in-cluster.")
     fleets: list[GatewayFleet] = Field(default_factory=list)
+    redis: GatewayRedis | None = Field(
+        default=None, description="The Redis the operator runs for the gateway, if it does."
+    )

@@ -5,6 +5,10 @@ The Triton image maps to the real `tritonserver` binary shipped in the
 `/models`. Only the bind address (the pod IP) and the wheel's backend and cache
 directories are added to the container's own command line.
 
+The Redis image (`redis`, any registry and tag: what the operator runs for a gateway's
+rate limits) maps to Debian's `redis-server` with the container's args, bound to the
+pod IP, its working directory the pod's own.
+
 The project's own images (`ttsfleet/gateway`, `ttsfleet/operator`: entrypoint
 `ttsfleet`) map to this environment's `ttsfleet` CLI, run with the container's args
 and its volumes bind-mounted at their container paths (`contain`), as a container
@@ -35,6 +39,7 @@ HOST_PATHS = ("/dev/shm", "/tmp")  # noqa: S108 - container paths, not files we 
 
 # Images whose entrypoint is the `ttsfleet` CLI.
 PROJECT_IMAGES = ("ttsfleet/gateway", "ttsfleet/operator")
+REDIS_IMAGE = "redis"
 
 
 class NotRunnableLocallyError(RuntimeError):
@@ -189,10 +194,13 @@ def local_command(
     resolved = dict(env or {})
     if is_project_image(str(container.get("image") or "")):
         return _project_command(container, volumes, resolved, hosts)
+    if contract.image_is(str(container.get("image") or ""), REDIS_IMAGE):
+        return _redis_command(container, workdir, ip, resolved)
     if not _is_triton(container):
         raise NotRunnableLocallyError(
             f"image {container.get('image')} has no local program: the local runner runs "
-            f"Triton (command tritonserver) and the project's images ({', '.join(PROJECT_IMAGES)})"
+            f"Triton (command tritonserver), Redis ({REDIS_IMAGE}) and the project's images "
+            f"({', '.join(PROJECT_IMAGES)})"
         )
     root = workdir / "root"
     _build_root(container, volumes, root)
@@ -225,3 +233,44 @@ def _project_command(
         binds.append((hosts, "/etc/hosts"))
     argv = [sys.executable, "-m", "ttsfleet", *command[1:], *args]
     return LocalCommand(argv, {**without_proxies(os.environ), **env}, binds)
+
+
+def _redis_command(
+    container: Manifest, workdir: Path, ip: str, env: dict[str, str]
+) -> LocalCommand:
+    """Debian's redis-server with the container's args, bound to the pod IP only, in the
+    pod's own directory."""
+    server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(server).exists():
+        raise NotRunnableLocallyError(
+            f"image {container.get('image')} runs locally as Debian's redis-server: "
+            "apt-get install redis-server (hack/deps.sh does)"
+        )
+    command = [str(c) for c in container.get("command") or []]  # type: ignore[attr-defined]
+    if command and Path(command[0]).name != "redis-server":
+        raise NotRunnableLocallyError(
+            f"image {container.get('image')}: only its redis-server command runs locally"
+        )
+    # Redis applies `--dir` as it reads it (a chdir): the container's own paths and
+    # addresses are taken out, not overridden.
+    args = _without_options(
+        [str(a) for a in container.get("args") or []],  # type: ignore[attr-defined]
+        {"--dir", "--bind"},
+    )
+    data = workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [server, *args, "--bind", ip, "--dir", str(data)]
+    return LocalCommand(argv, {**without_proxies(os.environ), **env})
+
+
+def _without_options(args: list[str], names: set[str]) -> list[str]:
+    """Redis command-line `args` less the options in `names`, each with its values (the
+    arguments up to the next `--option`)."""
+    out: list[str] = []
+    dropping = False
+    for arg in args:
+        if arg.startswith("--"):
+            dropping = arg in names
+        if not dropping:
+            out.append(arg)
+    return out

@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -617,14 +618,30 @@ def check_api_certificate(url: str) -> None:
         )
 
 
+def _port(container: Manifest, port: int | str) -> int:
+    """A probe's port: a number, or the name of one of the container's ports."""
+    if isinstance(port, str):
+        return int(next(p["containerPort"] for p in container.get("ports", [])
+                        if p.get("name") == port))  # fmt: skip
+    return port
+
+
 def _probe(container: Manifest, ip: ipaddress.IPv4Address) -> bool:
-    """The container's HTTP readiness probe, against its pod IP (in our namespace)."""
-    probe = (container.get("readinessProbe") or {}).get("httpGet")
+    """The container's readiness probe (HTTP GET or TCP connect), against its pod IP
+    (in our namespace)."""
+    readiness = container.get("readinessProbe") or {}
+    if "tcpSocket" in readiness:
+        try:
+            with socket.create_connection(
+                (str(ip), _port(container, readiness["tcpSocket"]["port"])), 1
+            ):
+                return True
+        except OSError:
+            return False
+    probe = readiness.get("httpGet")
     if probe is None:
         return True
-    port = probe["port"]
-    if isinstance(port, str):
-        port = next(p["containerPort"] for p in container.get("ports", []) if p.get("name") == port)
+    port = _port(container, probe["port"])
     scheme = str(probe.get("scheme", "HTTP")).lower()
     url = f"{scheme}://{ip}:{port}{probe.get('path', '/')}"
     try:

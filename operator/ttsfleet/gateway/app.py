@@ -205,6 +205,7 @@ class Gateway:
         self.ticket_key_file: str | None = None
         self.listed: set[str] = set()  # fleets whose endpoints are known (fixed or watched)
         self.limiter: Limiter | None = None
+        self.redis_address: str | None = None  # host:port of a watched Redis Service
         self.config = config
         self.apply(config)
         if keys is not None:
@@ -252,12 +253,24 @@ class Gateway:
         limits = config.rate_limits
         if limits is None:
             self.limiter = None
-        elif self.limiter is not None and self.limiter.config.redis_url == limits.redis_url:
+            return
+        url = limits.redis_url
+        if limits.redis_service is not None and self.redis_address is not None:
+            url = f"redis://{self.redis_address}"
+        if self.limiter is not None and self.limiter.url == url:
             self.limiter.config = limits
         else:
-            self.limiter = Limiter.connect(limits)
+            self.limiter = Limiter.connect(limits, url)
             self.limiter.on_backend = lambda shared: self.metrics.limits_shared.set(int(shared))
-            self.metrics.limits_shared.set(int(limits.redis_url is not None))
+            self.metrics.limits_shared.set(int(url is not None))
+
+    def set_redis(self, addresses: list[str]) -> None:
+        """The ready endpoints of the Redis Service (the one the operator runs): limits
+        are shared through one of them; with none, each replica limits on its own."""
+        if self.redis_address not in addresses:
+            self.redis_address = addresses[0] if addresses else None
+            log.info("rate limits' Redis: %s", self.redis_address or "none ready")
+            self._limits(self.config)
 
     def _ticket_key(self, config: GatewayConfig) -> None:
         path = config.auth.ticket_key_file if config.auth is not None else None

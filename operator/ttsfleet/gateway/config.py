@@ -93,6 +93,14 @@ class Tier(_Model):
         return Rate(self.characters_per_second, self.character_burst)
 
 
+class ServiceRef(_Model):
+    """A Service whose ready endpoint the gateway uses (through its EndpointSlices)."""
+
+    namespace: str
+    name: str
+    port: str = Field(description="The Service's port name.")
+
+
 class RateLimits(_Model):
     tiers: tuple[Tier, ...] = Field(min_length=1)
     default_tier: str = Field(alias="defaultTier", description="The tier of unlisted tenants.")
@@ -101,6 +109,11 @@ class RateLimits(_Model):
         default=None, alias="redisUrl", pattern=r"^(redis|rediss|unix)://",
         description="Where limits are shared by all replicas; without it each replica limits "
         "on its own at localShare.",
+    )  # fmt: skip
+    redis_service: ServiceRef | None = Field(
+        default=None, alias="redisService",
+        description="A Redis found through a Service's EndpointSlices (the one the operator "
+        "runs for the gateway), instead of redisUrl.",
     )  # fmt: skip
     local_share: float = Field(
         default=1.0, gt=0, le=1, alias="localShare",
@@ -111,6 +124,8 @@ class RateLimits(_Model):
 
     @model_validator(mode="after")
     def _tiers_known(self) -> RateLimits:
+        if self.redis_url is not None and self.redis_service is not None:
+            raise ValueError("rateLimits: give redisUrl or redisService, not both")
         names = [tier.name for tier in self.tiers]
         if len(set(names)) != len(names):
             raise ValueError("rateLimits.tiers: each tier needs its own name")

@@ -195,6 +195,7 @@ def _rates(tier: Tier) -> list[tuple[str, Rate, str]]:
 class Limiter:
     config: RateLimits
     redis: Redis | None = None
+    url: str | None = None  # where `redis` connects
     clock: Callable[[], float] = time.monotonic
     replica: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     local: Local = field(default_factory=Local)
@@ -206,20 +207,20 @@ class Limiter:
     _scripts: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def connect(cls, config: RateLimits) -> Limiter:
-        """A limiter on the config's Redis (connected lazily), or local only."""
+    def connect(cls, config: RateLimits, url: str | None = None) -> Limiter:
+        """A limiter on the Redis at `url` (connected lazily), or local only."""
         client = None
-        if config.redis_url:
+        if url:
             from redis.asyncio import Redis  # noqa: PLC0415 - only a gateway with Redis
             from redis.backoff import NoBackoff  # noqa: PLC0415
             from redis.retry import Retry  # noqa: PLC0415
 
             client = Redis.from_url(
-                config.redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS,
+                url, socket_timeout=REDIS_TIMEOUT_SECONDS,
                 socket_connect_timeout=REDIS_TIMEOUT_SECONDS, retry=Retry(NoBackoff(), 0),
                 health_check_interval=0,
             )  # fmt: skip
-        return cls(config, client)
+        return cls(config, client, url=url)
 
     def tier(self, tenant: str) -> Tier:
         return self.config.tier_of(tenant)

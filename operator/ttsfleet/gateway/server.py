@@ -7,7 +7,8 @@ Background work, never on a request's path:
 - the JWKS (a mounted Secret, or a URL) is re-read on change or every
   `auth.refreshSeconds`; a failed fetch keeps the keys already loaded;
 - each fleet's EndpointSlices are watched (`kube.EndpointWatch`), unless the config
-  fixes its endpoints;
+  fixes its endpoints, and so are those of the rate limits' Redis Service (the Redis the
+  operator runs for the gateway): limits follow its pod to a new address;
 - the leases of the tenants' stream slots this replica holds in Redis are renewed.
 """
 
@@ -22,7 +23,7 @@ import resource
 import signal
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ def read_keys(auth: gateway_config.Auth) -> KeySet:
     assert auth.jwks_url is not None
     with urllib.request.urlopen(auth.jwks_url, timeout=10) as response:  # noqa: S310 - configured
         return KeySet.from_jwks(response.read().decode())
+
+
+REDIS_WATCH = "redis"  # the key of the Redis Service's watch
 
 
 class Background:
@@ -124,44 +128,56 @@ class Background:
             log.info("config reloaded: %d routes", len(new.routes))
 
     def _watch_fleets(self) -> None:
+        """Watch the EndpointSlices of every fleet without fixed endpoints, and of the
+        rate limits' Redis Service when there is one."""
         from ttsfleet import kube  # noqa: PLC0415 - only a watching gateway needs it
 
         loop = asyncio.get_running_loop()
-        wanted = {
-            key: fleet
-            for key, fleet in self.gateway.config.fleets().items()
+        gateway = self.gateway
+        wanted: dict[str, tuple[tuple[str, str, str], Callable[[list[str]], None]]] = {
+            key: (
+                (fleet.namespace, fleet.service or fleet.name, fleet.port),
+                functools.partial(gateway.set_endpoints, key),
+            )
+            for key, fleet in gateway.config.fleets().items()
             if fleet.endpoints is None
         }
+        limits = gateway.config.rate_limits
+        if limits is not None and limits.redis_service is not None:
+            redis = limits.redis_service
+            # No fleet's key: theirs are namespace/name.
+            wanted[REDIS_WATCH] = ((redis.namespace, redis.name, redis.port), gateway.set_redis)
+        elif gateway.redis_address is not None:
+            gateway.set_redis([])
         for key in [k for k in self.watches if k not in wanted]:
             self.watches.pop(key).stop()
-        for key, fleet in wanted.items():
-            spec = (fleet.namespace, fleet.service or fleet.name, fleet.port)
+        for key, (spec, apply) in wanted.items():
             old = self.watches.get(key)
             if old is not None and (old.namespace, old.service, old.port) == spec:
-                self.gateway.set_endpoints(key, old.addresses())
+                apply(old.addresses())
                 continue
             if old is not None:
                 old.stop()
             if self.api is None:
-                log.error("fleet %s has no fixed endpoints and no Kubernetes API to watch", key)
+                log.error("%s has no fixed endpoints and no Kubernetes API to watch", key)
                 continue
-
             watch = kube.EndpointWatch(self.api, *spec)
-            watch.on_change = functools.partial(self._changed, loop, key, watch)
+            watch.on_change = functools.partial(self._changed, loop, key, watch, apply)
             self.watches[key] = watch.start()
 
     def _changed(
-        self, loop: asyncio.AbstractEventLoop, key: str, watch: Any, addresses: list[str]
-    ) -> None:
-        """From `watch`'s thread: its fleet's addresses, applied on the loop unless a
-        newer watch of that fleet replaced it meanwhile (a late word from a stopped
+        self, loop: asyncio.AbstractEventLoop, key: str, watch: Any,
+        apply: Callable[[list[str]], None], addresses: list[str],
+    ) -> None:  # fmt: skip
+        """From `watch`'s thread: its Service's addresses, applied on the loop unless a
+        newer watch of that Service replaced it meanwhile (a late word from a stopped
         watch must not undo what the new one said)."""
 
-        def apply() -> None:
+        def applied() -> None:
             if self.watches.get(key) is watch:
-                self.gateway.set_endpoints(key, addresses)
+                apply(addresses)
 
-        loop.call_soon_threadsafe(apply)
+        loop.call_soon_threadsafe(applied)
 
     async def _keys_loop(self) -> None:
         last_source: tuple[str | None, str | None] | None = None

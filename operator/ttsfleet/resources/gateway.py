@@ -7,6 +7,10 @@ ConfigMap with the gateway's config (routes resolved to each fleet's Service and
 voice), the Deployment, its Service, its NetworkPolicy and a PodDisruptionBudget. All are named
 `<name>-gateway`; the ClusterRoleBinding, which cannot be owned by a namespaced
 object, is `ttsfleet-gateway-<namespace>-<name>` and is deleted with its gateway.
+With `spec.rateLimits.managedRedis`, a Redis for the replicas to share limits through:
+a Deployment of one pod, its Service and a NetworkPolicy that admits only the gateway's
+pods, all `<name>-gateway-redis`. The gateway finds the Redis pod through the Service's
+EndpointSlices, as it finds its fleets' replicas.
 
 The config reaches running pods through the mounted ConfigMap (the gateway re-reads
 it); the pod template does not change with it, so a route change restarts nothing.
@@ -28,6 +32,10 @@ from ttsfleet.status import READY, RECONCILING, STALLED
 Manifest = dict[str, Any]
 
 GATEWAY_LABEL = "ttsfleet.io/gateway"
+REDIS_LABEL = "ttsfleet.io/gateway-redis"  # a gateway's Redis pods (not GATEWAY_LABEL:
+# the gateway's Service, PDB and the fleets' policies select pods by that)
+REDIS_PORT = networkpolicy.REDIS_PORT
+REDIS_USER = 999  # the official image's redis user
 OWNER_NAMESPACE_LABEL = "ttsfleet.io/gateway-namespace"
 NODE_READER = "ttsfleet-gateway-node-reader"
 PORT = 8080
@@ -56,6 +64,10 @@ class Gateway:
     @property
     def child_name(self) -> str:
         return f"{self.name}-gateway"
+
+    @property
+    def redis_name(self) -> str:
+        return f"{self.child_name}-redis"
 
     @property
     def ticket_secret_name(self) -> str:
@@ -162,7 +174,13 @@ def config(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> Manifest:
         "breaker": spec.breaker.model_dump(by_alias=True),
     }
     if spec.rate_limits is not None:
-        limits = spec.rate_limits.model_dump(by_alias=True, exclude_none=True)
+        limits = spec.rate_limits.model_dump(
+            by_alias=True, exclude_none=True, exclude={"managed_redis"}
+        )
+        if spec.rate_limits.managed_redis is not None:
+            limits["redisService"] = {
+                "namespace": gateway.namespace, "name": gateway.redis_name, "port": "redis",
+            }  # fmt: skip
         # Alone (no Redis, or while it is down) each replica keeps its share: together
         # the gateway's replicas still admit at most each limit.
         limits["localShare"] = 1 / max(1, spec.replicas)
@@ -333,6 +351,7 @@ def children(
                     port,
                     [{DEPLOYMENT_LABEL: name} for name in spec.fleet_names()],
                     spec.rate_limits.redis_url if spec.rate_limits else None,
+                    redis_labels(gateway) if managed_redis(gateway) else None,
                 )
             },
         ),
@@ -347,7 +366,111 @@ def children(
                 }
             },
         ),
+        *redis_children(gateway),
     ]
+
+
+def managed_redis(gateway: Gateway) -> api.ManagedRedis | None:
+    limits = gateway.spec.rate_limits
+    return limits.managed_redis if limits is not None else None
+
+
+def redis_labels(gateway: Gateway) -> dict[str, str]:
+    return {REDIS_LABEL: gateway.name}
+
+
+def _redis_child(gateway: Gateway, api_version: str, kind: str, body: Manifest) -> Manifest:
+    """A child of the gateway's Redis. Its metadata carries GATEWAY_LABEL (so a change
+    to it reaches the gateway's reconcile); its pods do not."""
+    manifest = _child(gateway, api_version, kind, body)
+    manifest["metadata"]["name"] = gateway.redis_name
+    manifest["metadata"]["labels"] |= {"app.kubernetes.io/component": "rate-limits",
+                                       **redis_labels(gateway)}  # fmt: skip
+    return manifest
+
+
+def redis_children(gateway: Gateway) -> list[Manifest]:
+    """The Redis the operator runs for `gateway` (none unless managedRedis)."""
+    redis = managed_redis(gateway)
+    if redis is None:
+        return []
+    spec = gateway.spec
+    pod_labels = {
+        "app.kubernetes.io/name": "redis", "app.kubernetes.io/instance": gateway.name,
+        "app.kubernetes.io/component": "rate-limits", "app.kubernetes.io/managed-by": "ttsfleet",
+        **redis_labels(gateway),
+    }  # fmt: skip
+    probe = {"tcpSocket": {"port": "redis"}}
+    # Every address of the pod (its NetworkPolicy admits only the gateway); nothing on
+    # disk: a limit lasts seconds, and a restarted Redis starts empty. Every key the
+    # limiter writes expires, so the least recently used go first when memory is full.
+    args = [
+        "--port", str(REDIS_PORT), "--bind", "0.0.0.0", "--protected-mode", "no",  # noqa: S104
+        "--save", "", "--appendonly", "no", "--dir", "/data",
+        "--maxmemory", f"{redis.max_memory_mi_b}mb", "--maxmemory-policy", "volatile-lru",
+    ]  # fmt: skip
+    container = {
+        "name": "redis",
+        "image": redis.image,
+        "command": ["redis-server"],
+        "args": args,
+        "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
+        "readinessProbe": probe | {"periodSeconds": 2},
+        "livenessProbe": probe | {"periodSeconds": 10, "failureThreshold": 3},
+        "resources": redis.resources.wire(),
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": REDIS_USER,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec: Manifest = {
+        "containers": [container],
+        "volumes": [{"name": "data", "emptyDir": {}}],
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": 5,
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [t.wire() for t in spec.tolerations]
+    policy = networkpolicy.redis_policy_spec(redis_labels(gateway), selector_labels(gateway))
+    return [
+        _redis_child(
+            gateway,
+            "apps/v1",
+            "Deployment",
+            {
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": redis_labels(gateway)},
+                    "strategy": {"type": "Recreate"},
+                    "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+                }
+            },
+        ),
+        _redis_child(
+            gateway,
+            "v1",
+            "Service",
+            {
+                "spec": {
+                    "selector": redis_labels(gateway),
+                    "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}],
+                }
+            },
+        ),
+        _redis_child(gateway, "networking.k8s.io/v1", "NetworkPolicy", {"spec": policy}),
+    ]
+
+
+def redis_leftovers() -> list[tuple[str, str]]:
+    """(apiVersion, kind) of the Redis children, to delete once a gateway no longer asks
+    the operator for a Redis."""
+    return [("apps/v1", "Deployment"), ("v1", "Service"), ("networking.k8s.io/v1", "NetworkPolicy")]
 
 
 def cluster_binding(gateway: Gateway, node_reader: str = NODE_READER) -> Manifest:

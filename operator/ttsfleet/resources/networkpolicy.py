@@ -6,7 +6,8 @@ themselves, such as `ttsfleet say` or a benchmark run in a pod); their metrics p
 only from Prometheus and the operator (pods labelled as the usual charts label them).
 A gateway's pods admit anyone on their listener, and reach only their fleets' gRPC
 port, DNS, and TCP 443/6443 (the apiserver and JWKS endpoints, which no pod selector
-names) and the port of their Redis.
+names) and the port of their Redis. A Redis the operator runs for a gateway admits only
+that gateway's pods.
 
 Policies are enforced by the cluster's CNI; without one that enforces them (as in the
 local cluster here) they are accepted and have no effect.
@@ -24,6 +25,7 @@ GATEWAY_LABEL = "ttsfleet.io/gateway"
 PROMETHEUS = {"app.kubernetes.io/name": "prometheus"}
 OPERATOR = {"app.kubernetes.io/name": "tts-operator"}
 ANY_NAMESPACE: Manifest = {"namespaceSelector": {}}
+REDIS_PORT = 6379
 
 
 def _tcp(*ports: int | str) -> list[Manifest]:
@@ -54,10 +56,12 @@ def build_fleet_policy(tts: TtsObject) -> Manifest:
 
 
 def gateway_policy_spec(
-    pods: dict[str, str], port: str, fleets: list[dict[str, str]], redis_url: str | None
-) -> Manifest:
+    pods: dict[str, str], port: str, fleets: list[dict[str, str]], redis_url: str | None,
+    redis_pods: dict[str, str] | None = None,
+) -> Manifest:  # fmt: skip
     """A gateway's policy: `pods` its pod labels, `port` its listener's name, `fleets`
-    the selector labels of the fleets it routes to."""
+    the selector labels of the fleets it routes to, `redis_pods` those of the Redis the
+    operator runs for it."""
     dns = [{"protocol": proto, "port": 53} for proto in ("UDP", "TCP")]
     egress: list[Manifest] = [
         {"to": [{"podSelector": {"matchLabels": fleet}} for fleet in fleets],
@@ -66,10 +70,25 @@ def gateway_policy_spec(
         {"ports": _tcp(443, 6443)},  # the apiserver, a JWKS URL
     ]  # fmt: skip
     if redis_url:
-        egress.append({"ports": _tcp(urlsplit(redis_url).port or 6379)})
+        egress.append({"ports": _tcp(urlsplit(redis_url).port or REDIS_PORT)})
+    if redis_pods:
+        egress.append({"to": [{"podSelector": {"matchLabels": redis_pods}}],
+                       "ports": _tcp(REDIS_PORT)})  # fmt: skip
     return {
         "podSelector": {"matchLabels": pods},
         "policyTypes": ["Ingress", "Egress"],
         "ingress": [{"ports": _tcp(port)}],
         "egress": egress,
     }
+
+
+def redis_policy_spec(pods: dict[str, str], gateway_pods: dict[str, str]) -> Manifest:
+    """The policy of a Redis the operator runs for a gateway: only that gateway's pods
+    reach it, and it reaches nothing."""
+    return {
+        "podSelector": {"matchLabels": pods},
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": gateway_pods}}],
+                     "ports": _tcp(REDIS_PORT)}],
+        "egress": [],
+    }  # fmt: skip
