@@ -50,12 +50,12 @@ endpoints. Each figure has its baseline from the same run:
    rate-limited (`limited_rps_per_core`), beside the same without limits.
 10. `fairness`: tenant B within its limit, alone and while tenant A sends 10x its own:
    B's TTFA p95 ratio (`fairness_b_ttfa_ratio`) and success rate.
-11. `breaker`: the primary fleet's replica killed (SIGKILL, with its backend stubs)
-   under load, a fallback fleet beside it: `breaker_failover_s`,
-   `failed_in_window_pct` (requests started in the 2 s after the kill),
-   `failed_after`, and `recovery_s` once the primary is back (local processes with
-   fixed endpoints: a pod killed in a cluster also leaves its EndpointSlice, which
-   sends the fleet's requests to the fallback even before any failure).
+11. `breaker`: on the local cluster, the primary fleet's pod killed (SIGKILL of its
+   tritonserver; the runner restarts it) under load, a fallback fleet beside it:
+   `breaker_failover_s`, `failed_in_window_pct` (requests started in the 2 s after the
+   kill), `failed_after`, and `recovery_s` once the primary is ready again.
+   `breaker_local`: the same with local processes and fixed endpoints (only failures
+   tell the gateway; no EndpointSlice).
 12. `redis_down`: two replicas sharing a tier through Redis, one tenant at 10x it;
    Redis killed half-way: what was admitted over the tier's allowance while each
    replica limited alone (`redis_down_over_limit_admitted_pct`), 5xx, crashes.
@@ -506,9 +506,13 @@ CLUSTER = "bench-gateway"
 NAMESPACE = "gateway-bench"
 
 
-def cluster_setup(work: Path) -> tuple[Any, str, str]:
-    """The local cluster with the operator, a two-replica fleet on the local node and a
-    TtsGateway in front of it; (api, the gateway's address, a token)."""
+FALLBACK = "joe-fallback"
+
+
+def cluster_setup(work: Path, *, replicas: int = 2, fallback: bool = False) -> tuple[Any, str, str]:
+    """The local cluster with the operator, a fleet of `replicas` on the local node and a
+    TtsGateway in front of it (with `fallback`, a one-replica fleet `FALLBACK` as its
+    route's fallback, and no rate limits); (api, the gateway's address, a token)."""
     record = local.up(CLUSTER, load_pool_file(None), reuse=True).record
     api = kube.api_client(record.kubeconfig)
     kube.apply(api, [crd.crd(), crd.gateway_crd()], "bench")
@@ -522,23 +526,56 @@ def cluster_setup(work: Path) -> tuple[Any, str, str]:
     )  # fmt: skip
     operator.start()
     fleet = yaml.safe_load((REPO / "examples/local-cpu.yaml").read_text())
-    fleet["spec"] |= {"replicas": 2, "minReplicas": 2, "maxReplicas": 2}
+    fleet["spec"] |= {"replicas": replicas, "minReplicas": replicas, "maxReplicas": replicas}
     fleet["spec"]["runtime"]["resources"]["requests"]["cpu"] = "250m"
     gateway = yaml.safe_load((REPO / "examples/local-gateway.yaml").read_text())
     gateway["spec"]["cacheMiB"] = 0  # every request to a replica: the load repeats texts
-    for doc in fleet, gateway:
+    fleets = {"joe-local": replicas}
+    docs = [fleet, gateway]
+    if fallback:
+        spare = yaml.safe_load((REPO / "examples/local-cpu.yaml").read_text())
+        spare["metadata"]["name"] = FALLBACK
+        spare["spec"]["runtime"]["resources"]["requests"]["cpu"] = "250m"
+        docs.append(spare)
+        fleets[FALLBACK] = 1
+        gateway["spec"]["routes"][0]["fallback"] = FALLBACK
+        del gateway["spec"]["rateLimits"]  # the breaker alone decides who is served
+    for doc in docs:
         doc["metadata"]["namespace"] = NAMESPACE
-    kube.apply(api, [fleet, tokens.jwks_secret(CLUSTER, NAMESPACE), gateway], "bench")
-    harness.wait_for(
-        "two ready replicas",
-        lambda: len(kube.ready_endpoints(api, NAMESPACE, "joe-local", "grpc")) == 2,
-        timeout=300,
-    )
+    kube.apply(api, [tokens.jwks_secret(CLUSTER, NAMESPACE), *docs], "bench")
+    for name, count in fleets.items():
+
+        def ready(name: str = name, count: int = count) -> bool:
+            return len(kube.ready_endpoints(api, NAMESPACE, name, "grpc")) == count
+
+        harness.wait_for(f"{count} ready replicas of {name}", ready, timeout=300)
     (address,) = harness.wait_for(
         "the gateway", lambda: kube.ready_endpoints(api, NAMESPACE, "speech-gateway", "http"),
         timeout=180,
     )  # fmt: skip
-    return (api, operator), address, tokens.token(CLUSTER)
+    token = tokens.token(CLUSTER)
+    started = time.monotonic()
+    harness.wait_for("the gateway to speak", lambda: speaks(address, token), timeout=120)
+    print(f"the gateway spoke {time.monotonic() - started:.1f} s after it was ready", flush=True)
+    return (api, operator), address, token
+
+
+def speaks(address: str, token: str) -> bool:
+    """Whether one request through the gateway at `address` is answered with audio (its
+    watch may not have seen the fleet's ready replica yet when its pod is ready)."""
+
+    async def once() -> None:
+        connection = Connection(address, token)
+        try:
+            await connection.speak(SENTENCES[0])
+        finally:
+            connection.close()
+
+    try:
+        asyncio.run(once())
+    except (OSError, RuntimeError, asyncio.IncompleteReadError):
+        return False
+    return True
 
 
 def server_pid(pod_uid: str) -> int:
@@ -1164,14 +1201,93 @@ async def breaker_load(
     await asyncio.gather(*(worker(i) for i in range(workers)))
 
 
-def part_breaker(setup: Setup, work: Path, seconds: float) -> dict[str, Any]:
-    """The primary fleet's replica killed under load (4 streams, closed loop), a fallback
-    fleet beside it, the gateway's breaker at its defaults: `breaker_failover_s` from
+def breaker_figures(
+    events: list[tuple[float, float, str]], kill: float, back: float, seconds: float
+) -> dict[str, Any]:
+    """The breaker's figures from the load's events (start, end, outcome) around a kill of
+    the primary at `kill` and its return (ready) at `back`: `breaker_failover_s` from
     the kill to the first reply the fallback spoke; `failed_in_window_pct`, requests
     started in the 2 s after the kill that failed; `failed_after`, failures among those
-    started later; streams in flight at the kill (cut: their audio had begun) apart.
-    Then the primary is started again: `recovery_s` from it being ready to the first
-    reply it speaks."""
+    started later; streams in flight at the kill (cut: their audio had begun) apart;
+    `recovery_s` from the primary being ready to the first reply it speaks."""
+    failed = [e for e in events if e[2].startswith("failed")]
+    cut = [e for e in failed if e[0] < kill <= e[1]]
+    window = [e for e in events if kill <= e[0] < kill + 2]
+    after = [e for e in events if e[0] >= kill + 2]
+    first_fallback = min((e[1] for e in events if e[2] == "fallback" and e[0] >= kill - 5),
+                         default=None)  # fmt: skip
+    first_primary = min((e[1] for e in events if e[2] == "primary" and e[0] >= back), default=None)
+    reasons: dict[str, int] = {}
+    for event in failed:
+        reasons[event[2]] = reasons.get(event[2], 0) + 1
+    result = {
+        "requests": len(events), "seconds": round(seconds, 1), "workers": BREAKER_WORKERS,
+        "cut_at_kill": len(cut), "window_requests": len(window),
+        "window_failed": sum(e[2].startswith("failed") for e in window),
+        "after_requests": len(after), "failure_reasons": reasons,
+        "served_by_fallback": sum(e[2] == "fallback" for e in events),
+        "primary_down_s": round(back - kill, 2),
+    }  # fmt: skip
+    print(json.dumps(result))
+    return {
+        "breaker_failover_s": None if first_fallback is None else round(first_fallback - kill, 3),
+        "failed_in_window_pct": round(100 * result["window_failed"] / max(1, len(window)), 2),
+        "failed_after": sum(e[2].startswith("failed") for e in after),
+        "recovery_s": None if first_primary is None else round(first_primary - back, 3),
+        "breaker": result,
+    }  # fmt: skip
+
+
+BREAKER_WORKERS = 4
+
+
+def part_breaker(work: Path, seconds: float) -> dict[str, Any]:
+    """11. On the local cluster: a TtsGateway whose route's fleet (one replica) has a
+    fallback fleet (another), closed-loop load of 4 streams, the gateway's breaker at its
+    defaults. A third of the way in, the primary's only pod is killed (SIGKILL of its
+    tritonserver: a crash; the runner restarts the container, as kubelet does); once it
+    is ready again, the load runs another third. The gateway learns of the kill from
+    the failed streams and from the pod's endpoint leaving its EndpointSlice."""
+    (api, operator), address, token = cluster_setup(work, replicas=1, fallback=True)
+    try:
+        (victim,) = kube.list_pods(api, NAMESPACE, "ttsfleet.io/deployment=joe-local")
+        primary = f"{victim['status']['podIP']}:8001"
+        events: list[tuple[float, float, str]] = []
+        marks: dict[str, float] = {}
+
+        async def run() -> None:
+            stop = asyncio.Event()
+            load = asyncio.create_task(breaker_load(address, token, BREAKER_WORKERS, events, stop))
+            await asyncio.sleep(seconds / 3)
+            marks["kill"] = time.monotonic()
+            os.kill(server_pid(victim["metadata"]["uid"]), signal.SIGKILL)
+            await asyncio.sleep(1)  # down: its endpoint leaves, then comes back when ready
+
+            def ready() -> bool:
+                return primary in kube.ready_endpoints(api, NAMESPACE, "joe-local", "grpc")
+
+            await asyncio.to_thread(harness.wait_for, "the primary back", ready, 300, 0.1)
+            marks["back"] = time.monotonic()
+            await asyncio.sleep(seconds / 3)
+            stop.set()
+            await load
+
+        asyncio.run(run())
+    finally:
+        operator.stop()
+        local.down(CLUSTER)
+    figures = breaker_figures(events, marks["kill"], marks["back"], seconds)
+    figures["breaker"] |= {
+        "where": "the local cluster: TtsGateway pod, primary and fallback TtsDeployment "
+        "pods on the local node; the primary's pod killed (SIGKILL of its tritonserver)",
+    }
+    return figures
+
+
+def part_breaker_local(setup: Setup, work: Path, seconds: float) -> dict[str, Any]:
+    """The same with local processes and fixed endpoints (no EndpointSlice to tell the
+    gateway: only failures open the breaker): the primary replica killed with its
+    backend stubs, then started again."""
     with tritons(work, 2, "chunked") as (primary, fallback):
         gateway = setup.gateway("breaker", [primary.grpc_address],
                                 fallback=[fallback.grpc_address])  # fmt: skip
@@ -1180,7 +1296,9 @@ def part_breaker(setup: Setup, work: Path, seconds: float) -> dict[str, Any]:
 
         async def run() -> None:
             stop = asyncio.Event()
-            load = asyncio.create_task(breaker_load(gateway.url, setup.token, 4, events, stop))
+            load = asyncio.create_task(
+                breaker_load(gateway.url, setup.token, BREAKER_WORKERS, events, stop)
+            )
             await asyncio.sleep(seconds / 3)
             marks["kill"] = time.monotonic()
             await asyncio.to_thread(kill_tree, primary)
@@ -1195,33 +1313,8 @@ def part_breaker(setup: Setup, work: Path, seconds: float) -> dict[str, Any]:
             asyncio.run(run())
         finally:
             gateway.stop()
-    kill, back = marks["kill"], marks["back"]
-    failed = [e for e in events if e[2].startswith("failed")]
-    cut = [e for e in failed if e[0] < kill <= e[1]]
-    window = [e for e in events if kill <= e[0] < kill + 2]
-    after = [e for e in events if e[0] >= kill + 2]
-    first_fallback = min((e[1] for e in events if e[2] == "fallback" and e[0] >= kill - 5),
-                         default=None)  # fmt: skip
-    first_primary = min((e[1] for e in events if e[2] == "primary" and e[0] >= back), default=None)
-    reasons: dict[str, int] = {}
-    for event in failed:
-        reasons[event[2]] = reasons.get(event[2], 0) + 1
-    result = {
-        "requests": len(events), "seconds": seconds, "workers": 4,
-        "cut_at_kill": len(cut), "window_requests": len(window),
-        "window_failed": sum(e[2].startswith("failed") for e in window),
-        "after_requests": len(after), "failure_reasons": reasons,
-        "served_by_fallback": sum(e[2] == "fallback" for e in events),
-    }  # fmt: skip
-    print(json.dumps(result))
-    return {
-        "breaker_failover_s": None if first_fallback is None else round(first_fallback - kill, 3),
-        "failed_in_window_pct": round(100 * result["window_failed"] / max(1, len(window)), 2),
-        "failed_after": sum(e[2].startswith("failed") for e in after if e[0] < back)
-        + sum(e[2].startswith("failed") for e in events if e[0] >= back),
-        "recovery_s": None if first_primary is None else round(first_primary - back, 3),
-        "breaker": result,
-    }  # fmt: skip
+    figures = breaker_figures(events, marks["kill"], marks["back"], seconds)
+    return {"breaker_local": figures.pop("breaker") | figures}
 
 
 def part_redis_down(setup: Setup, triton: harness.TritonProcess, seconds: float) -> dict[str, Any]:
@@ -1356,7 +1449,8 @@ def part_abuse(setup: Setup, triton: harness.TritonProcess, seconds: float) -> d
 # ---- the run --------------------------------------------------------------------------------
 
 PARTS = ("added", "balancing", "replica_kill", "formats", "websockets", "barge_in", "memory",
-         "cached", "limits", "fairness", "breaker", "redis_down", "abuse")  # fmt: skip
+         "cached", "limits", "fairness", "breaker", "breaker_local", "redis_down",
+         "abuse")  # fmt: skip
 # A key each part writes: where a results file has it, that part has been measured.
 PART_KEYS = {
     "added": "added_ttfa_ms", "balancing": "p2c_vs_round_robin_ttfa_p95",
@@ -1364,6 +1458,7 @@ PART_KEYS = {
     "websockets": "ws_connections_rss_mb", "barge_in": "cancel_to_silence_ms",
     "memory": "rss_growth_mb_10k", "cached": "cached_p99_ms", "limits": "ratelimit_p99_ms",
     "fairness": "fairness_b_ttfa_ratio", "breaker": "breaker_failover_s",
+    "breaker_local": "breaker_local",
     "redis_down": "redis_down_over_limit_admitted_pct", "abuse": "abuse_good_ttfa_ratio",
 }  # fmt: skip
 
@@ -1480,7 +1575,9 @@ def measure(ran: list[str], args: argparse.Namespace) -> dict[str, Any]:
             "sentence_engine": engines["sentence"]["barge_in"],
         }
     if "breaker" in ran:
-        results |= part_breaker(Setup(work), work, args.seconds * 1.5)
+        results |= part_breaker(work, args.seconds * 1.5)
+    if "breaker_local" in ran:
+        results |= part_breaker_local(Setup(work), work, args.seconds * 1.5)
     # The parts that need one replica (the default, chunked engine) share it.
     one_replica = {
         "limits": lambda setup, server: part_limits(setup, server, args.seconds / 2),
