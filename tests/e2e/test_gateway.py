@@ -277,13 +277,20 @@ def test_gateway_replicas_share_limits_through_the_redis_the_operator_runs(
         )
 
     def burst(tenant: str) -> list[int]:
-        """Eight requests from `tenant`, alternating between the two replicas."""
+        """Eight requests from `tenant`, alternating between the two replicas: each one's
+        status, and each carries the RateLimit fields (an admitted request that no
+        replica could take too)."""
         headers, addresses = token(tenant), pods()
-        return [
+        answers = [
             http.post(f"http://{addresses[i % 2]}/v1/audio/speech", json=speech,
-                      headers=headers).status_code
+                      headers=headers)
             for i in range(8)
         ]  # fmt: skip
+        for answer in answers:
+            assert answer.headers["ratelimit-policy"] == '"requests";q=3;w=150', answer.headers
+            assert answer.headers["ratelimit"].startswith('"requests";r='), answer.headers
+            assert "retry-after" in answer.headers
+        return [answer.status_code for answer in answers]
 
     with httpx2.Client(trust_env=False, timeout=10) as http:
         try:

@@ -437,6 +437,10 @@ class Gateway:
             return Response(cached, media_type=media, headers=headers)
         try:
             opened = await self.connect(speech)
+        except ApiError as err:  # admitted, then refused (503): still within the limits
+            await admitted.release()
+            err.headers = admitted.headers() | err.headers
+            raise
         except BaseException:
             await admitted.release()
             raise
