@@ -494,12 +494,15 @@ def _figure(value: float | None, spec: str) -> str:
 def sim(
     trace: Annotated[
         str | None,
-        typer.Option(help="diurnal, spike, flash-crowd, ramp, or a CSV file (t_s,requests_per_s)."),
+        typer.Option(
+            help="diurnal, spike, flash-crowd, ramp (each also -noisy), or a CSV file "
+            "(t_s,requests_per_s)."
+        ),
     ] = None,
     policy: Annotated[
         list[str] | None,
         typer.Option(
-            help="ttsfleet, hpa, hpa-queue, keda, kpa, static-peak (repeat); all if unset."
+            help="ttsfleet, hpa, hpa-queue, keda, kpa, oracle, static-peak (repeat); all if unset."
         ),
     ] = None,
     json_out: Annotated[

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from ttsfleet.api.v1alpha1 import TtsDeploymentSpec
 from ttsfleet.autoscale.loop import policy_for
 from ttsfleet.cli import app
-from ttsfleet.sim import compare, policies, report, traces, validate
+from ttsfleet.sim import compare, engine, policies, report, traces, validate
 from ttsfleet.sim.engine import SimConfig, View, count_oscillations, simulate, steps
 from ttsfleet.sim.service import MEASURED_TTFA_P50_S, calibrated
 
@@ -34,6 +34,25 @@ def test_builtin_traces_have_their_shapes() -> None:
     ramp = traces.load("ramp")
     assert ramp.rate(0.0) < ramp.rate(1800.0) < ramp.rate(3600.0) == ramp.peak
     assert traces.load("diurnal").sampled(60.0) == traces.load("diurnal").sampled(60.0)
+
+
+def test_noisy_variants_keep_their_base_and_add_jitter_bursts_and_an_outage() -> None:
+    base, noisy = traces.load("spike"), traces.load("spike-noisy")
+    assert noisy.name == "spike-noisy" and noisy == traces.load("spike-noisy")  # seeded
+    assert traces.KINDS["spike-noisy"] == "step" and traces.KINDS["ramp-noisy"] == "slow"
+    rates = noisy.sampled(1.0)
+    plain = base.sampled(1.0)
+    assert len(rates) == len(plain)
+    # The same traffic on the whole (jitter has mean 1; bursts add a few percent; the
+    # retry surge gives back what the outage held).
+    assert 1.0 <= sum(rates) / sum(plain) < 1.15
+    # Jitter: neighbouring seconds differ where the base is flat.
+    assert len({round(r) for r in rates[:300]}) > 100
+    # The outage: a minute at 5 % of the rate, then the surge on top of it.
+    low = [i for i, (r, b) in enumerate(zip(rates, plain, strict=True)) if r < 0.1 * b]
+    assert 55 <= len(low) <= 65 and low[-1] - low[0] == len(low) - 1
+    surge = rates[low[-1] + 1 : low[-1] + 31]
+    assert sum(surge) > 2 * sum(plain[low[-1] + 1 : low[-1] + 31])
 
 
 def test_csv_traces_are_interpolated(tmp_path: Path) -> None:
@@ -119,9 +138,16 @@ def test_hpa_waits_out_its_300s_stabilisation_before_scaling_down() -> None:
     assert downs and min(downs) >= 900 + 300
 
 
-def test_keda_polls_every_30s_and_kpa_ticks_every_2s() -> None:
+def test_keda_reads_at_each_15s_sync_unless_it_caches_and_kpa_ticks_every_2s() -> None:
     keda = simulate(UP_DOWN, policies.baseline("keda", 0.5), None, SERVICE)
-    assert keda.scale_events and all(t % 30 == 0 for t, _, _ in keda.scale_events)
+    assert any(t % 30 for t, _, _ in keda.scale_events)  # not only on a 30 s poll
+    assert keda.scale_events and all(t % 15 == 0 for t, _, _ in keda.scale_events)
+    cached = simulate(UP_DOWN, policies.Keda(0.5, cached_metrics=True), None, SERVICE)
+    assert cached.scale_events and all(t % 30 == 0 for t, _, _ in cached.scale_events)
+    # Fresh reads answer a step sooner: the first scale-up after it comes earlier.
+    assert min(t for t, a, b in keda.scale_events if b > a and t > 300) < min(
+        t for t, a, b in cached.scale_events if b > a and t > 300
+    )
     kpa = simulate(UP_DOWN, policies.baseline("kpa", 0.5), None, SERVICE)
     first_up = min(t for t, a, b in kpa.scale_events if b > a and t > 300)
     assert 300 < first_up <= 310 and all(t % 2 == 0 for t, _, _ in kpa.scale_events)
@@ -148,8 +174,51 @@ def test_json_output_shape() -> None:
     for summary in doc["policies"].values():
         assert {"slo_attainment", "slo_misses", "replica_hours", "oscillations_per_hour",
                 "reaction_s_p95"} <= set(summary)  # fmt: skip
-    assert [p["target"] for p in doc["sweeps"]["hpa"]] == list(policies.SWEEPS["hpa"])
-    json.dumps(doc | {"goals": report.goals(result)})
+    swept = [p["target"] for p in doc["sweeps"]["hpa"]]
+    assert set(policies.SWEEPS["hpa"]) <= set(swept) and swept == sorted(swept)
+    goals = report.goals(result)
+    json.dumps(doc | {"goals": goals})
+    # The goals retired with the second pass are gone; never-dominated replaces them.
+    assert not {"fewer_misses_3x", "fewer_replica_hours_45pct"} & set(goals)
+    assert {"never_dominated", "dominated_by", "no_more_than_static_peak"} <= set(goals)
+
+
+def test_the_oracle_sees_the_highest_load_of_its_whole_lead() -> None:
+    """A burst between the points the old oracle looked at (now, lead / 2, lead): it
+    must be ready for it when the burst comes, not miss it."""
+    rates = [100.0] * 120
+    rates[70:74] = [900.0] * 4  # 4 s at 9x, 10-14 s after t = 60 s
+    oracle = policies.oracle(0.5, rates, 1.0, 10.0, lead_s=32.0)
+    view = View(SimConfig(), SERVICE)
+    assert oracle.decide(view, 40.0, 20, 20) == 180  # 900 / 10 / 0.5, 30 s ahead
+    assert oracle.decide(view, 60.0, 20, 20) == 180  # t + 16 and t + 32 are both at 100
+    assert oracle.decide(view, 80.0, 180, 180) == 20
+    assert policies.window_max([1.0, 5.0, 2.0, 0.0, 3.0], 2) == [5.0, 5.0, 3.0, 3.0, 3.0]
+
+
+def test_the_oracle_joins_the_policies_and_bounds_them_on_a_step() -> None:
+    result = compare.compare(STEP, ["ttsfleet", "oracle"], None, SERVICE)
+    assert "oracle" in result.results
+    sweep = result.sweeps["oracle"]
+    own = result.results["ttsfleet"]
+    hours = [x.result.replica_hours for x in sweep]
+    assert min(hours) <= 0.5 * own.replica_hours and max(hours) >= 2 * own.replica_hours
+    assert len(sweep) >= 8
+    at = report.misses_at(sweep, own.replica_hours)
+    assert at is not None and at <= own.slo_misses  # nothing beats foresight at equal cost
+    goals = report.goals(result, "step")
+    assert goals["oracle_misses_at_equal_replica_hours"] == round(at)
+
+
+def test_max_replicas_defaults_to_four_times_the_peak_need() -> None:
+    config = engine.bounded(SimConfig(), STEP, SERVICE)
+    need = engine.peak_need(STEP, config, SERVICE)
+    assert config.max_replicas == 4 * need
+    assert engine.bounded(SimConfig(max_replicas=7), STEP, SERVICE).max_replicas == 7
+    # A policy that asks for the moon gets 4x the need, not 1,000 or less.
+    greedy = policies.Static(10**6)
+    result = simulate(STEP, greedy, None, SERVICE)
+    assert max(result.series.replicas) == 4 * need
 
 
 def test_validation_replays_a_recorded_run(tmp_path: Path) -> None:
@@ -186,7 +255,7 @@ def test_cli_rejects_unknown_trace_and_policy() -> None:
     assert "diurnal, spike, flash-crowd, ramp" in bad_trace.output
     bad_policy = runner.invoke(app, ["sim", "--trace", "spike", "--policy", "vpa"])
     assert bad_policy.exit_code == 1
-    assert "ttsfleet, hpa, hpa-queue, keda, kpa, static-peak" in bad_policy.output
+    assert "ttsfleet, hpa, hpa-queue, keda, kpa, oracle, static-peak" in bad_policy.output
     assert runner.invoke(app, ["sim"]).exit_code == 1
 
 

@@ -1,10 +1,12 @@
 """Every policy on one trace, each baseline at its best swept target.
 
 ttsfleet runs first: its replica-hours are the budget, its SLO attainment the bar.
-- hpa, hpa-queue, keda, kpa: every target of `policies.SWEEPS` runs; the one kept is
-  the cheapest that spends at least ttsfleet's replica-hours (the peer with the same
-  budget or more, as close to it as the sweep allows); when no target spends that
-  much, the most expensive one (`within_budget` is then False).
+- hpa, hpa-queue, keda, kpa, and the oracle (over utilisations): every target of
+  `policies.SWEEPS` runs, and more beyond its ends until the sweep spans 0.5-2x
+  ttsfleet's replica-hours (`sweep`); the one kept is the cheapest that spends at least ttsfleet's
+  replica-hours (the peer with the same budget or more, as close to it as the sweep
+  allows); when no target spends that much, the most expensive one (`within_budget`
+  is then False).
 - static-peak: the smallest fixed size whose SLO attainment is at least ttsfleet's
   (bisection between one replica and the maximum); the size the trace's peak needs at
   the SLO is recorded too (`peak_sized_replicas`).
@@ -13,10 +15,19 @@ ttsfleet runs first: its replica-hours are the budget, its SLO attainment the ba
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ttsfleet.sim import policies
-from ttsfleet.sim.engine import Result, SimConfig, simulate
+from ttsfleet.sim.engine import (
+    Result,
+    Scaler,
+    SimConfig,
+    bounded,
+    max_replicas,
+    peak_need,
+    simulate,
+)
 from ttsfleet.sim.service import ServiceModel, calibrated
 from ttsfleet.sim.traces import Trace
 
@@ -43,6 +54,33 @@ class Comparison:
 POLICIES = policies.POLICIES
 
 
+SPAN = (0.5, 2.0)  # a sweep reaches from this share of ttsfleet's replica-hours to that
+STRETCH = 1.25  # each target added beyond the listed ones: x or / this
+MAX_ADDED = 12  # targets added at most, each way
+
+
+def sweep(name: str, run: Callable[[float], Result], own_hours: float) -> list[Tried]:
+    """`policies.SWEEPS[name]` run, then targets added beyond its ends until the sweep
+    spends from SPAN[0] to SPAN[1] times `own_hours` (or cannot: a target at its limit,
+    or MAX_ADDED more each way). Every peer's targets ask for fewer replicas as they
+    grow. Sorted by target."""
+    tried = {t: run(t) for t in policies.SWEEPS[name]}
+    limit = policies.TARGET_LIMITS.get(name, math.inf)
+    for _ in range(MAX_ADDED):  # dearer: smaller targets
+        if max(r.replica_hours for r in tried.values()) >= SPAN[1] * own_hours:
+            break
+        target = min(tried) / STRETCH
+        tried[target] = run(target)
+    for _ in range(MAX_ADDED):  # cheaper: larger targets, up to the limit
+        if min(r.replica_hours for r in tried.values()) <= SPAN[0] * own_hours:
+            break
+        target = min(max(tried) * STRETCH, limit)
+        if target in tried:
+            break
+        tried[target] = run(target)
+    return [Tried(t, tried[t]) for t in sorted(tried)]
+
+
 def unknown_policies(names: list[str]) -> list[str]:
     return [n for n in names if n not in policies.POLICIES]
 
@@ -54,34 +92,42 @@ def compare(
     service: ServiceModel | None = None,
 ) -> Comparison:
     """Run the named policies (all by default) on the trace; see the module docstring."""
-    config = config or SimConfig()
     service = service or calibrated()
+    config = bounded(config or SimConfig(), trace, service)
+    top = max_replicas(config)
     wanted = list(names or policies.POLICIES)
     bad = unknown_policies(wanted)
     if bad:
         raise ValueError(f"unknown policy {bad[0]!r}: use one of {', '.join(policies.POLICIES)}")
     out = Comparison(trace.name)
-    per_replica = service.replica_rate * service.utilisation_for(config.slo_s)
-    out.peak_sized_replicas = min(math.ceil(trace.peak / per_replica), config.max_replicas)
+    out.peak_sized_replicas = min(peak_need(trace, config, service), top)
     out.peak_sized_replica_hours = (
         out.peak_sized_replicas * math.ceil(trace.duration_s / config.tick_s) * config.tick_s / 3600
     )
     own = simulate(
         trace,
-        policies.TtsfleetScaler(policies.ttsfleet_policy(config.max_replicas, config.min_replicas)),
+        policies.TtsfleetScaler(policies.ttsfleet_policy(top, config.min_replicas)),
         config,
         service,
     )
     if "ttsfleet" in wanted:
         out.results["ttsfleet"] = own
-    for name in policies.BASELINES:
+    rates = trace.sampled(config.tick_s)
+
+    def swept(name: str, target: float) -> Scaler:
+        if name == "oracle":
+            lead = config.cold_start_s + policies.LOOP_SECONDS
+            return policies.oracle(target, rates, config.tick_s, service.replica_rate, lead)
+        return policies.baseline(name, target, top, config.min_replicas)
+
+    for name in (*policies.BASELINES, "oracle"):
         if name not in wanted:
             continue
-        tried = [
-            Tried(t, simulate(trace, policies.baseline(name, t, config.max_replicas,
-                                                       config.min_replicas), config, service))
-            for t in policies.SWEEPS[name]
-        ]  # fmt: skip
+
+        def run(target: float, name: str = name) -> Result:
+            return simulate(trace, swept(name, target), config, service)
+
+        tried = sweep(name, run, own.replica_hours)
         # The cheapest target that spends at least ttsfleet's replica-hours.
         fits = [x for x in tried if x.result.replica_hours >= own.replica_hours - 1e-9]
         best = (
@@ -93,7 +139,7 @@ def compare(
         out.results[name], out.targets[name] = best.result, best.target
         out.within_budget[name] = bool(fits)
     if "static-peak" in wanted:
-        lo, hi = config.min_replicas, config.max_replicas
+        lo, hi = config.min_replicas, top
 
         def fixed(n: int) -> SimConfig:
             return replace(config, initial_replicas=n)

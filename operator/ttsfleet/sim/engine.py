@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ttsfleet.sim.service import ServiceModel, calibrated
@@ -34,11 +34,37 @@ class SimConfig:
     scrape_interval_s: float = 5.0
     rate_window_s: float = 10.0  # autoscale/metrics.py WINDOW
     min_replicas: int = 1
-    max_replicas: int = 1000
+    # None: MAX_OVER_PEAK x what the trace's peak needs at the SLO (`bounded`), so the
+    # bound never caps what a policy asks for on the way to the peak.
+    max_replicas: int | None = None
     initial_replicas: int | None = None  # None: sized for the first second at the SLO
     oscillation_window_s: float = 600.0
     step_rise: float = 1.5  # a step: the rate grows by this factor within step_within_s
     step_within_s: float = 60.0
+
+
+MAX_OVER_PEAK = 4
+
+
+def peak_need(trace: Trace, config: SimConfig, service: ServiceModel) -> int:
+    """Replicas that hold the trace's peak at the SLO (utilisation `utilisation_for`)."""
+    per_replica = service.replica_rate * service.utilisation_for(config.slo_s)
+    return max(1, math.ceil(trace.peak / per_replica))
+
+
+def bounded(config: SimConfig, trace: Trace, service: ServiceModel) -> SimConfig:
+    """`config` with its maxReplicas set (see SimConfig.max_replicas)."""
+    if config.max_replicas is not None:
+        return config
+    need = MAX_OVER_PEAK * peak_need(trace, config, service)
+    return replace(config, max_replicas=max(need, config.min_replicas))
+
+
+def max_replicas(config: SimConfig) -> int:
+    """The bound of a config `bounded` has seen."""
+    if config.max_replicas is None:
+        raise ValueError("config.max_replicas is unset: pass it through bounded() first")
+    return config.max_replicas
 
 
 class Scaler(Protocol):
@@ -276,7 +302,7 @@ def initial_size(trace: Trace, config: SimConfig, service: ServiceModel) -> int:
         return config.initial_replicas
     rho = service.utilisation_for(config.slo_s)
     need = math.ceil(trace.rate(0.0) / (service.replica_rate * rho))
-    return min(max(need, config.min_replicas), config.max_replicas)
+    return min(max(need, config.min_replicas), max_replicas(config))
 
 
 def simulate(
@@ -286,8 +312,9 @@ def simulate(
     service: ServiceModel | None = None,
 ) -> Result:
     """Run `scaler` against `trace`; deterministic."""
-    config = config or SimConfig()
     service = service or calibrated()
+    config = bounded(config or SimConfig(), trace, service)
+    top = max_replicas(config)
     dt = config.tick_s
     rates = trace.sampled(dt)
     view = View(config, service)
@@ -304,7 +331,7 @@ def simulate(
         ready = fleet.become_ready(now)
         if i and i % decide_every == 0:
             want = scaler.decide(view, now, fleet.desired, ready)
-            want = min(max(want, config.min_replicas), config.max_replicas)
+            want = min(max(want, config.min_replicas), top)
             if want != fleet.desired:
                 events.append((now, fleet.desired, want))
                 ready = fleet.scale(want, now + config.cold_start_s)

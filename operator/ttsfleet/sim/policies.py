@@ -12,14 +12,20 @@
   it (`avg_time_queue_us`: queue time per request over 30 s, an AverageValue target).
 - `keda`: a ScaledObject with a Prometheus trigger on requests in the fleet
   (`nv_inference_pending_request_count + ttsfleet_inflight_streams`, AverageValue per
-  replica), polled every 30 s (pollingInterval), 300 s cooldown before scaling down,
-  the HPA's 10 % tolerance and scale-up limits (KEDA drives an HPA).
+  replica), through the HPA KEDA creates: read fresh at each 15 s HPA sync (KEDA's
+  default; its 30 s pollingInterval only wakes a fleet from zero, and the value is
+  cached between polls only with the opt-in `useCachedMetrics`, `cached_metrics`
+  here), the HPA's 300 s scale-down stabilisation, 10 % tolerance and scale-up limits.
 - `kpa`: Knative's pod autoscaler on concurrency (requests in flight per pod, as the
   queue-proxy reports them): 2 s tick, 60 s stable window, 6 s panic window, panic at
   200 % of the ready pods (each tick over it extends the panic, which ends a stable
   window after the last), no scale-down while panicking, scale-down at most /2 a tick.
 - `static-peak`: a fixed size (the simulator's sweep picks the smallest one that
   matches ttsfleet's SLO attainment).
+- `oracle`: not an autoscaler but the bound on one: perfect foresight of the load, no
+  panic, no delay of its own. Every 2 s it asks for what the highest load of the next
+  cold start and period needs at a fixed utilisation (its target): replicas it orders
+  now are Ready for that load, and those it keeps cover everything until then.
 Every baseline takes a target; `SWEEPS` lists the values the simulator tries.
 """
 
@@ -102,13 +108,21 @@ class Hpa:
         return min(rec, max(2 * current, current + 4))
 
 
+KEDA_POLLING_S = 30.0  # pollingInterval: how long a cached value lasts (useCachedMetrics)
+
+
 @dataclass
 class Keda(Hpa):
-    """KEDA: the value polled every 30 s, an AverageValue target, 300 s cooldown."""
+    """KEDA's HPA on an external metric (AverageValue): read at each 15 s sync, or every
+    pollingInterval with `cached_metrics` (useCachedMetrics: true)."""
 
     signal: str = "in_system"
     name: str = "keda"
-    period_s: float = 30.0
+    cached_metrics: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cached_metrics:  # the HPA still syncs every 15 s; the value moves every 30 s
+            self.period_s = KEDA_POLLING_S
 
     def raw(self, view: View, now: float, current: int, ready: int) -> int:
         pending, streams = view.pending_requests(now), view.open_stream_count(now)
@@ -161,8 +175,47 @@ class Static:
         return round(self.target)
 
 
+@dataclass
+class Oracle:
+    """Perfect foresight at a fixed utilisation (see the module docstring)."""
+
+    target: float  # utilisation
+    needs: list[float] = field(repr=False, default_factory=list)  # per tick, see `oracle`
+    tick_s: float = 1.0
+    name: str = "oracle"
+    period_s: float = LOOP_SECONDS
+
+    def decide(self, view: View, now: float, current: int, ready: int) -> int:
+        i = min(round(now / self.tick_s), len(self.needs) - 1)
+        return math.ceil(self.needs[i] / self.target - 1e-9)
+
+
+def window_max(values: list[float], ahead: int) -> list[float]:
+    """Per index i, the largest of values[i : i + ahead + 1] (one pass)."""
+    out = [0.0] * len(values)
+    window: deque[int] = deque()  # indices, their values decreasing
+    for j in range(len(values) - 1, -1, -1):
+        while window and values[window[-1]] <= values[j]:
+            window.pop()
+        window.append(j)
+        while window[0] > j + ahead:
+            window.popleft()
+        out[j] = values[window[0]]
+    return out
+
+
+def oracle(
+    target: float, rates: list[float], tick_s: float, replica_rate: float, lead_s: float
+) -> Oracle:
+    """The oracle at utilisation `target` on a trace sampled as `rates` (requests/s per
+    tick): at each tick, the busy replicas the highest rate of the next `lead_s` needs."""
+    ahead = max(1, math.ceil(lead_s / tick_s))
+    needs = [r / replica_rate for r in window_max(rates, ahead)]
+    return Oracle(target, needs, tick_s)
+
+
 BASELINES = ("hpa", "hpa-queue", "keda", "kpa")
-POLICIES = ("ttsfleet", *BASELINES, "static-peak")
+POLICIES = ("ttsfleet", *BASELINES, "oracle", "static-peak")
 
 # Targets tried per baseline (static-peak is searched by bisection instead).
 SWEEPS: dict[str, tuple[float, ...]] = {
@@ -171,12 +224,16 @@ SWEEPS: dict[str, tuple[float, ...]] = {
     "hpa-queue": (0.00005, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1),
     "keda": (0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.8, 1.0),  # requests in flight per replica
     "kpa": (0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.8, 1.0),  # concurrency per pod
+    "oracle": (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75),  # utilisation
 }
+# Where a target stops meaning anything (a utilisation of a whole replica or more).
+TARGET_LIMITS = {"hpa": 0.95, "oracle": 0.95}
 UNITS = {
     "hpa": "CPU utilisation",
     "hpa-queue": "queue seconds per request",
     "keda": "requests in flight per replica",
     "kpa": "concurrency per pod",
+    "oracle": "utilisation",
     "static-peak": "replicas",
 }
 
@@ -184,7 +241,7 @@ UNITS = {
 def baseline(
     name: str, target: float, max_replicas: int = 1000, min_replicas: int = 1
 ) -> Hpa | Kpa | Static:
-    """A baseline by name at a target."""
+    """A baseline by name at a target (the oracle needs the trace: see `oracle`)."""
     if name == "hpa":
         return Hpa(target, max_replicas=max_replicas, min_replicas=min_replicas)
     if name == "hpa-queue":

@@ -12,8 +12,8 @@ from rich.table import Table
 from ttsfleet.sim.compare import Comparison, Tried
 from ttsfleet.sim.policies import BASELINES, UNITS
 
-MISSES_RATIO_GOAL = 3.0  # ttsfleet: at least 3x fewer SLO misses than the best peer
-STATIC_SAVING_GOAL = 0.45  # and at least 45 % fewer replica-hours than static peak
+ORACLE_SLOW_RATIO = 1.03  # slow traces: misses at most this times the oracle's, equal cost
+GAP_GOAL = 0.5  # step traces: close at least this share of the best peer's gap to the oracle
 
 
 def table(comparison: Comparison, slo_s: float) -> Table:
@@ -60,23 +60,26 @@ def as_json(comparison: Comparison) -> dict[str, Any]:
     }
 
 
-def goals(comparison: Comparison) -> dict[str, Any]:
-    """The issue's goals on this trace, with the numbers behind each verdict."""
+def goals(comparison: Comparison, kind: str | None = None) -> dict[str, Any]:
+    """The goals on this trace, with the numbers behind each verdict. `kind`: "slow" or
+    "step" (`traces.KINDS`) adds that kind's goal against the oracle; None (a trace of
+    unknown shape) only the goals every trace has."""
     results = comparison.results
     own = results["ttsfleet"]
     out: dict[str, Any] = {"oscillations_per_hour": round(own.oscillations_per_hour, 3)}
     out["no_oscillations"] = own.oscillations == 0
+    # Dominated: a peer's swept point that spends no more and misses fewer.
+    dominating = [
+        f"{name}@{x.target:g}"
+        for name in BASELINES
+        for x in comparison.sweeps.get(name, [])
+        if x.result.replica_hours <= own.replica_hours + 1e-9
+        and x.result.slo_misses < own.slo_misses - 1e-6
+    ]
+    out["dominated_by"] = dominating
+    out["never_dominated"] = not dominating
     peers = {n: results[n] for n in BASELINES if n in results}
     if peers:
-        best_name = min(peers, key=lambda n: peers[n].slo_misses)
-        best = peers[best_name]
-        ratio = best.slo_misses / own.slo_misses if own.slo_misses else math.inf
-        out["best_peer"] = best_name
-        out["misses_ratio"] = round(ratio, 2) if math.isfinite(ratio) else None
-        out["replica_hours_vs_best_peer"] = round(own.replica_hours / best.replica_hours, 3)
-        out["fewer_misses_3x"] = (
-            ratio >= MISSES_RATIO_GOAL and own.replica_hours <= best.replica_hours + 1e-9
-        )
         # Each peer's sweep read at exactly ttsfleet's replica-hours (linear between the
         # two targets around it): the comparison at equal cost, without sweep granularity.
         at_equal = {
@@ -88,20 +91,32 @@ def goals(comparison: Comparison) -> dict[str, Any]:
         out["peer_misses_at_equal_replica_hours"] = {n: round(m) for n, m in known.items()}
         if known and own.slo_misses:
             out["misses_ratio_at_equal_replica_hours"] = round(
-                min(known.values()) / own.slo_misses, 2
+                min(known.values()) / own.slo_misses, 3
             )
     if "static-peak" in results:
         static = results["static-peak"]
-        saving = 1 - own.replica_hours / static.replica_hours
-        out["saving_vs_static_peak"] = round(saving, 3)
+        out["saving_vs_static_peak"] = round(1 - own.replica_hours / static.replica_hours, 3)
+        out["no_more_than_static_peak"] = own.replica_hours <= static.replica_hours + 1e-9
         if comparison.peak_sized_replica_hours:
             out["peak_sized_replicas"] = comparison.peak_sized_replicas
             out["saving_vs_peak_sized"] = round(
                 1 - own.replica_hours / comparison.peak_sized_replica_hours, 3
             )
-        out["fewer_replica_hours_45pct"] = (
-            saving >= STATIC_SAVING_GOAL and static.slo_attainment >= own.slo_attainment - 1e-9
+    oracle = misses_at(comparison.sweeps.get("oracle", []), own.replica_hours)
+    if oracle is not None:
+        out["oracle_misses_at_equal_replica_hours"] = round(oracle)
+        out["misses_over_oracle"] = round(own.slo_misses / oracle, 3) if oracle else None
+    if kind == "slow" and oracle is not None:
+        out["within_3pct_of_oracle"] = own.slo_misses <= ORACLE_SLOW_RATIO * oracle + 1e-6
+    known_peers = out.get("peer_misses_at_equal_replica_hours") or {}
+    if kind == "step" and oracle is not None and known_peers:
+        best = min(known_peers.values())
+        gap = best - oracle
+        closed = (
+            (best - own.slo_misses) / gap if gap > 0 else (1.0 if own.slo_misses <= best else 0.0)
         )
+        out["gap_closed"] = round(closed, 3)
+        out["closes_half_the_gap"] = closed >= GAP_GOAL
     return out
 
 

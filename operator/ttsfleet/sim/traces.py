@@ -6,7 +6,9 @@ The built-in ones are deterministic (seeded) and scaled by their peak:
   with +-5 % seeded noise per minute;
 - `spike`: 1 h, 500 req/s, then x10 within 30 s at 15 min, held 10 min, back within 30 s;
 - `flash-crowd`: 1 h, 300 req/s, x13 within 10 s at 10 min, decaying back (tau 10 min);
-- `ramp`: 2 h, linear from 200 to 5,000 req/s over an hour, held 30 min, down in 30 min.
+- `ramp`: 2 h, linear from 200 to 5,000 req/s over an hour, held 30 min, down in 30 min;
+- `<each>-noisy`: the same at 1 s resolution with jitter, short bursts, and an
+  outage followed by a retry surge (`noisy`).
 A CSV file has the header `t_s,requests_per_s` and one row per second or coarser.
 """
 
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import bisect
 import csv
+import functools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +97,60 @@ def ramp(peak: float = 3000.0) -> Trace:
     return Trace("ramp", ((0.0, low), (3600.0, peak), (5400.0, peak), (7200.0, low)))
 
 
-BUILTIN = {"diurnal": diurnal, "spike": spike, "flash-crowd": flash_crowd, "ramp": ramp}
+JITTER_SIGMA = 0.15  # per-second lognormal noise on the rate
+BURSTS_PER_HOUR = 4
+BURST_SECONDS = (10, 40)
+BURST_RISE = (0.5, 1.5)  # +50 % to +150 % of the rate under it
+OUTAGE_S = 60.0  # traffic stops (an upstream outage) ...
+OUTAGE_LEFT = 0.05  # ... to this share of it ...
+RETRY_S = 30.0  # ... and the requests it held back come back within this, on top
+
+
+def noisy(base: Trace, seed: int = 11) -> Trace:
+    """`base` at 1 s resolution with what real traffic adds, seeded: per-second jitter
+    (lognormal, sigma JITTER_SIGMA, mean 1), short bursts (BURSTS_PER_HOUR on average,
+    10-40 s, +50-150 %), and one short outage (OUTAGE_S at 5 % of the rate, in the
+    middle third) followed by a retry surge that brings the held-back requests back
+    within RETRY_S. Named `<base>-noisy`."""
+    rng = random.Random(seed)  # noqa: S311 - a seeded model, not secrets
+    n = max(2, math.ceil(base.duration_s))
+    times = [p[0] for p in base.points]
+    rates = [_interpolate(base.points, times, float(t)) for t in range(n + 1)]
+    factor = [1.0] * len(rates)
+    for _ in range(max(1, round(BURSTS_PER_HOUR * base.duration_s / 3600))):
+        start, length = rng.randrange(len(rates)), rng.randint(*BURST_SECONDS)
+        rise = rng.uniform(*BURST_RISE)
+        for t in range(start, min(len(rates), start + length)):
+            factor[t] += rise
+    mu = -(JITTER_SIGMA**2) / 2  # E[lognormal] = 1
+    out = [r * f * rng.lognormvariate(mu, JITTER_SIGMA) for r, f in zip(rates, factor, strict=True)]
+    begin = rng.randrange(n // 3, 2 * n // 3)
+    held = 0.0
+    for t in range(begin, min(len(out), begin + round(OUTAGE_S))):
+        held += out[t] * (1 - OUTAGE_LEFT)
+        out[t] *= OUTAGE_LEFT
+    after = begin + round(OUTAGE_S)
+    for t in range(after, min(len(out), after + round(RETRY_S))):
+        out[t] += held / RETRY_S
+    return Trace(f"{base.name}-noisy", tuple((float(t), r) for t, r in enumerate(out)))
+
+
+BASES: dict[str, Callable[[], Trace]] = {
+    "diurnal": diurnal, "spike": spike, "flash-crowd": flash_crowd, "ramp": ramp,
+}  # fmt: skip
+
+
+def _noisy_of(make: Callable[[], Trace]) -> Trace:
+    return noisy(make())
+
+
+BUILTIN = BASES | {
+    f"{name}-noisy": functools.partial(_noisy_of, make) for name, make in BASES.items()
+}
+# What each built-in trace tests: slow change (an autoscaler should track it as well as
+# foresight would) or steps (only the transient can differ); a noisy variant as its base.
+KINDS = {"diurnal": "slow", "ramp": "slow", "spike": "step", "flash-crowd": "step"}
+KINDS |= {f"{name}-noisy": kind for name, kind in KINDS.items()}
 
 
 def read_csv(path: Path) -> Trace:
