@@ -9,7 +9,14 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ttsfleet.autoscale.policy import Policy, Recommendation, Snapshot, State, recommend
+from ttsfleet.autoscale.policy import (
+    Policy,
+    Recommendation,
+    Snapshot,
+    State,
+    arrival_rate,
+    recommend,
+)
 
 POLICY = Policy(min_replicas=1, max_replicas=20, queue_depth_per_replica=4, stable_window=60,
                 panic_window=6, scale_down_delay=120)  # fmt: skip
@@ -132,3 +139,38 @@ def test_noise_within_ten_percent_is_held_but_not_streams_beyond_capacity() -> N
     # 1,750 open streams need 110 replicas of 16: each replica must hold its streams.
     streams = recommend(Snapshot(100, open_streams=1750.0), policy, State(), now=0.0)
     assert streams.replicas == 110
+
+
+def test_arrivals_are_completions_plus_the_growth_of_the_requests_in_the_fleet() -> None:
+    history: tuple[tuple[float, float], ...] = ()
+    rate, history = arrival_rate(Snapshot(4, pending_requests=10, completed_per_second=40.0),
+                                 history, 0.0)  # fmt: skip
+    assert rate == 40.0  # nothing to compare with yet
+    rate, history = arrival_rate(Snapshot(4, pending_requests=110, completed_per_second=40.0),
+                                 history, 5.0)  # fmt: skip
+    assert rate == 40.0 + 100 / 5  # the queue grew by 20 a second: they arrived too
+    assert arrival_rate(Snapshot(4, pending_requests=3), history, 6.0) == (None, ())
+
+
+def test_arrivals_size_a_step_once_a_replicas_rate_is_learned() -> None:
+    """Near its targets the fleet learns what a replica carries (10/s here: 4 replicas
+    at 40/s ask for 4). A step to 400/s then asks for 40 replicas from the arrivals,
+    while the queue time it reads (seconds of backlog) asks for thousands."""
+    policy = replace(POLICY, max_replicas=1000)
+    state, replicas = State(), 4
+    for i in range(40):  # steady: queue time at its target, 40 requests/s
+        snap = Snapshot(replicas, pending_requests=4, queue_seconds_per_request=0.1,
+                        completed_per_second=40.0, serving_replicas=replicas)  # fmt: skip
+        rec = recommend(snap, policy, state, now=i * 2.0)
+        state, replicas = rec.state, rec.replicas
+    assert replicas == 4 and state.replica_rate == 10.0
+    pending = 4.0
+    for i in range(40, 46):  # the step: completions capped at 40/s, the queue grows
+        pending += (400 - 40) * 2.0
+        snap = Snapshot(replicas, pending_requests=pending, queue_seconds_per_request=pending / 40,
+                        completed_per_second=40.0, serving_replicas=4)  # fmt: skip
+        rec = recommend(snap, policy, state, now=i * 2.0)
+        state, replicas = rec.state, rec.replicas
+    assert rec.panic and rec.reason.startswith("panic: arrivals asks for")
+    assert 36 <= replicas <= 44  # ~400 / 10, not the queue time's thousands
+    assert rec.signals["queue_time"] > 1000 and 36 <= rec.signals["arrivals"] <= 44

@@ -1,8 +1,9 @@
 """The one module that talks to Prometheus: every fleet's signals, one query per signal.
 
 Each query groups by `namespace` and `deployment` (the labels the scrape config puts
-on every Triton sample), so one tick costs four queries however many
-TtsDeployments there are. A signal with no samples for a fleet is None, and a
+on every Triton sample), so one tick costs five queries (the four signals and the
+completion rate the policy reads arrivals from) however many TtsDeployments there
+are. A signal with no samples for a fleet is None, and a
 Prometheus that does not answer raises `MetricsUnavailableError`: the policy then
 holds the size and the operator says so.
 
@@ -36,6 +37,9 @@ QUERIES = {
         f"(rate({contract.TIME_TO_FIRST_AUDIO}_bucket[{WINDOW}])))"
     ),
     "open_streams": f"sum by (namespace, deployment) ({contract.INFLIGHT_STREAMS})",
+    "completed_per_second": (
+        f"sum by (namespace, deployment) (rate({contract.REQUEST_SUCCESS}[{WINDOW}]))"
+    ),
 }
 
 # Open streams of every fleet over a past window (a range query): the predicted floor.
@@ -57,6 +61,7 @@ class Signals:
     queue_seconds_per_request: float | None = None
     ttfa_p95_seconds: float | None = None
     open_streams: float | None = None
+    completed_per_second: float | None = None
 
 
 def parse(results: Mapping[str, list[dict[str, Any]]]) -> dict[Key, Signals]:

@@ -40,6 +40,9 @@ class Snapshot:
     queue_seconds_per_request: float | None = None
     ttfa_p95_seconds: float | None = None
     open_streams: float | None = None
+    # Requests completed per second (rate of nv_inference_request_success): with the
+    # change of requests in the fleet, the arrival rate.
+    completed_per_second: float | None = None
     # Ready replicas behind the measurements (None: ready_replicas). The proportional
     # signals (queue time, TTFA) scale from these: replicas still starting have not
     # changed the measurements yet, and counting them compounds every scale-up.
@@ -74,6 +77,7 @@ class Policy:
     max_scale_down_fraction: float = 0.05  # or this share of the fleet, when that is more
     scale_down_delay: float = 120.0
     tolerance: float = 0.1  # outside panic, hold while within 10 % of the current size
+    rate_learning: float = 0.2  # weight of a new reading of the rate a replica carries
     floor: int = 0  # scheduled or predicted floor, computed by the caller
     floor_reason: str = ""  # why that floor (named in the decision when it binds)
 
@@ -85,6 +89,9 @@ class State:
     observations: tuple[tuple[float, float], ...] = ()  # (time, replicas the signals asked for)
     recommendations: tuple[tuple[float, int], ...] = ()  # (time, what the signals asked, bounded)
     panic_until: float | None = None
+    in_system: tuple[tuple[float, float], ...] = ()  # (time, requests queued + streaming)
+    # Requests per second one replica carries at the targets, learned outside panics.
+    replica_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -137,12 +144,70 @@ def _hold_without_metrics(current: int, policy: Policy, state: State) -> Recomme
     )
 
 
+RATE_WINDOW = 10.0  # seconds over which arrivals are read (autoscale/metrics.py WINDOW)
+
+
+def arrival_rate(
+    snapshot: Snapshot, history: tuple[tuple[float, float], ...], now: float
+) -> tuple[float | None, tuple[tuple[float, float], ...]]:
+    """Requests arriving per second (completions plus the growth of the requests in the
+    fleet over RATE_WINDOW), and the history of requests in the fleet to keep."""
+    parts = (snapshot.pending_requests, snapshot.open_streams)
+    if snapshot.completed_per_second is None or all(v is None for v in parts):
+        return None, ()
+    inside = sum(v for v in parts if v is not None)
+    kept = (*((t, v) for t, v in history if t >= now - RATE_WINDOW), (now, inside))
+    t0, v0 = kept[0]
+    growth = (inside - v0) / (now - t0) if now > t0 else 0.0
+    return max(0.0, snapshot.completed_per_second + growth), kept
+
+
+def _asks(
+    snapshot: Snapshot, policy: Policy, state: State, now: float
+) -> tuple[dict[str, float], dict[str, float], tuple[tuple[float, float], ...], float | None]:
+    """What each driver asks for, what every signal asks for (reported), the
+    requests-in-the-fleet history and the rate a replica carries (see `recommend`)."""
+    asks = signal_replicas(snapshot, policy)
+    reported = dict(asks)
+    arrivals, in_system = arrival_rate(snapshot, state.in_system, now)
+    serving = (
+        snapshot.ready_replicas if snapshot.serving_replicas is None else snapshot.serving_replicas
+    )
+    # The rate a replica carries at the targets, learned while the fleet is near them
+    # (what the signals ask for within 30 % of the replicas serving).
+    replica_rate = state.replica_rate
+    measured = max(asks.values())
+    if (
+        (state.panic_until is None or now >= state.panic_until)
+        and arrivals
+        and serving > 0
+        and 0.7 <= measured / serving <= 1.3
+    ):
+        seen = arrivals / measured
+        replica_rate = (
+            seen
+            if replica_rate is None
+            else (replica_rate + policy.rate_learning * (seen - replica_rate))
+        )
+    if replica_rate and arrivals is not None:
+        # Arrivals drive the size once a replica's rate is known: the time signals read
+        # the queue's delay, which grows without bound while the fleet is short, and
+        # the queue's length asks for a replica per few queued requests; the arrivals
+        # (the queue's growth counted in them) grow only with the load. Open streams stay:
+        # streamsPerReplica is what a replica must hold.
+        reported["arrivals"] = arrivals / replica_rate
+        asks = {"arrivals": arrivals / replica_rate} | (
+            {"open_streams": asks["open_streams"]} if "open_streams" in asks else {}
+        )
+    return asks, reported, in_system, replica_rate
+
+
 def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> Recommendation:
     """The replicas the fleet should have now, and why."""
     current = snapshot.ready_replicas
     if not snapshot.has_metrics:
         return _hold_without_metrics(current, policy, state)
-    asks = signal_replicas(snapshot, policy)
+    asks, reported, in_system, replica_rate = _asks(snapshot, policy, state, now)
     driver, asked = max(asks.items(), key=lambda kv: kv[1])
     keep = now - max(policy.stable_window, policy.scale_down_delay)
     observations = (*((t, v) for t, v in state.observations if t >= keep), (now, asked))
@@ -209,7 +274,8 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
         (now, raw),
     )
     new_state = replace(
-        state, observations=observations, recommendations=recommendations, panic_until=panic_until
-    )
-    signals = {k: round(v, 3) for k, v in asks.items()}
+        state, observations=observations, recommendations=recommendations,
+        panic_until=panic_until, in_system=in_system, replica_rate=replica_rate,
+    )  # fmt: skip
+    signals = {k: round(v, 3) for k, v in reported.items()}
     return Recommendation(desired, why, signals, panic, new_state)

@@ -46,7 +46,7 @@ log = logging.getLogger("ttsfleet.autoscaler")
 
 AUTOSCALE_SECONDS = 2.0
 PREDICT_SECONDS = 60.0  # the predicted floors look at past days: once a minute is plenty
-SIGNAL_NAMES = ("queue_depth", "queue_time", "ttfa_p95", "open_streams")
+SIGNAL_NAMES = ("queue_depth", "queue_time", "ttfa_p95", "open_streams", "arrivals")
 NO_PROMETHEUS = "no Prometheus configured: start the operator with --prometheus-url"
 
 Manifest = dict[str, Any]

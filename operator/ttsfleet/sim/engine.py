@@ -136,6 +136,7 @@ class Tick:
     queued: float  # requests waiting (Triton's pending count)
     rho: float
     delay: float  # backlog delay
+    served: float = 0.0  # requests completed
 
 
 class View:
@@ -146,6 +147,7 @@ class View:
         self.dt = config.tick_s
         # Cumulative sums up to the end of tick i are at index i + 1.
         self.arrivals = [0.0]
+        self.served = [0.0]  # completions (Triton's nv_inference_request_success)
         self.waited = [0.0]  # arrivals * queue time
         self.busy = [0.0]
         self.ready = [0.0]
@@ -160,6 +162,7 @@ class View:
         """One more tick of what happened."""
         for sums, value in (
             (self.arrivals, tick.arrivals),
+            (self.served, tick.served),
             (self.waited, tick.waited),
             (self.busy, tick.busy),
             (self.ready, tick.ready),
@@ -194,6 +197,14 @@ class View:
     def open_stream_count(self, now: float) -> float | None:
         """sum(ttsfleet_inflight_streams) at the last scrape."""
         return self._gauge(self.open_streams, now)
+
+    def completed_per_second(self, now: float, window: float | None = None) -> float | None:
+        """rate(nv_inference_request_success) over the window."""
+        span = self._scrapes(now, window or self.config.rate_window_s)
+        if span is None:
+            return None
+        a, b = span
+        return (self.served[b] - self.served[a]) / ((b - a) * self.dt)
 
     def queue_seconds(self, now: float, window: float | None = None) -> float | None:
         """rate(queue duration) / rate(successes) over the window; None without requests."""
@@ -292,7 +303,7 @@ def serve(
     waiting = service.mean_wait(rho)
     tick = Tick(
         arrivals, arrivals * (waiting + delay), served / (mu * dt), ready,
-        after + lam * waiting, rho, delay,
+        after + lam * waiting, rho, delay, served,
     )  # fmt: skip
     return arrivals, served, after, ok, tick
 

@@ -64,6 +64,7 @@ class TtsfleetScaler:
             queue_seconds_per_request=view.queue_seconds(now),
             ttfa_p95_seconds=view.ttfa_p95(now),
             open_streams=view.open_stream_count(now),
+            completed_per_second=view.completed_per_second(now),
         )
         rec = recommend(snapshot, self.policy, self.state, now)
         self.state = rec.state
