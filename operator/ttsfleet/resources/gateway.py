@@ -213,6 +213,16 @@ def ticket_secret(gateway: Gateway, key: bytes) -> Manifest:
     return secret
 
 
+def placed(spec: api.TtsGatewaySpec, pod_spec: Manifest) -> Manifest:
+    """`pod_spec` on the gateway's nodes: its nodeSelector and tolerations (its Redis
+    runs beside it)."""
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [t.wire() for t in spec.tolerations]
+    return pod_spec
+
+
 def children(
     gateway: Gateway, fleets: Mapping[str, Manifest | None], node_reader: str = NODE_READER
 ) -> list[Manifest]:
@@ -272,16 +282,12 @@ def children(
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    pod_spec: Manifest = {
+    pod_spec = placed(spec, {
         "serviceAccountName": name,
         "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": 30,
-    }
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = [t.wire() for t in spec.tolerations]
+    })  # fmt: skip
     return [
         _child(gateway, "v1", "ServiceAccount", {}),
         _child(
@@ -427,16 +433,12 @@ def redis_children(gateway: Gateway) -> list[Manifest]:
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    pod_spec: Manifest = {
+    pod_spec = placed(spec, {
         "containers": [container],
         "volumes": [{"name": "data", "emptyDir": {}}],
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 5,
-    }
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = [t.wire() for t in spec.tolerations]
+    })  # fmt: skip
     policy = networkpolicy.redis_policy_spec(redis_labels(gateway), selector_labels(gateway))
     return [
         _redis_child(
