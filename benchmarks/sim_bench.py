@@ -3,17 +3,22 @@
     python benchmarks/sim_bench.py [--out benchmarks/results/sim.json]
                                    [--record benchmarks/results/autoscale_run.json]
 
-For each built-in trace (`diurnal`, `spike`, `flash-crowd`, `ramp`), runs ttsfleet's
-autoscaler (the real `recommend`), the peers with their target sweeps and the oracle
-(perfect foresight, swept over utilisations) (`ttsfleet.sim.compare`), each with
+For each built-in trace (`diurnal`, `spike`, `flash-crowd`, `ramp` and each one's
+`-noisy` variant), runs ttsfleet's autoscaler (the real `recommend`), the peers with
+their target sweeps and the oracle (perfect foresight, swept over utilisations)
+(`ttsfleet.sim.compare`), each with
 maxReplicas at 4x what the trace's peak needs, and checks the goals
 (`ttsfleet.sim.report.goals`):
 1. never dominated: no peer's swept point spends no more replica-hours and misses
    fewer; no more replica-hours than static-peak; no oscillations (flaps) per hour;
-2. slow traces (diurnal, ramp): misses at most 1.03x the oracle's at equal
-   replica-hours;
-3. step traces (spike, flash-crowd): at least half of the gap between the best peer
-   and the oracle (both read at ttsfleet's replica-hours) closed.
+2. slow traces (diurnal, ramp, and their noisy variants): misses at most 1.03x the
+   oracle's at equal replica-hours;
+3. step traces (spike, flash-crowd, and their noisy variants): at least half of the
+   gap between the best peer and the oracle (both read at ttsfleet's replica-hours)
+   closed;
+4. step traces, against the peers as users deploy them (`policies.AS_DEPLOYED`): at
+   least 2.5x fewer misses than hpa-queue and keda at no more replica-hours, and no
+   more misses than kpa with no flaps.
 Then times one 24 h run of a 1,000-replica fleet (the diurnal trace scaled to need
 about 1,000 replicas at its peak, ttsfleet's policy; goal: under a minute), and, when
 the recorded run of the real loop exists, validates the simulator against it.

@@ -271,3 +271,20 @@ def test_cli_prints_json_for_a_csv_trace(tmp_path: Path) -> None:
 def test_the_simulated_ttsfleet_policy_is_what_the_operator_builds_from_defaults() -> None:
     spec = TtsDeploymentSpec.model_validate({"minReplicas": 1, "maxReplicas": 1000})
     assert policy_for(spec) == policies.ttsfleet_policy(max_replicas=1000)
+
+
+def test_the_peers_as_users_deploy_them_are_reported_on_a_step() -> None:
+    result = compare.compare(STEP, ["ttsfleet", "hpa-queue", "keda", "kpa"], None, SERVICE)
+    goals = report.goals(result, "step")
+    deployed = goals["as_deployed"]
+    assert {name: d["target"] for name, d in deployed.items()} == policies.AS_DEPLOYED
+    kpa = next(x.result for x in result.sweeps["kpa"] if x.target == 0.7)
+    assert deployed["kpa"]["slo_misses"] == round(kpa.slo_misses)
+    own = result.results["ttsfleet"]
+    assert goals["no_worse_than_kpa_as_deployed"] == (
+        own.slo_misses <= kpa.slo_misses and own.oscillations == 0
+    )
+    assert isinstance(goals["beats_hpa_and_keda_as_deployed"], bool)
+    assert "as_deployed" not in report.goals(
+        compare.compare(STEP, ["ttsfleet"], None, SERVICE), "step"
+    )

@@ -224,9 +224,15 @@ SWEEPS: dict[str, tuple[float, ...]] = {
     # queue seconds per request; 50 us is Triton's chart's value
     "hpa-queue": (0.00005, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1),
     "keda": (0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.8, 1.0),  # requests in flight per replica
-    "kpa": (0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.8, 1.0),  # concurrency per pod
+    "kpa": (0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 1.0),  # concurrency per pod
     "oracle": (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75),  # utilisation
 }
+# Each peer as users deploy it, not swept: HPA on Triton's queue metric at the value
+# Triton's chart sets (50 us); KEDA with one request in flight per replica (what one
+# unbatched instance serves; KEDA's Prometheus trigger has no default threshold);
+# KPA with containerConcurrency 1 at Knative's default 70 % target utilisation.
+AS_DEPLOYED = {"hpa-queue": 0.00005, "keda": 1.0, "kpa": 0.7}
+
 # Where a target stops meaning anything (a utilisation of a whole replica or more).
 TARGET_LIMITS = {"hpa": 0.95, "oracle": 0.95}
 UNITS = {

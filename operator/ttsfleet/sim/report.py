@@ -10,10 +10,11 @@ from typing import Any
 from rich.table import Table
 
 from ttsfleet.sim.compare import Comparison, Tried
-from ttsfleet.sim.policies import BASELINES, UNITS
+from ttsfleet.sim.policies import AS_DEPLOYED, BASELINES, UNITS
 
 ORACLE_SLOW_RATIO = 1.03  # slow traces: misses at most this times the oracle's, equal cost
 GAP_GOAL = 0.5  # step traces: close at least this share of the best peer's gap to the oracle
+DEPLOYED_RATIO = 2.5  # step traces: this many times fewer misses than hpa and keda as deployed
 
 
 def table(comparison: Comparison, slo_s: float) -> Table:
@@ -102,6 +103,7 @@ def goals(comparison: Comparison, kind: str | None = None) -> dict[str, Any]:
             out["saving_vs_peak_sized"] = round(
                 1 - own.replica_hours / comparison.peak_sized_replica_hours, 3
             )
+    out |= as_deployed(comparison, kind)
     oracle = misses_at(comparison.sweeps.get("oracle", []), own.replica_hours)
     if oracle is not None:
         out["oracle_misses_at_equal_replica_hours"] = round(oracle)
@@ -117,6 +119,40 @@ def goals(comparison: Comparison, kind: str | None = None) -> dict[str, Any]:
         )
         out["gap_closed"] = round(closed, 3)
         out["closes_half_the_gap"] = closed >= GAP_GOAL
+    return out
+
+
+def as_deployed(comparison: Comparison, kind: str | None) -> dict[str, Any]:
+    """ttsfleet against each peer at `AS_DEPLOYED` (a point of its sweep): on step
+    traces, at least DEPLOYED_RATIO x fewer misses than hpa-queue and keda at no more
+    replica-hours, and no more misses than kpa with no flaps."""
+    own = comparison.results["ttsfleet"]
+    found: dict[str, Any] = {}
+    for name, target in AS_DEPLOYED.items():
+        point = next(
+            (x.result for x in comparison.sweeps.get(name, []) if math.isclose(x.target, target)),
+            None,
+        )
+        if point is None:
+            continue
+        found[name] = {
+            "target": target, "slo_misses": round(point.slo_misses),
+            "replica_hours": round(point.replica_hours, 2),
+            "oscillations_per_hour": round(point.oscillations_per_hour, 3),
+        }  # fmt: skip
+    if not found:
+        return {}
+    out: dict[str, Any] = {"as_deployed": found}
+    if kind == "step" and {"hpa-queue", "keda", "kpa"} <= set(found):
+        cheaper = all(
+            own.slo_misses * DEPLOYED_RATIO <= found[n]["slo_misses"]
+            and own.replica_hours <= found[n]["replica_hours"] + 1e-9
+            for n in ("hpa-queue", "keda")
+        )
+        out["beats_hpa_and_keda_as_deployed"] = cheaper
+        out["no_worse_than_kpa_as_deployed"] = (
+            own.slo_misses <= found["kpa"]["slo_misses"] and own.oscillations == 0
+        )
     return out
 
 
