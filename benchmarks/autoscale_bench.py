@@ -15,10 +15,12 @@ ready endpoints) until the second replica has been in the endpoints for
 `--after-seconds`, then no load until the fleet is back to one replica.
 
 Per step:
-- breach -> write: from the first raw Prometheus sample (scrape timestamp) of
-  `nv_inference_pending_request_count` above its target (queueDepthPerReplica per
-  replica) after the load started, to the moment the scale subresource write is
-  seen on a watch of the TtsDeployment (spec.replicas 1 -> 2). p50/p95/max (nearest
+- breach -> write: from the first time after the load started that a signal the
+  policy reads is over its target (a raw sample of `nv_inference_pending_request_count`
+  above queueDepthPerReplica per replica, or the TTFA p95 query, evaluated every
+  second, above timeToFirstAudioMs; the chunked engine's pending count stays 0, so
+  on it the breach is the TTFA's) to the moment the scale subresource write is seen
+  on a watch of the TtsDeployment (spec.replicas 1 -> 2). p50/p95/max (nearest
   rank, `harness.percentile`; None where there is nothing to rank).
 - time to first audio from the clients: requests started before the new replica
   entered the endpoints, and after (p50/p95).
@@ -51,6 +53,7 @@ from ttsfleet import bench, harness, kube
 from ttsfleet import client as tts_client
 from ttsfleet.api.v1alpha1 import TtsDeploymentSpec
 from ttsfleet.autoscale.loop import policy_for
+from ttsfleet.autoscale.metrics import WINDOW
 from ttsfleet.cluster import local, toolchain
 from ttsfleet.cluster.pool import load_pool_file
 from ttsfleet.triton import contract
@@ -225,18 +228,27 @@ def prometheus_matrix(url: str, query: str, at: float) -> list[dict[str, Any]]:
     return result
 
 
-def first_breach(url: str, step: Step, target: float) -> float | None:
-    """Scrape time of the first raw pending-requests sample above `target` per replica
-    (one replica before the scale-up) after the load started."""
+def first_breach(url: str, step: Step, target: float, ttfa_target: float) -> float | None:
+    """The first time after the load started that a signal the policy reads was over
+    its target: a raw pending-requests sample above `target` per replica (one replica
+    before the scale-up), or the TTFA p95 (the policy's query, evaluated every second)
+    above `ttfa_target`. The chunked engine hands every request to its scheduler at
+    once, so its pending count stays 0: its breach is the TTFA's."""
     assert step.write is not None
     end = step.write + 5
     span = math.ceil(end - step.load_on) + 2
-    selector = f'{contract.PENDING_REQUESTS}{{namespace="{NAMESPACE}",deployment="{NAME}"}}'
+    labels = f'namespace="{NAMESPACE}",deployment="{NAME}"'
+    pending = f"{contract.PENDING_REQUESTS}{{{labels}}}[{span}s]"
+    ttfa = (
+        f"histogram_quantile(0.95, sum by (le) (rate({contract.TIME_TO_FIRST_AUDIO}_bucket"
+        f"{{{labels}}}[{WINDOW}])))[{span}s:1s]"
+    )
     times = [
         float(ts)
-        for series in prometheus_matrix(url, f"{selector}[{span}s]", end)
+        for query, limit in ((pending, target), (ttfa, ttfa_target))
+        for series in prometheus_matrix(url, query, end)
         for ts, value in series["values"]
-        if float(ts) >= step.load_on and float(value) > target
+        if float(ts) >= step.load_on and float(value) > limit
     ]
     return min(times) if times else None
 
@@ -334,6 +346,7 @@ def measure(
     """The step loads; the summary and the run at 1 s steps."""
     spec = TtsDeploymentSpec.model_validate(manifest()["spec"])
     target = float(spec.scaling.targets.queue_depth_per_replica)
+    ttfa_target = spec.scaling.targets.time_to_first_audio_ms / 1000
     harness.wait_for("one ready replica", lambda: recorder.ready_now() == 1, 180, 0.1)
     time.sleep(5)  # idle samples in Prometheus before the first step
     recorder.load(args.concurrency)
@@ -341,7 +354,7 @@ def measure(
     steps = []
     for index in range(args.steps):
         step = run_step(recorder, args.after_seconds, args.step_timeout)
-        step.breach = first_breach(prometheus, step, target)
+        step.breach = first_breach(prometheus, step, target, ttfa_target)
         steps.append(step)
         print(json.dumps({"step": index} | summary(recorder, [step])["steps"][0]), flush=True)
         time.sleep(2)  # a quiet gap: the next breach starts from an idle queue
