@@ -437,12 +437,10 @@ class Gateway:
             return Response(cached, media_type=media, headers=headers)
         try:
             opened = await self.connect(speech)
-        except ApiError as err:  # admitted, then refused (503): still within the limits
+        except BaseException as err:
             await admitted.release()
-            err.headers = admitted.headers() | err.headers
-            raise
-        except BaseException:
-            await admitted.release()
+            if isinstance(err, ApiError):  # admitted, then refused (503): within the limits
+                err.headers = admitted.headers() | err.headers
             raise
         if opened.first is not None:
             self.metrics.ttfa.labels(fleet.key).observe(opened.arrived - started)

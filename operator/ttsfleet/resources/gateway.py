@@ -36,6 +36,7 @@ REDIS_LABEL = "ttsfleet.io/gateway-redis"  # a gateway's Redis pods (not GATEWAY
 # the gateway's Service, PDB and the fleets' policies select pods by that)
 REDIS_PORT = networkpolicy.REDIS_PORT
 REDIS_USER = 999  # the official image's redis user
+GATEWAY_USER = 65532  # nonroot
 OWNER_NAMESPACE_LABEL = "ttsfleet.io/gateway-namespace"
 NODE_READER = "ttsfleet-gateway-node-reader"
 PORT = 8080
@@ -213,6 +214,17 @@ def ticket_secret(gateway: Gateway, key: bytes) -> Manifest:
     return secret
 
 
+def restricted(user: int) -> Manifest:
+    """A container's securityContext: `user`, no privileges, a read-only root."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": user,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
 def placed(spec: api.TtsGatewaySpec, pod_spec: Manifest) -> Manifest:
     """`pod_spec` on the gateway's nodes: its nodeSelector and tolerations (its Redis
     runs beside it)."""
@@ -274,13 +286,7 @@ def children(
         },
         "resources": spec.resources.wire(),
         "volumeMounts": mounts,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 65532,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": restricted(GATEWAY_USER),
     }
     pod_spec = placed(spec, {
         "serviceAccountName": name,
@@ -425,13 +431,7 @@ def redis_children(gateway: Gateway) -> list[Manifest]:
         "livenessProbe": probe | {"periodSeconds": 10, "failureThreshold": 3},
         "resources": redis.resources.wire(),
         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": REDIS_USER,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": restricted(REDIS_USER),
     }
     pod_spec = placed(spec, {
         "containers": [container],
