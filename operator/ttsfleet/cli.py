@@ -556,7 +556,8 @@ def sim(
         raise _fail(str(err)) from None
     result = compare.compare(loaded, policy, config)
     if json_out:
-        typer.echo(json.dumps(report.as_json(result) | {"goals": report.goals(result)}, indent=2))
+        goals = report.goals(result, traces.KINDS.get(trace))  # a CSV file: no kind
+        typer.echo(json.dumps(report.as_json(result) | {"goals": goals}, indent=2))
     else:
         console.print(report.table(result, config.slo_s))
     if plot_dir is not None:

@@ -288,3 +288,12 @@ def test_the_peers_as_users_deploy_them_are_reported_on_a_step() -> None:
     assert "as_deployed" not in report.goals(
         compare.compare(STEP, ["ttsfleet"], None, SERVICE), "step"
     )
+
+
+def test_cli_json_has_a_builtin_traces_goals_of_its_kind() -> None:
+    out = runner.invoke(
+        app, ["sim", "--trace", "ramp", "--policy", "ttsfleet", "--policy", "oracle", "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    goals = json.loads(out.output)["goals"]
+    assert "within_3pct_of_oracle" in goals and "misses_over_oracle" in goals
