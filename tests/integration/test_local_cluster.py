@@ -317,14 +317,19 @@ def test_a_pod_that_keeps_failing_is_restarted_in_crash_loop_back_off(
 def test_an_on_failure_pod_that_exits_zero_succeeds_and_is_not_restarted(
     cluster: Cluster, namespace: str
 ) -> None:
-    client.CoreV1Api(cluster.api).create_namespaced_pod(
-        namespace, bare_pod("done", "OnFailure", GOOD_ARGS)
-    )
+    pod = bare_pod("done", "OnFailure", GOOD_ARGS)
+    # Ready once Triton answers: its SIGTERM handler is in place by then (a SIGTERM while
+    # it is still starting kills it with the signal, a failure OnFailure restarts).
+    pod["spec"]["containers"][0]["readinessProbe"] = {
+        "httpGet": {"path": "/v2/health/live", "port": 8000}, "periodSeconds": 1,
+    }  # fmt: skip
+    client.CoreV1Api(cluster.api).create_namespaced_pod(namespace, pod)
     running = wait_for(
-        "the server running",
+        "the server running and answering",
         lambda: (
             (s := pod_status(cluster, namespace, "done")).get("phase") == "Running"
             and "running" in (container(s).get("state") or {})
+            and container(s).get("ready")
             and s
         ),
         timeout=60,
