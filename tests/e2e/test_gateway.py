@@ -263,24 +263,25 @@ def test_gateway_replicas_share_limits_through_the_redis_the_operator_runs(
 
     speech = {"model": "tts-1", "voice": "alloy", "input": "Hello."}
     warm = token("warm")
+    # The two replicas' addresses, once both are ready (kept: a replica's readiness may
+    # blink under load while it still answers at its address).
+    addresses: list[str] = []
 
     def shared_everywhere() -> bool:
         """Whether both replicas' limits went through Redis for a request just now (a
         replica that met a Redis gone away limits on its own for a second, then tries
         it again)."""
         gauge = f"{contract.GATEWAY_RATELIMIT_SHARED} 1.0"
-        for pod in pods():
+        for pod in addresses:
             spoken = http.post(f"http://{pod}/v1/audio/speech", json=speech, headers=warm)
             assert spoken.status_code in (429, 503), spoken.text  # limited, or no replica
-        return bool(pods()) and all(
-            gauge in http.get(f"http://{pod}/metrics").text for pod in pods()
-        )
+        return all(gauge in http.get(f"http://{pod}/metrics").text for pod in addresses)
 
     def burst(tenant: str) -> list[int]:
         """Eight requests from `tenant`, alternating between the two replicas: each one's
         status, and each carries the RateLimit fields (an admitted request that no
         replica could take too)."""
-        headers, addresses = token(tenant), pods()
+        headers = token(tenant)
         answers = [
             http.post(f"http://{addresses[i % 2]}/v1/audio/speech", json=speech,
                       headers=headers)
@@ -297,7 +298,7 @@ def test_gateway_replicas_share_limits_through_the_redis_the_operator_runs(
             assert wait_for("the managed Redis", redis_ready, timeout=120) == {
                 "service": "limited-gateway-redis", "ready": True,
             }  # fmt: skip
-            wait_for("two ready gateway replicas", pods, timeout=120)
+            addresses[:] = wait_for("two ready gateway replicas", pods, timeout=120)
             wait_for("limits shared through Redis on both", shared_everywhere, timeout=60)
         except AssertionError as err:
             raise AssertionError(f"{err}; {why(cluster, namespace, 'limited')}") from None
