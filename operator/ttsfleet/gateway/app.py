@@ -266,10 +266,12 @@ class Gateway:
 
     def set_redis(self, addresses: list[str]) -> None:
         """The ready endpoints of the Redis Service (the one the operator runs): limits
-        are shared through one of them; with none, each replica limits on its own."""
-        if self.redis_address not in addresses:
-            self.redis_address = addresses[0] if addresses else None
-            log.info("rate limits' Redis: %s", self.redis_address or "none ready")
+        are shared through one of them. With none ready the last address is kept: the
+        limiter finds no Redis there and limits on its own until one answers (its
+        Redis-down path), so a late word of a gap cannot undo a reconnection."""
+        if addresses and self.redis_address not in addresses:
+            self.redis_address = addresses[0]
+            log.info("rate limits' Redis: %s", self.redis_address)
             self._limits(self.config)
 
     def _ticket_key(self, config: GatewayConfig) -> None:

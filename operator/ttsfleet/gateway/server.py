@@ -147,8 +147,8 @@ class Background:
             redis = limits.redis_service
             # No fleet's key: theirs are namespace/name.
             wanted[REDIS_WATCH] = ((redis.namespace, redis.name, redis.port), gateway.set_redis)
-        elif gateway.redis_address is not None:
-            gateway.set_redis([])
+        else:
+            gateway.redis_address = None  # no Redis Service in the config any more
         for key in [k for k in self.watches if k not in wanted]:
             self.watches.pop(key).stop()
         for key, (spec, apply) in wanted.items():
