@@ -516,6 +516,22 @@ def sim(
         float, typer.Option(min=0, help="Seconds until a new replica is Ready.")
     ] = 30.0,
     slo_ms: Annotated[float, typer.Option(min=1, help="TTFA SLO in milliseconds.")] = 300.0,
+    balancer: Annotated[
+        str | None,
+        typer.Option(
+            help="In front of the replicas: random (a Kubernetes Service; the default), "
+            "round-robin (the benchmarks' client: the default with --validate), p2c (the "
+            "ttsfleet gateway), jsq (the bound)."
+        ),
+    ] = None,
+    replay: Annotated[
+        bool | None,
+        typer.Option(
+            "--replay/--fluid",
+            help="Request by request (Poisson arrivals on the trace's rate) or the fluid "
+            "model; default: replay a CSV file, fluid for the built-in traces.",
+        ),
+    ] = None,
 ) -> None:
     """Simulate a fleet under a traffic trace with ttsfleet's autoscaler and its peers."""
     import json
@@ -523,11 +539,16 @@ def sim(
     from ttsfleet.sim import compare, report, traces
     from ttsfleet.sim import validate as validation
     from ttsfleet.sim.engine import SimConfig
+    from ttsfleet.sim.service import BALANCERS, DEFAULT_BALANCER, calibrated
 
-    config = SimConfig(slo_s=slo_ms / 1000, cold_start_s=cold_start)
+    balancer = balancer or (validation.BALANCER if validate is not None else DEFAULT_BALANCER)
+    if balancer not in BALANCERS:
+        raise _fail(f"unknown --balancer {balancer!r}: use one of {', '.join(BALANCERS)}")
+    config = SimConfig(slo_s=slo_ms / 1000, cold_start_s=cold_start, replay=replay)
+    service = calibrated(balancer=balancer)
     if validate is not None:
         try:
-            checked = validation.validate(validation.load_record(validate, config))
+            checked = validation.validate(validation.load_record(validate, config), service)
         except validation.RecordError as err:
             raise _fail(str(err)) from None
         if json_out:
@@ -554,7 +575,7 @@ def sim(
         loaded = traces.load(trace)
     except traces.TraceError as err:
         raise _fail(str(err)) from None
-    result = compare.compare(loaded, policy, config)
+    result = compare.compare(loaded, policy, config, service)
     if json_out:
         goals = report.goals(result, traces.KINDS.get(trace))  # a CSV file: no kind
         typer.echo(json.dumps(report.as_json(result) | {"goals": goals}, indent=2))

@@ -174,3 +174,24 @@ def test_arrivals_size_a_step_once_a_replicas_rate_is_learned() -> None:
     assert rec.panic and rec.reason.startswith("panic: arrivals asks for")
     assert 36 <= replicas <= 44  # ~400 / 10, not the queue time's thousands
     assert rec.signals["queue_time"] > 1000 and 36 <= rec.signals["arrivals"] <= 44
+
+
+def test_a_rate_learned_too_high_gives_way_when_the_queue_grows_over_the_targets() -> None:
+    """A latency read as if it grew in proportion to the load can teach a rate above
+    what a replica completes (here 12/s learned; the 5 replicas complete 9.6/s each).
+    With the fleet over its targets and the queue growing, the arrivals then ask for
+    more than the fleet has, instead of holding it short for good."""
+    learned = State(replica_rate=12.0)
+    snap = Snapshot(5, pending_requests=60, ttfa_p95_seconds=2.0, completed_per_second=48.0,
+                    serving_replicas=5)  # fmt: skip
+    state = learned
+    for i in range(10):  # the queue grows by 2 a second: 50 arrive, 48 complete
+        snap = replace(snap, pending_requests=60 + 4.0 * i)
+        rec = recommend(snap, replace(POLICY, max_replicas=100), state, now=i * 2.0)
+        state = rec.state
+    assert state.replica_rate == 48.0 / 5
+    assert rec.replicas >= 6 and rec.signals["arrivals"] > 5
+    # The same reading while the queue drains (arrivals below completions) keeps it.
+    draining = replace(snap, pending_requests=20.0)
+    kept = recommend(draining, replace(POLICY, max_replicas=100), learned, now=100.0).state
+    assert kept.replica_rate == 12.0

@@ -108,7 +108,7 @@ def test_ttsfleet_scales_up_on_a_step_and_down_after_the_delay() -> None:
     assert ups and 300 < ups[0] <= 320  # within seconds of the step
     assert max(result.series.replicas) >= 800 / SERVICE.replica_rate
     # After the drop at 900 s, the fleet keeps what 800 req/s needed for the 120 s delay...
-    need = 800 / (SERVICE.replica_rate * SERVICE.utilisation_for(0.3))
+    need = SERVICE.need(800, 0.3)
     held = [n for t, n in zip(result.series.t_s, result.series.replicas, strict=True)
             if 900 < t < 1015]  # fmt: skip
     assert min(held) >= 0.9 * need
@@ -202,7 +202,11 @@ def test_the_oracle_joins_the_policies_and_bounds_them_on_a_step() -> None:
     sweep = result.sweeps["oracle"]
     own = result.results["ttsfleet"]
     hours = [x.result.replica_hours for x in sweep]
-    assert min(hours) <= 0.5 * own.replica_hours and max(hours) >= 2 * own.replica_hours
+    assert max(hours) >= 2 * own.replica_hours
+    # cheaper down to half, or to the highest utilisation it may run at
+    cheapest = min(sweep, key=lambda x: x.result.replica_hours)
+    limit = policies.TARGET_LIMITS["oracle"]
+    assert min(hours) <= 0.5 * own.replica_hours or cheapest.target == limit
     assert len(sweep) >= 8
     at = report.misses_at(sweep, own.replica_hours)
     assert at is not None and at <= own.slo_misses  # nothing beats foresight at equal cost

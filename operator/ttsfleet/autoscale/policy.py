@@ -189,6 +189,20 @@ def _asks(
             if replica_rate is None
             else (replica_rate + policy.rate_learning * (seen - replica_rate))
         )
+    completed = snapshot.completed_per_second
+    if (
+        replica_rate
+        and completed
+        and arrivals
+        and serving > 0
+        and (state.panic_until is None or now >= state.panic_until)
+        and measured > (1 + policy.tolerance) * serving
+        and arrivals > completed
+    ):
+        # Over the targets with the queue growing, a replica carries at most what it
+        # completes now: a rate learned above that (a latency read as if it grew in
+        # proportion to the load) would hold the fleet short while its queue grows.
+        replica_rate = min(replica_rate, completed / serving)
     if replica_rate and arrivals is not None:
         # Arrivals drive the size once a replica's rate is known: the time signals read
         # the queue's delay, which grows without bound while the fleet is short, and

@@ -41,11 +41,13 @@ class Tried:
 @dataclass
 class Comparison:
     trace: str
+    balancer: str = "random"  # in front of the replicas (`ServiceModel.balancer`)
+    replayed: bool = False  # request by request (`des.Replay`), else the fluid model
     results: dict[str, Result] = field(default_factory=dict)
     targets: dict[str, float] = field(default_factory=dict)
     within_budget: dict[str, bool] = field(default_factory=dict)
     sweeps: dict[str, list[Tried]] = field(default_factory=dict)
-    # Sized for the trace's peak at the SLO (utilisation_for), all the time: the
+    # Sized for the trace's peak at the SLO (ServiceModel.need), all the time: the
     # textbook static peak, next to the smallest fixed size that matches ttsfleet.
     peak_sized_replicas: int = 0
     peak_sized_replica_hours: float = 0.0
@@ -99,7 +101,8 @@ def compare(
     bad = unknown_policies(wanted)
     if bad:
         raise ValueError(f"unknown policy {bad[0]!r}: use one of {', '.join(policies.POLICIES)}")
-    out = Comparison(trace.name)
+    replayed = config.replay if config.replay is not None else trace.per_request
+    out = Comparison(trace.name, service.balancer, replayed)
     out.peak_sized_replicas = min(peak_need(trace, config, service), top)
     out.peak_sized_replica_hours = (
         out.peak_sized_replicas * math.ceil(trace.duration_s / config.tick_s) * config.tick_s / 3600

@@ -2,8 +2,9 @@
 
 Per tick of `tick_s` (1 s): arrivals lambda * dt join a fleet-wide backlog that the
 ready replicas drain at their service rate (the fluid part, which carries overload);
-below saturation each replica is an M/G/1 queue at utilisation rho (the stochastic
-part, see `service`). Every request is accounted for: arrived = served + backlog.
+below saturation the replicas' queues wait as the balancer makes them (the stochastic
+part, see `service`). A trace read from traffic is replayed request by request instead
+(`des.Replay`). Every request is accounted for: arrived = served + backlog.
 From these come, per tick, the share of arrivals with TTFA under the SLO and the
 signals an autoscaler reads:
 - through Prometheus (scraped every `scrape_interval_s`, rates over `rate_window_s`,
@@ -22,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from ttsfleet.sim.des import Replay, histogram_quantile
 from ttsfleet.sim.service import ServiceModel, calibrated
 from ttsfleet.sim.traces import Trace
 
@@ -41,15 +43,18 @@ class SimConfig:
     oscillation_window_s: float = 600.0
     step_rise: float = 1.5  # a step: the rate grows by this factor within step_within_s
     step_within_s: float = 60.0
+    # Per-request replay (`des.Replay`: Poisson arrivals on the trace's rate) instead of
+    # the fluid model; None: replay the traces read from traffic (CSV files).
+    replay: bool | None = None
+    seed: int = 3  # of the replay's arrivals and request draws
 
 
 MAX_OVER_PEAK = 4
 
 
 def peak_need(trace: Trace, config: SimConfig, service: ServiceModel) -> int:
-    """Replicas that hold the trace's peak at the SLO (utilisation `utilisation_for`)."""
-    per_replica = service.replica_rate * service.utilisation_for(config.slo_s)
-    return max(1, math.ceil(trace.peak / per_replica))
+    """Replicas that hold the trace's peak at the SLO (`ServiceModel.need`)."""
+    return service.need(trace.peak, config.slo_s)
 
 
 def bounded(config: SimConfig, trace: Trace, service: ServiceModel) -> SimConfig:
@@ -137,6 +142,7 @@ class Tick:
     rho: float
     delay: float  # backlog delay
     served: float = 0.0  # requests completed
+    buckets: tuple[int, ...] | None = None  # a replayed tick's TTFA histogram (des)
 
 
 class View:
@@ -155,6 +161,7 @@ class View:
         self.rho_w = [0.0]  # arrivals * rho
         self.delay_w = [0.0]  # arrivals * backlog delay
         self.pending: list[float] = []  # gauge at the end of each tick
+        self.buckets: list[list[float]] = []  # cumulative TTFA histograms (replay only)
         self.open_streams: list[float] = []
         self._p95_cache: dict[int, float | None] = {}
 
@@ -172,6 +179,11 @@ class View:
         ):
             sums.append(sums[-1] + value)
         self.pending.append(tick.queued)
+        if tick.buckets is not None:
+            last = self.buckets[-1] if self.buckets else [0.0] * len(tick.buckets)
+            if not self.buckets:
+                self.buckets.append(last)
+            self.buckets.append([a + b for a, b in zip(last, tick.buckets, strict=True)])
         self.open_streams.append(tick.busy)
 
     # Prometheus ---------------------------------------------------------------------
@@ -225,10 +237,14 @@ class View:
             return self._p95_cache[b]
         count = self.arrivals[b] - self.arrivals[a]
         value = None
-        if count > 1e-9:
+        if self.buckets:  # a replay: the histogram itself
+            counts = [y - x for x, y in zip(self.buckets[a], self.buckets[b], strict=True)]
+            value = histogram_quantile(0.95, counts)
+        elif count > 1e-9:
             rho = (self.rho_w[b] - self.rho_w[a]) / count
             delay = (self.delay_w[b] - self.delay_w[a]) / count
-            value = self.service.quantile(0.95, rho, delay)
+            replicas = round((self.ready[b] - self.ready[a]) / (b - a))
+            value = self.service.quantile(0.95, rho, delay, replicas)
         self._p95_cache[b] = value
         return value
 
@@ -297,10 +313,10 @@ def serve(
         after = backlog + arrivals - served
         rho = min(lam / capacity, 1.0)
         delay = (backlog + after) / 2 / capacity
-        ok = service.within(slo, rho, delay)
+        ok = service.within(slo, rho, delay, ready)
     else:
         served, after, rho, delay, ok = 0.0, backlog + arrivals, 1.0, 0.0, 0.0
-    waiting = service.mean_wait(rho)
+    waiting = service.mean_wait(rho, ready)
     tick = Tick(
         arrivals, arrivals * (waiting + delay), served / (mu * dt), ready,
         after + lam * waiting, rho, delay, served,
@@ -308,11 +324,29 @@ def serve(
     return arrivals, served, after, ok, tick
 
 
+def replayed(
+    replay: Replay,
+    service: ServiceModel,
+    slo: float,
+    lam: float,
+    ready: int,
+    now: float,
+    dt: float,
+) -> tuple[float, float, float, float, Tick]:
+    """One tick of the per-request replay, in `serve`'s terms (backlog: requests arrived
+    and not completed; the TTFA share counted, not modelled)."""
+    t = replay.tick(lam, ready, now)
+    ok = t.within / t.arrivals if t.arrivals else 1.0
+    rho = min(1.0, lam / (ready * service.replica_rate)) if ready else 1.0
+    busy = min(float(ready), t.busy_s / dt)
+    tick = Tick(t.arrivals, t.waited_s, busy, ready, t.queued, rho, 0.0, t.served, t.buckets)
+    return t.arrivals, t.served, t.in_system, ok, tick
+
+
 def initial_size(trace: Trace, config: SimConfig, service: ServiceModel) -> int:
     if config.initial_replicas is not None:
         return config.initial_replicas
-    rho = service.utilisation_for(config.slo_s)
-    need = math.ceil(trace.rate(0.0) / (service.replica_rate * rho))
+    need = service.need(trace.rate(0.0), config.slo_s)
     return min(max(need, config.min_replicas), max_replicas(config))
 
 
@@ -335,6 +369,11 @@ def simulate(
     events: list[tuple[float, int, int]] = []
     series = Series()
     decide_every = max(1, round(scaler.period_s / dt))
+    replay = None
+    if config.replay if config.replay is not None else trace.per_request:
+        if not service.samples:
+            raise ValueError("a replay needs the service model's samples (calibrated())")
+        replay = Replay(service.samples, service.balancer, config.seed, slo, dt)
     record_every = max(1, round(config.scrape_interval_s / dt))
     ready_by_tick: list[int] = []
     for i, lam in enumerate(rates):
@@ -347,7 +386,10 @@ def simulate(
                 events.append((now, fleet.desired, want))
                 ready = fleet.scale(want, now + config.cold_start_s)
         desired = fleet.desired
-        arrivals, served, after, ok, tick = serve(service, slo, backlog, lam, ready, dt)
+        if replay is None:
+            arrivals, served, after, ok, tick = serve(service, slo, backlog, lam, ready, dt)
+        else:
+            arrivals, served, after, ok, tick = replayed(replay, service, slo, lam, ready, now, dt)
         backlog = after
         arrivals_total += arrivals
         served_total += served
@@ -430,17 +472,15 @@ def reactions(
     replicas reach 90 % of the need.
 
     The need at a tick is the replicas that hold a 95 % share of TTFAs under the SLO at
-    that tick's load (utilisation `service.utilisation_for(slo)`): one yardstick for
-    every policy. A step never answered counts until the load falls to what the
-    replicas carry, or the trace ends.
+    that tick's load (`service.need`): one yardstick for every policy. A step never
+    answered counts until the load falls to what the replicas carry, or the trace ends.
     """
-    per_replica = service.replica_rate * service.utilisation_for(config.slo_s)
     out = []
     within = max(1, round(config.step_within_s / config.tick_s))
     for onset in steps(rates, config):
         window = rates[onset : onset + within + 1]
         j = onset + window.index(max(window))  # the top of the rise
-        while j < len(rates) and ready[j] < 0.9 * math.ceil(rates[j] / per_replica):
+        while j < len(rates) and ready[j] < 0.9 * service.need(rates[j], config.slo_s):
             j += 1
         out.append((j - onset) * config.tick_s)
     return tuple(out)

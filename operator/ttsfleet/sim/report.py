@@ -21,7 +21,9 @@ def table(comparison: Comparison, slo_s: float) -> Table:
     out = Table(
         "policy", "target", "SLO attainment", "SLO misses", "replica-hours",
         "oscillations/h", "reaction p95 (s)",
-        title=f"{comparison.trace}: TTFA SLO {slo_s * 1000:.0f} ms", title_justify="left",
+        title=f"{comparison.trace}: TTFA SLO {slo_s * 1000:.0f} ms, {comparison.balancer} "
+        f"balancer, {'replayed request by request' if comparison.replayed else 'fluid model'}",
+        title_justify="left",
     )  # fmt: skip
     for name, result in comparison.results.items():
         target = comparison.targets.get(name)
@@ -42,6 +44,7 @@ def as_json(comparison: Comparison) -> dict[str, Any]:
     """{"policies": {name: summary}} plus the targets kept and every sweep point."""
     return {
         "trace": comparison.trace,
+        "model": {"balancer": comparison.balancer, "replayed": comparison.replayed},
         "policies": {
             name: {**r.summary(), "target": comparison.targets.get(name)}
             for name, r in comparison.results.items()

@@ -34,6 +34,9 @@ class TraceError(ValueError):
 class Trace:
     name: str
     points: tuple[tuple[float, float], ...]  # (t_s, requests_per_s), t strictly increasing
+    # Read from traffic (a CSV file): the simulator replays it request by request (its
+    # per-second noise is already in it; see `des`).
+    per_request: bool = False
 
     @property
     def duration_s(self) -> float:
@@ -182,7 +185,7 @@ def read_csv(path: Path) -> Trace:
         raise TraceError(f"{path}: needs at least 2 rows of `{','.join(HEADER)}`")
     if points[0][0] != 0:
         points.insert(0, (0.0, points[0][1]))
-    return Trace(path.stem, tuple(points))
+    return Trace(path.stem, tuple(points), per_request=True)
 
 
 def load(name_or_path: str) -> Trace:

@@ -37,7 +37,7 @@ from typing import Any
 from ttsfleet.autoscale.policy import Policy
 from ttsfleet.sim import policies
 from ttsfleet.sim.engine import Result, SimConfig, simulate
-from ttsfleet.sim.service import ServiceModel
+from ttsfleet.sim.service import ServiceModel, calibrated
 from ttsfleet.sim.traces import Trace
 
 FORMAT = "ttsfleet-autoscale-run/v1"
@@ -117,8 +117,15 @@ def cold_start(samples: tuple[dict[str, Any], ...]) -> float | None:
     return sorted(lags)[len(lags) // 2] if lags else None
 
 
+# The recorded runs (`make bench-autoscale`) send their load through
+# `ttsfleet.client.Balancer`, a round robin over the Ready endpoints.
+BALANCER = "round-robin"
+
+
 def validate(record: Record, service: ServiceModel | None = None) -> dict[str, Any]:
-    """The simulator on the recorded load and policy, next to the record, and the error."""
+    """The simulator on the recorded load and policy, next to the record, and the error
+    (by default behind the recorded run's balancer, BALANCER)."""
+    service = service or calibrated(balancer=BALANCER)
     scaler = policies.TtsfleetScaler(record.policy, period_s=record.loop_period_s)
     result: Result = simulate(record.trace, scaler, record.config, service)
     series = result.series
@@ -143,6 +150,7 @@ def validate(record: Record, service: ServiceModel | None = None) -> dict[str, A
     ttfa_errors = sorted(abs(a - b) for a, b in ttfa_pairs)
     return {
         "trace": record.trace.name,
+        "balancer": service.balancer,
         "samples": len(rows),
         "cold_start_s": record.config.cold_start_s,
         "cold_start_from": "the record's replicas and ready_replicas"
