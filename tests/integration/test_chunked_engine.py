@@ -109,3 +109,31 @@ def test_bulk_requests_run_through_the_stream_models_scheduler(chunked: Triton) 
         client.SynthesisError, match="PRIORITY 'urgent' is not one of realtime, bulk"
     ):
         client.stream(chunked.grpc_address, TEXT, priority="urgent")
+
+
+def test_live_streams_before_their_first_audio_are_the_queue_the_autoscaler_reads(
+    chunked: Triton,
+) -> None:
+    """The scheduler takes every request at once (Triton's pending count stays 0), so
+    the engine exports the live streams still waiting for their first audio; it falls
+    back to 0 when all have spoken, and a bulk request never counts."""
+
+    def waiting() -> float:
+        return chunked.metric(contract.WAITING_STREAMS, model=contract.STREAM_MODEL)
+
+    assert waiting() == 0
+    seen: list[float] = []
+    with ThreadPoolExecutor(12) as pool:
+        runs = [pool.submit(client.stream, chunked.grpc_address, LONG) for _ in range(12)]
+        while not all(r.done() for r in runs):
+            seen.append(waiting())
+        assert all(r.result().chunks > 3 for r in runs)
+    assert max(seen) >= 2  # several waited for their first audio at once
+    wait_for("every stream to have spoken", lambda: waiting() == 0, timeout=10)
+    with ThreadPoolExecutor(1) as pool:
+        bulk = pool.submit(client.stream, chunked.grpc_address, LONG, priority="bulk")
+        bulk_seen = []
+        while not bulk.done():
+            bulk_seen.append(waiting())
+        assert bulk.result().chunks > 3
+    assert max(bulk_seen) == 0

@@ -25,8 +25,20 @@ from ttsfleet.triton import contract
 Key = tuple[str, str]  # (namespace, TtsDeployment name)
 WINDOW = "10s"
 
+
+def _by_fleet(metric: str) -> str:
+    return f"sum by (namespace, deployment) ({metric})"
+
+
+# Requests waiting: in Triton's queue (the sentence engine's) plus live streams the
+# chunked engine's scheduler holds before their first audio; either alone where the
+# other is not exported.
+_TRITON_PENDING, _WAITING = (
+    _by_fleet(contract.PENDING_REQUESTS),
+    _by_fleet(contract.WAITING_STREAMS),
+)
 QUERIES = {
-    "pending_requests": f"sum by (namespace, deployment) ({contract.PENDING_REQUESTS})",
+    "pending_requests": f"({_TRITON_PENDING} + {_WAITING}) or {_TRITON_PENDING} or {_WAITING}",
     "queue_seconds_per_request": (
         f"sum by (namespace, deployment) (rate({contract.QUEUE_DURATION_US}[{WINDOW}])) / 1e6"
         f" / clamp_min(sum by (namespace, deployment) (rate({contract.REQUEST_SUCCESS}[{WINDOW}])),"

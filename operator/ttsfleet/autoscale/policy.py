@@ -4,7 +4,9 @@ Pure: no I/O, no clock. Time comes in as `now` (seconds), so tests and the simul
 drive a synthetic clock. Every decision keeps its reason.
 
 Signals, each turned into the replicas it asks for against the spec's targets:
-- pending requests per replica (Triton's `nv_inference_pending_request_count`),
+- pending requests per replica (Triton's `nv_inference_pending_request_count`, plus
+  the live streams the chunked engine holds before their first audio,
+  `ttsfleet_waiting_streams`: its scheduler takes every request at once),
 - queue time per request (rate of `nv_inference_queue_duration_us` over successes),
 - time to first audio p95 (`ttsfleet_time_to_first_audio_seconds`),
 - open streams (`ttsfleet_inflight_streams`), against `streamsPerReplica`.

@@ -141,9 +141,23 @@ class TritonSink:
         self.arrived = time.perf_counter()
         self.first = True
         self.bulk = False  # a bulk stream's first audio is not a listener's wait: not in TTFA
+        self.waiting = False  # counted in the waiting gauge until its first audio
         with self._lock:
             self.sender = request.get_response_sender()
             metrics.inflight.increment(1)
+
+    def admitted(self, bulk: bool) -> None:
+        """The request was read: a live one waits (the gauge) until its first audio."""
+        self.bulk = bulk
+        if not bulk:
+            with self._lock:
+                self.metrics.waiting.increment(1)
+                self.waiting = True
+
+    def _answered(self) -> None:  # under the lock
+        if self.waiting:
+            self.metrics.waiting.increment(-1)
+            self.waiting = False
 
     def cancelled(self) -> bool:
         with self._lock:
@@ -156,6 +170,7 @@ class TritonSink:
             self.sender.send(pb.InferenceResponse(output_tensors=tensors))
             if self.first and not self.bulk:
                 self.metrics.ttfa.observe(time.perf_counter() - self.arrived)
+            self._answered()
             self.first = False
             self.metrics.audio_seconds.increment(len(samples) / self.sample_rate)
 
@@ -163,6 +178,7 @@ class TritonSink:
         pb = self.pb
         with self._lock:
             self.metrics.inflight.increment(-1)
+            self._answered()
             if error is None:
                 self.sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
@@ -245,7 +261,13 @@ class Metrics:
                 description="Requests being synthesized now (open streams)",
                 kind=pb.MetricFamily.GAUGE,
             ),
+            pb.MetricFamily(
+                name=contract.WAITING_STREAMS,
+                description="Live streams taken and not yet at their first audio",
+                kind=pb.MetricFamily.GAUGE,
+            ),
         ]
         self.ttfa = self.families[0].Metric(labels=labels, buckets=TTFA_BUCKETS)
         self.audio_seconds = self.families[1].Metric(labels=labels)
         self.inflight = self.families[2].Metric(labels=labels)
+        self.waiting = self.families[3].Metric(labels=labels)

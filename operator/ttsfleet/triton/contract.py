@@ -52,6 +52,10 @@ REQUEST_SUCCESS = "nv_inference_request_success"
 TIME_TO_FIRST_AUDIO = "ttsfleet_time_to_first_audio_seconds"
 AUDIO_SECONDS = "ttsfleet_audio_seconds_total"
 INFLIGHT_STREAMS = "ttsfleet_inflight_streams"
+# Live streams the chunked engine has taken and not yet answered with audio: its
+# scheduler's queue, which Triton's pending count cannot see (every request is handed
+# to the scheduler at once).
+WAITING_STREAMS = "ttsfleet_waiting_streams"
 
 
 def image_is(image: str, repository: str) -> bool:

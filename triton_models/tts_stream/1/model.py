@@ -52,7 +52,7 @@ class TritonPythonModel:
         sink = TritonSink(pb, request, self.metrics, self.engine.sample_rate)
         try:
             req = read_request(pb, request, self.engine.voice_name)
-            sink.bulk = req.priority == "bulk"
+            sink.admitted(bulk=req.priority == "bulk")
             self.worker.submit(req.text, req.rate, sink, req.priority)
         except Exception as err:  # the stream must always end, with the reason
             sink.end(error_message(err))
