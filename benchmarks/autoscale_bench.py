@@ -16,10 +16,10 @@ ready endpoints) until the second replica has been in the endpoints for
 
 Per step:
 - breach -> write: from the first time after the load started that a signal the
-  policy reads is over its target (a raw sample of `nv_inference_pending_request_count`
-  above queueDepthPerReplica per replica, or the TTFA p95 query, evaluated every
-  second, above timeToFirstAudioMs; the chunked engine's pending count stays 0, so
-  on it the breach is the TTFA's) to the moment the scale subresource write is seen
+  policy reads is over its target (its queue-depth query, Triton's pending count plus
+  the chunked engine's `ttsfleet_waiting_streams`, above queueDepthPerReplica per
+  replica, or its TTFA p95 query above timeToFirstAudioMs, each evaluated every
+  second) to the moment the scale subresource write is seen
   on a watch of the TtsDeployment (spec.replicas 1 -> 2). p50/p95/max (nearest
   rank, `harness.percentile`; None where there is nothing to rank).
 - time to first audio from the clients: requests started before the new replica
@@ -53,7 +53,7 @@ from ttsfleet import bench, harness, kube
 from ttsfleet import client as tts_client
 from ttsfleet.api.v1alpha1 import TtsDeploymentSpec
 from ttsfleet.autoscale.loop import policy_for
-from ttsfleet.autoscale.metrics import WINDOW
+from ttsfleet.autoscale.metrics import QUERIES, WINDOW
 from ttsfleet.cluster import local, toolchain
 from ttsfleet.cluster.pool import load_pool_file
 from ttsfleet.triton import contract
@@ -192,7 +192,7 @@ class Step:
     load_off: float = 0.0
     down_write: float | None = None  # spec.replicas 2 -> 1 seen
     back: float = 0.0  # one replica, one endpoint
-    breach: float | None = None  # first pending sample above target
+    breach: float | None = None  # first time a signal the policy reads was over target
 
 
 def run_step(recorder: Recorder, after_seconds: float, timeout: float) -> Step:
@@ -230,15 +230,15 @@ def prometheus_matrix(url: str, query: str, at: float) -> list[dict[str, Any]]:
 
 def first_breach(url: str, step: Step, target: float, ttfa_target: float) -> float | None:
     """The first time after the load started that a signal the policy reads was over
-    its target: a raw pending-requests sample above `target` per replica (one replica
-    before the scale-up), or the TTFA p95 (the policy's query, evaluated every second)
-    above `ttfa_target`. The chunked engine hands every request to its scheduler at
-    once, so its pending count stays 0: its breach is the TTFA's."""
+    its target: the requests waiting (the policy's query: Triton's pending count plus
+    the chunked engine's live streams before their first audio, evaluated every
+    second) above `target` per replica (one replica before the scale-up), or the TTFA
+    p95 (the policy's query, every second) above `ttfa_target`."""
     assert step.write is not None
     end = step.write + 5
     span = math.ceil(end - step.load_on) + 2
     labels = f'namespace="{NAMESPACE}",deployment="{NAME}"'
-    pending = f"{contract.PENDING_REQUESTS}{{{labels}}}[{span}s]"
+    pending = f"({QUERIES['pending_requests']})[{span}s:1s]"
     ttfa = (
         f"histogram_quantile(0.95, sum by (le) (rate({contract.TIME_TO_FIRST_AUDIO}_bucket"
         f"{{{labels}}}[{WINDOW}])))[{span}s:1s]"

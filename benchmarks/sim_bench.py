@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,20 @@ def goals_for(name: str, config: SimConfig, balancer: str = DEFAULT_BALANCER) ->
     print(f"{name} ({balancer}): {json.dumps(doc['policies'])}", flush=True)
     print(f"{name} ({balancer}): goals {json.dumps(verdict)} ({seconds:.1f}s)", flush=True)
     return doc | {"goals": verdict, "seconds": round(seconds, 1)}
+
+
+def compared(config: SimConfig, jobs: int) -> dict[str, dict[str, Any]]:
+    """Every built-in trace behind the default balancer, the base ones behind p2c,
+    `jobs` at a time (each comparison is single-threaded and independent)."""
+    runs = [(name, DEFAULT_BALANCER) for name in traces.BUILTIN]
+    runs += [(name, "p2c") for name in traces.BASES]
+    longest_first = sorted(runs, key=lambda r: not r[0].startswith("diurnal"))
+    with ProcessPoolExecutor(max(1, jobs)) as pool:
+        futures = {run: pool.submit(goals_for, run[0], config, run[1]) for run in longest_first}
+    return {
+        "traces": {name: futures[name, b].result() for name, b in runs if b == DEFAULT_BALANCER},
+        "behind_p2c": {name: futures[name, b].result() for name, b in runs if b == "p2c"},
+    }
 
 
 def three_hour_replay(config: SimConfig) -> dict[str, Any]:
@@ -112,6 +128,10 @@ def main() -> None:
     results = REPO / "benchmarks" / "results"
     parser.add_argument("--out", type=Path, default=results / "sim.json")
     parser.add_argument("--record", type=Path, default=results / "autoscale_run.json")
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1,
+        help="traces compared side by side (the timed runs after them run alone)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     config = SimConfig()
@@ -125,8 +145,7 @@ def main() -> None:
         },
         "sweeps": {name: list(values) for name, values in policies.SWEEPS.items()},
         "balancer": DEFAULT_BALANCER,
-        "traces": {name: goals_for(name, config) for name in traces.BUILTIN},
-        "behind_p2c": {name: goals_for(name, config, "p2c") for name in traces.BASES},
+        **compared(config, args.jobs),
         "day_of_a_thousand": day_of_a_thousand(config),
         "three_hour_replay": three_hour_replay(config),
     }

@@ -179,19 +179,59 @@ def test_arrivals_size_a_step_once_a_replicas_rate_is_learned() -> None:
 def test_a_rate_learned_too_high_gives_way_when_the_queue_grows_over_the_targets() -> None:
     """A latency read as if it grew in proportion to the load can teach a rate above
     what a replica completes (here 12/s learned; the 5 replicas complete 9.6/s each).
-    With the fleet over its targets and the queue growing, the arrivals then ask for
-    more than the fleet has, instead of holding it short for good."""
+    With the fleet over its targets and the queue growing for a stable window (60 s:
+    not a burst's backlog), the arrivals then ask for more than the fleet has, instead
+    of holding it short for good."""
     learned = State(replica_rate=12.0)
     snap = Snapshot(5, pending_requests=60, ttfa_p95_seconds=2.0, completed_per_second=48.0,
                     serving_replicas=5)  # fmt: skip
     state = learned
-    for i in range(10):  # the queue grows by 2 a second: 50 arrive, 48 complete
+    for i in range(75):  # the queue grows by 2 a second: 50 arrive, 48 complete
         snap = replace(snap, pending_requests=60 + 4.0 * i)
         rec = recommend(snap, replace(POLICY, max_replicas=100), state, now=i * 2.0)
         state = rec.state
+        if i * 2.0 < 60:
+            assert state.replica_rate == 12.0, i  # a burst's backlog teaches nothing
     assert state.replica_rate == 48.0 / 5
     assert rec.replicas >= 6 and rec.signals["arrivals"] > 5
     # The same reading while the queue drains (arrivals below completions) keeps it.
     draining = replace(snap, pending_requests=20.0)
     kept = recommend(draining, replace(POLICY, max_replicas=100), learned, now=100.0).state
     assert kept.replica_rate == 12.0
+
+
+def test_going_back_soon_after_a_turn_needs_a_large_move() -> None:
+    """Two turns within the reversal window (600 s) are a flap: soon after one, a move
+    back up needs 25 % (or a panic), and a move back down, a third of the size."""
+    policy = replace(POLICY, max_replicas=100)
+
+    def asked(replicas: float, state: State, now: float = 1000.0) -> Recommendation:
+        snap = Snapshot(10, pending_requests=replicas * 4, serving_replicas=10)
+        return recommend(snap, policy, state, now)
+
+    after_down = State(direction=-1, turned_at=900.0)  # turned down 100 s ago
+    held = asked(11.5, after_down)
+    assert held.replicas == 10 and "going back needs 25%" in held.reason
+    assert asked(13, after_down).replicas == 13
+    assert asked(11.5, replace(after_down, turned_at=300.0)).replicas == 12  # 700 s ago
+    after_up = State(direction=1, turned_at=900.0)
+    assert asked(7, after_up).replicas == 10  # 30 % down: held
+    assert asked(6, after_up).replicas < 10  # down to 2/3: goes (at the scale-down pace)
+    # A move that is no turn (the same way as the last) is not held.
+    assert asked(7, after_down).replicas < 10
+    # Every change that reverses the last one is remembered as a turn.
+    up = asked(13, after_down)
+    assert up.state.direction == 1 and up.state.turned_at == 1000.0
+
+
+def test_a_queue_growing_for_a_stable_window_is_never_held_back() -> None:
+    """Hysteresis holds a small move back up soon after a turn, but not when the fleet
+    has been over its targets with its queue growing for a whole stable window."""
+    policy = replace(POLICY, max_replicas=100)
+    snap = Snapshot(10, pending_requests=46, completed_per_second=40.0, serving_replicas=10)
+    turned = State(direction=-1, turned_at=900.0)
+    assert recommend(snap, policy, turned, now=1000.0).replicas == 10  # held
+    short = replace(turned, short_since=880.0, short_from=10.0)  # 120 s short, queue 10 -> 46
+    assert recommend(snap, policy, short, now=1000.0).replicas == 12
+    drained = replace(short, short_from=60.0)  # the queue fell below where it was: not short
+    assert recommend(snap, policy, drained, now=1000.0).replicas == 10

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,14 @@ class Policy:
     scale_down_delay: float = 120.0
     tolerance: float = 0.1  # outside panic, hold while within 10 % of the current size
     rate_learning: float = 0.2  # weight of a new reading of the rate a replica carries
+    # Hysteresis on reversals: within `reversal_window` seconds of the last turn (a scale
+    # event against the one before it), a move against the last one must be large: up
+    # by `reversal_up` of the size (or a panic), down to 1 / (1 + `reversal_down`) of
+    # it. Two turns that close are a flap; holding capacity costs replica-hours only,
+    # holding it back costs misses, hence the smaller margin up.
+    reversal_window: float = 600.0
+    reversal_up: float = 0.25
+    reversal_down: float = 0.5
     floor: int = 0  # scheduled or predicted floor, computed by the caller
     floor_reason: str = ""  # why that floor (named in the decision when it binds)
 
@@ -94,6 +103,10 @@ class State:
     in_system: tuple[tuple[float, float], ...] = ()  # (time, requests queued + streaming)
     # Requests per second one replica carries at the targets, learned outside panics.
     replica_rate: float | None = None
+    direction: int = 0  # of the last change recommended: +1 up, -1 down, 0 none yet
+    turned_at: float | None = None  # when the last change against the one before it came
+    short_since: float | None = None  # over the targets with the queue growing since then
+    short_from: float = 0.0  # requests in the fleet (queued and streaming) at short_since
 
 
 @dataclass(frozen=True)
@@ -164,9 +177,57 @@ def arrival_rate(
     return max(0.0, snapshot.completed_per_second + growth), kept
 
 
-def _asks(
-    snapshot: Snapshot, policy: Policy, state: State, now: float
-) -> tuple[dict[str, float], dict[str, float], tuple[tuple[float, float], ...], float | None]:
+class Asks(NamedTuple):
+    asks: dict[str, float]  # what each driver asks for
+    reported: dict[str, float]  # what every signal asks for (in the status)
+    in_system: tuple[tuple[float, float], ...]  # requests in the fleet, to keep
+    replica_rate: float | None  # the rate a replica carries at the targets
+    short_since: float | None  # since when the fleet is over its targets, queue growing
+    short_from: float  # requests in the fleet then
+
+
+def _replica_rate(
+    snapshot: Snapshot,
+    policy: Policy,
+    state: State,
+    now: float,
+    arrivals: float | None,
+    measured: float,
+    serving: int,
+) -> tuple[float | None, float | None, float]:
+    """The rate a replica carries at the targets, since when the fleet has been short
+    (over its targets, its queue never back below where it was then), and that queue."""
+    calm = state.panic_until is None or now >= state.panic_until
+    replica_rate = state.replica_rate
+    # Learned while the fleet is near its targets (what the signals ask for within 30 %
+    # of the replicas serving).
+    if calm and arrivals and serving > 0 and 0.7 <= measured / serving <= 1.3:
+        seen = arrivals / measured
+        replica_rate = (
+            seen
+            if replica_rate is None
+            else (replica_rate + policy.rate_learning * (seen - replica_rate))
+        )
+    completed = snapshot.completed_per_second
+    inside = sum(v for v in (snapshot.pending_requests, snapshot.open_streams) if v is not None)
+    over = bool(calm and completed and arrivals and serving > 0
+                and measured > (1 + policy.tolerance) * serving)  # fmt: skip
+    short_since = None
+    if over and state.short_since is not None and inside >= state.short_from:
+        short_since = state.short_since  # still over, and the queue not below where it was
+    elif over and arrivals is not None and completed is not None and arrivals > completed:
+        short_since = now  # over the targets with the queue growing: it may be short
+    if replica_rate and completed and short_since is not None:  # noqa: SIM102
+        if now - short_since >= policy.stable_window:
+            # Over the targets with the queue growing for a whole stable window (not a
+            # burst's backlog), a replica carries at most what it completes now: a rate
+            # learned above that (a latency read as if it grew in proportion to the
+            # load) would hold the fleet short while its queue grows.
+            replica_rate = min(replica_rate, completed / serving)
+    return replica_rate, short_since, inside if short_since == now else state.short_from
+
+
+def _asks(snapshot: Snapshot, policy: Policy, state: State, now: float) -> Asks:
     """What each driver asks for, what every signal asks for (reported), the
     requests-in-the-fleet history and the rate a replica carries (see `recommend`)."""
     asks = signal_replicas(snapshot, policy)
@@ -175,36 +236,9 @@ def _asks(
     serving = (
         snapshot.ready_replicas if snapshot.serving_replicas is None else snapshot.serving_replicas
     )
-    # The rate a replica carries at the targets, learned while the fleet is near them
-    # (what the signals ask for within 30 % of the replicas serving).
-    replica_rate = state.replica_rate
-    measured = max(asks.values())
-    if (
-        (state.panic_until is None or now >= state.panic_until)
-        and arrivals
-        and serving > 0
-        and 0.7 <= measured / serving <= 1.3
-    ):
-        seen = arrivals / measured
-        replica_rate = (
-            seen
-            if replica_rate is None
-            else (replica_rate + policy.rate_learning * (seen - replica_rate))
-        )
-    completed = snapshot.completed_per_second
-    if (
-        replica_rate
-        and completed
-        and arrivals
-        and serving > 0
-        and (state.panic_until is None or now >= state.panic_until)
-        and measured > (1 + policy.tolerance) * serving
-        and arrivals > completed
-    ):
-        # Over the targets with the queue growing, a replica carries at most what it
-        # completes now: a rate learned above that (a latency read as if it grew in
-        # proportion to the load) would hold the fleet short while its queue grows.
-        replica_rate = min(replica_rate, completed / serving)
+    replica_rate, short_since, short_from = _replica_rate(
+        snapshot, policy, state, now, arrivals, max(asks.values()), serving
+    )
     if replica_rate and arrivals is not None:
         # Arrivals drive the size once a replica's rate is known: the time signals read
         # the queue's delay, which grows without bound while the fleet is short, and
@@ -215,7 +249,51 @@ def _asks(
         asks = {"arrivals": arrivals / replica_rate} | (
             {"open_streams": asks["open_streams"]} if "open_streams" in asks else {}
         )
-    return asks, reported, in_system, replica_rate
+    return Asks(asks, reported, in_system, replica_rate, short_since, short_from)
+
+
+def _hysteresis(
+    desired: int, current: int, why: str, policy: Policy, state: State, now: float
+) -> tuple[int, str]:
+    """A move against the last one, within the reversal window of the last turn, only
+    when it is large (see `Policy.reversal_window`)."""
+    move = (desired > current) - (desired < current)
+    recent = state.turned_at is not None and now - state.turned_at < policy.reversal_window
+    if not (move and move == -state.direction and recent):
+        return desired, why
+    ratio = desired / current if move > 0 else current / max(desired, 1)
+    margin = policy.reversal_up if move > 0 else policy.reversal_down
+    if ratio >= 1 + margin:
+        return desired, why
+    held = (
+        f"; holding {current}: within {policy.reversal_window:.0f}s of the last turn, "
+        f"going back needs {margin:.0%}"
+    )
+    return current, why + held
+
+
+def _rate_limited(
+    desired: int, current: int, panic: bool, why: str, policy: Policy
+) -> tuple[int, str]:
+    """Rate limits (none up in a panic, as Knative's default 1000x), and maxReplicas."""
+    if desired > current and not panic:
+        ceiling = max(current + 1, math.ceil(current * policy.max_scale_up_rate))
+        if desired > ceiling:
+            desired, why = ceiling, why + f"; scale-up limited to {ceiling}"
+    elif desired < current:
+        step = max(policy.max_scale_down_step, math.floor(current * policy.max_scale_down_fraction))
+        step_floor = current - step
+        if desired < step_floor:
+            desired, why = step_floor, why + f"; scale-down limited to {step_floor}"
+    return min(desired, policy.max_replicas), why
+
+
+def _turn(state: State, desired: int, current: int, now: float) -> tuple[int, float | None]:
+    """The direction to remember and the time of the last turn, after this decision."""
+    move = (desired > current) - (desired < current)
+    if move and state.direction and move != state.direction:
+        return move, now
+    return move or state.direction, state.turned_at
 
 
 def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> Recommendation:
@@ -223,7 +301,9 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
     current = snapshot.ready_replicas
     if not snapshot.has_metrics:
         return _hold_without_metrics(current, policy, state)
-    asks, reported, in_system, replica_rate = _asks(snapshot, policy, state, now)
+    asks, reported, in_system, replica_rate, short_since, short_from = _asks(
+        snapshot, policy, state, now
+    )
     driver, asked = max(asks.items(), key=lambda kv: kv[1])
     keep = now - max(policy.stable_window, policy.scale_down_delay)
     observations = (*((t, v) for t, v in state.observations if t >= keep), (now, asked))
@@ -273,25 +353,24 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
         desired = held
         why += f"; holding {held} for the {policy.scale_down_delay:.0f}s scale-down delay"
 
-    # Rate limits (none up in a panic, as Knative's default 1000x).
-    if desired > current and not panic:
-        ceiling = max(current + 1, math.ceil(current * policy.max_scale_up_rate))
-        if desired > ceiling:
-            desired, why = ceiling, why + f"; scale-up limited to {ceiling}"
-    elif desired < current:
-        step = max(policy.max_scale_down_step, math.floor(current * policy.max_scale_down_fraction))
-        step_floor = current - step
-        if desired < step_floor:
-            desired, why = step_floor, why + f"; scale-down limited to {step_floor}"
-    desired = min(desired, policy.max_replicas)
+    # Hysteresis, but never holding back capacity that is short for sure: streams
+    # over streamsPerReplica, or a queue that has grown for a whole stable window.
+    saturated = short_since is not None and now - short_since >= policy.stable_window
+    if not panic and not ((short_of_streams or saturated) and desired > current):
+        desired, why = _hysteresis(desired, current, why, policy, state, now)
+
+    desired, why = _rate_limited(desired, current, panic, why, policy)
 
     recommendations = (
         *((t, r) for t, r in state.recommendations if t >= now - policy.scale_down_delay),
         (now, raw),
     )
+    direction, turned_at = _turn(state, desired, current, now)
     new_state = replace(
         state, observations=observations, recommendations=recommendations,
         panic_until=panic_until, in_system=in_system, replica_rate=replica_rate,
+        direction=direction, turned_at=turned_at, short_since=short_since,
+        short_from=short_from,
     )  # fmt: skip
     signals = {k: round(v, 3) for k, v in reported.items()}
     return Recommendation(desired, why, signals, panic, new_state)

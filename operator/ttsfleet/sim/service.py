@@ -67,6 +67,7 @@ BALANCERS = ("random", "round-robin", "p2c", "jsq")
 # balances at random. `p2c` is what the ttsfleet gateway does; `round-robin` what the
 # benchmarks' client does (`ttsfleet.client.Balancer`).
 DEFAULT_BALANCER = "random"
+WAITS_KEPT = 200_000  # waits remembered per model (by utilisation and fleet size)
 P2C_TAIL = 1e-7  # the p2c queue-length sum stops where fewer arrivals see that many
 
 
@@ -128,6 +129,7 @@ class ServiceModel:
     batching_efficiency: float = 1.0  # throughput multiplier of a replica (1: unbatched)
     balancer: str = DEFAULT_BALANCER
     samples: tuple[tuple[float, float], ...] = field(default=(), repr=False)
+    _waits: dict[tuple[float, int], Wait] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.balancer not in BALANCERS:
@@ -141,9 +143,8 @@ class ServiceModel:
         return self.batching_efficiency / self.mean_service_s
 
     def with_balancer(self, balancer: str) -> ServiceModel:
-        return replace(self, balancer=balancer)
+        return replace(self, balancer=balancer, _waits={})  # its own waits
 
-    @functools.lru_cache(maxsize=65536)  # noqa: B019 - models are few and live long
     def _wait(self, rho: float, replicas: int) -> Wait:
         s, cs2, n = 1 / self.replica_rate, self.service_scv, max(1, replicas)
         if self.balancer == "random":  # each replica an M/G/1 queue (Kingman's tail)
@@ -185,8 +186,14 @@ class ServiceModel:
     def wait(self, rho: float, replicas: int) -> Wait:
         """The queue wait at utilisation rho on a fleet of `replicas` (rho is capped at
         RHO_MAX: beyond, the fluid backlog carries the overload)."""
-        rho = min(max(rho, 0.0), RHO_MAX)
-        return self._wait(round(rho, 4), max(1, int(replicas)))
+        rho = round(min(max(rho, 0.0), RHO_MAX), 4)
+        key = (rho, 1 if self.balancer == "random" else max(1, int(replicas)))
+        found = self._waits.get(key)
+        if found is None:
+            if len(self._waits) > WAITS_KEPT:
+                self._waits.clear()
+            found = self._waits[key] = self._wait(*key)
+        return found
 
     def mean_wait(self, rho: float, replicas: int = 1) -> float:
         return self.wait(rho, replicas).mean
@@ -194,7 +201,16 @@ class ServiceModel:
     def within(self, x: float, rho: float, delay: float = 0.0, replicas: int = 1) -> float:
         """P(TTFA <= x) at utilisation rho with a backlog delay, on `replicas`."""
         wait = self.wait(rho, replicas)
-        return sum(wait.within(x - f - delay) for f in self.first_audio_s) / len(self.first_audio_s)
+        firsts = self.first_audio_s
+        if wait.normal or len(wait.exponential) != 1:
+            return sum(wait.within(x - f - delay) for f in firsts) / len(firsts)
+        p, mean = wait.exponential[0]  # the common case, inlined: it runs per tick
+        total = 0.0
+        for f in firsts:
+            slack = x - f - delay
+            if slack >= 0:
+                total += 1 - p * math.exp(-slack / mean)
+        return total / len(firsts)
 
     def quantile(self, q: float, rho: float, delay: float = 0.0, replicas: int = 1) -> float:
         """TTFA quantile q at utilisation rho with a backlog delay (bisection, 1 ms)."""
