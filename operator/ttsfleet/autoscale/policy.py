@@ -159,6 +159,9 @@ def _hold_without_metrics(current: int, policy: Policy, state: State) -> Recomme
     )
 
 
+# The share of its saturated rate a replica is sized for once the fleet was seen
+# saturated: below it, most balancers' queues stay short (p2c's need at the SLO is 0.88).
+SATURATED_SHARE = 0.8
 RATE_WINDOW = 10.0  # seconds over which arrivals are read (autoscale/metrics.py WINDOW)
 
 
@@ -220,10 +223,11 @@ def _replica_rate(
     if replica_rate and completed and short_since is not None:  # noqa: SIM102
         if now - short_since >= policy.stable_window:
             # Over the targets with the queue growing for a whole stable window (not a
-            # burst's backlog), a replica carries at most what it completes now: a rate
-            # learned above that (a latency read as if it grew in proportion to the
-            # load) would hold the fleet short while its queue grows.
-            replica_rate = min(replica_rate, completed / serving)
+            # burst's backlog), the replicas are saturated: at its targets a replica
+            # carries less than it completes now. A rate learned above that (a latency
+            # read as if it grew in proportion to the load: flat, then a cliff) would
+            # size the fleet at or past saturation for good.
+            replica_rate = min(replica_rate, SATURATED_SHARE * completed / serving)
     return replica_rate, short_since, inside if short_since == now else state.short_from
 
 
