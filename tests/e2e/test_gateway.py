@@ -293,6 +293,25 @@ def test_gateway_replicas_share_limits_through_the_redis_the_operator_runs(
             assert "retry-after" in answer.headers
         return [answer.status_code for answer in answers]
 
+    def fallbacks() -> int:
+        """Times the replicas logged going on their own (a Redis call failed or took
+        over its 0.25 s timeout: that replica limits alone for a second)."""
+        runner = local.runner_dir(cluster.name)
+        logs = (runner / "pods" / p["metadata"]["uid"] / "container.log"
+                for p in gateway_pods(cluster, namespace, "limited"))  # fmt: skip
+        return sum(log.read_text().count("Redis failed") for log in logs if log.exists())
+
+    def shared_burst(tenant: str) -> list[int]:
+        """A burst measured while both replicas used Redis throughout: one that met a
+        fallback (seen on a loaded machine) says nothing of sharing, and is sent again
+        with a new tenant once both share again."""
+        before = fallbacks()
+        codes = burst(tenant)
+        if fallbacks() > before:
+            wait_for("limits shared again on both", shared_everywhere, timeout=60)
+            codes = burst(f"{tenant}-again")
+        return codes
+
     with httpx2.Client(trust_env=False, timeout=10) as http:
         try:
             assert wait_for("the managed Redis", redis_ready, timeout=120) == {
@@ -302,7 +321,7 @@ def test_gateway_replicas_share_limits_through_the_redis_the_operator_runs(
             wait_for("limits shared through Redis on both", shared_everywhere, timeout=60)
         except AssertionError as err:
             raise AssertionError(f"{err}; {why(cluster, namespace, 'limited')}") from None
-        codes = burst("acme")
+        codes = shared_burst("acme")
         assert sorted(codes) == [429] * 5 + [503] * 3, codes  # 3 admitted, not 2 x 3
 
         # A new Redis pod starts empty; both replicas follow it to its address.
@@ -310,8 +329,10 @@ def test_gateway_replicas_share_limits_through_the_redis_the_operator_runs(
                         "--wait=true")  # fmt: skip
         wait_for("a new Redis pod", redis_ready, timeout=120)
         wait_for("limits shared through the new Redis", shared_everywhere, timeout=60)
-        codes = burst("globex")
-        assert sorted(codes) == [429] * 5 + [503] * 3, codes
+        codes = shared_burst("globex")
+        assert sorted(codes) == [429] * 5 + [503] * 3, (
+            f"{codes}; {why(cluster, namespace, 'limited')}"
+        )
 
     doc["spec"]["rateLimits"].pop("managedRedis")
     kube.apply(cluster.api, [doc], "pytest")

@@ -1,6 +1,6 @@
 """Markdown tables of a `make bench-sim` result, as docs/simulator.md shows them.
 
-    python benchmarks/sim_tables.py [benchmarks/results/sim.json]
+    python hack/sim_tables.py [benchmarks/results/sim.json]
 
 Prints, per trace, every policy's figures, then the goals table, the peers as users
 deploy them, and the goals behind the gateway's p2c balancer (`behind_p2c`).
