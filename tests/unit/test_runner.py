@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from ttsfleet.cluster import images
 from ttsfleet.cluster.runner import pod_phase, restart_wanted, terminated_state
 
 
@@ -46,3 +49,12 @@ def test_the_phase_is_kubelets() -> None:
     assert pod_phase("OnFailure", running=False, terminated=ok, exited_before=False) == "Succeeded"
     assert pod_phase("Never", running=False, terminated=ok, exited_before=False) == "Succeeded"
     assert pod_phase("Never", running=False, terminated=failed, exited_before=True) == "Failed"
+
+
+def test_a_gateway_binds_its_pod_ip_where_pods_share_a_node_namespace() -> None:
+    """Two gateway replicas on one local node would both take 0.0.0.0:8080 there."""
+    container = {"image": "ttsfleet/gateway:dev", "args": ["gateway", "--config=/c.json"]}
+    argv = images.local_command(container, {}, Path("/nonexistent"), "10.32.4.5").argv
+    assert argv[-1] == "--host=10.32.4.5"
+    chosen = {"image": "ttsfleet/gateway:dev", "args": ["gateway", "--host=127.0.0.1"]}
+    assert "--host=10.32.4.5" not in images.local_command(chosen, {}, Path("/x"), "10.0.0.1").argv

@@ -193,7 +193,7 @@ def local_command(
     project's images, the pod's /etc/hosts file `hosts`."""
     resolved = dict(env or {})
     if is_project_image(str(container.get("image") or "")):
-        return _project_command(container, volumes, resolved, hosts)
+        return _project_command(container, volumes, resolved, hosts, ip)
     if contract.image_is(str(container.get("image") or ""), REDIS_IMAGE):
         return _redis_command(container, workdir, ip, resolved)
     if not _is_triton(container):
@@ -214,7 +214,11 @@ def local_command(
 
 
 def _project_command(
-    container: Manifest, volumes: dict[str, Path], env: dict[str, str], hosts: Path | None
+    container: Manifest,
+    volumes: dict[str, Path],
+    env: dict[str, str],
+    hosts: Path | None,
+    ip: str,
 ) -> LocalCommand:
     command = [str(c) for c in container.get("command") or ["ttsfleet"]]  # type: ignore[attr-defined]
     if Path(command[0]).name != "ttsfleet":
@@ -222,6 +226,11 @@ def _project_command(
             f"image {container.get('image')}: only its `ttsfleet` entrypoint runs locally"
         )
     args = [str(a) for a in container.get("args") or []]  # type: ignore[attr-defined]
+    if args[:1] == ["gateway"] and not any(a.startswith("--host") for a in args):
+        # The pods of a local node share its network namespace: a gateway on 0.0.0.0
+        # would take the port from every other pod there (two replicas on one node:
+        # "address already in use"). Bound to the pod IP, as Triton and Redis are here.
+        args.append(f"--host={ip}")
     binds: list[tuple[Path, str]] = []
     for mount in container.get("volumeMounts") or []:  # type: ignore[attr-defined]
         path = str(mount["mountPath"])
