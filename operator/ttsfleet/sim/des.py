@@ -15,7 +15,7 @@ Two uses:
   to rho 0.95 would get the whole steady-state wait of rho 0.95, which takes minutes
   to build); per-request arrivals build queues only as fast as they really do.
 
-Balancers (`BALANCERS`): `random` (what a Kubernetes Service's kube-proxy does),
+Balancers (`service.BALANCERS`): `random` (what a Kubernetes Service's kube-proxy does),
 `round-robin`, `p2c` (power of two choices on outstanding requests: what the ttsfleet
 gateway does) and `jsq` (to the replica whose queue empties first: with FIFO replicas
 this is exactly one central queue in front of all replicas, the bound no balancer
@@ -31,14 +31,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-BALANCERS = ("random", "round-robin", "p2c", "jsq")
-
-
-def check_balancer(name: str) -> str:
-    if name not in BALANCERS:
-        raise ValueError(f"unknown balancer {name!r}: use one of {', '.join(BALANCERS)}")
-    return name
-
+from ttsfleet.sim.service import check_balancer
 
 # The TTFA histogram's bucket bounds, as the model exports it (serving/backend.py).
 TTFA_BUCKETS = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)

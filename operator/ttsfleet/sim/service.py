@@ -63,6 +63,14 @@ def text_lengths(n: int, seed: int = 7) -> list[tuple[int, int]]:
 
 
 BALANCERS = ("random", "round-robin", "p2c", "jsq")
+
+
+def check_balancer(name: str) -> str:
+    if name not in BALANCERS:
+        raise ValueError(f"unknown balancer {name!r}: use one of {', '.join(BALANCERS)}")
+    return name
+
+
 # The M/G/1-per-replica model the goals were set on: a Kubernetes Service (kube-proxy)
 # balances at random. `p2c` is what the ttsfleet gateway does; `round-robin` what the
 # benchmarks' client does (`ttsfleet.client.Balancer`).
@@ -132,10 +140,7 @@ class ServiceModel:
     _waits: dict[tuple[float, int], Wait] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.balancer not in BALANCERS:
-            raise ValueError(
-                f"unknown balancer {self.balancer!r}: use one of {', '.join(BALANCERS)}"
-            )
+        check_balancer(self.balancer)
 
     @property
     def replica_rate(self) -> float:
