@@ -17,7 +17,7 @@ help: ## List the targets.
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip==25.3
-	$(BIN)/pip install -q -e '.[dev,serve,gateway]'
+	$(BIN)/pip install -q -e '.[dev,serve,gateway,edge]'
 	touch $@
 
 .venv: $(VENV)/.installed ## Create the virtualenv (.venv/bin/ttsfleet is the CLI).

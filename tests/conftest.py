@@ -94,10 +94,11 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def crd(cluster: Cluster) -> None:
-    """The CRDs (TtsDeployment, TtsGateway), installed from crds/ as a user would."""
+    """The CRDs (TtsDeployment, TtsGateway, TtsRegion), installed from crds/ as a user would."""
     cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
     cluster.wait_established("crd/ttsdeployments.ttsfleet.io")
     cluster.wait_established("crd/ttsgateways.ttsfleet.io")
+    cluster.wait_established("crd/ttsregions.ttsfleet.io")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Write (or check) every generated file: `make manifests`.
 
-- `crds/ttsfleet.io_ttsdeployments.yaml` and `crds/ttsfleet.io_ttsgateways.yaml`, the
+- `crds/ttsfleet.io_ttsdeployments.yaml`, `..._ttsgateways.yaml` and `..._ttsregions.yaml`, the
   chart's copies and
   `docs/api-reference.md`, from the typed models;
 - `triton_models/<model>/config.pbtxt`, from the same generator the operator's
@@ -19,17 +19,21 @@ from ttsfleet.triton.config import ModelConfig, render
 
 CRD_FILE = "ttsfleet.io_ttsdeployments.yaml"
 GATEWAY_CRD_FILE = "ttsfleet.io_ttsgateways.yaml"
+REGION_CRD_FILE = "ttsfleet.io_ttsregions.yaml"
 
 
 def generated() -> dict[str, str]:
     """Relative path -> content of every generated file."""
     crd_text = crd.render()
     gateway_text = crd.render(crd.gateway_crd())
+    region_text = crd.render(crd.region_crd())
     files = {
         f"crds/{CRD_FILE}": crd_text,
         f"charts/tts-operator/crds/{CRD_FILE}": crd_text,
         f"crds/{GATEWAY_CRD_FILE}": gateway_text,
         f"charts/tts-operator/crds/{GATEWAY_CRD_FILE}": gateway_text,
+        f"crds/{REGION_CRD_FILE}": region_text,
+        f"charts/tts-operator/crds/{REGION_CRD_FILE}": region_text,
         "docs/api-reference.md": crd.reference(),
     }
     for streaming in (True, False):

@@ -115,6 +115,18 @@ GATEWAY_PRINTER_COLUMNS = [
 ]
 
 
+REGION_PRINTER_COLUMNS = [
+    {"name": "Region", "type": "string", "jsonPath": ".spec.region"},
+    PRINTER_COLUMNS[0],
+    {
+        "name": "Degraded",
+        "type": "string",
+        "jsonPath": ".status.conditions[?(@.type=='Degraded')].message",
+    },
+    PRINTER_COLUMNS[-1],
+]
+
+
 def crd() -> dict[str, Any]:
     """The `TtsDeployment` CRD."""
     return _crd(
@@ -133,9 +145,20 @@ def gateway_crd() -> dict[str, Any]:
     )  # fmt: skip
 
 
+def region_crd() -> dict[str, Any]:
+    """The `TtsRegion` CRD (no scale subresource: a region has no replicas)."""
+    return _crd(
+        api.REGION_KIND, api.REGION_PLURAL, api.REGION_SINGULAR, api.REGION_SHORT_NAMES,
+        api.TtsRegionSpec, api.TtsRegionStatus, REGION_PRINTER_COLUMNS,
+        "This cluster's region: its peers, failover policy, detection, failback and "
+        "data residency.", scale=False,
+    )  # fmt: skip
+
+
 def _crd(
     kind: str, plural: str, singular: str, short_names: list[str], spec_model: type[BaseModel],
     status_model: type[BaseModel], columns: list[dict[str, str]], description: str,
+    scale: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     spec = openapi_schema(spec_model)
     status = openapi_schema(status_model)
@@ -146,6 +169,13 @@ def _crd(
     status["properties"]["conditions"]["x-kubernetes-list-type"] = "map"
     status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
     spec.pop("default", None)
+    subresources: dict[str, Any] = {"status": {}}
+    if scale:
+        subresources["scale"] = {
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -167,14 +197,7 @@ def _crd(
                     "served": True,
                     "storage": True,
                     "additionalPrinterColumns": columns,
-                    "subresources": {
-                        "status": {},
-                        "scale": {
-                            "specReplicasPath": ".spec.replicas",
-                            "statusReplicasPath": ".status.replicas",
-                            "labelSelectorPath": ".status.selector",
-                        },
-                    },
+                    "subresources": subresources,
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
@@ -210,6 +233,7 @@ def reference() -> str:
             " DO NOT EDIT. -->",
             _reference(api.KIND, api.TtsDeploymentSpec),
             _reference(api.GATEWAY_KIND, api.TtsGatewaySpec),
+            _reference(api.REGION_KIND, api.TtsRegionSpec),
         ]
     )
 

@@ -769,3 +769,232 @@ class TtsGatewayStatus(_Model):
     redis: GatewayRedis | None = Field(
         default=None, description="The Redis the operator runs for the gateway, if it does."
     )
+
+
+# ---- TtsRegion: this cluster's region, its peers, failover and residency --------------------
+
+REGION_KIND = "TtsRegion"
+REGION_PLURAL = "ttsregions"
+REGION_SINGULAR = "ttsregion"
+REGION_SHORT_NAMES = ["ttsr"]
+REGION_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_URL = r"^https?://[^\s]+$"
+
+
+class FailoverMode(StrEnum):
+    ACTIVE_ACTIVE = "active-active"
+    ACTIVE_STANDBY = "active-standby"
+
+
+class RegionPeer(_Model):
+    """Another region, as this region reaches it."""
+
+    name: str = Field(pattern=REGION_PATTERN, max_length=63, description="The peer's region name.")
+    gateway_url: str = Field(
+        pattern=_URL, max_length=2048,
+        description="The peer's speech API (its TtsGateway behind its load balancer): probes "
+        "and this region's Envoy reach the peer there.",
+    )  # fmt: skip
+    status_url: str | None = Field(
+        default=None, pattern=_URL, max_length=2048,
+        description="The peer operator's status endpoint: its own view of every region.",
+    )  # fmt: skip
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="A Secret key holding a kubeconfig with read-only credentials for the "
+        "peer's cluster (its TtsRegion status and fleets); key defaults to kubeconfig.",
+    )
+    weight: int = Field(
+        default=100, ge=1, le=10000,
+        description="Its share of traffic in active-active (relative to the other regions').",
+    )  # fmt: skip
+    standby: bool = Field(
+        default=False,
+        description="active-standby: this peer takes traffic only when every active region "
+        "nearer in the list is down.",
+    )
+
+    @field_validator("credentials_secret_ref")
+    @classmethod
+    def _kubeconfig_key(cls, ref: SecretKeyRef | None) -> SecretKeyRef | None:
+        if ref is not None and "key" not in ref.model_fields_set:
+            return SecretKeyRef(name=ref.name, key="kubeconfig")
+        return ref
+
+
+class RegionDetection(_Model):
+    """When a region counts as down: probes by each observer, and a quorum of them."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "self.recoverAfter >= self.failuresToDown",
+            "spec.detection.recoverAfter is below failuresToDown, so a region could come "
+            "back faster than it went: raise recoverAfter",
+        ),
+    ]
+    probe_interval_seconds: float = Field(
+        default=2.0, ge=0.5, le=60,
+        description="How often each observer sends a tiny real synthesis through a gateway.",
+    )  # fmt: skip
+    probe_timeout_ms: int = Field(
+        default=1500, ge=50, le=30000,
+        description="A probe without its first audio by then has failed.",
+    )  # fmt: skip
+    ttfa_threshold_ms: int = Field(
+        default=800, ge=10, le=30000,
+        description="A probe whose first audio came later than this counts as a failure.",
+    )  # fmt: skip
+    error_rate_threshold: float = Field(
+        default=0.5, gt=0, le=1,
+        description="A region whose gateway answered this share of its requests with 5xx "
+        "(over the last failuresToDown probe intervals) counts as failing.",
+    )  # fmt: skip
+    failures_to_down: int = Field(
+        default=3, ge=1, le=20,
+        description="Consecutive failed probes before an observer votes a region down.",
+    )  # fmt: skip
+    recover_after: int = Field(
+        default=5, ge=1, le=100,
+        description="Consecutive good probes before an observer votes a region up again.",
+    )  # fmt: skip
+    witness_url: str | None = Field(
+        default=None, pattern=_URL, max_length=2048,
+        description="With two regions, a witness outside both (`ttsfleet witness`) whose "
+        "vote breaks the tie; ignored with three or more.",
+    )  # fmt: skip
+
+
+class RegionFailback(_Model):
+    cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "self.steps.all(s, s >= 1 && s <= 100) && self.steps[self.steps.size() - 1] == 100",
+            "spec.failback.steps must be percentages in 1..100 ending at 100: "
+            "for example [10, 25, 50, 100]",
+            ".steps",
+        ),
+        rule(
+            "self.steps.isSorted() && self.steps.all(s, self.steps.exists_one(t, t == s))",
+            "spec.failback.steps must increase: for example [10, 25, 50, 100]",
+            ".steps",
+        ),
+    ]
+    stabilisation_seconds: int = Field(
+        default=60, ge=0, le=86400,
+        description="How long a returning region must stay healthy before traffic goes back.",
+    )  # fmt: skip
+    steps: list[int] = Field(
+        default=[10, 25, 50, 100], min_length=1, max_length=8,
+        description="The share (%) of its own traffic a returning region takes at each step.",
+    )  # fmt: skip
+    step_seconds: int = Field(
+        default=30, ge=1, le=3600,
+        description="Time at each step; the next step needs the region healthy throughout.",
+    )  # fmt: skip
+    backoff: float = Field(
+        default=2.0, ge=1, le=10,
+        description="A region that fails again during failback, or within maxWindowSeconds "
+        "of its last return, has its stabilisation window multiplied by this.",
+    )  # fmt: skip
+    max_window_seconds: int = Field(default=1800, ge=0, le=86400)
+
+
+class ResidencySet(_Model):
+    """Tenants (the gateway's tenant claim) whose speech is only made in these regions."""
+
+    name: str = Field(pattern=REGION_PATTERN, max_length=63, description="For messages: eu, in…")
+    tenants: list[str] = Field(min_length=1, max_length=1000)
+    regions: list[str] = Field(min_length=1, max_length=16)
+
+
+class TtsRegionSpec(_Model):
+    cel: ClassVar[list[dict[str, str]]] = [
+        rule(
+            "self.peers.all(p, p.name != self.region)",
+            "spec.peers lists this region itself (spec.region): remove it from peers",
+            ".peers",
+        ),
+        rule(
+            "self.peers.all(p, self.peers.exists_one(q, q.name == p.name))",
+            "spec.peers names a region twice: keep one entry per region",
+            ".peers",
+        ),
+        rule(
+            "self.peers.size() != 1 || has(self.detection.witnessUrl)",
+            "two regions cannot break a tie between themselves: set "
+            "spec.detection.witnessUrl (a witness outside both), or add a third region",
+            ".detection",
+        ),
+        rule(
+            "self.residency.all(s, s.regions.all(r, r == self.region || "
+            "self.peers.exists(p, p.name == r)))",
+            "spec.residency[].regions names a region that is neither spec.region nor in "
+            "spec.peers: add the peer or fix the name",
+            ".residency",
+        ),
+        rule(
+            "self.mode != 'active-standby' || self.peers.exists(p, p.standby)",
+            "spec.mode is active-standby but no peer has standby: true: mark the standby "
+            "region(s) or use active-active",
+            ".mode",
+        ),
+    ]
+    region: str = Field(
+        pattern=REGION_PATTERN, max_length=63, description="This cluster's region name."
+    )
+    gateway: str = Field(
+        pattern=NAME_PATTERN, max_length=63,
+        description="The TtsGateway (in this namespace) that is this region's front door.",
+    )  # fmt: skip
+    weight: int = Field(
+        default=100, ge=1, le=10000, description="This region's share of traffic (active-active)."
+    )
+    peers: list[RegionPeer] = Field(
+        min_length=1, max_length=15,
+        description="The other regions, nearest first: a client region's traffic fails over "
+        "in this order.",
+    )  # fmt: skip
+    mode: FailoverMode = Field(default=FailoverMode.ACTIVE_ACTIVE)
+    detection: RegionDetection = Field(default_factory=RegionDetection)
+    failback: RegionFailback = Field(default_factory=RegionFailback)
+    residency: list[ResidencySet] = Field(
+        default_factory=list, max_length=64,
+        description="Tenants pinned to regions; every gateway refuses to serve them elsewhere.",
+    )  # fmt: skip
+    envoy_config_path: str | None = Field(
+        default=None, pattern=r"^/[^\s]*$", max_length=1024,
+        description="Where the operator writes this region's Envoy xDS files (EDS/CDS), each "
+        "replaced atomically; unset: the operator renders them into a ConfigMap only.",
+    )  # fmt: skip
+
+    def regions(self) -> list[str]:
+        """Every region, this one first, then the peers nearest first."""
+        return [self.region, *(p.name for p in self.peers)]
+
+
+class RegionState(StrEnum):
+    HEALTHY = "Healthy"
+    SUSPECT = "Suspect"
+    DOWN = "Down"
+    STABILISING = "Stabilising"
+    RAMPING = "Ramping"
+
+
+class PeerStatus(_Model):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    state: RegionState = RegionState.HEALTHY
+    traffic_percent: int = Field(default=100, description="Share of its own traffic it takes.")
+    since: str | None = None
+    down_votes: list[str] = Field(default_factory=list, description="Observers that see it down.")
+    message: str = ""
+
+
+class TtsRegionStatus(_Model):
+    model_config = ConfigDict(extra="allow")
+
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    regions: list[PeerStatus] = Field(
+        default_factory=list, description="Every region's state as this region's operator sees it."
+    )

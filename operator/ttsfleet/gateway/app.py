@@ -32,11 +32,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import exposition as prom
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from ttsfleet.failover import residency
 from ttsfleet.gateway import audio
 from ttsfleet.gateway.auth import AuthError, KeySet, Principal, Tickets, Verifier
 from ttsfleet.gateway.cache import ReplyCache, normalise
@@ -185,6 +188,10 @@ class Metrics:
         self.shed = Counter(
             contract.GATEWAY_SHED, "Requests refused at once (503) because no fleet could take "
             "them, by why.", ["fleet", "reason"], registry=self.registry,
+        )  # fmt: skip
+        self.residency = Counter(
+            contract.GATEWAY_RESIDENCY_REFUSED, "Requests of a tenant pinned to other regions "
+            "refused here (421 or 503), by residency set.", ["set"], registry=self.registry,
         )  # fmt: skip
 
     def breaker_state(self, fleet: str, state: breaker.State) -> None:
@@ -399,12 +406,27 @@ class Gateway:
     async def admit(self, tenant: str, characters: int, *, stream: bool = True) -> Admitted:
         """The tenant's limits for one more request of `characters` (and a stream slot,
         when it streams); 429 (ApiError) when over them. Release what is returned when
-        done."""
+        done. A tenant pinned to regions other than this gateway's is refused first
+        (421 while one of its regions is healthy, 503 when none is)."""
+        self.resident(tenant)
         limiter = self.limiter
         if limiter is None:
             return Admitted(None, None)
         admission = self._within(await limiter.admit(tenant, characters, stream=stream))
         return Admitted(limiter, admission)
+
+    def resident(self, tenant: str) -> None:
+        """ApiError unless this gateway's region may serve `tenant` (data residency)."""
+        region = self.config.region
+        if region is None:
+            return
+        decision = residency.decide(tenant, region.name, region.residency, region.healthy)
+        if decision.allowed:
+            return
+        self.metrics.residency.labels(decision.pinned.name if decision.pinned else "").inc()
+        if decision.status == 503:
+            raise unavailable(decision.message, 30)
+        raise ApiError(421, decision.message, code="misdirected_request", kind="server_error")
 
     async def charge(self, tenant: str, characters: int) -> None:
         """More characters of a request already admitted; 429 when over the limit."""
@@ -826,6 +848,7 @@ def build(gateway: Gateway, lifespan: Any = None) -> Starlette:
                         headers={"cache-control": "no-cache"})  # fmt: skip
 
     return Starlette(
+        middleware=[Middleware(RegionHeader, gateway=gateway)],
         routes=[
             Route("/v1/audio/speech", speech, methods=["POST"]),
             Route("/v1/audio/speech/tickets", ticket, methods=["POST"]),
@@ -841,6 +864,28 @@ def build(gateway: Gateway, lifespan: Any = None) -> Starlette:
         exception_handlers={404: _not_found, 405: _not_allowed},
         lifespan=lifespan,
     )
+
+
+class RegionHeader:
+    """Names the gateway's region on every HTTP response (x-ttsfleet-region)."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app, self.gateway = app, gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        region = self.gateway.config.region
+        if scope["type"] != "http" or region is None:
+            await self.app(scope, receive, send)
+            return
+        name = region.name.encode()
+
+        async def named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (b"x-ttsfleet-region", name)]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, named)
 
 
 async def _not_found(request: Request, _: Exception) -> Response:
@@ -1081,6 +1126,16 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
                             "content": json_body(ref("Error")),
                         }
                     }
+                    | (
+                        failures(
+                            {
+                                "421": "The tenant is pinned to other regions (data "
+                                "residency); the message names the region to use"
+                            }
+                        )
+                        if config.region is not None and config.region.residency
+                        else {}
+                    )
                     | (
                         {
                             "429": with_headers(

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ttsfleet.api.v1alpha1 import ResidencySet
 from ttsfleet.gateway.auth import AuthConfig, ConfigError
 from ttsfleet.routing import breaker
 from ttsfleet.routing.limits import Rate
@@ -206,6 +207,17 @@ class Tls(_Model):
     key_file: str = Field(alias="keyFile")
 
 
+class Region(_Model):
+    """The region this gateway serves in (from its `TtsRegion`): tenants pinned to sets of
+    regions are refused here unless this region is in their set (ttsfleet.failover)."""
+
+    name: str = Field(min_length=1)
+    healthy: tuple[str, ...] = Field(
+        default=(), description="Regions taking traffic now, as the region's operator sees it."
+    )
+    residency: tuple[ResidencySet, ...] = ()
+
+
 class GatewayConfig(_Model):
     routes: tuple[Route, ...] = Field(min_length=1)
     auth: Auth | None = Field(
@@ -240,6 +252,11 @@ class GatewayConfig(_Model):
         default=64 * 1024 * 1024, ge=0, alias="cacheBytes",
         description="Memory for replies spoken before, replayed at once; 0 turns it off.",
     )  # fmt: skip
+    region: Region | None = Field(
+        default=None,
+        description="The gateway's region and the tenants' residency sets; every response "
+        "names the region (x-ttsfleet-region).",
+    )
 
     @model_validator(mode="after")
     def _models_unique(self) -> GatewayConfig:

@@ -1,0 +1,184 @@
+"""Regions, pure parts: observers and the quorum, failback, priorities, capacity, residency."""
+
+from __future__ import annotations
+
+import pytest
+
+from ttsfleet.api.v1alpha1 import RegionDetection, RegionFailback, RegionState, ResidencySet
+from ttsfleet.failover import residency, traffic
+from ttsfleet.failover.failback import Failback
+from ttsfleet.failover.health import WITNESS, Observer, Probe, Vote, quorum
+
+RULES = RegionDetection()  # 3 failures to go down, 5 good probes to come back
+
+
+def run(observer: Observer, outcomes: str, start: float = 0.0) -> list[bool]:
+    """Feed probes every 2 s: '+' a good one, '-' no audio, 's' audio but too slow."""
+    seen = []
+    for i, c in enumerate(outcomes):
+        probe = Probe(start + 2 * i, ok=c != "-", ttfa_ms=5000 if c == "s" else 80)
+        seen.append(observer.observe(probe))
+    return seen
+
+
+def test_an_observer_votes_down_after_three_failures_and_up_after_five_good_probes() -> None:
+    observer = Observer(RULES)
+    assert run(observer, "--+--s") == [True, True, True, True, True, False]
+    assert "first audio after 5000 ms" in observer.reason
+    assert run(observer, "++++-+++++") == [False] * 9 + [True]
+
+
+def test_a_gateway_failing_half_its_requests_fails_the_probe_even_with_audio() -> None:
+    observer = Observer(RegionDetection(failures_to_down=1, recover_after=1))
+    assert not observer.observe(Probe(0, ok=True, ttfa_ms=90, error_rate=0.6))
+    assert "60% of requests failed" in observer.reason
+
+
+def votes(region: str, down_by: list[str], up_by: list[str], at: float = 0.0) -> dict[str, Vote]:
+    out = {o: Vote(o, region, False, at) for o in down_by}
+    return out | {o: Vote(o, region, True, at) for o in up_by}
+
+
+def test_three_regions_need_two_other_observers_to_agree() -> None:
+    # One broken link: eu sees us down, ap still reaches it. No failover.
+    cut = quorum("us", 3, votes("us", ["eu"], ["ap"]), now=1, stale_after=10)
+    assert not cut.down and cut.suspect and cut.down_votes == ["eu"]
+    lost = quorum("us", 3, votes("us", ["eu", "ap"], []), now=1, stale_after=10)
+    assert lost.down
+    # The region's own vote, or the witness's, is not an observer in another region.
+    assert not quorum("us", 3, votes("us", ["us", "eu", WITNESS], []), 1, 10).down
+
+
+def test_two_regions_need_the_witness_to_break_the_tie() -> None:
+    assert not quorum("us", 2, votes("us", ["eu"], [WITNESS]), 1, 10).down  # the link is cut
+    assert quorum("us", 2, votes("us", ["eu", WITNESS], []), 1, 10).down
+
+
+def test_a_stale_vote_neither_fails_a_region_over_nor_holds_it_down() -> None:
+    old = votes("us", ["eu", "ap"], [], at=0.0)
+    assert not quorum("us", 3, old, now=30, stale_after=10).down
+    assert quorum("us", 3, old, now=5, stale_after=10).down
+
+
+FAILBACK = RegionFailback(stabilisation_seconds=60, steps=[10, 25, 50, 100], step_seconds=30)
+
+
+def drive(
+    fb: Failback, timeline: list[tuple[float, bool]], until: float
+) -> list[tuple[float, int]]:
+    """Feed the quorum's verdict every second; returns (time, percent) at each change."""
+    changes: list[tuple[float, int]] = []
+    marks = dict(timeline)
+    down = False
+    for t in range(int(until)):
+        down = marks.get(t, down)
+        before = fb.percent
+        fb.update(down, False, float(t))
+        if fb.percent != before or not changes:
+            changes.append((float(t), fb.percent))
+    return changes
+
+
+def test_a_returning_region_stabilises_then_ramps_10_25_50_100() -> None:
+    fb = Failback(FAILBACK)
+    changes = drive(fb, [(10, True), (20, False)], until=400)
+    assert changes == [(0, 100), (10, 0), (80, 10), (110, 25), (140, 50), (170, 100)]
+    assert fb.state is RegionState.HEALTHY
+
+
+def test_a_region_flapping_every_20_seconds_never_takes_traffic_back() -> None:
+    fb = Failback(FAILBACK)
+    flaps = [(t, (t // 20) % 2 == 0) for t in range(0, 300, 20)]
+    changes = drive(fb, flaps, until=300)
+    assert changes == [(0, 0)]  # down at once, and never back while it flaps
+    assert fb.window > 60  # each failure during failback lengthened the window
+
+
+def test_failing_soon_after_returning_doubles_the_window_and_a_calm_spell_resets_it() -> None:
+    fb = Failback(FAILBACK)
+    drive(fb, [(0, True), (1, False)], until=200)
+    assert fb.state is RegionState.HEALTHY and fb.window == 60
+    fb.update(True, False, 300)  # 130 s after its return: within maxWindowSeconds
+    assert fb.window == 120
+    fb.update(False, False, 301)
+    fb.update(False, False, 420)
+    assert fb.state is RegionState.STABILISING  # 119 s of its 120 s window
+    fb.update(False, False, 421)
+    assert fb.state is RegionState.RAMPING and fb.percent == 10
+    for t in range(422, 600):
+        fb.update(False, False, t)
+    fb.update(True, False, 600 + 1800 + 1)  # long after its return: the base window
+    assert fb.window == 60
+
+
+def test_suspect_keeps_all_traffic() -> None:
+    fb = Failback(FAILBACK)
+    assert fb.update(False, True, 1) is RegionState.SUSPECT and fb.percent == 100
+
+
+ORDER = ["eu", "us", "ap"]  # for clients in eu: eu, then us, then ap
+
+
+def test_priorities_are_nearest_first_and_leave_out_regions_not_taking_traffic() -> None:
+    full = {"eu": 100, "us": 100, "ap": 100}
+    assert traffic.priorities(ORDER, full) == [[("eu", 100)], [("us", 100)], [("ap", 100)]]
+    assert traffic.priorities(ORDER, full | {"eu": 0}) == [[("us", 100)], [("ap", 100)]]
+    assert traffic.priorities(ORDER, {"eu": 0, "us": 0, "ap": 0}) == []
+
+
+def test_a_ramping_region_shares_level_0_with_the_nearest_full_region() -> None:
+    levels = traffic.priorities(ORDER, {"eu": 25, "us": 100, "ap": 100})
+    assert levels == [[("eu", 25), ("us", 75)], [("ap", 100)]]
+
+
+def test_standby_regions_come_after_every_active_one() -> None:
+    levels = traffic.priorities(ORDER, {"eu": 100, "us": 100, "ap": 100}, frozenset({"us"}))
+    assert levels == [[("eu", 100)], [("ap", 100)], [("us", 100)]]
+
+
+def test_published_weights_follow_the_share_and_wake_a_standby_only_when_needed() -> None:
+    weights = {"eu": 100, "us": 200, "ap": 50}
+    assert traffic.published_weights(weights, {"eu": 25, "us": 100, "ap": 100}) == {
+        "eu": 25, "us": 200, "ap": 50,
+    }  # fmt: skip
+    standby = frozenset({"ap"})
+    assert traffic.published_weights(weights, {"eu": 100, "us": 0, "ap": 100}, standby) == {
+        "eu": 100, "us": 0, "ap": 0,
+    }  # fmt: skip
+    assert traffic.published_weights(weights, {"eu": 0, "us": 0, "ap": 100}, standby)["ap"] == 50
+
+
+def test_static_stability_reserves_n_over_n_minus_1() -> None:
+    assert traffic.reserve(90, {"us": 90, "ap": 90}) == pytest.approx(135)  # 90 * 3 / 2
+    assert traffic.reserve(100, {"us": 100}) == pytest.approx(200)  # two regions: 2x
+    assert traffic.reserve(90, {"us": 90, "ap": 90}, share=0) == 90
+    # Unequal regions: the largest peer's load, split over the other survivors.
+    assert traffic.reserve(50, {"us": 200, "ap": 10}) == pytest.approx(150)
+
+
+def test_a_lost_region_is_split_over_survivors_by_free_capacity() -> None:
+    split = traffic.takeover(60, {"us": (100, 40), "ap": (100, 80)})
+    assert split == pytest.approx({"us": 45, "ap": 15})
+    short = traffic.takeover(200, {"us": (100, 40), "ap": (100, 80)})
+    assert sum(short.values()) == pytest.approx(200)
+    assert short["us"] > short["ap"]
+    assert traffic.floor(45, 4, "peer eu lost").replicas == 12
+
+
+EU = ResidencySet(name="eu", tenants=["acme-eu"], regions=["eu-west", "eu-central"])
+
+
+def test_a_pinned_tenant_is_refused_outside_its_set_and_told_where_to_go() -> None:
+    sets = [EU]
+    assert residency.decide("acme-eu", "eu-west", sets, ["eu-west"]).allowed
+    assert residency.decide("anyone", "us-east", sets, []).allowed
+    misrouted = residency.decide("acme-eu", "us-east", sets, ["us-east", "eu-central"])
+    assert (misrouted.allowed, misrouted.status) == (False, 421)
+    assert "'eu-central'" in misrouted.message and "eu-west, eu-central" in misrouted.message
+
+
+def test_a_pinned_tenant_whose_regions_are_all_down_gets_503_naming_its_set() -> None:
+    refused = residency.decide("acme-eu", "us-east", [EU], ["us-east", "ap-south"])
+    assert (refused.allowed, refused.status) == (False, 503)
+    assert "residency set 'eu' (eu-west, eu-central)" in refused.message
+    assert "not served outside them" in refused.message
