@@ -814,6 +814,78 @@ def gateway(
 
 
 @app.command()
+def witness(
+    region: Annotated[
+        list[str], typer.Option(help="A region to watch, NAME=GATEWAY_URL (repeat: every region).")
+    ],
+    host: Annotated[str, typer.Option(help="Address /status listens on.")] = "0.0.0.0",  # noqa: S104
+    port: Annotated[int, typer.Option(help="Port of /status (the regions' witnessUrl).")] = 8090,
+    token_file: Annotated[
+        Path | None, typer.Option(help="A file holding the bearer token probes send.")
+    ] = None,
+    interval: Annotated[float, typer.Option(min=0.5, help="Seconds between probes.")] = 2.0,
+) -> None:
+    """Run the witness that breaks ties between two regions: it probes each region's
+    gateway and serves its votes; run it outside both regions (docs/regions.md)."""
+    from ttsfleet.api.v1alpha1 import RegionDetection
+    from ttsfleet.failover.agent import Agent, Target
+    from ttsfleet.failover.health import WITNESS
+
+    pairs = [r.split("=", 1) for r in region]
+    if any(len(p) != 2 or not p[1].startswith(("http://", "https://")) for p in pairs):
+        raise _fail("--region takes NAME=GATEWAY_URL, for example eu=https://eu.speech.example")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    token = token_file.read_text().strip() if token_file else None
+    rules = RegionDetection(probe_interval_seconds=interval)
+    agent = Agent(WITNESS, [Target(n, u) for n, u in pairs], rules, token=token)
+    _run_agent(agent, host, port)
+
+
+@app.command()
+def region(
+    spec: Annotated[Path, typer.Option(help="A TtsRegion manifest (YAML), as kubectl applies it.")],
+    gateway_url: Annotated[str, typer.Option(help="This region's own gateway.")],
+    host: Annotated[str, typer.Option(help="Address /status listens on.")] = "0.0.0.0",  # noqa: S104
+    port: Annotated[int, typer.Option(help="Port of /status (the peers' statusUrl).")] = 8090,
+    token_file: Annotated[
+        Path | None, typer.Option(help="A file holding the bearer token probes send.")
+    ] = None,
+    eds: Annotated[
+        Path | None, typer.Option(help="The EDS file of this region's Envoy (replaced by rename).")
+    ] = None,
+) -> None:
+    """Run a region's observer outside Kubernetes: probes, votes, quorum, failback, and
+    this region's Envoy (the operator runs the same agent for each TtsRegion)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from ttsfleet.api.v1alpha1 import TtsRegionSpec
+    from ttsfleet.failover.agent import Agent
+
+    try:
+        parsed = TtsRegionSpec.model_validate(yaml.safe_load(spec.read_text())["spec"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError, ValidationError) as err:
+        raise _fail(f"--spec {spec}: {err}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    token = token_file.read_text().strip() if token_file else None
+    _run_agent(Agent.for_region(parsed, gateway_url, token=token, eds=eds), host, port)
+
+
+def _run_agent(agent: Any, host: str, port: int) -> None:
+    import asyncio
+    import signal
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.run(stop, host, port)
+
+    asyncio.run(main())
+
+
+@app.command()
 def token(
     cluster: Annotated[str, typer.Option(help="The local cluster whose gateways accept it.")],
     tenant: Annotated[str, typer.Option(help="The tenant claim.")] = "default",

@@ -781,6 +781,16 @@ REGION_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _URL = r"^https?://[^\s]+$"
 
 
+class KubeconfigRef(_Model):
+    name: str = Field(pattern=NAME_PATTERN, max_length=253)
+    key: str = Field(default="kubeconfig", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)
+
+
+class TokenRef(_Model):
+    name: str = Field(pattern=NAME_PATTERN, max_length=253)
+    key: str = Field(default="token", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)
+
+
 class FailoverMode(StrEnum):
     ACTIVE_ACTIVE = "active-active"
     ACTIVE_STANDBY = "active-standby"
@@ -799,10 +809,10 @@ class RegionPeer(_Model):
         default=None, pattern=_URL, max_length=2048,
         description="The peer operator's status endpoint: its own view of every region.",
     )  # fmt: skip
-    credentials_secret_ref: SecretKeyRef | None = Field(
+    credentials_secret_ref: KubeconfigRef | None = Field(
         default=None,
         description="A Secret key holding a kubeconfig with read-only credentials for the "
-        "peer's cluster (its TtsRegion status and fleets); key defaults to kubeconfig.",
+        "peer's cluster (its TtsRegion status and fleets).",
     )
     weight: int = Field(
         default=100, ge=1, le=10000,
@@ -813,13 +823,6 @@ class RegionPeer(_Model):
         description="active-standby: this peer takes traffic only when every active region "
         "nearer in the list is down.",
     )
-
-    @field_validator("credentials_secret_ref")
-    @classmethod
-    def _kubeconfig_key(cls, ref: SecretKeyRef | None) -> SecretKeyRef | None:
-        if ref is not None and "key" not in ref.model_fields_set:
-            return SecretKeyRef(name=ref.name, key="kubeconfig")
-        return ref
 
 
 class RegionDetection(_Model):
@@ -862,6 +865,15 @@ class RegionDetection(_Model):
         description="With two regions, a witness outside both (`ttsfleet witness`) whose "
         "vote breaks the tie; ignored with three or more.",
     )  # fmt: skip
+    probe_model: str = Field(
+        default="tts-1", pattern=API_NAME_PATTERN,
+        description="The model the probe asks every gateway for (one of its routes).",
+    )  # fmt: skip
+    probe_voice: str = Field(default="alloy", pattern=API_NAME_PATTERN)
+    probe_token_secret_ref: TokenRef | None = Field(
+        default=None,
+        description="A Secret key holding the bearer token probes send (gateways with JWT auth).",
+    )
 
 
 class RegionFailback(_Model):

@@ -6,6 +6,8 @@ residency held by the gateways even when Envoy sends a request to the wrong regi
 from __future__ import annotations
 
 import collections
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,12 +17,13 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+import yaml
 
 from ttsfleet.api.v1alpha1 import ResidencySet
 from ttsfleet.cluster import local
 from ttsfleet.failover import envoy, traffic
 from ttsfleet.gateway import auth
-from ttsfleet.harness import EnvoyProcess, GatewayProcess, TritonProcess, wait_for
+from ttsfleet.harness import EnvoyProcess, GatewayProcess, TritonProcess, stop_process, wait_for
 from ttsfleet.triton import contract
 
 REGIONS = ["eu", "us", "ap"]  # nearest first for the clients of this Envoy (in eu)
@@ -208,3 +211,106 @@ def test_a_pinned_tenant_is_served_only_in_its_region_even_when_envoy_sends_it_e
     assert "residency set 'apac' (ap)" in message and "not served outside them" in message
     assert reply.headers["x-ttsfleet-region"] in {"eu", "us"}
     assert edge.speak(tenant="acme").status_code == 200  # others are served as before
+
+
+# ---- the region agents: probes, votes, quorum, failback, this region's Envoy ------------
+
+
+class Agents:
+    """`ttsfleet region` for each region (eu's programs the edge's Envoy)."""
+
+    def __init__(self, tmp: Path, regions: Regions, edge: Edge) -> None:
+        self.ports = {r: local.free_port() for r in REGIONS}
+        token = tmp / "probe-token"
+        token.write_text(regions.token(tenant="probe"))
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        for region in REGIONS:
+            peers = [
+                {"name": p, "gatewayUrl": regions.gateways[p].url, "statusUrl": self.url(p)}
+                for p in REGIONS if p != region
+            ]  # fmt: skip
+            spec = {
+                "region": region, "gateway": "speech", "peers": peers,
+                "detection": {"probeIntervalSeconds": 1, "failuresToDown": 2, "recoverAfter": 3},
+                "failback": {"stabilisationSeconds": 4, "steps": [50, 100], "stepSeconds": 2},
+            }  # fmt: skip
+            manifest = tmp / f"{region}-region.yaml"
+            manifest.write_text(yaml.safe_dump({"kind": "TtsRegion", "spec": spec}))
+            argv = [
+                sys.executable, "-m", "ttsfleet", "region", "--spec", str(manifest),
+                "--gateway-url", regions.gateways[region].url, "--host", "127.0.0.1",
+                "--port", str(self.ports[region]), "--token-file", str(token),
+                *(["--eds", str(edge.eds)] if region == "eu" else []),
+            ]  # fmt: skip
+            with (tmp / f"{region}-agent.log").open("ab") as out:
+                self.processes[region] = subprocess.Popen(argv, stdout=out, stderr=out)
+
+    def url(self, region: str) -> str:
+        return f"http://127.0.0.1:{self.ports[region]}/status"
+
+    def view(self, observer: str) -> dict[str, dict[str, Any]]:
+        try:
+            doc = httpx2.get(self.url(observer), timeout=2).json()
+        except httpx2.HTTPError:
+            return {}
+        return {r["name"]: r for r in doc["regions"]}
+
+    def states(self, observer: str) -> dict[str, str]:
+        return {name: r["state"] for name, r in self.view(observer).items()}
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            stop_process(process)
+
+
+@pytest.fixture
+def agents(tmp_path: Path, regions: Regions, edge: Edge) -> Iterator[Agents]:
+    made = Agents(tmp_path, regions, edge)
+    yield made
+    made.stop()
+
+
+def test_a_lost_region_goes_down_by_quorum_everywhere_and_comes_back_ramped(
+    agents: Agents, regions: Regions, edge: Edge
+) -> None:
+    every = {r: "Healthy" for r in REGIONS}
+    wait_for("every agent to see every region healthy",
+             lambda: all(agents.states(o) == every for o in REGIONS), timeout=60)  # fmt: skip
+
+    regions.gateways["us"].stop()
+    wait_for("eu and ap to agree that us is down",
+             lambda: agents.states("eu").get("us") == "Down"
+             and agents.states("ap").get("us") == "Down", timeout=30)  # fmt: skip
+    assert sorted(agents.view("eu")["us"]["downVotes"]) == ["ap", "eu"]
+    # us's own agent (its gateway gone, itself alive) hears the quorum too.
+    wait_for("us to see itself down", lambda: agents.states("us").get("us") == "Down", timeout=15)
+
+    regions.gateways["us"].start()
+    seen: list[str] = []
+
+    def back() -> bool:
+        state = agents.states("eu").get("us", "")
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        return state == "Healthy"
+
+    wait_for("us to come back", back, timeout=60, every=0.2)
+    assert seen[-3:] == ["Stabilising", "Ramping", "Healthy"], seen
+
+
+def test_the_client_regions_own_loss_moves_its_envoy_to_the_next_region(
+    agents: Agents, regions: Regions, edge: Edge
+) -> None:
+    every = {r: "Healthy" for r in REGIONS}
+    wait_for("every region healthy", lambda: agents.states("eu") == every, timeout=60)
+    assert edge.served_by(10) == {"eu": 10}
+    regions.gateways["eu"].stop()
+    wait_for("eu to be down by quorum", lambda: agents.states("eu").get("eu") == "Down",
+             timeout=30)  # fmt: skip
+    # eu's gateway came back: the agent keeps it out of its Envoy until it has stabilised.
+    regions.gateways["eu"].start()
+    wait_for("eu stabilising", lambda: agents.states("eu").get("eu") == "Stabilising", timeout=30)
+    assert edge.served_by(20) == {"us": 20}
+    wait_for("eu ramping", lambda: agents.states("eu").get("eu") == "Ramping", timeout=30)
+    wait_for("eu healthy", lambda: agents.states("eu").get("eu") == "Healthy", timeout=30)
+    assert edge.served_by(10) == {"eu": 10}

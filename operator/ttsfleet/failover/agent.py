@@ -1,0 +1,318 @@
+"""A region's observer: probes every region's gateway, trades votes with its peers, and
+keeps its own region's traffic (Envoy's EDS file, the gateways' healthy list) and
+takeover capacity in line with the quorum.
+
+Every `probeIntervalSeconds` an agent
+1. sends a tiny real synthesis through each region's gateway (its own included) and
+   reads the gateway's /metrics (5xx share since the last probe, open streams);
+2. reads each peer's (and the witness's) votes from its `/status`;
+3. takes the quorum for every region, steps each region's failback, and when the
+   priority levels change, rewrites its Envoy's EDS file (renamed into place).
+
+Votes are exchanged with their age, not their time, so clocks need not agree. The
+witness (`ttsfleet witness`) is an agent that only votes: it keeps no traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from ttsfleet.api.v1alpha1 import RegionDetection, RegionFailback, RegionState, TtsRegionSpec
+from ttsfleet.failover import envoy, traffic
+from ttsfleet.failover.failback import Failback
+from ttsfleet.failover.health import WITNESS, Observer, Probe, Verdict, Vote, quorum
+from ttsfleet.triton import contract
+
+log = logging.getLogger("ttsfleet.failover")
+
+PROBE_TEXT = "Hi."
+
+
+@dataclass(frozen=True)
+class Target:
+    """A region as an observer reaches it."""
+
+    name: str
+    gateway_url: str
+    status_url: str | None = None
+
+
+@dataclass
+class Counts:
+    """What a gateway's /metrics said last: requests by outcome, streams open."""
+
+    errors: float = 0.0
+    total: float = 0.0
+    streams: float | None = None
+
+
+@dataclass
+class Agent:
+    name: str
+    targets: Sequence[Target]
+    rules: RegionDetection
+    failback: RegionFailback | None = None  # None: a witness, which keeps no traffic
+    token: str | None = None
+    eds: Path | None = None
+    standby: frozenset[str] = frozenset()
+    witness: Target | None = None
+    clock: Callable[[], float] = time.monotonic
+    on_change: Callable[[Agent], None] | None = None
+    observers: dict[str, Observer] = field(init=False)
+    failbacks: dict[str, Failback] = field(init=False)
+    votes: dict[tuple[str, str], Vote] = field(init=False, default_factory=dict)
+    verdicts: dict[str, Verdict] = field(init=False, default_factory=dict)
+    counts: dict[str, Counts] = field(init=False, default_factory=dict)
+    load: dict[str, float] = field(init=False, default_factory=dict)
+    lost_load: dict[str, float] = field(init=False, default_factory=dict)
+    levels: list[traffic.Level] | None = field(init=False, default=None)
+    version: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.observers = {t.name: Observer(self.rules) for t in self.targets}
+        rules = self.failback
+        self.failbacks = {t.name: Failback(rules) for t in self.targets} if rules else {}
+
+    @classmethod
+    def for_region(cls, spec: TtsRegionSpec, gateway_url: str, **kwargs: Any) -> Agent:
+        """The agent of `spec.region`: its own gateway first, then its peers nearest first."""
+        targets = [Target(spec.region, gateway_url)] + [
+            Target(p.name, p.gateway_url, p.status_url) for p in spec.peers
+        ]
+        witness = spec.detection.witness_url
+        return cls(
+            spec.region, targets, spec.detection, spec.failback,
+            standby=frozenset(p.name for p in spec.peers if p.standby),
+            witness=Target(WITNESS, "", witness) if witness else None, **kwargs,
+        )  # fmt: skip
+
+    # ---- what it knows -----------------------------------------------------------------
+
+    @property
+    def regions(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+    def percent(self) -> dict[str, int]:
+        """Each region's share of its own traffic now (100 for all, for a witness)."""
+        if not self.failbacks:
+            return {r: 0 if self.verdict(r).down else 100 for r in self.regions}
+        return {r: fb.percent for r, fb in self.failbacks.items()}
+
+    def verdict(self, region: str) -> Verdict:
+        return self.verdicts.get(region) or Verdict(False)
+
+    def healthy(self) -> list[str]:
+        """Regions taking traffic (for the gateways' residency decisions)."""
+        return [r for r, p in self.percent().items() if p > 0]
+
+    def state(self, region: str) -> RegionState:
+        if region in self.failbacks:
+            return self.failbacks[region].state
+        verdict = self.verdict(region)
+        if verdict.down:
+            return RegionState.DOWN
+        return RegionState.SUSPECT if verdict.suspect else RegionState.HEALTHY
+
+    def takeover(self) -> float:
+        """Streams this region takes on for regions that are down: their last known load,
+        split over the survivors by free capacity (each provisioned N/(N-1))."""
+        down = [r for r in self.regions if self.percent().get(r, 100) == 0]
+        alive = [r for r in self.regions if r not in down]
+        if self.name not in alive or not down:
+            return 0.0
+        lost = sum(self.lost_load.get(r, self.load.get(r, 0.0)) for r in down)
+        survivors = {
+            r: (traffic.reserve(self.load.get(r, 0.0), {p: self.load.get(p, 0.0)
+                for p in self.regions if p != r}), self.load.get(r, 0.0))
+            for r in alive
+        }  # fmt: skip
+        return traffic.takeover(lost, survivors)[self.name]
+
+    def status(self) -> dict[str, Any]:
+        """What `/status` serves: this observer's votes (with their age) and its view."""
+        now = self.clock()
+        mine = [
+            {"region": v.region, "up": v.up, "age": round(now - v.at, 3),
+             "reason": self.observers[v.region].reason}
+            for (o, _), v in self.votes.items() if o == self.name
+        ]  # fmt: skip
+        view = [
+            {"name": r, "state": self.state(r).value, "percent": self.percent().get(r, 0),
+             "downVotes": self.verdict(r).down_votes,
+             "streams": self.load.get(r)}
+            for r in self.regions
+        ]  # fmt: skip
+        return {"observer": self.name, "votes": mine, "regions": view}
+
+    # ---- one round ---------------------------------------------------------------------
+
+    async def tick(self, session: aiohttp.ClientSession) -> None:
+        peers = [t for t in [*self.targets, *([self.witness] if self.witness else [])]
+                 if t.status_url and t.name != self.name]  # fmt: skip
+        probes = [self.probe(session, t) for t in self.targets]
+        fetches = [self.fetch(session, t) for t in peers]
+        results = await asyncio.gather(*probes, *fetches)
+        now = self.clock()
+        for target, probe in zip(self.targets, results[: len(probes)], strict=True):
+            assert isinstance(probe, Probe)
+            up = self.observers[target.name].observe(probe)
+            self.votes[(self.name, target.name)] = Vote(self.name, target.name, up, now)
+        for got in results[len(probes) :]:
+            assert isinstance(got, list)
+            for vote in got:
+                self.votes[(vote.observer, vote.region)] = vote
+        self.decide(now)
+
+    def decide(self, now: float) -> None:
+        stale = 3 * self.rules.probe_interval_seconds + self.rules.probe_timeout_ms / 1000
+        before = self.healthy()
+        for region in self.regions:
+            votes = {o: v for (o, r), v in self.votes.items() if r == region}
+            verdict = self.verdicts[region] = quorum(region, len(self.regions), votes, now, stale)
+            was_down = region in self.failbacks and self.failbacks[region].percent == 0
+            if region in self.failbacks:
+                self.failbacks[region].update(verdict.down, verdict.suspect, now)
+            if verdict.down and not was_down:
+                self.lost_load[region] = self.load.get(region, 0.0)
+                log.warning("region %s is down (%s)", region, ", ".join(verdict.down_votes))
+        self.program()
+        if self.on_change is not None and self.healthy() != before:
+            self.on_change(self)
+
+    def program(self) -> None:
+        """Rewrite the EDS file when the priority levels change."""
+        if self.eds is None or not self.failbacks:
+            return
+        levels = traffic.priorities(self.regions, self.percent(), self.standby)
+        if levels == self.levels:
+            return
+        self.version += 1
+        addresses = {t.name: envoy.address(t.gateway_url) for t in self.targets}
+        envoy.write_atomic(self.eds, envoy.load_assignment(levels, addresses, str(self.version)))
+        log.info("envoy levels v%d: %s", self.version, levels)
+        self.levels = levels
+
+    # ---- the wire ----------------------------------------------------------------------
+
+    async def probe(self, session: aiohttp.ClientSession, target: Target) -> Probe:
+        """A tiny real synthesis through the gateway, then its /metrics."""
+        started = time.perf_counter()
+        at = self.clock()
+        timeout = aiohttp.ClientTimeout(total=self.rules.probe_timeout_ms / 1000)
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        body = {"model": self.rules.probe_model, "voice": self.rules.probe_voice,
+                "input": PROBE_TEXT, "response_format": "pcm"}  # fmt: skip
+        url = target.gateway_url.rstrip("/")
+        try:
+            async with session.post(
+                f"{url}/v1/audio/speech", json=body, headers=headers, timeout=timeout
+            ) as reply:
+                if reply.status != 200:
+                    text = (await reply.text())[:200]
+                    return Probe(at, ok=False, why=f"HTTP {reply.status}: {text}")
+                first = await reply.content.readany()
+                ttfa = (time.perf_counter() - started) * 1000
+                await reply.read()
+                if not first:
+                    return Probe(at, ok=False, why="no audio in the reply")
+        except (aiohttp.ClientError, TimeoutError, OSError) as err:
+            return Probe(at, ok=False, why=f"{type(err).__name__}: {err}".rstrip(": "))
+        return Probe(at, ok=True, ttfa_ms=ttfa, error_rate=await self.errors(session, target))
+
+    async def errors(self, session: aiohttp.ClientSession, target: Target) -> float | None:
+        """The gateway's 5xx share since the last probe (and its open streams, kept)."""
+        timeout = aiohttp.ClientTimeout(total=self.rules.probe_timeout_ms / 1000)
+        try:
+            url = f"{target.gateway_url.rstrip('/')}/metrics"
+            async with session.get(url, timeout=timeout) as reply:
+                text = await reply.text() if reply.status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+        now = gateway_counts(text)
+        if now.streams is not None:
+            self.load[target.name] = now.streams
+        last = self.counts.get(target.name)
+        self.counts[target.name] = now
+        if last is None or now.total <= last.total:
+            return None
+        return max(now.errors - last.errors, 0.0) / (now.total - last.total)
+
+    async def fetch(self, session: aiohttp.ClientSession, target: Target) -> list[Vote]:
+        """A peer's own votes (not those it heard), aged on this agent's clock."""
+        assert target.status_url is not None
+        timeout = aiohttp.ClientTimeout(total=self.rules.probe_timeout_ms / 1000)
+        try:
+            async with session.get(target.status_url, timeout=timeout) as reply:
+                doc = await reply.json() if reply.status == 200 else {}
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            return []
+        now = self.clock()
+        observer = str(doc.get("observer", target.name))
+        for region in doc.get("regions", []):
+            if region.get("streams") is not None and region["name"] not in self.load:
+                self.load[region["name"]] = float(region["streams"])
+        return [
+            Vote(observer, str(v["region"]), bool(v["up"]), now - float(v["age"]))
+            for v in doc.get("votes", [])
+            if v.get("region") in self.observers
+        ]
+
+    async def run(self, stop: asyncio.Event, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Probe and decide every interval, serving /status on host:port, until `stop`."""
+        runner = web.AppRunner(self.app())
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                while not stop.is_set():
+                    started = self.clock()
+                    await self.tick(session)
+                    left = self.rules.probe_interval_seconds - (self.clock() - started)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), max(left, 0.05))
+        finally:
+            await runner.cleanup()
+
+    def app(self) -> web.Application:
+        async def status(_: web.Request) -> web.Response:
+            return web.json_response(self.status())
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        made = web.Application()
+        made.add_routes([web.get("/status", status), web.get("/healthz", healthz)])
+        return made
+
+
+def gateway_counts(text: str) -> Counts:
+    """Requests (all, and 5xx) and open streams from a gateway's /metrics page."""
+    counts = Counts()
+    requests = contract.GATEWAY_REQUESTS.removesuffix("_total")
+    for family in text_string_to_metric_families(text):
+        if family.name == requests:
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts.total += sample.value
+                    if sample.labels.get("code", "").startswith("5"):
+                        counts.errors += sample.value
+        elif family.name == contract.GATEWAY_INFLIGHT_STREAMS:
+            counts.streams = sum(s.value for s in family.samples)
+    return counts
+
+
+def targets_from(pairs: Mapping[str, str]) -> list[Target]:
+    """Targets from name -> gateway URL (a witness's command line)."""
+    return [Target(name, url) for name, url in pairs.items()]
