@@ -20,6 +20,7 @@ def _examples(kind: str) -> list[Path]:
 
 EXAMPLES = _examples("TtsDeployment")
 GATEWAY_EXAMPLES = _examples("TtsGateway")
+REGION_EXAMPLES = _examples("TtsRegion")
 
 
 class _LiteralDumper(yaml.SafeDumper):

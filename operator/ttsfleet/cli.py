@@ -853,6 +853,13 @@ def region(
     eds: Annotated[
         Path | None, typer.Option(help="The EDS file of this region's Envoy (replaced by rename).")
     ] = None,
+    status_to: Annotated[
+        str | None,
+        typer.Option(help="NAMESPACE/NAME of the TtsRegion whose status.regions to write."),
+    ] = None,
+    kubeconfig: Annotated[
+        Path | None, typer.Option(help="Kubeconfig for --status-to (in-cluster if unset).")
+    ] = None,
 ) -> None:
     """Run a region's observer outside Kubernetes: probes, votes, quorum, failback, and
     this region's Envoy (the operator runs the same agent for each TtsRegion)."""
@@ -868,7 +875,28 @@ def region(
         raise _fail(f"--spec {spec}: {err}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     token = token_file.read_text().strip() if token_file else None
-    _run_agent(Agent.for_region(parsed, gateway_url, token=token, eds=eds), host, port)
+    agent = Agent.for_region(parsed, gateway_url, token=token, eds=eds)
+    if status_to is not None:
+        namespace, _, name = status_to.partition("/")
+        if not namespace or not name:
+            raise _fail("--status-to takes NAMESPACE/NAME of a TtsRegion")
+        agent.on_change = _region_status_writer(kubeconfig, namespace, name)
+    _run_agent(agent, host, port)
+
+
+def _region_status_writer(kubeconfig: Path | None, namespace: str, name: str) -> Any:
+    from ttsfleet import kube
+    from ttsfleet.api import v1alpha1 as api
+    from ttsfleet.failover.agent import StatusWriter
+
+    client = kube.api_client(kubeconfig)
+
+    def write(view: list[dict[str, Any]]) -> None:
+        kube.patch_custom_status(
+            client, api.GROUP, api.VERSION, api.REGION_PLURAL, namespace, name, {"regions": view}
+        )
+
+    return StatusWriter(write)
 
 
 def _run_agent(agent: Any, host: str, port: int) -> None:

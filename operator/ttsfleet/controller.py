@@ -19,15 +19,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ttsfleet import kube
 from ttsfleet.api import v1alpha1 as api
+from ttsfleet.autoscale.loop import RegionView
 from ttsfleet.autoscale.metrics import PrometheusSource
 from ttsfleet.autoscale.tick import AUTOSCALE_SECONDS, Ticker
-from ttsfleet.reconcile import NodeCache, Outcome, forget_gateway, reconcile, reconcile_gateway
+from ttsfleet.reconcile import (
+    NodeCache,
+    Outcome,
+    forget_gateway,
+    reconcile,
+    reconcile_gateway,
+    reconcile_region,
+)
 from ttsfleet.resources.common import DEPLOYMENT_LABEL
 from ttsfleet.resources.gateway import GATEWAY_LABEL, NODE_READER, OWNER_NAMESPACE_LABEL
+from ttsfleet.resources.region import REGION_LABEL
 
 log = logging.getLogger("ttsfleet.operator")
 Key = tuple[str, str]
@@ -121,10 +131,16 @@ class Controller:
         self.gateway_fleets: dict[Key, frozenset[str]] = {}
         self.gateway_locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
         self.gateways_pending: set[Key] = set()
+        # TtsRegions: their gateway (re-rendered when the agent's view changes), and
+        # those whose agent is not running yet or whose reconcile failed.
+        self.region_gateways: dict[Key, str] = {}
+        self.region_locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
+        self.regions_pending: set[Key] = set()
         source = PrometheusSource(prometheus_url) if prometheus_url else None
         self.autoscaler = Ticker(
             api_client, source, self.namespaces, metrics.scale_writes, metrics.autoscaler_ticks,
             lambda namespace, name: self.reconcile(namespace, name, apply=False),
+            self.region_views,
         )  # fmt: skip
         self._stop = threading.Event()
         self._last_replan = time.monotonic()
@@ -163,6 +179,70 @@ class Controller:
             return
         self.reconcile_gateway(*key)
 
+    def on_region_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        """A TtsRegion changed (its spec, or the agent's view in its status): apply its
+        agent, then its gateway's config (residency, and the regions taking traffic)."""
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace") or "", meta.get("name") or "")
+        gateway = str((body.get("spec") or {}).get("gateway") or "")
+        if event_type == "DELETED":
+            self.regions_pending.discard(key)
+            self.region_gateways.pop(key, None)
+        else:
+            self.reconcile_region(*key)
+        if gateway and kube.get_custom(
+            self.api, api.GROUP, api.VERSION, api.GATEWAY_PLURAL, key[0], gateway
+        ):
+            self.reconcile_gateway(key[0], gateway)
+
+    def reconcile_region(self, namespace: str, name: str) -> Outcome | None:
+        """Reconcile one TtsRegion from a fresh read, one reconcile of it at a time."""
+        key = (namespace, name)
+        with self.region_locks[key]:
+            try:
+                body = kube.get_custom(
+                    self.api, api.GROUP, api.VERSION, api.REGION_PLURAL, namespace, name
+                )
+                outcome = reconcile_region(self.api, body)
+            except Exception:
+                self.regions_pending.add(key)
+                self.metrics.reconciles.labels(result="error").inc()
+                raise
+            if outcome.gone:
+                self.regions_pending.discard(key)
+                self.region_gateways.pop(key, None)
+                return outcome
+            if outcome.ready or outcome.stalled_reason:
+                self.regions_pending.discard(key)
+            else:
+                self.regions_pending.add(key)
+        result = "stalled" if outcome.stalled_reason else "ok"
+        self.metrics.reconciles.labels(result=result).inc()
+        return outcome
+
+    def region_views(self) -> list[RegionView]:
+        """The TtsRegions the autoscaler raises floors for: each with its agent's view and
+        the fleets its gateway routes to (those this controller has reconciled)."""
+        views = []
+        namespaces: list[str | None] = [*self.namespaces] or [None]
+        for namespace in namespaces:
+            try:
+                regions = kube.list_custom(
+                    self.api, api.GROUP, api.VERSION, api.REGION_PLURAL, namespace
+                )
+            except ApiException as err:
+                if err.status == 404:  # the TtsRegion CRD is not installed
+                    return []
+                raise
+            for region in regions:
+                spec, seen = region.get("spec") or {}, (region.get("status") or {}).get("regions")
+                ns = region["metadata"]["namespace"]
+                fleets = self.gateway_fleets.get((ns, str(spec.get("gateway"))), frozenset())
+                if seen and spec.get("region"):
+                    keys = frozenset((ns, f) for f in fleets)
+                    views.append(RegionView(str(spec["region"]), seen, keys))
+        return views
+
     def on_child_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         """A child changed: re-apply its owner if it was deleted or edited by hand, and
         refresh the owner's status (a Deployment's status is how readiness arrives)."""
@@ -170,6 +250,10 @@ class Controller:
         name = (meta.get("labels") or {}).get(DEPLOYMENT_LABEL)
         namespace = meta.get("namespace")
         gateway = (meta.get("labels") or {}).get(GATEWAY_LABEL)
+        region = (meta.get("labels") or {}).get(REGION_LABEL)
+        if region and namespace:
+            self.reconcile_region(namespace, region)
+            return
         if gateway and namespace:
             self.reconcile_gateway(namespace, gateway)
             return
@@ -276,13 +360,17 @@ class Controller:
         work = [(k, False) for k in list(self.not_ready)]
         work += [(k, True) for k in list(self.failed)]
         work += [(k, True) for k in (list(self.unplaced) if replan else [])]
-        for key in list(self.gateways_pending):
-            try:
-                self.reconcile_gateway(*key)
-            except kube.NotLeaderError:
-                return
-            except Exception:
-                log.exception("Re-checking gateway %s/%s failed", *key)
+        for what, pending, again in (
+            ("gateway", self.gateways_pending, self.reconcile_gateway),
+            ("region", self.regions_pending, self.reconcile_region),
+        ):
+            for key in list(pending):
+                try:
+                    again(*key)
+                except kube.NotLeaderError:
+                    return
+                except Exception:
+                    log.exception("Re-checking %s %s/%s failed", what, *key)
         if replan:
             try:
                 self.sweep_gateway_bindings()

@@ -79,6 +79,11 @@ def gateway_event(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any) ->
     _controller(memo).on_gateway_event(event.get("type"), dict(body))
 
 
+@kopf.on.event(api.GROUP, api.VERSION, api.REGION_PLURAL, id="ttsregion")
+def region_event(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any) -> None:
+    _controller(memo).on_region_event(event.get("type"), dict(body))
+
+
 def child_event(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any) -> None:
     _controller(memo).on_child_event(event.get("type"), dict(body))
 

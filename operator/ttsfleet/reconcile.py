@@ -20,11 +20,13 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
 from pydantic import ValidationError
 
 from ttsfleet import kube, plan, status
 from ttsfleet.api import v1alpha1 as api
 from ttsfleet.resources import gateway as gw
+from ttsfleet.resources import region as rg
 from ttsfleet.resources.common import DEPLOYMENT_LABEL, FIELD_MANAGER
 
 Manifest = dict[str, Any]
@@ -198,7 +200,7 @@ def reconcile_gateway(
     }
     if gateway.spec.auth is not None:  # before the Deployment that mounts it
         kube.create_if_absent(api_client, gw.ticket_secret(gateway, secrets.token_bytes(32)))
-    children = gw.children(gateway, fleets, node_reader)
+    children = gw.children(gateway, fleets, node_reader, front_door_of(api_client, gateway))
     kube.apply(api_client, children, FIELD_MANAGER)
     deployment = kube.get(
         api_client, "apps/v1", "Deployment", gateway.child_name, gateway.namespace
@@ -255,8 +257,76 @@ def forget_gateway(api_client: client.ApiClient, namespace: str, name: str) -> N
     kube.delete_object(api_client, "rbac.authorization.k8s.io/v1", "ClusterRoleBinding", binding)
 
 
+def front_door_of(api_client: client.ApiClient, gateway: gw.Gateway) -> Manifest | None:
+    """The TtsRegion (in the gateway's namespace) whose front door the gateway is."""
+    try:
+        regions = kube.list_objects(api_client, api.API_VERSION, api.REGION_KIND, gateway.namespace)
+    except ResourceNotFoundError:  # the TtsRegion CRD is not installed: no regions
+        return None
+    named = [r for r in regions if (r.get("spec") or {}).get("gateway") == gateway.name]
+    return min(named, key=lambda r: r["metadata"]["name"]) if named else None
+
+
 def _gateway_status(api_client: client.ApiClient, meta: Manifest, new: Manifest) -> None:
     kube.patch_custom_status(
         api_client, api.GROUP, api.VERSION, api.GATEWAY_PLURAL, meta["namespace"], meta["name"],
         new,
     )  # fmt: skip
+
+
+def reconcile_region(api_client: client.ApiClient, body: Manifest | None) -> Outcome:
+    """Apply a `TtsRegion`'s agent (resources.region) and write its conditions; the agent
+    writes `status.regions` itself. A spec the operator cannot act on, or a gateway that
+    does not exist, is reported Stalled with the field and the fix."""
+    start = time.monotonic()
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return Outcome(False, None, time.monotonic() - start, gone=True)
+    meta = body["metadata"]
+    generation = int(meta.get("generation") or 0)
+    old_status = body.get("status") or {}
+    problem, reason = None, "InvalidSpec"
+    try:
+        region = rg.Region.from_body(body)
+    except ValidationError as err:
+        problem = plan.describe(err)
+    else:
+        gateway = kube.get_custom(
+            api_client, api.GROUP, api.VERSION, api.GATEWAY_PLURAL, region.namespace,
+            region.spec.gateway,
+        )  # fmt: skip
+        if gateway is None and region.spec.gateway_url is None:
+            reason = "GatewayMissing"
+            problem = (
+                f"spec.gateway names TtsGateway {region.spec.gateway!r}, which does not exist "
+                f"in namespace {region.namespace!r}: create it, fix the name, or set "
+                "spec.gatewayUrl"
+            )
+    deployment = None
+    if problem is None:
+        url = region.spec.gateway_url
+        if url is None:
+            url = gw.Gateway.from_body(gateway or {}).url.removesuffix("/v1")
+        children = rg.children(region, url)
+        kube.apply(api_client, children, FIELD_MANAGER)
+        deployment = kube.get(api_client, "apps/v1", "Deployment", region.child_name,
+                              region.namespace)  # fmt: skip
+        conditions = rg.conditions(body, deployment)
+    else:
+        conditions = rg.stalled_conditions(reason, problem)
+    new = {
+        "observedGeneration": generation,
+        "conditions": status.merge_conditions(
+            old_status.get("conditions") or [], conditions, generation, now_stamp()
+        ),
+    }
+    if problem is None:
+        new["statusUrl"] = region.status_url
+    if plan.changed(old_status, new):
+        kube.patch_custom_status(
+            api_client, api.GROUP, api.VERSION, api.REGION_PLURAL, meta["namespace"],
+            meta["name"], new,
+        )  # fmt: skip
+        if problem is not None and old_status.get("observedGeneration") != generation:
+            kube.post_event(api_client, body, "Warning", reason, problem)
+    ready = conditions[0]["status"] == "True"
+    return Outcome(problem is None, reason if problem else None, time.monotonic() - start, ready)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import yaml
 
-from tests.helpers import EXAMPLES, GATEWAY_EXAMPLES, REPO, load_example
+from tests.helpers import EXAMPLES, GATEWAY_EXAMPLES, REGION_EXAMPLES, REPO, load_example
 from ttsfleet import manifests
 from ttsfleet.api import crd
-from ttsfleet.api.v1alpha1 import TtsDeploymentSpec, TtsGatewaySpec
+from ttsfleet.api.v1alpha1 import TtsDeploymentSpec, TtsGatewaySpec, TtsRegionSpec
 
 
 def test_generated_files_are_up_to_date() -> None:
@@ -41,6 +41,14 @@ def test_every_example_parses_with_the_models() -> None:
         doc = load_example(path)
         assert doc["apiVersion"] == "ttsfleet.io/v1alpha1"
         TtsDeploymentSpec.model_validate(doc["spec"])
+
+
+def test_every_region_example_parses_and_fronts_an_example_gateway() -> None:
+    assert REGION_EXAMPLES
+    gateways = {load_example(path)["metadata"]["name"] for path in GATEWAY_EXAMPLES}
+    for path in REGION_EXAMPLES:
+        spec = TtsRegionSpec.model_validate(load_example(path)["spec"])
+        assert spec.gateway in gateways, path.name
 
 
 def test_every_gateway_example_parses_and_routes_to_an_example_fleet() -> None:

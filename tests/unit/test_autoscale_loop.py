@@ -6,7 +6,15 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ttsfleet.autoscale.loop import Autoscaler, deletion_cost, history_windows, predicted_floors
+from ttsfleet.api.v1alpha1 import TtsDeploymentSpec
+from ttsfleet.autoscale.loop import (
+    Autoscaler,
+    RegionView,
+    deletion_cost,
+    history_windows,
+    predicted_floors,
+    region_floors,
+)
 from ttsfleet.autoscale.metrics import Signals
 
 
@@ -81,8 +89,14 @@ def test_no_pod_streams_means_no_costs_and_gone_pods_and_fleets_are_forgotten() 
     assert scaler.costs == {}
 
 
-OFFICE = {"days": ["Wed"], "start": "08:00", "end": "18:00", "timeZone": "Europe/Berlin",
-          "minReplicas": 5, "name": "office"}  # fmt: skip
+OFFICE = {
+    "days": ["Wed"],
+    "start": "08:00",
+    "end": "18:00",
+    "timeZone": "Europe/Berlin",
+    "minReplicas": 5,
+    "name": "office",
+}
 WEDNESDAY_MORNING = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)  # 10:00 in Berlin
 SATURDAY = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
 
@@ -143,3 +157,26 @@ def test_proportional_signals_scale_from_the_ready_replicas_not_those_starting()
     (d,) = Autoscaler().decide([obj], slow, None, now=0.0)
     assert d.recommendation.signals["queue_time"] == 4.0  # 2 x 2, not 4 x 2
     assert not d.scale
+
+
+def test_fleets_behind_a_region_get_floors_from_its_agents_view() -> None:
+    objects = [fleet("joe"), fleet("other")]
+    seen = [
+        {"name": "eu", "trafficPercent": 100, "streams": 40},
+        {"name": "us", "trafficPercent": 0, "streams": 40},
+    ]
+    regions = [RegionView("eu", seen, frozenset({("ns", "joe")}))]
+    signals = {("ns", "joe"): Signals(open_streams=40)}
+    made = region_floors(objects, signals, regions)
+    assert set(made) == {("ns", "joe")}  # only the fleets behind the region's gateway
+    spr = TtsDeploymentSpec.model_validate(objects[0]["spec"]).placement.streams_per_replica
+    # Its own 40 and us's 40 now (the 40 its reserve held for it).
+    assert made[("ns", "joe")].replicas == math.ceil((40 + 40) / spr)
+    assert made[("ns", "joe")].reason == "region eu takes over from us"
+    # The decision carries the floor (capped by maxReplicas, as every floor).
+    (joe,) = [
+        d
+        for d in Autoscaler().decide(objects, signals, None, 0.0, predicted=made)
+        if d.key == ("ns", "joe")
+    ]
+    assert joe.floor.reason == "region eu takes over from us"

@@ -134,6 +134,7 @@ def test_it_renders_the_crd_and_one_object_of_each_kind(objects: list[Manifest])
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "CustomResourceDefinition",
+        "CustomResourceDefinition",
         "Deployment",
         "PodDisruptionBudget",
         "Role",
@@ -146,7 +147,7 @@ def test_it_renders_the_crd_and_one_object_of_each_kind(objects: list[Manifest])
         "ValidatingAdmissionPolicyBinding",
     ]
     crds = {o["metadata"]["name"]: o for o in objects if o["kind"] == "CustomResourceDefinition"}
-    for plural in ("ttsdeployments", "ttsgateways"):
+    for plural in ("ttsdeployments", "ttsgateways", "ttsregions"):
         shipped = (REPO / "crds" / f"ttsfleet.io_{plural}.yaml").read_text()
         assert crds[f"{plural}.ttsfleet.io"] == yaml.safe_load(shipped)
     for obj in objects:

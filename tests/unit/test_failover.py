@@ -182,3 +182,33 @@ def test_a_pinned_tenant_whose_regions_are_all_down_gets_503_naming_its_set() ->
     assert (refused.allowed, refused.status) == (False, 503)
     assert "residency set 'eu' (eu-west, eu-central)" in refused.message
     assert "not served outside them" in refused.message
+
+
+def view(**regions: tuple[int, float]) -> list[dict[str, object]]:
+    """An agent's status.regions: name=(trafficPercent, streams)."""
+    return [{"name": n, "trafficPercent": p, "streams": s} for n, (p, s) in regions.items()]
+
+
+def test_a_region_reserves_for_a_peer_and_takes_its_share_of_a_lost_one() -> None:
+    steady = traffic.needs("eu", view(eu=(100, 60), us=(100, 60), ap=(100, 60)))
+    assert (steady.own, steady.reserve, steady.takeover) == (60, 30, 0)  # 60 * 3/2 in all
+    lost = traffic.needs("eu", view(eu=(100, 60), us=(0, 60), ap=(100, 60)))
+    assert lost.lost == ("us",) and lost.takeover == pytest.approx(30)  # half of us's 60
+    assert lost.reserve == 30  # the steady reserve: what absorbs the loss
+    assert traffic.needs("us", view(eu=(100, 60), us=(0, 60))).takeover == 0  # it is lost
+
+
+def test_each_fleet_floor_is_its_part_of_the_regions_needs() -> None:
+    lost = traffic.needs("eu", view(eu=(100, 60), us=(0, 60), ap=(100, 60)))
+    steady = traffic.needs("eu", view(eu=(100, 60), us=(100, 60), ap=(100, 60)))
+    assert traffic.fleet_floor(steady, 1.0, 60, 1, 4).replicas == 23  # (60 + 30) / 4
+    assert traffic.fleet_floor(steady, 0.0, 60, 1, 4).replicas == 0  # no reserve asked
+    # The loss of us: the reserve already there absorbs eu's half, no replica more.
+    assert traffic.fleet_floor(lost, 1.0, 60, 1, 4).replicas == 23
+    # Without a reserve the takeover raises the floor at once; a fleet carrying 45 of
+    # eu's 60 streams holds 3/4 of it: 3/4 * (60 + 30) / 4 -> 17.
+    made = traffic.fleet_floor(lost, 0.0, 45, 2, 4)
+    assert made.replicas == 17 and made.reason == "region eu takes over from us"
+    # An idle region's fleets split a takeover evenly.
+    idle = traffic.needs("eu", view(eu=(100, 0), us=(0, 40), ap=(100, 0)))
+    assert traffic.fleet_floor(idle, 1.0, 0, 2, 4).replicas == 3  # max(20, 20) each / 4

@@ -365,6 +365,12 @@ class ScalingSpec(_Model):
     predictive: PredictiveSpec | None = Field(
         default=None, description="A predicted floor from past days or weeks; off if unset."
     )
+    region_reserve: float = Field(
+        default=1.0, ge=0, le=1,
+        description="With a TtsRegion in front: the share of a lost peer's load this fleet "
+        "holds capacity for in steady state (1: N/(N-1) of its own, static stability; 0: "
+        "none). Taking over a lost peer's load raises the floor whatever it says.",
+    )  # fmt: skip
 
 
 class TtsDeploymentSpec(_Model):
@@ -918,6 +924,11 @@ class ResidencySet(_Model):
     regions: list[str] = Field(min_length=1, max_length=16)
 
 
+class RegionEnvoy(_Model):
+    image: str = Field(default="envoyproxy/envoy:v1.40.0", min_length=1, max_length=512)
+    port: int = Field(default=10000, ge=1024, le=65535, description="The speech listener.")
+
+
 class TtsRegionSpec(_Model):
     cel: ClassVar[list[dict[str, str]]] = [
         rule(
@@ -972,11 +983,20 @@ class TtsRegionSpec(_Model):
         default_factory=list, max_length=64,
         description="Tenants pinned to regions; every gateway refuses to serve them elsewhere.",
     )  # fmt: skip
-    envoy_config_path: str | None = Field(
-        default=None, pattern=r"^/[^\s]*$", max_length=1024,
-        description="Where the operator writes this region's Envoy xDS files (EDS/CDS), each "
-        "replaced atomically; unset: the operator renders them into a ConfigMap only.",
+    gateway_url: str | None = Field(
+        default=None, pattern=_URL, max_length=2048,
+        description="This region's own gateway as its agent probes it; unset: the "
+        "TtsGateway's in-cluster Service.",
     )  # fmt: skip
+    image: str = Field(
+        default=DEFAULT_GATEWAY_IMAGE, min_length=1, max_length=512,
+        description="The image of the region agent (`ttsfleet region`): the gateway's.",
+    )  # fmt: skip
+    envoy: RegionEnvoy | None = Field(
+        default=None,
+        description="Run this region's clients' Envoy beside the agent, which programs it "
+        "through an EDS file on a shared volume (replaced by rename); unset: no Envoy.",
+    )
 
     def regions(self) -> list[str]:
         """Every region, this one first, then the peers nearest first."""
@@ -1008,5 +1028,8 @@ class TtsRegionStatus(_Model):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
     regions: list[PeerStatus] = Field(
-        default_factory=list, description="Every region's state as this region's operator sees it."
+        default_factory=list, description="Every region's state as this region's agent sees it."
+    )
+    status_url: str | None = Field(
+        default=None, description="The agent's votes in-cluster: what peers name as statusUrl."
     )

@@ -15,7 +15,7 @@ written just before a scale-down's write (those that changed since the last one)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,7 @@ from ttsfleet.api.v1alpha1 import PredictiveSpec, ScalingMode, TtsDeploymentSpec
 from ttsfleet.autoscale import floors
 from ttsfleet.autoscale.metrics import Key, PodStreams, Signals
 from ttsfleet.autoscale.policy import Policy, Recommendation, Snapshot, State, recommend
+from ttsfleet.failover import traffic
 
 Manifest = dict[str, Any]
 # (True means unavailable, reason, message): the MetricsUnavailable condition.
@@ -98,6 +99,44 @@ def history_windows(objects: list[Manifest], wall: datetime) -> dict[Window, set
     for key, _, predictive in _predictive(objects):
         for window in floors.history_windows(predictive, wall):
             out.setdefault(window, set()).add(key)
+    return out
+
+
+@dataclass(frozen=True)
+class RegionView:
+    """A TtsRegion as the autoscaler needs it: which region, the agent's view of every
+    region (`status.regions`), and the fleets behind its gateway."""
+
+    here: str
+    view: Sequence[Mapping[str, Any]]
+    fleets: frozenset[Key]
+
+
+def region_floors(
+    objects: list[Manifest], signals: Mapping[Key, Signals] | None, regions: Sequence[RegionView]
+) -> dict[Key, floors.Floor]:
+    """Each fleet behind a region's gateway holds its part of the region's needs: its own
+    load, its `regionReserve` share of the reserve for a lost peer, and what the region
+    takes on from lost peers now (`failover.traffic`)."""
+    specs = {}
+    for obj in objects:
+        try:
+            specs[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = (
+                TtsDeploymentSpec.model_validate(obj.get("spec") or {})
+            )
+        except ValidationError:
+            continue
+    out: dict[Key, floors.Floor] = {}
+    for region in regions:
+        needs = traffic.needs(region.here, region.view)
+        mine = [k for k in region.fleets if k in specs]
+        for key in mine:
+            found = (signals or {}).get(key)
+            streams = (found.open_streams if found else None) or 0.0
+            spec = specs[key]
+            made = traffic.fleet_floor(needs, spec.scaling.region_reserve, streams, len(mine),
+                                       spec.placement.streams_per_replica)  # fmt: skip
+            out[key] = floors.floor(out.get(key, floors.NONE), made)
     return out
 
 

@@ -25,14 +25,16 @@ from prometheus_client import Counter
 
 from ttsfleet import kube
 from ttsfleet.api import v1alpha1 as api
-from ttsfleet.autoscale.floors import Floor
+from ttsfleet.autoscale.floors import NONE, Floor, floor
 from ttsfleet.autoscale.loop import (
     DELETION_COST,
     Autoscaler,
     Decision,
     MetricsCondition,
+    RegionView,
     history_windows,
     predicted_floors,
+    region_floors,
 )
 from ttsfleet.autoscale.metrics import (
     Key,
@@ -67,6 +69,7 @@ class Ticker:
         scaled: Counter,
         ticks: Counter,
         refresh: Callable[[str, str], Any],
+        regions: Callable[[], list[RegionView]] | None = None,
     ) -> None:
         self.api = api_client
         self.source = source
@@ -74,6 +77,7 @@ class Ticker:
         self.scaled = scaled
         self.ticks = ticks
         self.refresh = refresh
+        self.regions = regions  # TtsRegions in front of fleets (their floors), if any
         self.autoscaler = Autoscaler()
         self.conditions: dict[Key, MetricsCondition] = {}
         self.floors: dict[Key, Floor] = {}
@@ -107,9 +111,12 @@ class Ticker:
                 log.warning("No open streams per pod this tick: %s", err)
         by_key = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in objects}
         wall = datetime.now(UTC)
+        floors = self._predicted_floors(objects, wall)
+        if self.regions is not None:
+            for key, made in region_floors(objects, signals, self.regions()).items():
+                floors[key] = floor(floors.get(key, NONE), made)
         decisions = self.autoscaler.decide(
-            objects, signals, error, time.monotonic(), pod_streams, wall=wall,
-            predicted=self._predicted_floors(objects, wall),
+            objects, signals, error, time.monotonic(), pod_streams, wall=wall, predicted=floors,
         )  # fmt: skip
         for decision in decisions:
             try:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +84,8 @@ class Agent:
     def __post_init__(self) -> None:
         self.observers = {t.name: Observer(self.rules) for t in self.targets}
         rules = self.failback
-        self.failbacks = {t.name: Failback(rules) for t in self.targets} if rules else {}
+        now = self.clock()
+        self.failbacks = {t.name: Failback(rules, since=now) for t in self.targets} if rules else {}
 
     @classmethod
     def for_region(cls, spec: TtsRegionSpec, gateway_url: str, **kwargs: Any) -> Agent:
@@ -124,20 +127,16 @@ class Agent:
             return RegionState.DOWN
         return RegionState.SUSPECT if verdict.suspect else RegionState.HEALTHY
 
-    def takeover(self) -> float:
-        """Streams this region takes on for regions that are down: their last known load,
-        split over the survivors by free capacity (each provisioned N/(N-1))."""
-        down = [r for r in self.regions if self.percent().get(r, 100) == 0]
-        alive = [r for r in self.regions if r not in down]
-        if self.name not in alive or not down:
-            return 0.0
-        lost = sum(self.lost_load.get(r, self.load.get(r, 0.0)) for r in down)
-        survivors = {
-            r: (traffic.reserve(self.load.get(r, 0.0), {p: self.load.get(p, 0.0)
-                for p in self.regions if p != r}), self.load.get(r, 0.0))
-            for r in alive
-        }  # fmt: skip
-        return traffic.takeover(lost, survivors)[self.name]
+    def needs(self) -> traffic.Needs:
+        """What this region must carry: its own streams, the reserve for a lost peer, and
+        the lost regions' last known load it takes on now (`traffic.needs`)."""
+        return traffic.needs(self.name, self.status()["regions"])
+
+    def streams(self, region: str) -> float | None:
+        """A region's open streams: the last read, or for a lost one, the last before it."""
+        if self.percent().get(region, 100) == 0 and region in self.lost_load:
+            return self.lost_load[region]
+        return self.load.get(region)
 
     def status(self) -> dict[str, Any]:
         """What `/status` serves: this observer's votes (with their age) and its view."""
@@ -149,8 +148,7 @@ class Agent:
         ]  # fmt: skip
         view = [
             {"name": r, "state": self.state(r).value, "percent": self.percent().get(r, 0),
-             "downVotes": self.verdict(r).down_votes,
-             "streams": self.load.get(r)}
+             "downVotes": self.verdict(r).down_votes, "streams": self.streams(r)}
             for r in self.regions
         ]  # fmt: skip
         return {"observer": self.name, "votes": mine, "regions": view}
@@ -174,9 +172,12 @@ class Agent:
                 self.votes[(vote.observer, vote.region)] = vote
         self.decide(now)
 
+    def snapshot(self) -> list[tuple[str, str, int]]:
+        return [(r, self.state(r).value, self.percent().get(r, 0)) for r in self.regions]
+
     def decide(self, now: float) -> None:
         stale = 3 * self.rules.probe_interval_seconds + self.rules.probe_timeout_ms / 1000
-        before = self.healthy()
+        before = self.snapshot() if self.verdicts else None
         for region in self.regions:
             votes = {o: v for (o, r), v in self.votes.items() if r == region}
             verdict = self.verdicts[region] = quorum(region, len(self.regions), votes, now, stale)
@@ -187,7 +188,7 @@ class Agent:
                 self.lost_load[region] = self.load.get(region, 0.0)
                 log.warning("region %s is down (%s)", region, ", ".join(verdict.down_votes))
         self.program()
-        if self.on_change is not None and self.healthy() != before:
+        if self.on_change is not None and self.snapshot() != before:
             self.on_change(self)
 
     def program(self) -> None:
@@ -295,6 +296,47 @@ class Agent:
         made = web.Application()
         made.add_routes([web.get("/status", status), web.get("/healthz", healthz)])
         return made
+
+
+class StatusWriter:
+    """Writes an agent's view into its TtsRegion's status.regions, the latest view only,
+    from a thread of its own (the agent's loop never waits on the apiserver)."""
+
+    def __init__(self, write: Callable[[list[dict[str, Any]]], None]) -> None:
+        self.write = write
+        self.latest: list[dict[str, Any]] | None = None
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        threading.Thread(target=self._run, name="region-status", daemon=True).start()
+
+    def __call__(self, agent: Agent) -> None:
+        now = datetime.now(UTC)
+        view = []
+        for region in agent.status()["regions"]:
+            fb = agent.failbacks.get(region["name"])
+            since = now - timedelta(seconds=agent.clock() - fb.since) if fb else now
+            view.append(
+                {"name": region["name"], "state": region["state"],
+                 "trafficPercent": region["percent"], "downVotes": region["downVotes"],
+                 "streams": region["streams"],
+                 "since": since.isoformat(timespec="seconds").replace("+00:00", "Z")}
+            )  # fmt: skip
+        with self.lock:
+            self.latest = view
+        self.wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            with self.lock:
+                view, self.latest = self.latest, None
+            if view is None:
+                continue
+            try:
+                self.write(view)
+            except Exception:
+                log.exception("writing the region status failed; the next change retries")
 
 
 def gateway_counts(text: str) -> Counts:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from ttsfleet.autoscale.floors import Floor
 
@@ -83,6 +85,57 @@ def takeover(lost: float, survivors: Mapping[str, tuple[float, float]]) -> dict[
         even = rest / len(survivors) if survivors else 0.0
         return {r: free[r] + even for r in survivors}
     return {r: free[r] + rest * cap / total_cap for r, (cap, _) in survivors.items()}
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a region must carry, in streams: its own load, the reserve for a peer's
+    loss (static stability, at share 1, from every region's last known load), and the
+    lost peers' load it takes on now."""
+
+    region: str
+    own: float = 0.0
+    reserve: float = 0.0
+    takeover: float = 0.0
+    lost: tuple[str, ...] = ()
+
+
+def needs(here: str, view: Sequence[Mapping[str, Any]]) -> Needs:
+    """`here`'s needs from a region agent's view (`status.regions`: each region's
+    `trafficPercent` and last known `streams`). A region at 0 % is lost; its last known
+    load is split over the survivors by free capacity, each provisioned N/(N-1)."""
+    load = {str(r["name"]): float(r.get("streams") or 0.0) for r in view}
+    lost = tuple(str(r["name"]) for r in view if int(r.get("trafficPercent", 100)) == 0)
+    alive = [r for r in load if r not in lost]
+    if here not in alive:
+        return Needs(here, load.get(here, 0.0), lost=lost)
+
+    def provisioned(region: str) -> float:  # steady state: every peer counts, lost or not
+        return reserve(load[region], {p: load[p] for p in load if p != region})
+
+    extra = provisioned(here) - load[here]
+    taken = 0.0
+    if lost:
+        survivors = {r: (provisioned(r), load[r]) for r in alive}
+        taken = takeover(sum(load[r] for r in lost), survivors)[here]
+    return Needs(here, load[here], extra, taken, lost)
+
+
+def fleet_floor(needs: Needs, share: float, fleet_streams: float, fleets: int,
+                streams_per_replica: int) -> Floor:  # fmt: skip
+    """A fleet's floor from its region's needs: its part of the region's streams (an even
+    part while the region is idle) of its own load plus the larger of its reserve share
+    and what the region takes over now. The reserve held in steady state is what absorbs
+    a loss: with equal regions a takeover needs no replica more than were there."""
+    part = min(fleet_streams / needs.own, 1.0) if needs.own > 0 else 1.0 / max(fleets, 1)
+    total = part * (needs.own + max(share * needs.reserve, needs.takeover))
+    if needs.lost and needs.takeover > 0:
+        reason = f"region {needs.region} takes over from {', '.join(needs.lost)}"
+    elif share > 0 and needs.reserve > 0:
+        reason = f"region {needs.region} holds capacity for a lost peer"
+    else:
+        return Floor(0, "")
+    return floor(total, streams_per_replica, reason)
 
 
 def floor(load: float, streams_per_replica: int, reason: str) -> Floor:

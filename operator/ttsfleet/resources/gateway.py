@@ -136,8 +136,11 @@ def node_reader_role(name: str = NODE_READER) -> Manifest:
     }
 
 
-def config(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> Manifest:
-    """The gateway's config document (`gateway.config.GatewayConfig`'s wire form)."""
+def config(
+    gateway: Gateway, fleets: Mapping[str, Manifest | None], region: Manifest | None = None
+) -> Manifest:
+    """The gateway's config document (`gateway.config.GatewayConfig`'s wire form); with
+    the `TtsRegion` whose front door it is, its region block (see `region_block`)."""
     spec = gateway.spec
 
     def fleet(name: str, queue_limit: int | None = None) -> Manifest:
@@ -186,6 +189,8 @@ def config(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> Manifest:
         # the gateway's replicas still admit at most each limit.
         limits["localShare"] = 1 / max(1, spec.replicas)
         document["rateLimits"] = limits
+    if region is not None:
+        document["region"] = region_block(region)
     if spec.auth is not None:
         auth = spec.auth
         document["auth"] = {
@@ -202,6 +207,19 @@ def config(gateway: Gateway, fleets: Mapping[str, Manifest | None]) -> Manifest:
     if spec.tls is not None:
         document["tls"] = {"certFile": f"{TLS_DIR}/tls.crt", "keyFile": f"{TLS_DIR}/tls.key"}
     return document
+
+
+def region_block(region: Manifest) -> Manifest:
+    """A TtsRegion as its gateway needs it: its name, the residency sets, and the regions
+    taking traffic as the region's agent last wrote them (all of them before it has)."""
+    spec = api.TtsRegionSpec.model_validate(region["spec"])
+    seen = ((region.get("status") or {}).get("regions")) or []
+    healthy = [r["name"] for r in seen if int(r.get("trafficPercent", 100)) > 0] if seen else None
+    return {
+        "name": spec.region,
+        "healthy": spec.regions() if healthy is None else healthy,
+        "residency": [s.wire() for s in spec.residency],
+    }
 
 
 def ticket_secret(gateway: Gateway, key: bytes) -> Manifest:
@@ -236,15 +254,17 @@ def placed(spec: api.TtsGatewaySpec, pod_spec: Manifest) -> Manifest:
 
 
 def children(
-    gateway: Gateway, fleets: Mapping[str, Manifest | None], node_reader: str = NODE_READER
-) -> list[Manifest]:
+    gateway: Gateway, fleets: Mapping[str, Manifest | None], node_reader: str = NODE_READER,
+    region: Manifest | None = None,
+) -> list[Manifest]:  # fmt: skip
     """Every child of `gateway`, given the TtsDeployments its routes name (None: missing),
-    bound to the ClusterRole `node_reader` (applied too)."""
+    bound to the ClusterRole `node_reader` (applied too), and the TtsRegion whose front
+    door it is (None: none)."""
     spec = gateway.spec
     name = gateway.child_name
     rbac = "rbac.authorization.k8s.io/v1"
     account = {"kind": "ServiceAccount", "name": name, "namespace": gateway.namespace}
-    document = json.dumps(config(gateway, fleets), indent=2, sort_keys=True)
+    document = json.dumps(config(gateway, fleets, region), indent=2, sort_keys=True)
     # /tmp writable under a read-only root file system.
     volumes: list[Manifest] = [
         {"name": "config", "configMap": {"name": name}},

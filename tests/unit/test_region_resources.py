@@ -1,0 +1,101 @@
+"""What the operator renders for a TtsRegion, and what its gateway learns from it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ttsfleet.api import v1alpha1 as api
+from ttsfleet.resources import gateway as gw
+from ttsfleet.resources import region as rg
+
+SPEC: dict[str, Any] = {
+    "region": "eu-west",
+    "gateway": "speech",
+    "peers": [
+        {"name": "us-east", "gatewayUrl": "https://us-east.speech.example",
+         "statusUrl": "https://us-east.speech.example:8090/status"},
+        {"name": "ap-south", "gatewayUrl": "https://ap-south.speech.example"},
+    ],
+    "detection": {"probeTokenSecretRef": {"name": "probe"}},
+    "residency": [{"name": "eu", "tenants": ["acme-eu"], "regions": ["eu-west"]}],
+}  # fmt: skip
+
+
+def body(spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None) -> Any:
+    meta = {"name": "here", "namespace": "speech", "uid": "u-1", "generation": 1}
+    return {"apiVersion": api.API_VERSION, "kind": api.REGION_KIND, "metadata": meta,
+            "spec": spec or SPEC, "status": status or {}}  # fmt: skip
+
+
+def by_kind(children: list[Any]) -> dict[str, Any]:
+    return {c["kind"]: c for c in children}
+
+
+def test_the_agent_may_patch_its_own_regions_status_and_nothing_else() -> None:
+    made = by_kind(rg.children(rg.Region.from_body(body()), "http://speech-gateway.speech.svc"))
+    assert made["Role"]["rules"] == [
+        {"apiGroups": ["ttsfleet.io"], "resources": ["ttsregions/status"],
+         "resourceNames": ["here"], "verbs": ["patch"]}
+    ]  # fmt: skip
+    assert made["RoleBinding"]["subjects"][0]["name"] == "here-region"
+    for child in made.values():
+        assert child["metadata"]["ownerReferences"][0]["kind"] == "TtsRegion"
+
+
+def test_the_agent_reads_its_spec_and_probe_token_from_volumes_and_writes_its_status() -> None:
+    made = by_kind(rg.children(rg.Region.from_body(body()), "http://speech-gateway.speech.svc"))
+    pod = made["Deployment"]["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]  # no Envoy unless spec.envoy asks for one
+    assert agent["args"][0] == "region"
+    assert "--gateway-url=http://speech-gateway.speech.svc" in agent["args"]
+    assert "--status-to=speech/here" in agent["args"]
+    assert "--token-file=/etc/ttsfleet/probe/token" in agent["args"]
+    assert {"name": "probe-token", "secret": {"secretName": "probe"}} in pod["volumes"]
+    spec = json.loads(made["ConfigMap"]["data"]["region.json"])["spec"]
+    assert api.TtsRegionSpec.model_validate(spec) == api.TtsRegionSpec.model_validate(SPEC)
+    assert [p["name"] for p in made["Service"]["spec"]["ports"]] == ["status"]
+
+
+def test_with_spec_envoy_the_region_pod_runs_envoy_fed_by_the_agents_eds_file() -> None:
+    spec = SPEC | {"envoy": {}}
+    made = by_kind(rg.children(rg.Region.from_body(body(spec)), "http://gw"))
+    pod = made["Deployment"]["spec"]["template"]["spec"]
+    agent, envoy = pod["containers"]
+    assert "--eds=/var/run/ttsfleet/xds/eds.json" in agent["args"]
+    assert envoy["image"] == "envoyproxy/envoy:v1.40.0"
+    boot = json.loads(made["ConfigMap"]["data"]["envoy.json"])
+    (cluster,) = boot["static_resources"]["clusters"]
+    eds = cluster["eds_cluster_config"]["eds_config"]["path_config_source"]["path"]
+    assert eds == "/var/run/ttsfleet/xds/eds.json"
+    assert cluster["outlier_detection"]["max_ejection_percent"] == 100
+    assert {"name": "speech", "port": 10000, "targetPort": "speech"} in (
+        made["Service"]["spec"]["ports"]
+    )
+
+
+def test_degraded_names_each_region_that_is_not_healthy_with_its_votes() -> None:
+    regions = [
+        {"name": "eu-west", "state": "Healthy", "trafficPercent": 100, "downVotes": []},
+        {"name": "us-east", "state": "Down", "trafficPercent": 0,
+         "downVotes": ["ap-south", "eu-west"]},
+        {"name": "ap-south", "state": "Ramping", "trafficPercent": 25, "downVotes": []},
+    ]  # fmt: skip
+    conditions = rg.conditions(body(status={"regions": regions}), None)
+    degraded = next(c for c in conditions if c["type"] == "Degraded")
+    assert degraded["status"] == "True"
+    assert degraded["message"] == (
+        "us-east Down at 0% (down votes: ap-south, eu-west); ap-south Ramping at 25%"
+    )
+    ready = next(c for c in conditions if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "AgentStarting")
+
+
+def test_the_gateway_learns_its_region_residency_and_who_takes_traffic() -> None:
+    block = gw.region_block(body())
+    assert block["name"] == "eu-west"
+    assert block["healthy"] == ["eu-west", "us-east", "ap-south"]  # before the agent spoke
+    assert block["residency"] == [{"name": "eu", "tenants": ["acme-eu"], "regions": ["eu-west"]}]
+    seen = [{"name": "eu-west", "trafficPercent": 100}, {"name": "us-east", "trafficPercent": 0},
+            {"name": "ap-south", "trafficPercent": 10}]  # fmt: skip
+    assert gw.region_block(body(status={"regions": seen}))["healthy"] == ["eu-west", "ap-south"]
