@@ -105,6 +105,23 @@ build_kind_check() {
   publish "$tmp" "$dir"
 }
 
+# fetch_crds NAME MODULE VERSION FILE...: CRD files from a Go module's source (go mod
+# download: no build), copied under $bin/NAME-VERSION/ (they are not committed here).
+fetch_crds() {
+  local name=$1 module=$2 version=$3; shift 3
+  local dir=$bin/$name-$version files=()
+  for f in "$@"; do files+=("$(basename "$f")"); done
+  [ -d "$dir" ] && (cd "$dir" && ls "${files[@]}" >/dev/null 2>&1) && return
+  local tmp src
+  tmp=$(mktemp -d "$dir.partial.XXXX")
+  src=$(cd "$here/k8s" && GOFLAGS=-mod=mod go mod download -json "$module@$version" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+  [ -n "$src" ] || die "could not download $module@$version"
+  for f in "$@"; do cp "$src/$f" "$tmp/"; done
+  chmod 644 "$tmp"/*
+  publish "$tmp" "$dir"
+  echo ">> fetched $name $version CRDs" >&2
+}
+
 build_all() {
   check_go
   mkdir -p "$bin"
@@ -131,6 +148,11 @@ build_all() {
   install_module prometheus "$PROMETHEUS_VERSION" "-s -w -X github.com/prometheus/common/version.Version=$promver" \
     "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION"
   build_kind_check
+  fetch_crds gateway-api-crds sigs.k8s.io/gateway-api "$GATEWAY_API_VERSION" \
+    config/crd/standard/gateway.networking.k8s.io_httproutes.yaml \
+    config/crd/standard/gateway.networking.k8s.io_gateways.yaml
+  fetch_crds external-dns-crds sigs.k8s.io/external-dns "$EXTERNAL_DNS_VERSION" \
+    config/crd/standard/dnsendpoints.externaldns.k8s.io.yaml
   echo "tools ready under $bin ($(( $(date +%s) - start ))s)"
 }
 

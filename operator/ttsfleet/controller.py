@@ -131,9 +131,7 @@ class Controller:
         self.gateway_fleets: dict[Key, frozenset[str]] = {}
         self.gateway_locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
         self.gateways_pending: set[Key] = set()
-        # TtsRegions: their gateway (re-rendered when the agent's view changes), and
-        # those whose agent is not running yet or whose reconcile failed.
-        self.region_gateways: dict[Key, str] = {}
+        # TtsRegions whose agent is not running yet or whose reconcile failed.
         self.region_locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
         self.regions_pending: set[Key] = set()
         source = PrometheusSource(prometheus_url) if prometheus_url else None
@@ -187,7 +185,6 @@ class Controller:
         gateway = str((body.get("spec") or {}).get("gateway") or "")
         if event_type == "DELETED":
             self.regions_pending.discard(key)
-            self.region_gateways.pop(key, None)
         else:
             self.reconcile_region(*key)
         if gateway and kube.get_custom(
@@ -210,7 +207,6 @@ class Controller:
                 raise
             if outcome.gone:
                 self.regions_pending.discard(key)
-                self.region_gateways.pop(key, None)
                 return outcome
             if outcome.ready or outcome.stalled_reason:
                 self.regions_pending.discard(key)

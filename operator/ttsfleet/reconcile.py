@@ -307,9 +307,22 @@ def reconcile_region(api_client: client.ApiClient, body: Manifest | None) -> Out
         if url is None:
             url = gw.Gateway.from_body(gateway or {}).url.removesuffix("/v1")
         children = rg.children(region, url)
+        gateway_spec = (gateway or {}).get("spec") or {}
+        port = 443 if gateway_spec.get("tls") else 80
+        public = rg.published(region, body, f"{region.spec.gateway}-gateway", port)
         kube.apply(api_client, children, FIELD_MANAGER)
+        try:
+            kube.apply(api_client, public, FIELD_MANAGER)
+        except ResourceNotFoundError as err:
+            reason = "PublishUnavailable"
+            problem = (
+                f"spec.publish needs a CRD this cluster does not have ({err}): install "
+                "external-dns's DNSEndpoint or Gateway API's HTTPRoute (v1.6), or remove "
+                "what spec.publish asks for"
+            )
         deployment = kube.get(api_client, "apps/v1", "Deployment", region.child_name,
                               region.namespace)  # fmt: skip
+    if problem is None:
         conditions = rg.conditions(body, deployment)
     else:
         conditions = rg.stalled_conditions(reason, problem)

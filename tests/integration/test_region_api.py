@@ -15,6 +15,7 @@ from tests.conftest import Cluster
 from tests.helpers import REGION_EXAMPLES, REPO, load_example
 from ttsfleet import kube
 from ttsfleet.api import v1alpha1 as api
+from ttsfleet.cluster import toolchain
 from ttsfleet.controller import Controller, OperatorMetrics
 
 pytestmark = pytest.mark.usefixtures("crd")
@@ -100,6 +101,14 @@ def test_a_two_region_product_with_a_witness_is_accepted(cluster: Cluster, names
     create(cluster, namespace, doc)
 
 
+def agent_says(controller: Controller, namespace: str, view: list[dict[str, Any]]) -> None:
+    """Write status.regions of the TtsRegion eu-west as its agent would."""
+    kube.patch_custom_status(
+        controller.api, api.GROUP, api.VERSION, api.REGION_PLURAL, namespace, "eu-west",
+        {"regions": view},
+    )  # fmt: skip
+
+
 def gateway_config(cluster: Cluster, namespace: str) -> dict[str, Any]:
     out = cluster.kubectl("get", "configmap", "-n", namespace, "speech-gateway", "-o", "json")
     doc: dict[str, Any] = json.loads(json.loads(out)["data"]["gateway.json"])
@@ -147,15 +156,7 @@ def test_the_operator_runs_the_agent_and_tells_the_gateway_about_its_region(
         },
         {"name": "ap-south", "state": "Healthy", "trafficPercent": 100, "downVotes": []},
     ]
-    kube.patch_custom_status(
-        controller.api,
-        api.GROUP,
-        api.VERSION,
-        api.REGION_PLURAL,
-        namespace,
-        "eu-west",
-        {"regions": view},
-    )
+    agent_says(controller, namespace, view)
     controller.on_region_event(
         "MODIFIED", {"metadata": {"namespace": namespace, "name": "eu-west"}, "spec": doc["spec"]}
     )
@@ -186,3 +187,54 @@ def test_a_region_whose_gateway_does_not_exist_is_stalled_naming_the_field(
     stalled = next(c for c in region["status"]["conditions"] if c["type"] == "Stalled")
     assert stalled["status"] == "True"
     assert "spec.gateway names TtsGateway 'nowhere'" in stalled["message"]
+
+
+@pytest.fixture(scope="module")
+def published_crds(cluster: Cluster) -> None:
+    """Gateway API's (v1.6) and external-dns's CRDs, as a cluster publishing regions has."""
+    for path in toolchain.published_crds():
+        cluster.kubectl("apply", "--server-side", "-f", str(path))
+        cluster.wait_established(f"crd/{yaml.safe_load(path.read_text())['metadata']['name']}")
+
+
+@pytest.mark.usefixtures("published_crds")
+def test_the_shares_are_published_as_dns_records_and_route_weights_the_apiserver_accepts(
+    cluster: Cluster, namespace: str
+) -> None:
+    controller = Controller(kube.api_client(cluster.kubeconfig), OperatorMetrics())
+    gateway = load_example(REPO / "examples" / "local-gateway.yaml")
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(gateway))
+    doc = copy.deepcopy(EXAMPLE)
+    doc["spec"]["publish"] = {
+        "hostname": "speech.example.com",
+        "httpRouteParents": [{"name": "edge"}],
+    }
+    create(cluster, namespace, doc)
+    outcome = controller.reconcile_region(namespace, "eu-west")
+    assert outcome is not None and outcome.stalled_reason is None
+
+    def get(kind: str) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(
+            cluster.kubectl("get", kind, "-n", namespace, "eu-west-region", "-o", "json")
+        )
+        return out
+
+    records = get("dnsendpoints.externaldns.k8s.io")["spec"]["endpoints"]
+    assert [r["setIdentifier"] for r in records] == ["eu-west", "us-east", "ap-south"]
+    route = get("httproutes.gateway.networking.k8s.io")["spec"]
+    assert [b["weight"] for b in route["rules"][0]["backendRefs"]] == [100, 100, 100]
+
+    view = [
+        {"name": "eu-west", "state": "Healthy", "trafficPercent": 100, "downVotes": []},
+        {"name": "us-east", "state": "Down", "trafficPercent": 0, "downVotes": ["ap-south"]},
+        {"name": "ap-south", "state": "Ramping", "trafficPercent": 10, "downVotes": []},
+    ]
+    agent_says(controller, namespace, view)
+    controller.reconcile_region(namespace, "eu-west")
+    records = get("dnsendpoints.externaldns.k8s.io")["spec"]["endpoints"]
+    assert [(r["setIdentifier"], r["providerSpecific"][0]["value"]) for r in records] == [
+        ("eu-west", "100"),
+        ("ap-south", "10"),
+    ]
+    route = get("httproutes.gateway.networking.k8s.io")["spec"]
+    assert [b["weight"] for b in route["rules"][0]["backendRefs"]] == [100, 0, 10]

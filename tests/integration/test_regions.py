@@ -6,6 +6,7 @@ residency held by the gateways even when Envoy sends a request to the wrong regi
 from __future__ import annotations
 
 import collections
+import json
 import subprocess
 import sys
 import threading
@@ -314,3 +315,42 @@ def test_the_client_regions_own_loss_moves_its_envoy_to_the_next_region(
     wait_for("eu ramping", lambda: agents.states("eu").get("eu") == "Ramping", timeout=30)
     wait_for("eu healthy", lambda: agents.states("eu").get("eu") == "Healthy", timeout=30)
     assert edge.served_by(10) == {"eu": 10}
+
+
+def test_a_flapping_region_never_takes_traffic_back_while_it_flaps(
+    agents: Agents, regions: Regions, edge: Edge
+) -> None:
+    every = {r: "Healthy" for r in REGIONS}
+    wait_for("every region healthy", lambda: agents.states("eu") == every, timeout=60)
+
+    def us_in_envoy() -> bool:  # what eu's agent last wrote into its Envoy's EDS file
+        doc = json.loads(edge.eds.read_text())
+        endpoints = doc["resources"][0]["endpoints"]
+        return any(e["locality"]["region"] == "us" for e in endpoints)
+
+    seen: list[bool] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            now = us_in_envoy()
+            if not seen or seen[-1] != now:
+                seen.append(now)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(4):  # down ~4 s, up ~4 s: never healthy for a whole window
+            regions.gateways["us"].stop()
+            time.sleep(4)
+            regions.gateways["us"].start()
+            time.sleep(4)
+        regions.gateways["us"].stop()
+        wait_for("us out", lambda: agents.states("eu").get("us") == "Down", timeout=15)
+    finally:
+        stop.set()
+        watcher.join()
+    # Out once, and never back in while it flapped: no oscillation.
+    assert seen == [True, False], seen
+    assert agents.states("ap").get("us") == "Down"

@@ -99,3 +99,53 @@ def test_the_gateway_learns_its_region_residency_and_who_takes_traffic() -> None
     seen = [{"name": "eu-west", "trafficPercent": 100}, {"name": "us-east", "trafficPercent": 0},
             {"name": "ap-south", "trafficPercent": 10}]  # fmt: skip
     assert gw.region_block(body(status={"regions": seen}))["healthy"] == ["eu-west", "ap-south"]
+
+
+PUBLISHED = SPEC | {
+    "gatewayUrl": "https://eu-west.speech.example",
+    "peers": [
+        {"name": "us-east", "gatewayUrl": "https://us-east.speech.example", "weight": 200},
+        {"name": "ap-south", "gatewayUrl": "http://203.0.113.7:8080", "standby": True},
+    ],
+    "publish": {"hostname": "speech.example", "httpRouteParents": [{"name": "edge"}]},
+}
+
+
+def test_published_records_weigh_each_region_and_drop_one_at_zero() -> None:
+    made = {
+        c["kind"]: c
+        for c in rg.published(
+            rg.Region.from_body(body(PUBLISHED)), body(PUBLISHED), "speech-gateway", 80
+        )
+    }
+    records = made["DNSEndpoint"]["spec"]["endpoints"]
+    # The standby (ap-south) gets no record while active regions take traffic.
+    assert [
+        (r["setIdentifier"], r["recordType"], r["targets"], r["providerSpecific"][0]["value"])
+        for r in records
+    ] == [
+        ("eu-west", "CNAME", ["eu-west.speech.example"], "100"),
+        ("us-east", "CNAME", ["us-east.speech.example"], "200"),
+    ]
+    assert {r["dnsName"] for r in records} == {"speech.example"}
+    route = made["HTTPRoute"]["spec"]
+    assert route["parentRefs"] == [{"name": "edge"}] and route["hostnames"] == ["speech.example"]
+    assert [(b["name"], b["weight"]) for b in route["rules"][0]["backendRefs"]] == [
+        ("speech-gateway", 100),
+        ("here-region-peer-us-east", 200),
+        ("here-region-peer-ap-south", 0),
+    ]
+    peer = made["Service"]  # the last ExternalName Service: ap-south, by address
+    assert peer["spec"]["externalName"] == "203.0.113.7"
+    # us-east lost, eu-west ramping at 25 %: its record weighs a quarter, us-east has none.
+    seen = [{"name": "eu-west", "trafficPercent": 25}, {"name": "us-east", "trafficPercent": 0}]
+    made = {
+        c["kind"]: c
+        for c in rg.published(
+            rg.Region.from_body(body(PUBLISHED)), body(PUBLISHED, {"regions": seen}), "gw", 80
+        )
+    }
+    records = made["DNSEndpoint"]["spec"]["endpoints"]
+    assert [(r["setIdentifier"], r["providerSpecific"][0]["value"]) for r in records] == [
+        ("eu-west", "25"),
+    ]

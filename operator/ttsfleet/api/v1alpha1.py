@@ -924,6 +924,33 @@ class ResidencySet(_Model):
     regions: list[str] = Field(min_length=1, max_length=16)
 
 
+class ParentRef(_Model):
+    name: str = Field(pattern=NAME_PATTERN, max_length=253)
+    namespace: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=63)
+    section_name: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=253)
+
+
+class RegionPublish(_Model):
+    """The traffic shares, published for a global front door: weighted DNS records
+    (external-dns DNSEndpoint) and/or Gateway API HTTPRoute backend weights."""
+
+    hostname: str = Field(
+        pattern=r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+$",
+        max_length=253, description="The name clients resolve, e.g. speech.example.com.",
+    )  # fmt: skip
+    dns_endpoint: bool = Field(
+        default=True,
+        description="A DNSEndpoint with one weighted record per region taking traffic "
+        "(setIdentifier = region; aws/weight), kept in step with the agent's view.",
+    )
+    record_ttl: int = Field(default=30, ge=1, le=86400, description="Seconds; short for failover.")
+    http_route_parents: list[ParentRef] = Field(
+        default_factory=list, max_length=8,
+        description="Gateways (Gateway API) to attach an HTTPRoute to: this region's gateway "
+        "Service and an ExternalName Service per peer, weighted by traffic share.",
+    )  # fmt: skip
+
+
 class RegionEnvoy(_Model):
     image: str = Field(default="envoyproxy/envoy:v1.40.0", min_length=1, max_length=512)
     port: int = Field(default=10000, ge=1024, le=65535, description="The speech listener.")
@@ -953,6 +980,12 @@ class TtsRegionSpec(_Model):
             "spec.residency[].regions names a region that is neither spec.region nor in "
             "spec.peers: add the peer or fix the name",
             ".residency",
+        ),
+        rule(
+            "!has(self.publish) || !self.publish.dnsEndpoint || has(self.gatewayUrl)",
+            "spec.publish.dnsEndpoint needs spec.gatewayUrl (this region's public address, "
+            "the target of its record): set it, or set dnsEndpoint: false",
+            ".publish",
         ),
         rule(
             "self.mode != 'active-standby' || self.peers.exists(p, p.standby)",
@@ -992,6 +1025,9 @@ class TtsRegionSpec(_Model):
         default=DEFAULT_GATEWAY_IMAGE, min_length=1, max_length=512,
         description="The image of the region agent (`ttsfleet region`): the gateway's.",
     )  # fmt: skip
+    publish: RegionPublish | None = Field(
+        default=None, description="Publish the traffic shares for DNS and Gateway API."
+    )
     envoy: RegionEnvoy | None = Field(
         default=None,
         description="Run this region's clients' Envoy beside the agent, which programs it "

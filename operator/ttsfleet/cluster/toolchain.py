@@ -60,6 +60,20 @@ def binary(name: str) -> Path:
     return path
 
 
+def published_crds() -> list[Path]:
+    """The CRDs of the objects a TtsRegion publishes (Gateway API's Gateway and HTTPRoute,
+    external-dns's DNSEndpoint), fetched by `make tools` from their Go modules."""
+    found = []
+    for prefix, key in (("gateway-api-crds", "GATEWAY_API_VERSION"),
+                        ("external-dns-crds", "EXTERNAL_DNS_VERSION")):  # fmt: skip
+        directory = cache_dir() / "bin" / f"{prefix}-{versions()[key]}"
+        files = sorted(directory.glob("*.yaml"))
+        if not files:
+            raise MissingToolError(f"{prefix} are not fetched yet: run `make tools`")
+        found += files
+    return found
+
+
 def bin_dirs() -> list[Path]:
     """The directories of the binaries built so far, for PATH (kubectl's first)."""
     found: list[Path] = []

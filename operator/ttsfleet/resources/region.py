@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ttsfleet.api import v1alpha1 as api
-from ttsfleet.failover import envoy
+from ttsfleet.failover import envoy, publish, traffic
 from ttsfleet.resources.common import HASH_ANNOTATION, content_hash
 from ttsfleet.resources.gateway import GATEWAY_USER, restricted
 
@@ -67,23 +67,18 @@ def labels(region: Region) -> dict[str, str]:
     }
 
 
+def _meta(region: Region) -> Manifest:
+    """A child's name, namespace, labels and owner (the TtsRegion)."""
+    owner = {
+        "apiVersion": api.API_VERSION, "kind": api.REGION_KIND, "name": region.name,
+        "uid": region.uid, "controller": True, "blockOwnerDeletion": True,
+    }  # fmt: skip
+    return {"name": region.child_name, "namespace": region.namespace, "labels": labels(region),
+            "ownerReferences": [owner]}  # fmt: skip
+
+
 def _child(region: Region, api_version: str, kind: str, body: Manifest) -> Manifest:
-    metadata = {
-        "name": region.child_name,
-        "namespace": region.namespace,
-        "labels": labels(region),
-        "annotations": {HASH_ANNOTATION: content_hash(body)},
-        "ownerReferences": [
-            {
-                "apiVersion": api.API_VERSION,
-                "kind": api.REGION_KIND,
-                "name": region.name,
-                "uid": region.uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ],
-    }
+    metadata = _meta(region) | {"annotations": {HASH_ANNOTATION: content_hash(body)}}
     return {"apiVersion": api_version, "kind": kind, "metadata": metadata, **body}
 
 
@@ -212,6 +207,28 @@ def children(region: Region, gateway_url: str) -> list[Manifest]:
             },
         ),
     ]
+
+
+def published(region: Region, body: Manifest, gateway_service: str, port: int) -> list[Manifest]:
+    """The DNSEndpoint and HTTPRoute (with its peers' ExternalName Services) that
+    `spec.publish` asks for, weighted by the agent's view in `body`'s status."""
+    spec = region.spec
+    if spec.publish is None:
+        return []
+    seen = (body.get("status") or {}).get("regions") or []
+    percent = {r: 100 for r in spec.regions()}
+    percent |= {str(r["name"]): int(r.get("trafficPercent", 100)) for r in seen}
+    weights = traffic.published_weights(
+        {spec.region: spec.weight} | {p.name: p.weight for p in spec.peers}, percent,
+        frozenset(p.name for p in spec.peers if p.standby),
+    )  # fmt: skip
+    meta = _meta(region)
+    out = []
+    if spec.publish.dns_endpoint:
+        out.append(publish.dns_endpoint(spec, weights, meta))
+    if spec.publish.http_route_parents:
+        out += publish.http_route(spec, weights, meta, gateway_service, port)
+    return out
 
 
 def degraded(region: Manifest) -> str:
