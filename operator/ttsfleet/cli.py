@@ -860,6 +860,9 @@ def region(
     kubeconfig: Annotated[
         Path | None, typer.Option(help="Kubeconfig for --status-to (in-cluster if unset).")
     ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="The address probes and peer reads leave from.")
+    ] = None,
 ) -> None:
     """Run a region's observer outside Kubernetes: probes, votes, quorum, failback, and
     this region's Envoy (the operator runs the same agent for each TtsRegion)."""
@@ -875,7 +878,7 @@ def region(
         raise _fail(f"--spec {spec}: {err}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     token = token_file.read_text().strip() if token_file else None
-    agent = Agent.for_region(parsed, gateway_url, token=token, eds=eds)
+    agent = Agent.for_region(parsed, gateway_url, token=token, eds=eds, source=source)
     if status_to is not None:
         namespace, _, name = status_to.partition("/")
         if not namespace or not name:

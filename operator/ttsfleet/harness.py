@@ -338,10 +338,11 @@ class GatewayProcess(_Server):
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     tls: bool = False  # the config serves HTTPS
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def configure(self, document: dict[str, Any]) -> None:
         """Write the config, aside then renamed (as a ConfigMap volume swaps a file): a
@@ -354,7 +355,7 @@ class GatewayProcess(_Server):
     def start(self, timeout: float = 60) -> None:
         argv = [
             sys.executable, "-m", "ttsfleet", "gateway", "--config", str(self.config),
-            "--host", "127.0.0.1", "--port", str(self.port),
+            "--host", self.host, "--port", str(self.port),
             *(["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else []),
         ]  # fmt: skip
         self._launch(argv, self.env, "the gateway", timeout)
@@ -397,6 +398,49 @@ class EnvoyProcess(_Server):
         with urllib.request.urlopen(url, timeout=2) as reply:
             stats = json.load(reply).get("stats", [])
         return float(next((s.get("value", 0) for s in stats if s.get("name") == name), 0))
+
+
+@dataclass
+class RegionAgentProcess(_Server):
+    """`ttsfleet region` (probes, votes, quorum, failback, its Envoy's EDS file), serving
+    /status on host:port and probing from `host` (its own source address)."""
+
+    spec: Path
+    gateway_url: str
+    host: str
+    port: int
+    log: Path
+    token_file: Path | None = None
+    eds: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def status_url(self) -> str:
+        return f"http://{self.host}:{self.port}/status"
+
+    def start(self, timeout: float = 60) -> None:
+        argv = [
+            sys.executable, "-m", "ttsfleet", "region", "--spec", str(self.spec),
+            "--gateway-url", self.gateway_url, "--host", self.host, "--port", str(self.port),
+            "--source", self.host,
+            *(["--token-file", str(self.token_file)] if self.token_file else []),
+            *(["--eds", str(self.eds)] if self.eds else []),
+        ]  # fmt: skip
+        self._launch(argv, {}, "the region agent", timeout)
+
+    def ready(self) -> bool:
+        self._alive("the region agent")
+        return http_ok(f"http://{self.host}:{self.port}/healthz")
+
+    def status(self) -> dict[str, Any]:
+        """Its /status ({} when it does not answer)."""
+        try:
+            url = f"http://{self.host}:{self.port}/status"
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                doc: dict[str, Any] = json.load(reply)
+        except OSError:
+            return {}
+        return doc
 
 
 def python_module(module: str, *args: str) -> subprocess.Popen[str]:

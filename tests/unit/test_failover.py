@@ -6,6 +6,7 @@ import pytest
 
 from ttsfleet.api.v1alpha1 import RegionDetection, RegionFailback, RegionState, ResidencySet
 from ttsfleet.failover import residency, traffic
+from ttsfleet.failover.agent import Agent, Target
 from ttsfleet.failover.failback import Failback
 from ttsfleet.failover.health import WITNESS, Observer, Probe, Vote, quorum
 
@@ -139,12 +140,16 @@ def test_standby_regions_come_after_every_active_one() -> None:
 def test_published_weights_follow_the_share_and_wake_a_standby_only_when_needed() -> None:
     weights = {"eu": 100, "us": 200, "ap": 50}
     assert traffic.published_weights(weights, {"eu": 25, "us": 100, "ap": 100}) == {
-        "eu": 25, "us": 200, "ap": 50,
-    }  # fmt: skip
+        "eu": 25,
+        "us": 200,
+        "ap": 50,
+    }
     standby = frozenset({"ap"})
     assert traffic.published_weights(weights, {"eu": 100, "us": 0, "ap": 100}, standby) == {
-        "eu": 100, "us": 0, "ap": 0,
-    }  # fmt: skip
+        "eu": 100,
+        "us": 0,
+        "ap": 0,
+    }
     assert traffic.published_weights(weights, {"eu": 0, "us": 0, "ap": 100}, standby)["ap"] == 50
 
 
@@ -212,3 +217,27 @@ def test_each_fleet_floor_is_its_part_of_the_regions_needs() -> None:
     # An idle region's fleets split a takeover evenly.
     idle = traffic.needs("eu", view(eu=(100, 0), us=(0, 40), ap=(100, 0)))
     assert traffic.fleet_floor(idle, 1.0, 0, 2, 4).replicas == 3  # max(20, 20) each / 4
+
+
+def test_a_restarted_agent_takes_up_its_peers_view_and_never_skips_a_failback() -> None:
+    agent = Agent(
+        "eu",
+        [Target("eu", "http://eu"), Target("us", "http://us"), Target("ap", "http://ap")],
+        RULES,
+        FAILBACK,
+        clock=lambda: 1000.0,
+    )
+    agent.heard = {
+        "us": [
+            {"name": "eu", "state": "Ramping", "percent": 25},
+            {"name": "ap", "state": "Healthy", "percent": 100},
+        ],
+        "ap": [{"name": "eu", "state": "Stabilising", "percent": 0}],
+    }
+    agent.join(1000.0)
+    # The lowest share any peer holds: eu starts stabilising (its full window), ap healthy.
+    assert agent.failbacks["eu"].state is RegionState.STABILISING
+    assert agent.failbacks["ap"].state is RegionState.HEALTHY
+    fb = Failback(FAILBACK)
+    fb.resume(RegionState.RAMPING, 30, 0.0)
+    assert (fb.state, fb.percent) == (RegionState.RAMPING, 25)

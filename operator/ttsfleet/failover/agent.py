@@ -71,6 +71,7 @@ class Agent:
     witness: Target | None = None
     clock: Callable[[], float] = time.monotonic
     on_change: Callable[[Agent], None] | None = None
+    source: str | None = None  # the address its probes and reads leave from
     observers: dict[str, Observer] = field(init=False)
     failbacks: dict[str, Failback] = field(init=False)
     votes: dict[tuple[str, str], Vote] = field(init=False, default_factory=dict)
@@ -80,6 +81,9 @@ class Agent:
     lost_load: dict[str, float] = field(init=False, default_factory=dict)
     levels: list[traffic.Level] | None = field(init=False, default=None)
     version: int = field(init=False, default=0)
+    heard: dict[str, list[dict[str, Any]]] = field(init=False, default_factory=dict)
+    joined: bool = field(init=False, default=False)
+    ticks: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.observers = {t.name: Observer(self.rules) for t in self.targets}
@@ -170,7 +174,25 @@ class Agent:
             assert isinstance(got, list)
             for vote in got:
                 self.votes[(vote.observer, vote.region)] = vote
+        self.ticks += 1
+        if not self.joined and (self.heard or self.ticks >= 3):
+            self.join(now)
         self.decide(now)
+
+    def join(self, now: float) -> None:
+        """A starting agent takes up its peers' view: a region that some peer holds Down,
+        Stabilising or Ramping (a restart during a loss or a failback: this region's own,
+        often) starts there, not Healthy, so a restart never skips the failback. Until
+        then (a peer heard, or three rounds) it writes nothing into its Envoy."""
+        self.joined = True
+        for region, fb in self.failbacks.items():
+            seen = [v for view in self.heard.values() for v in view if v.get("name") == region]
+            if not seen:
+                continue
+            low = min(seen, key=lambda v: int(v.get("percent", 100)))
+            if int(low.get("percent", 100)) < 100:
+                fb.resume(RegionState(low["state"]), int(low["percent"]), now)
+                log.info("joined: %s starts %s at %s%%", region, low["state"], low["percent"])
 
     def snapshot(self) -> list[tuple[str, str, int]]:
         return [(r, self.state(r).value, self.percent().get(r, 0)) for r in self.regions]
@@ -193,7 +215,7 @@ class Agent:
 
     def program(self) -> None:
         """Rewrite the EDS file when the priority levels change."""
-        if self.eds is None or not self.failbacks:
+        if self.eds is None or not self.failbacks or not self.joined:
             return
         levels = traffic.priorities(self.regions, self.percent(), self.standby)
         if levels == self.levels:
@@ -260,6 +282,8 @@ class Agent:
             return []
         now = self.clock()
         observer = str(doc.get("observer", target.name))
+        if observer != WITNESS and isinstance(doc.get("regions"), list):
+            self.heard[observer] = doc["regions"]
         for region in doc.get("regions", []):
             if region.get("streams") is not None and region["name"] not in self.load:
                 self.load[region["name"]] = float(region["streams"])
@@ -276,7 +300,9 @@ class Agent:
         site = web.TCPSite(runner, host, port)
         await site.start()
         try:
-            async with aiohttp.ClientSession() as session:
+            local = (self.source, 0) if self.source else None
+            connector = aiohttp.TCPConnector(local_addr=local, force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as session:
                 while not stop.is_set():
                     started = self.clock()
                     await self.tick(session)

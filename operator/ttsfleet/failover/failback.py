@@ -87,3 +87,15 @@ class Failback:
     def _enter_keep(self, state: RegionState, now: float) -> None:
         if state != self.state:
             self._enter(state, now)
+
+    def resume(self, state: RegionState, percent: int, now: float) -> None:
+        """Take up where a peer is (an agent that starts adopts its peers' view): Down or
+        Stabilising from now, or Ramping at the step that gives `percent`."""
+        if state == RegionState.DOWN or (percent <= 0 and state != RegionState.STABILISING):
+            self._enter(RegionState.DOWN, now)
+        elif state == RegionState.STABILISING:
+            self._enter(RegionState.STABILISING, now)
+        elif state == RegionState.RAMPING:
+            below = [i for i, step in enumerate(self.rules.steps) if step <= percent]
+            self.step = below[-1] if below else 0
+            self._enter(RegionState.RAMPING, now)

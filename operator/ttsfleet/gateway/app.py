@@ -52,6 +52,8 @@ from ttsfleet.serving.engine import RATE_RANGE
 from ttsfleet.triton import aio, contract
 
 log = logging.getLogger("ttsfleet.gateway")
+# One line per speech request as its response starts: status, tenant, region, fleet.
+access = logging.getLogger("ttsfleet.gateway.access")
 
 SPEED_RANGE = (0.25, 4.0)  # OpenAI's
 STREAM_FORMATS = ("audio", "sse")
@@ -761,7 +763,7 @@ def build(gateway: Gateway, lifespan: Any = None) -> Starlette:
 
     async def speech(request: Request) -> Response:
         started = time.perf_counter()
-        fleet = ""
+        fleet, who = "", "-"
         try:
             principal = gateway.authenticate(request.headers.get("authorization"))
             try:
@@ -776,11 +778,16 @@ def build(gateway: Gateway, lifespan: Any = None) -> Starlette:
                     "with 'model', 'input' and 'voice'",
                 ) from None  # fmt: skip
             spoken = gateway.validate(body)
-            fleet = spoken.route.fleet.key
-            response: Response = await gateway.speak(spoken, started, tenant(principal, request))
+            fleet, who = spoken.route.fleet.key, tenant(principal, request)
+            response: Response = await gateway.speak(spoken, started, who)
         except ApiError as err:
             response = err.response()
         metrics.requests.labels(fleet, str(response.status_code)).inc()
+        region = gateway.config.region.name if gateway.config.region else "-"
+        access.info(
+            "speech status=%d tenant=%s region=%s fleet=%s ms=%.0f", response.status_code, who,
+            region, fleet or "-", (time.perf_counter() - started) * 1000,
+        )  # fmt: skip
         return response
 
     async def models(request: Request) -> Response:

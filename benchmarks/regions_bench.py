@@ -1,0 +1,552 @@
+"""Regions on this machine: a region lost and brought back, a region flapping, and one
+observer link cut, with real Tritons, gateways, region agents and Envoys.
+
+    make bench-regions
+    (hack/in-netns.sh ttsfleet-regions python benchmarks/regions_bench.py
+        [--out benchmarks/results/regions.json] [--parts loss,flap,cut]
+        [--flap-seconds 300] [--window 60] [--step 30])
+
+**Process level, not three clusters yet.** Each region (eu, us, ap) is a tritonserver
+(the streaming model), a `ttsfleet gateway` and a `ttsfleet region` agent, all bound to
+the region's own loopback address (127.0.1.1-3) in a network namespace made for the
+run (hack/in-netns.sh), so that one `ip rule` cuts exactly one link; each client region
+has its Envoy (programmed by its region's agent through its EDS file) and a load
+generator (2 short speech requests a second, open loop, one retry after 200 ms, as a
+client library would). Tenant acme-eu is pinned to eu and sent from us's clients.
+
+Scenarios (`scenarios` in the results, each with the keys of issue 19):
+- `loss`: eu's Triton, gateway and agent are killed (SIGKILL) after a warm-up; held
+  down 30 s, then started again and watched back to Healthy.
+- `flap`: eu's gateway is killed and started again every 20 s for `--flap-seconds`.
+- `cut`: the link between the observers eu and ap is cut both ways for 40 s.
+
+Figures: `detection_s` (kill -> both other agents say Down), `traffic_shift_s` (kill ->
+the last eu client request that failed or was served by eu), `slo_restored_s` (kill ->
+the start of the first 10 s in which every eu client request succeeded within the SLO:
+1.5x the warm-up's TTFA p95, at least 500 ms), `failed_during_pct` (failed after the
+client's retry, every client, kill -> SLO restored), `failed_after` (from then to the
+end), `failback_s` (restart -> us's agent says Healthy), `ramp_steps` (eu's shares seen
+on the way), `oscillations` (eu put back into eu's Envoy and taken out again),
+`failovers_from_cut_link` (any region Down in any agent's view during the cut),
+`residency_violations` (gateway access-log lines where acme-eu got audio outside eu),
+`requests`. `capacity_takeover_s` is null: there is no autoscaler at this level (each
+survivor's Triton is simply there); the floors are tested in tests/unit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from tempfile import mkdtemp
+from typing import Any
+
+import httpx2
+import yaml
+
+from ttsfleet import harness
+from ttsfleet.cluster import local
+from ttsfleet.failover import envoy, traffic
+from ttsfleet.gateway import auth
+
+ADDRESSES = {"eu": "127.0.1.1", "us": "127.0.1.2", "ap": "127.0.1.3"}
+NEAREST = {"eu": ["us", "ap"], "us": ["eu", "ap"], "ap": ["us", "eu"]}
+ISSUER, AUDIENCE = "https://issuer.ttsfleet.bench", "ttsfleet-gateway"
+PINNED = {"name": "eu", "tenants": ["acme-eu"], "regions": ["eu"]}
+TEXT = "Your call is important to us."
+
+
+@dataclass
+class Region:
+    name: str
+    tmp: Path
+    jwks: Path
+    token: Path
+    window: int
+    step: int
+    triton: harness.TritonProcess = field(init=False)
+    gateway: harness.GatewayProcess = field(init=False)
+    agent: harness.RegionAgentProcess = field(init=False)
+    envoy: harness.EnvoyProcess = field(init=False)
+    envoy_port: int = 10000
+
+    def __post_init__(self) -> None:
+        ip = ADDRESSES[self.name]
+        self.triton = harness.TritonProcess(
+            local.free_port(), local.free_port(), local.free_port(),
+            self.tmp / f"{self.name}-triton.log", models=("tts_stream",),
+        )  # fmt: skip
+        self.gateway = harness.GatewayProcess(
+            self.tmp / f"{self.name}-gateway.json",
+            8080,
+            self.tmp / f"{self.name}-gateway.log",
+            host=ip,
+        )
+        self.eds = self.tmp / f"{self.name}-xds" / "eds.json"
+
+    def configure(self, agents: dict[str, str]) -> None:
+        ip = ADDRESSES[self.name]
+        self.gateway.configure(
+            {
+                "routes": [
+                    {
+                        "models": ["tts-1"],
+                        "voices": ["alloy"],
+                        "fleet": {
+                            "name": "joe",
+                            "voice": "en_US-joe-medium",
+                            "endpoints": [self.triton.grpc_address],
+                        },
+                    }
+                ],
+                "auth": {"issuer": ISSUER, "audiences": [AUDIENCE], "jwksFile": str(self.jwks)},
+                "region": {"name": self.name, "healthy": list(ADDRESSES), "residency": [PINNED]},
+            }
+        )
+        spec = {
+            "region": self.name,
+            "gateway": "speech",
+            "peers": [
+                {"name": p, "gatewayUrl": f"http://{ADDRESSES[p]}:8080", "statusUrl": agents[p]}
+                for p in NEAREST[self.name]
+            ],
+            "failback": {"stabilisationSeconds": self.window, "stepSeconds": self.step},
+        }
+        manifest = self.tmp / f"{self.name}-region.yaml"
+        manifest.write_text(yaml.safe_dump({"kind": "TtsRegion", "spec": spec}))
+        self.agent = harness.RegionAgentProcess(
+            manifest,
+            self.gateway.url,
+            ip,
+            8090,
+            self.tmp / f"{self.name}-agent.log",
+            token_file=self.token,
+            eds=self.eds,
+        )
+        order = [self.name, *NEAREST[self.name]]
+        addresses = {r: (ADDRESSES[r], 8080) for r in order}
+        envoy.write_atomic(
+            self.eds,
+            envoy.load_assignment(
+                traffic.priorities(order, dict.fromkeys(order, 100)), addresses, "0"
+            ),
+        )
+        boot = self.tmp / f"{self.name}-envoy.json"
+        admin = local.free_port()
+        envoy.write_atomic(
+            boot, envoy.bootstrap(self.name, self.envoy_port, admin, self.eds, host=ip)
+        )
+        self.envoy = harness.EnvoyProcess(boot, admin, self.tmp / f"{self.name}-envoy.log")
+
+    @property
+    def edge(self) -> str:
+        return f"http://{ADDRESSES[self.name]}:{self.envoy_port}"
+
+    def processes(self) -> list[Any]:
+        return [self.triton, self.gateway, self.agent, self.envoy]
+
+    def kill(self, *parts: Any) -> None:
+        for part in parts:
+            if part.process is not None:
+                part.process.kill()
+                part.process.wait()
+                part.process = None
+
+
+@dataclass
+class Sample:
+    client: str
+    tenant: str
+    at: float
+    ok: bool
+    region: str
+    ttfa: float | None
+
+
+class Load:
+    """A load generator per client region: open loop, one retry after 200 ms."""
+
+    def __init__(self, regions: dict[str, Region], tokens: dict[str, str], rate: float = 2.0):
+        self.regions, self.tokens, self.rate = regions, tokens, rate
+        self.samples: list[Sample] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=32)
+        self.threads = [threading.Thread(target=self._run, args=(c, "acme", rate)) for c in regions]
+        self.threads.append(threading.Thread(target=self._run, args=("us", "acme-eu", 0.5)))
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+        self.pool.shutdown(wait=True)
+
+    def _run(self, client: str, tenant: str, rate: float) -> None:
+        while not self.stop.wait(1 / rate):
+            self.pool.submit(self._request, client, tenant)
+
+    def _once(self, client: str, tenant: str) -> tuple[bool, str, float | None]:
+        started = time.perf_counter()
+        headers = {"authorization": f"Bearer {self.tokens[tenant]}"}
+        body = {"model": "tts-1", "voice": "alloy", "input": TEXT, "response_format": "pcm"}
+        try:
+            with httpx2.stream(
+                "POST",
+                f"{self.regions[client].edge}/v1/audio/speech",
+                json=body,
+                headers=headers,
+                timeout=15,
+            ) as reply:
+                if reply.status_code != 200:
+                    return False, reply.headers.get("x-ttsfleet-region", "-"), None
+                ttfa = None
+                for chunk in reply.iter_bytes():
+                    if chunk and ttfa is None:
+                        ttfa = time.perf_counter() - started
+                return True, reply.headers.get("x-ttsfleet-region", "-"), ttfa
+        except httpx2.HTTPError:
+            return False, "-", None
+
+    def _request(self, client: str, tenant: str) -> None:
+        at = time.monotonic()
+        ok, region, ttfa = self._once(client, tenant)
+        if not ok:
+            time.sleep(0.2)
+            ok, region, ttfa = self._once(client, tenant)
+        with self.lock:
+            self.samples.append(Sample(client, tenant, at, ok, region, ttfa))
+
+    def between(self, start: float, end: float, tenant: str = "acme") -> list[Sample]:
+        with self.lock:
+            return [s for s in self.samples if start <= s.at < end and s.tenant == tenant]
+
+
+class Watch:
+    """Samples every agent's view (and eu's EDS file) every 200 ms, on an Event."""
+
+    def __init__(self, regions: dict[str, Region]) -> None:
+        self.regions = regions
+        self.seen: list[tuple[float, str, dict[str, Any]]] = []
+        self.eu_in_envoy: list[tuple[float, bool]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.2):
+            now = time.monotonic()
+            for name, region in self.regions.items():
+                if region.agent.process is not None:
+                    view = {r["name"]: r for r in region.agent.status().get("regions", [])}
+                    self.seen.append((now, name, view))
+            try:
+                doc = json.loads(self.regions["eu"].eds.read_text())
+                present = any(
+                    e["locality"]["region"] == "eu" for e in doc["resources"][0]["endpoints"]
+                )
+            except (OSError, ValueError):
+                continue
+            if not self.eu_in_envoy or self.eu_in_envoy[-1][1] != present:
+                self.eu_in_envoy.append((now, present))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def state(self, observer: str, region: str) -> str:
+        for _, name, view in reversed(self.seen):
+            if name == observer:
+                return str(view.get(region, {}).get("state", ""))
+        return ""
+
+    def percents(self, observer: str, region: str, since: float) -> list[int]:
+        out: list[int] = []
+        for at, name, view in self.seen:
+            if name == observer and at >= since and region in view:
+                pct = int(view[region].get("percent", 0))
+                if not out or out[-1] != pct:
+                    out.append(pct)
+        return out
+
+    def downs(self, since: float, until: float) -> list[tuple[str, str]]:
+        return sorted(
+            {
+                (name, r)
+                for at, name, view in self.seen
+                if since <= at < until
+                for r, v in view.items()
+                if v.get("state") == "Down"
+            }
+        )
+
+    def reentries(self, since: float, until: float) -> int:
+        """eu taken out of eu's Envoy and put back, then out again: one oscillation each."""
+        flips = [p for at, p in self.eu_in_envoy if since <= at < until]
+        backs = sum(1 for a, b in itertools.pairwise(flips) if not a and b)
+        return max(0, backs - (1 if flips and flips[-1] else 0))
+
+
+def cpu_seconds(regions: dict[str, Region]) -> tuple[float, float]:
+    """CPU time so far of the regions' processes (live ones from /proc, those killed and
+    waited for from this process's children times) and of this process (the clients)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    live = 0.0
+    for region in regions.values():
+        for part in region.processes():
+            if part.process is None:
+                continue
+            with (Path("/proc") / str(part.process.pid) / "stat").open() as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            live += (int(fields[11]) + int(fields[12])) / tick
+    times = os.times()
+    return live + times.children_user + times.children_system, times.user + times.system
+
+
+def residency_violations(regions: dict[str, Region]) -> int:
+    """Access-log lines where the pinned tenant got audio from a gateway outside eu."""
+    pattern = re.compile(r"speech status=200 tenant=acme-eu region=(\w+)")
+    bad = 0
+    for region in regions.values():
+        text = region.gateway.log.read_text() if region.gateway.log.exists() else ""
+        bad += sum(1 for m in pattern.finditer(text) if m.group(1) != "eu")
+    return bad
+
+
+def p95(samples: list[Sample]) -> float:
+    values = [s.ttfa for s in samples if s.ok and s.ttfa is not None]
+    return harness.percentile(values, 0.95) if values else float("nan")
+
+
+def slo_restored(load: Load, client: str, t0: float, slo: float, end: float) -> float | None:
+    """The start of the first 10 s after t0 in which every `client` request succeeded
+    within `slo` seconds of first audio."""
+    mine = [s for s in load.between(t0, end) if s.client == client]
+    for i, first in enumerate(mine):
+        window = [s for s in mine[i:] if s.at < first.at + 10]
+        if window[-1].at < first.at + 8:  # not 10 s of requests left
+            return None
+        if all(s.ok and s.ttfa is not None and s.ttfa <= slo for s in window):
+            return first.at - t0
+    return None
+
+
+def failed_pct(samples: list[Sample]) -> float:
+    return round(100 * sum(not s.ok for s in samples) / len(samples), 3) if samples else 0.0
+
+
+def until(what: str, probe: Callable[[], bool], timeout: float) -> float:
+    """Seconds until `probe` holds (polled every 100 ms)."""
+    start = time.monotonic()
+    harness.wait_for(what, probe, timeout=timeout, every=0.1)
+    return round(time.monotonic() - start, 2)
+
+
+def loss(
+    regions: dict[str, Region], load: Load, watch: Watch, slo: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    eu = regions["eu"]
+    start = time.monotonic()
+    t0 = time.monotonic()
+    eu.kill(eu.agent, eu.gateway, eu.triton)
+    detection = until(
+        "us and ap to see eu down",
+        lambda: watch.state("us", "eu") == "Down" and watch.state("ap", "eu") == "Down",
+        timeout=60,
+    )
+    time.sleep(max(0.0, 30 - (time.monotonic() - t0)))
+    t_back = time.monotonic()
+    eu.triton.start()
+    eu.gateway.start()
+    eu.agent.start()
+    back = until(
+        "eu healthy again",
+        lambda: watch.state("us", "eu") == "Healthy",
+        timeout=args.window * 3 + args.step * 8 + 120,
+    )
+    end = time.monotonic()
+    restored = slo_restored(load, "eu", t0, slo, t_back)
+    return scenario(load, watch, regions, start, t0, end, detection, restored, t_back, back)
+
+
+def flap(
+    regions: dict[str, Region], load: Load, watch: Watch, slo: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    eu = regions["eu"]
+    start = t0 = time.monotonic()
+    detection = None
+    for cycle in range(max(1, int(args.flap_seconds // 20))):  # down 10 s, up 10 s
+        eu.kill(eu.gateway)
+        if detection is None:
+            detection = until("eu down", lambda: watch.state("us", "eu") == "Down", timeout=60)
+        time.sleep(max(0.0, t0 + 20 * cycle + 10 - time.monotonic()))
+        eu.gateway.start()
+        time.sleep(max(0.0, t0 + 20 * (cycle + 1) - time.monotonic()))
+    t_back = time.monotonic()
+    back = until(
+        "eu healthy after the flap",
+        lambda: watch.state("us", "eu") == "Healthy",
+        timeout=args.window * 8 + args.step * 8 + 120,
+    )
+    end = time.monotonic()
+    restored = slo_restored(load, "eu", t0, slo, end)
+    return scenario(load, watch, regions, start, t0, end, detection, restored, t_back, back)
+
+
+def cut(
+    regions: dict[str, Region], load: Load, watch: Watch, slo: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    rules = [("127.0.1.1", "127.0.1.3"), ("127.0.1.3", "127.0.1.1")]
+    start = t0 = time.monotonic()
+    for src, dst in rules:
+        subprocess.run(
+            ["ip", "rule", "add", "from", src, "to", dst, "prohibit", "pref", "10"], check=True
+        )
+    try:
+        time.sleep(40)
+    finally:
+        for src, dst in rules:
+            subprocess.run(
+                ["ip", "rule", "del", "from", src, "to", dst, "prohibit", "pref", "10"], check=True
+            )
+    end = time.monotonic() + 10
+    time.sleep(10)
+    doc = scenario(load, watch, regions, start, t0, end, None, None, None, None)
+    suspects = {
+        (n, r)
+        for at, n, view in watch.seen
+        if t0 <= at < end
+        for r, v in view.items()
+        if v.get("state") == "Suspect"
+    }
+    doc["suspect_views"] = sorted(f"{n} sees {r}" for n, r in suspects)
+    return doc
+
+
+def scenario(
+    load: Load,
+    watch: Watch,
+    regions: dict[str, Region],
+    start: float,
+    t0: float,
+    end: float,
+    detection: float | None,
+    restored: float | None,
+    t_back: float | None,
+    back: float | None,
+) -> dict[str, Any]:
+    # Until eu came back (or the flap ended): the last eu client request that failed or
+    # still went to eu.
+    eu_samples = [s for s in load.between(t0, t_back or end) if s.client == "eu"]
+    shift = max((s.at - t0 for s in eu_samples if not s.ok or s.region == "eu"), default=0.0)
+    during_end = t0 + (restored if restored is not None else 0.0)
+    failed_after = [s for s in load.between(during_end, end) if not s.ok]
+    downs = watch.downs(t0, end)
+    return {
+        "detection_s": detection,
+        "traffic_shift_s": round(shift, 2) if detection is not None else None,
+        "capacity_takeover_s": None,
+        "slo_restored_s": None if restored is None else round(restored, 2),
+        "failed_during_pct": failed_pct(load.between(t0, max(during_end, t0 + 1))),
+        "failed_after": len(failed_after),
+        "failback_s": back,
+        "ramp_steps": watch.percents("us", "eu", t_back) if t_back is not None else [],
+        "oscillations": watch.reentries(t0, end),
+        "failovers_from_cut_link": sum(1 for _, r in downs if r != "eu"),
+        "residency_violations": residency_violations(regions),
+        "requests": len(load.between(start, end)) + len(load.between(start, end, "acme-eu")),
+        "failed": sum(not s.ok for s in load.between(start, end)),
+        "down_views": [f"{n} sees {r}" for n, r in downs],
+        "seconds": round(end - start, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/regions.json"))
+    parser.add_argument("--parts", default="loss,flap,cut")
+    parser.add_argument("--flap-seconds", type=float, default=300)
+    parser.add_argument("--window", type=int, default=60)
+    parser.add_argument("--step", type=int, default=30)
+    args = parser.parse_args()
+    tmp = Path(mkdtemp(prefix="ttsfleet-regions-"))
+    key = auth.new_signing_key()
+    jwks = tmp / "jwks.json"
+    auth.write_jwks(jwks, [key])
+    tokens = {
+        t: auth.sign(
+            key, issuer=ISSUER, audience=AUDIENCE, subject="bench", tenant=t, ttl_seconds=7200
+        )
+        for t in ("acme", "acme-eu", "probe")
+    }
+    token = tmp / "probe-token"
+    token.write_text(tokens["probe"])
+    regions = {n: Region(n, tmp, jwks, token, args.window, args.step) for n in ADDRESSES}
+    agents = {n: f"http://{ip}:8090/status" for n, ip in ADDRESSES.items()}
+    for region in regions.values():
+        region.configure(agents)
+    results: dict[str, Any] = {
+        "scenarios": {},
+        "setup": {
+            "level": "processes in one network namespace (three clusters: not yet)",
+            "regions": list(ADDRESSES),
+            "client_rate_per_region": 2.0,
+            "pinned_tenant_rate": 0.5,
+            "failback": {"stabilisation_seconds": args.window, "step_seconds": args.step},
+        },
+    }
+    try:
+        for region in regions.values():
+            region.triton.start(timeout=300)
+        for region in regions.values():
+            region.gateway.start()
+            region.envoy.start()
+        for region in regions.values():
+            region.agent.start()
+        watch = Watch(regions)
+        until(
+            "every agent to see every region healthy",
+            lambda: all(watch.state(o, r) == "Healthy" for o in ADDRESSES for r in ADDRESSES),
+            120,
+        )
+        load = Load(regions, tokens)
+        load.start()
+        warm = time.monotonic()
+        time.sleep(20)
+        base = p95([s for s in load.between(warm, time.monotonic()) if s.client == "eu"])
+        slo = max(0.5, 1.5 * base)
+        results["setup"] |= {"warmup_ttfa_p95_ms": round(base * 1000), "slo_ms": round(slo * 1000)}
+        for part in args.parts.split(","):
+            (servers0, clients0), t = cpu_seconds(regions), time.monotonic()
+            doc = {"loss": loss, "flap": flap, "cut": cut}[part](regions, load, watch, slo, args)
+            (servers, clients), took = cpu_seconds(regions), time.monotonic() - t
+            doc["cpu_cores"] = {
+                "regions": round((servers - servers0) / took, 2),
+                "clients": round((clients - clients0) / took, 2),
+            }
+            results["scenarios"][part] = doc
+            print(part, json.dumps(doc), flush=True)
+            time.sleep(10)
+        load.close()
+        watch.close()
+    finally:
+        for region in regions.values():
+            for part in region.processes():
+                part.stop()
+    harness.write_results(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
