@@ -40,7 +40,9 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -73,6 +75,7 @@ class Region:
     token: Path
     window: int
     step: int
+    max_window: int
     triton: harness.TritonProcess = field(init=False)
     gateway: harness.GatewayProcess = field(init=False)
     agent: harness.RegionAgentProcess = field(init=False)
@@ -119,7 +122,11 @@ class Region:
                 {"name": p, "gatewayUrl": f"http://{ADDRESSES[p]}:8080", "statusUrl": agents[p]}
                 for p in NEAREST[self.name]
             ],
-            "failback": {"stabilisationSeconds": self.window, "stepSeconds": self.step},
+            "failback": {
+                "stabilisationSeconds": self.window,
+                "stepSeconds": self.step,
+                "maxWindowSeconds": self.max_window,
+            },
         }
         manifest = self.tmp / f"{self.name}-region.yaml"
         manifest.write_text(yaml.safe_dump({"kind": "TtsRegion", "spec": spec}))
@@ -266,11 +273,16 @@ class Watch:
         self.stop.set()
         self.thread.join()
 
-    def state(self, observer: str, region: str) -> str:
+    def view(self, observer: str, region: str) -> dict[str, Any]:
+        """`region` in `observer`'s last view ({} before any)."""
         for _, name, view in reversed(self.seen):
             if name == observer:
-                return str(view.get(region, {}).get("state", ""))
-        return ""
+                found: dict[str, Any] = view.get(region, {})
+                return found
+        return {}
+
+    def state(self, observer: str, region: str) -> str:
+        return str(self.view(observer, region).get("state", ""))
 
     def percents(self, observer: str, region: str, since: float) -> list[int]:
         out: list[int] = []
@@ -299,20 +311,15 @@ class Watch:
         return max(0, backs - (1 if flips and flips[-1] else 0))
 
 
-def cpu_seconds(regions: dict[str, Region]) -> tuple[float, float]:
-    """CPU time so far of the regions' processes (live ones from /proc, those killed and
-    waited for from this process's children times) and of this process (the clients)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    live = 0.0
-    for region in regions.values():
-        for part in region.processes():
-            if part.process is None:
-                continue
-            with (Path("/proc") / str(part.process.pid) / "stat").open() as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            live += (int(fields[11]) + int(fields[12])) / tick
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time so far of the whole machine, busy (from /proc/stat: nothing else runs
+    during the benchmark; processes killed and their orphans are counted too), and of
+    this process (the clients and the watcher)."""
+    first = Path("/proc/stat").read_text().splitlines()[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
     times = os.times()
-    return live + times.children_user + times.children_system, times.user + times.system
+    return busy, times.user + times.system
 
 
 def residency_violations(regions: dict[str, Region]) -> int:
@@ -395,14 +402,17 @@ def flap(
         eu.gateway.start()
         time.sleep(max(0.0, t0 + 20 * (cycle + 1) - time.monotonic()))
     t_back = time.monotonic()
+    held = watch.view("us", "eu").get("window")  # the window the flapping earned it
     back = until(
         "eu healthy after the flap",
         lambda: watch.state("us", "eu") == "Healthy",
-        timeout=args.window * 8 + args.step * 8 + 120,
+        timeout=args.max_window + args.step * 8 + 180,
     )
     end = time.monotonic()
     restored = slo_restored(load, "eu", t0, slo, end)
-    return scenario(load, watch, regions, start, t0, end, detection, restored, t_back, back)
+    doc = scenario(load, watch, regions, start, t0, end, detection, restored, t_back, back)
+    doc["window_after_flap_s"] = held
+    return doc
 
 
 def cut(
@@ -480,7 +490,10 @@ def main() -> None:
     parser.add_argument("--flap-seconds", type=float, default=300)
     parser.add_argument("--window", type=int, default=60)
     parser.add_argument("--step", type=int, default=30)
+    parser.add_argument("--max-window", type=int, default=600)
     args = parser.parse_args()
+    # Stopped (SIGTERM), the run still stops every process it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(mkdtemp(prefix="ttsfleet-regions-"))
     key = auth.new_signing_key()
     jwks = tmp / "jwks.json"
@@ -493,7 +506,9 @@ def main() -> None:
     }
     token = tmp / "probe-token"
     token.write_text(tokens["probe"])
-    regions = {n: Region(n, tmp, jwks, token, args.window, args.step) for n in ADDRESSES}
+    regions = {
+        n: Region(n, tmp, jwks, token, args.window, args.step, args.max_window) for n in ADDRESSES
+    }
     agents = {n: f"http://{ip}:8090/status" for n, ip in ADDRESSES.items()}
     for region in regions.values():
         region.configure(agents)
@@ -504,9 +519,15 @@ def main() -> None:
             "regions": list(ADDRESSES),
             "client_rate_per_region": 2.0,
             "pinned_tenant_rate": 0.5,
-            "failback": {"stabilisation_seconds": args.window, "step_seconds": args.step},
+            "failback": {
+                "stabilisation_seconds": args.window,
+                "step_seconds": args.step,
+                "max_window_seconds": args.max_window,
+            },
         },
     }
+    load: Load | None = None
+    watch: Watch | None = None
     try:
         for region in regions.values():
             region.triton.start(timeout=300)
@@ -529,19 +550,20 @@ def main() -> None:
         slo = max(0.5, 1.5 * base)
         results["setup"] |= {"warmup_ttfa_p95_ms": round(base * 1000), "slo_ms": round(slo * 1000)}
         for part in args.parts.split(","):
-            (servers0, clients0), t = cpu_seconds(regions), time.monotonic()
+            (servers0, clients0), t = cpu_seconds(), time.monotonic()
             doc = {"loss": loss, "flap": flap, "cut": cut}[part](regions, load, watch, slo, args)
-            (servers, clients), took = cpu_seconds(regions), time.monotonic() - t
+            (servers, clients), took = cpu_seconds(), time.monotonic() - t
             doc["cpu_cores"] = {
-                "regions": round((servers - servers0) / took, 2),
+                "machine": round((servers - servers0) / took, 2),
                 "clients": round((clients - clients0) / took, 2),
             }
             results["scenarios"][part] = doc
             print(part, json.dumps(doc), flush=True)
             time.sleep(10)
-        load.close()
-        watch.close()
     finally:
+        for closing in (load, watch):
+            if closing is not None:
+                closing.close()
         for region in regions.values():
             for part in region.processes():
                 part.stop()

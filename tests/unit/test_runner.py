@@ -58,3 +58,5 @@ def test_a_gateway_binds_its_pod_ip_where_pods_share_a_node_namespace() -> None:
     assert argv[-1] == "--host=10.32.4.5"
     chosen = {"image": "ttsfleet/gateway:dev", "args": ["gateway", "--host=127.0.0.1"]}
     assert "--host=10.32.4.5" not in images.local_command(chosen, {}, Path("/x"), "10.0.0.1").argv
+    agent = {"image": "ttsfleet/gateway:dev", "args": ["region", "--spec=/s.json"]}
+    assert images.local_command(agent, {}, Path("/x"), "10.32.4.6").argv[-1] == "--host=10.32.4.6"

@@ -913,7 +913,11 @@ class RegionFailback(_Model):
         description="A region that fails again during failback, or within maxWindowSeconds "
         "of its last return, has its stabilisation window multiplied by this.",
     )  # fmt: skip
-    max_window_seconds: int = Field(default=1800, ge=0, le=86400)
+    max_window_seconds: int = Field(
+        default=600, ge=0, le=86400,
+        description="The longest a lengthened window gets, and how long after its return a "
+        "region's relapse still lengthens it.",
+    )  # fmt: skip
 
 
 class ResidencySet(_Model):

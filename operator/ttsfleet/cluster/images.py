@@ -226,10 +226,11 @@ def _project_command(
             f"image {container.get('image')}: only its `ttsfleet` entrypoint runs locally"
         )
     args = [str(a) for a in container.get("args") or []]  # type: ignore[attr-defined]
-    if args[:1] == ["gateway"] and not any(a.startswith("--host") for a in args):
-        # The pods of a local node share its network namespace: a gateway on 0.0.0.0
-        # would take the port from every other pod there (two replicas on one node:
-        # "address already in use"). Bound to the pod IP, as Triton and Redis are here.
+    if args[:1] in (["gateway"], ["region"]) and not any(a.startswith("--host") for a in args):
+        # The pods of a local node share its network namespace: a gateway (or a region
+        # agent) on 0.0.0.0 would take the port from every other pod there (two replicas
+        # on one node: "address already in use"). Bound to the pod IP, as Triton and
+        # Redis are here.
         args.append(f"--host={ip}")
     binds: list[tuple[Path, str]] = []
     for mount in container.get("volumeMounts") or []:  # type: ignore[attr-defined]

@@ -152,7 +152,8 @@ class Agent:
         ]  # fmt: skip
         view = [
             {"name": r, "state": self.state(r).value, "percent": self.percent().get(r, 0),
-             "downVotes": self.verdict(r).down_votes, "streams": self.streams(r)}
+             "downVotes": self.verdict(r).down_votes, "streams": self.streams(r),
+             "window": self.failbacks[r].window if r in self.failbacks else None}
             for r in self.regions
         ]  # fmt: skip
         return {"observer": self.name, "votes": mine, "regions": view}
