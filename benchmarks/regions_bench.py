@@ -99,21 +99,15 @@ class Region:
     def configure(self, agents: dict[str, str]) -> None:
         ip = ADDRESSES[self.name]
         self.gateway.configure(
-            {
-                "routes": [
-                    {
-                        "models": ["tts-1"],
-                        "voices": ["alloy"],
-                        "fleet": {
-                            "name": "joe",
-                            "voice": "en_US-joe-medium",
-                            "endpoints": [self.triton.grpc_address],
-                        },
-                    }
-                ],
-                "auth": {"issuer": ISSUER, "audiences": [AUDIENCE], "jwksFile": str(self.jwks)},
-                "region": {"name": self.name, "healthy": list(ADDRESSES), "residency": [PINNED]},
-            }
+            harness.regional_gateway_config(
+                self.name,
+                self.triton.grpc_address,
+                self.jwks,
+                ISSUER,
+                AUDIENCE,
+                list(ADDRESSES),
+                [PINNED],
+            )
         )
         spec = {
             "region": self.name,

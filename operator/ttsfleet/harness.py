@@ -400,6 +400,20 @@ class EnvoyProcess(_Server):
         return float(next((s.get("value", 0) for s in stats if s.get("name") == name), 0))
 
 
+def regional_gateway_config(
+    region: str, triton: str, jwks: Path, issuer: str, audience: str, healthy: Sequence[str],
+    residency: Sequence[dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    """A gateway config for one region of a test or benchmark: OpenAI's tts-1/alloy on the
+    voice of the tritonserver at `triton`, JWT auth from `jwks`, and its region block."""
+    fleet = {"name": "joe", "voice": "en_US-joe-medium", "endpoints": [triton]}
+    return {
+        "routes": [{"models": ["tts-1"], "voices": ["alloy"], "fleet": fleet}],
+        "auth": {"issuer": issuer, "audiences": [audience], "jwksFile": str(jwks)},
+        "region": {"name": region, "healthy": list(healthy), "residency": list(residency)},
+    }
+
+
 @dataclass
 class RegionAgentProcess(_Server):
     """`ttsfleet region` (probes, votes, quorum, failback, its Envoy's EDS file), serving

@@ -109,6 +109,13 @@ def agent_says(controller: Controller, namespace: str, view: list[dict[str, Any]
     )  # fmt: skip
 
 
+def behind_the_example_gateway(cluster: Cluster, namespace: str) -> Controller:
+    """The example TtsGateway applied in `namespace`; a controller to reconcile with."""
+    gateway = load_example(REPO / "examples" / "local-gateway.yaml")
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(gateway))
+    return Controller(kube.api_client(cluster.kubeconfig), OperatorMetrics())
+
+
 def gateway_config(cluster: Cluster, namespace: str) -> dict[str, Any]:
     out = cluster.kubectl("get", "configmap", "-n", namespace, "speech-gateway", "-o", "json")
     doc: dict[str, Any] = json.loads(json.loads(out)["data"]["gateway.json"])
@@ -118,9 +125,7 @@ def gateway_config(cluster: Cluster, namespace: str) -> dict[str, Any]:
 def test_the_operator_runs_the_agent_and_tells_the_gateway_about_its_region(
     cluster: Cluster, namespace: str
 ) -> None:
-    controller = Controller(kube.api_client(cluster.kubeconfig), OperatorMetrics())
-    gateway = load_example(REPO / "examples" / "local-gateway.yaml")
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(gateway))
+    controller = behind_the_example_gateway(cluster, namespace)
     doc = copy.deepcopy(EXAMPLE)
     doc["spec"].pop("gatewayUrl")  # the agent probes the gateway's in-cluster Service
     create(cluster, namespace, doc)
@@ -201,9 +206,7 @@ def published_crds(cluster: Cluster) -> None:
 def test_the_shares_are_published_as_dns_records_and_route_weights_the_apiserver_accepts(
     cluster: Cluster, namespace: str
 ) -> None:
-    controller = Controller(kube.api_client(cluster.kubeconfig), OperatorMetrics())
-    gateway = load_example(REPO / "examples" / "local-gateway.yaml")
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(gateway))
+    controller = behind_the_example_gateway(cluster, namespace)
     doc = copy.deepcopy(EXAMPLE)
     doc["spec"]["publish"] = {
         "hostname": "speech.example.com",

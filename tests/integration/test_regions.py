@@ -24,7 +24,14 @@ from ttsfleet.api.v1alpha1 import ResidencySet
 from ttsfleet.cluster import local
 from ttsfleet.failover import envoy, traffic
 from ttsfleet.gateway import auth
-from ttsfleet.harness import EnvoyProcess, GatewayProcess, TritonProcess, stop_process, wait_for
+from ttsfleet.harness import (
+    EnvoyProcess,
+    GatewayProcess,
+    TritonProcess,
+    regional_gateway_config,
+    stop_process,
+    wait_for,
+)
 from ttsfleet.triton import contract
 
 REGIONS = ["eu", "us", "ap"]  # nearest first for the clients of this Envoy (in eu)
@@ -49,21 +56,15 @@ class Regions:
     def configure(self, healthy: list[str]) -> None:
         for region, gateway in self.gateways.items():
             gateway.configure(
-                {
-                    "routes": [
-                        {
-                            "models": ["tts-1"],
-                            "voices": ["alloy"],
-                            "fleet": {
-                                "name": "joe",
-                                "voice": "en_US-joe-medium",
-                                "endpoints": [self.triton.grpc_address],
-                            },
-                        }
-                    ],
-                    "auth": {"issuer": ISSUER, "audiences": [AUDIENCE], "jwksFile": str(self.jwks)},
-                    "region": {"name": region, "healthy": healthy, "residency": [APAC.wire()]},
-                }
+                regional_gateway_config(
+                    region,
+                    self.triton.grpc_address,
+                    self.jwks,
+                    ISSUER,
+                    AUDIENCE,
+                    healthy,
+                    [APAC.wire()],
+                )
             )
 
     def token(self, tenant: str = "acme") -> str:

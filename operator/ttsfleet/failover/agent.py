@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -119,10 +119,6 @@ class Agent:
     def verdict(self, region: str) -> Verdict:
         return self.verdicts.get(region) or Verdict(False)
 
-    def healthy(self) -> list[str]:
-        """Regions taking traffic (for the gateways' residency decisions)."""
-        return [r for r, p in self.percent().items() if p > 0]
-
     def state(self, region: str) -> RegionState:
         if region in self.failbacks:
             return self.failbacks[region].state
@@ -131,14 +127,10 @@ class Agent:
             return RegionState.DOWN
         return RegionState.SUSPECT if verdict.suspect else RegionState.HEALTHY
 
-    def needs(self) -> traffic.Needs:
-        """What this region must carry: its own streams, the reserve for a lost peer, and
-        the lost regions' last known load it takes on now (`traffic.needs`)."""
-        return traffic.needs(self.name, self.status()["regions"])
-
-    def streams(self, region: str) -> float | None:
-        """A region's open streams: the last read, or for a lost one, the last before it."""
-        if self.percent().get(region, 100) == 0 and region in self.lost_load:
+    def streams(self, region: str, share: int) -> float | None:
+        """A region's open streams: the last read, or for a lost one (`share` 0), the last
+        before it was lost."""
+        if share == 0 and region in self.lost_load:
             return self.lost_load[region]
         return self.load.get(region)
 
@@ -150,9 +142,10 @@ class Agent:
              "reason": self.observers[v.region].reason}
             for (o, _), v in self.votes.items() if o == self.name
         ]  # fmt: skip
+        shares = self.percent()
         view = [
-            {"name": r, "state": self.state(r).value, "percent": self.percent().get(r, 0),
-             "downVotes": self.verdict(r).down_votes, "streams": self.streams(r),
+            {"name": r, "state": self.state(r).value, "percent": shares.get(r, 0),
+             "downVotes": self.verdict(r).down_votes, "streams": self.streams(r, shares.get(r, 0)),
              "window": self.failbacks[r].window if r in self.failbacks else None}
             for r in self.regions
         ]  # fmt: skip
@@ -196,7 +189,8 @@ class Agent:
                 log.info("joined: %s starts %s at %s%%", region, low["state"], low["percent"])
 
     def snapshot(self) -> list[tuple[str, str, int]]:
-        return [(r, self.state(r).value, self.percent().get(r, 0)) for r in self.regions]
+        shares = self.percent()
+        return [(r, self.state(r).value, shares.get(r, 0)) for r in self.regions]
 
     def decide(self, now: float) -> None:
         stale = 3 * self.rules.probe_interval_seconds + self.rules.probe_timeout_ms / 1000
@@ -380,8 +374,3 @@ def gateway_counts(text: str) -> Counts:
         elif family.name == contract.GATEWAY_INFLIGHT_STREAMS:
             counts.streams = sum(s.value for s in family.samples)
     return counts
-
-
-def targets_from(pairs: Mapping[str, str]) -> list[Target]:
-    """Targets from name -> gateway URL (a witness's command line)."""
-    return [Target(name, url) for name, url in pairs.items()]
