@@ -234,7 +234,7 @@ class Agents:
             spec = {
                 "region": region, "gateway": "speech", "peers": peers,
                 "detection": {"probeIntervalSeconds": 1, "failuresToDown": 2, "recoverAfter": 3},
-                "failback": {"stabilisationSeconds": 4, "steps": [50, 100], "stepSeconds": 2},
+                "failback": {"stabilisationSeconds": 8, "steps": [50, 100], "stepSeconds": 2},
             }  # fmt: skip
             manifest = tmp / f"{region}-region.yaml"
             manifest.write_text(yaml.safe_dump({"kind": "TtsRegion", "spec": spec}))
