@@ -240,6 +240,9 @@ def _with_offers(
 def describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
+        if not e["loc"]:  # a rule across fields: its message names them
+            parts.append(str(e["msg"]).removeprefix("Value error, "))
+            continue
         where = ".".join(str(p) for p in e["loc"])
         parts.append(f"spec.{where}: {e['msg']}")
     return "; ".join(parts)

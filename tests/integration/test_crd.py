@@ -71,6 +71,16 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("max too large", with_spec(maxReplicas=5000), "spec.maxReplicas"),
     ("replicas as text", with_spec(replicas="two"), "spec.replicas"),
     ("unknown precision", with_spec(model__precision="fp8"), "spec.model.precision"),
+    (
+        "int8 on a mig slice",
+        with_spec(model__precision="int8"),
+        "spec.model.precision int8 runs on CPU only: set precision fp16",
+    ),
+    (
+        "int8 on whole gpus",
+        with_spec(model__precision="int8", placement={"mode": "whole"}),
+        "set precision fp16 for GPU placements",
+    ),
     ("bad voice name", with_spec(model__voice="joe"), "spec.model.voice"),
     ("unknown placement mode", with_spec(placement__mode="tpu"), "spec.placement.mode"),
     ("unknown MIG profile", with_spec(placement__profile="1g.11gb"), "spec.placement.profile"),

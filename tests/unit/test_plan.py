@@ -146,6 +146,9 @@ def test_auto_placement_keeps_the_slice_chosen_for_the_same_generation() -> None
         ({"placement": {"mode": "mig", "profile": "1g.10gb", "streamsPerReplica": 500}},
          "PlacementUnavailable", "spec.placement.profile: mig-1g.10gb"),
         ({"minReplicas": "many"}, "InvalidSpec", "spec.minReplicas"),
+        # stored before the CRD refused it: reported, with the fix, never served on a GPU
+        ({"model": {"precision": "int8"}, "placement": {"mode": "whole"}}, "InvalidSpec",
+         "spec.model.precision int8 runs on CPU only: set precision fp16"),
         ({"model": {"voice": "en_US-nobody-medium"}}, "VoiceUnavailable",
          "spec.model.voice: en_US-nobody-medium is not served"),
     ],

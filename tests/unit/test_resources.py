@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from tests.helpers import EXAMPLES, REPO, dump_yaml, load_example
 from ttsfleet.api.v1alpha1 import MIG_PROFILES, TtsDeploymentSpec
@@ -19,7 +20,7 @@ from ttsfleet.cluster.pool import parse_pool_file, render_nodes
 from ttsfleet.gpu.planner import Option, options_from_nodes
 from ttsfleet.resources import PlacementError, TtsObject, build_children, resolve_placement
 from ttsfleet.resources.common import HASH_ANNOTATION, drifted
-from ttsfleet.resources.placement import Placement
+from ttsfleet.resources.placement import GPU_TOLERATION, Placement
 
 GOLDEN = Path(__file__).parent / "golden"
 DEFAULT_POOL = (REPO / "operator/ttsfleet/cluster/pools/default.yaml").read_text()
@@ -157,15 +158,20 @@ def test_auto_places_a_default_voice_on_the_smallest_mig_slice_the_cluster_has()
     assert "count: 1" in children["ConfigMap"]["data"]["config.pbtxt"]
 
 
-def test_auto_gives_fp16_a_bigger_slice_than_int8_at_100_streams() -> None:
-    def choice(precision: str) -> Placement:
-        spec = {"model": {"precision": precision}, "placement": {"mode": "auto",
-                "streamsPerReplica": 100}}  # fmt: skip
-        return planned(spec)
+def test_auto_places_int8_on_cpu_even_where_gpu_slices_are_offered() -> None:
+    spec = {"placement": {"mode": "auto", "streamsPerReplica": 100}}
+    fp16 = planned(spec | {"model": {"precision": "fp16"}})
+    int8 = planned(spec | {"model": {"precision": "int8"}})
+    assert fp16.summary == "mig-2g.20gb" and fp16.instances == 2 and fp16.gpu
+    assert int8.summary == "cpu" and not int8.gpu
+    assert int8.resources == {}
+    assert GPU_TOLERATION not in int8.tolerations
 
-    fp16, int8 = choice("fp16"), choice("int8")
-    assert fp16.summary == "mig-2g.20gb" and fp16.instances == 2
-    assert int8.summary == "mig-1g.10gb"
+
+def test_int8_on_an_explicit_gpu_placement_is_refused_naming_fp16() -> None:
+    for mode in ({"mode": "whole"}, {"mode": "shared"}, {"mode": "mig", "profile": "1g.10gb"}):
+        with pytest.raises(ValidationError, match="int8 runs on CPU only: set precision fp16"):
+            tts({"model": {"precision": "int8"}, "placement": mode})
 
 
 def test_auto_on_whole_gpus_selects_the_product() -> None:
@@ -202,7 +208,7 @@ def test_an_explicit_profile_too_small_is_refused_with_the_numbers() -> None:
 
 def test_a_new_model_config_rolls_the_pods_and_hashes_track_content() -> None:
     one = by_kind(build_children(tts(MINIMAL)))
-    two = by_kind(build_children(tts(MINIMAL | {"model": {"precision": "int8"}})))
+    two = by_kind(build_children(tts(MINIMAL | {"model": {"precision": "fp32"}})))
     pods = [c["Deployment"]["spec"]["template"]["metadata"]["annotations"] for c in (one, two)]
     assert pods[0] != pods[1]
     assert one["Service"]["metadata"]["annotations"] == two["Service"]["metadata"]["annotations"]
@@ -225,7 +231,7 @@ def test_builders_never_mutate_their_input() -> None:
 valid_specs = st.builds(
     lambda mode, profile, gpus, precision, streaming, low, extra, instances, drain: (
         {
-            "model": {"precision": precision},
+            "model": {"precision": "fp16" if precision == "int8" and mode != "cpu" else precision},
             "streaming": streaming,
             "placement": {"mode": mode}
             | ({"profile": profile} if mode == "mig" else {})

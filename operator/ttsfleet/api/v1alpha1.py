@@ -11,7 +11,14 @@ from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from ttsfleet.gpu.catalog import GPUS
@@ -65,6 +72,14 @@ class Precision(StrEnum):
     INT8 = "int8"
 
 
+# INT8 is a CPU engine (static QDQ of the frame part, VNNI kernels): no GPU placement runs
+# it, and `mode: auto` places it on CPU (resources/placement.py).
+INT8_ON_GPU = (
+    "spec.model.precision int8 runs on CPU only: set precision fp16 for GPU placements"
+    " (whole, mig, shared), or set spec.placement.mode to cpu or auto"
+)
+
+
 class Engine(StrEnum):
     CHUNKED = "chunked"
     SENTENCE = "sentence"
@@ -76,6 +91,9 @@ class PlacementMode(StrEnum):
     SHARED = "shared"
     CPU = "cpu"
     AUTO = "auto"
+
+
+GPU_FREE_MODES = (PlacementMode.CPU, PlacementMode.AUTO)
 
 
 class ScalingMode(StrEnum):
@@ -168,7 +186,7 @@ class RuntimeSpec(_Model):
         description="How the models make audio: chunked (the voice split in two, one "
         "deadline-aware scheduler per model instance running every stream's chunks, the "
         "first audio after a short first window, live streams before bulk, a cancel "
-        "honoured at the next chunk; fp32 on CPU instances, others fall back to "
+        "honoured at the next chunk; fp32 and int8 on CPU instances, others fall back to "
         "sentence) or sentence (a sentence at a time, one request after another; kept "
         "until the chunked engine's figures are all in). benchmarks/results/serving.json "
         "has both, side by side.",
@@ -400,6 +418,11 @@ class TtsDeploymentSpec(_Model):
             " remove cache or set streaming: false",
             ".cache",
         ),
+        rule(
+            "self.model.precision != 'int8' || self.placement.mode in ['cpu', 'auto']",
+            INT8_ON_GPU,
+            ".model.precision",
+        ),
     ]
 
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -423,6 +446,13 @@ class TtsDeploymentSpec(_Model):
     @property
     def desired_replicas(self) -> int:
         return self.min_replicas if self.replicas is None else self.replicas
+
+    @model_validator(mode="after")
+    def _int8_runs_on_cpu(self) -> TtsDeploymentSpec:
+        # The CRD refuses this; an object stored before that rule is reported Stalled.
+        if self.model.precision == Precision.INT8 and self.placement.mode not in GPU_FREE_MODES:
+            raise ValueError(INT8_ON_GPU)
+        return self
 
 
 class Condition(_Model):

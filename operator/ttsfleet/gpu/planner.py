@@ -244,6 +244,7 @@ def plan(
     offered and still fits, so nodes joining or leaving do not roll a fleet. Raises
     PlanError with the numbers when none fits.
     """
+    _gpu_precision(precision)
     fp = footprint(voice)
     for option in options:
         if keep is not None and option.name == keep:
@@ -276,6 +277,7 @@ def check(
     voice: str, precision: str, streams: int, option: Option, instances: int | None = None
 ) -> Plan:
     """Whether an explicitly chosen option holds the request; PlanError with the numbers if not."""
+    _gpu_precision(precision)
     fp = footprint(voice)
     memory, n = estimate(fp, precision, streams, option, instances)
     if not fits(memory):
@@ -286,6 +288,15 @@ def check(
             "spec.placement.streamsPerReplica, or set spec.placement.mode to auto"
         )
     return Plan(option, n, streams, precision, memory, fp)
+
+
+def _gpu_precision(precision: str) -> None:
+    """INT8 is a CPU engine (static QDQ on VNNI kernels): no GPU slice is offered for it."""
+    if precision == "int8":
+        raise PlanError(
+            "int8 runs on CPU only, so no GPU slice is planned for it: use fp16 on GPUs "
+            "(it halves the weights too), or place int8 replicas on CPU"
+        )
 
 
 def describe(memory: Memory) -> str:

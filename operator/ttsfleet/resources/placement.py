@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ttsfleet.api.v1alpha1 import PlacementMode, PlacementSpec, TtsDeploymentSpec
+from ttsfleet.api.v1alpha1 import PlacementMode, PlacementSpec, Precision, TtsDeploymentSpec
 from ttsfleet.gpu import planner
 from ttsfleet.gpu.catalog import GPU_RESOURCE, GPUS, MIG_RESOURCE_PREFIX
 
@@ -47,17 +47,19 @@ def resolve_placement(
     one per MIG compute slice, four per whole GPU (`planner.WHOLE_GPU_INSTANCES`,
     measured on an H100), one on a shared GPU or on CPU. `offers` (what the cluster's
     nodes advertise) is needed by `mode: auto`, which asks the planner for the
-    cheapest of them that holds `streamsPerReplica`. An explicit MIG profile is
+    cheapest of them that holds `streamsPerReplica`, except for int8, which runs on
+    CPU only: auto places it there. An explicit MIG profile is
     checked against the same memory estimate. `keep` (auto) is the slice chosen
     before: it stays while offered and big enough.
     """
     p = spec.placement
-    if p.mode == PlacementMode.AUTO:
+    int8 = spec.model.precision == Precision.INT8
+    if p.mode == PlacementMode.AUTO and not int8:
         return _planned(spec, offers, keep)
     selector = dict(p.node_selector)
     affinity = None
     option: planner.Option | None = None
-    if p.mode == PlacementMode.CPU:
+    if p.mode in (PlacementMode.CPU, PlacementMode.AUTO):  # auto: int8 runs on CPU only
         resources: dict[str, str] = {}
         instances, summary = 1, "cpu"
     elif p.mode == PlacementMode.MIG:
@@ -86,7 +88,7 @@ def resolve_placement(
         if p.product:
             selector["nvidia.com/gpu.product"] = f"{p.product}-SHARED"
         instances, summary = 1, f"shared-{p.product}" if p.product else "shared"
-    gpu = p.mode != PlacementMode.CPU
+    gpu = bool(resources)
     tolerations = gpu_tolerations(p) if gpu else [t.wire() for t in p.tolerations]
     return Placement(
         resources=resources,
