@@ -1,11 +1,21 @@
 """The precision table: every variant of the voice, built, measured on this CPU, gated.
 
-    python benchmarks/precision_bench.py [--out benchmarks/results/precision.json]
+    python benchmarks/precision_bench.py [--out benchmarks/results/precision.json] [--quick]
 
 Per precision and target: size, load time, RTF and time to first chunk on this CPU,
-mel distance and duration difference against FP32, and whether the gate passed.
-Nothing here runs on a GPU: `cuda` rows say so. Also records how far FP32 is from
-itself with Piper's default sampling noise, to put the mel distances in scale.
+mel distance and duration difference against FP32 of the same engine, the speed against
+that FP32 timed in the same run, and whether the gate passed. Nothing here runs on a
+GPU: `cuda` rows say so. Also records how far FP32 is from itself with Piper's default
+sampling noise, to put the mel distances in scale.
+
+For static INT8 (the chunked engine's frame part), what bounds it:
+- `int8_parts`: each part of the frame part (the flow, each decoder stage, the whole
+  decoder, everything) quantised on its own, gated and timed;
+- `int8_decoder_convs_alone`: every decoder convolution quantised alone (the least a
+  decoder layer could add to the flow's distance); skipped with --quick;
+- `frame_part`: the frame part's audio seconds per second at batch 1 and 8, FP32 and
+  the served INT8, and the flow's share of FP32's time (onnxruntime's profile): with
+  only the flow in INT8, no INT8 kernel however fast gives more than 1 / (1 - share).
 """
 
 from __future__ import annotations
@@ -13,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ttsfleet import harness
-from ttsfleet.serving import variants
+from ttsfleet.serving import streaming, variants
 from ttsfleet.serving.engine import Synthesizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,10 +57,123 @@ def sampling_noise_distance() -> float:
     return round(float(np.mean(distances)), 2)
 
 
+# The frame part's parts, by the names of their convolutions (Piper's VITS export).
+DECODER_STAGES = {
+    "decoder stage 1 (ups.0, resblocks 0-2)": ("/dec/conv_pre/", "/dec/ups.0/",
+        "/dec/resblocks.0/", "/dec/resblocks.1/", "/dec/resblocks.2/"),
+    "decoder stage 2 (ups.1, resblocks 3-5)": ("/dec/ups.1/", "/dec/resblocks.3/",
+        "/dec/resblocks.4/", "/dec/resblocks.5/"),
+    "decoder stage 3 (ups.2, resblocks 6-8, conv_post)": ("/dec/ups.2/", "/dec/resblocks.6/",
+        "/dec/resblocks.7/", "/dec/resblocks.8/", "/dec/conv_post/"),
+}  # fmt: skip
+PARTS = {
+    "flow (served)": streaming.INT8_PARTS,
+    **DECODER_STAGES,
+    "decoder": ("/dec/",),
+    "flow and decoder": ("/flow/", "/dec/"),
+}
+
+
+def _gated(parts: tuple[str, ...], scratch: Path) -> dict[str, Any]:
+    report = variants.build(VOICE, "int8", "cpu", scratch, int8_parts=parts)
+    return {
+        "mel_distance_db": report.mel_distance_db,
+        "speedup": report.speedup,
+        "passed": report.passed,
+    }
+
+
+def int8_parts(scratch: Path) -> list[dict[str, Any]]:
+    rows = []
+    for name, parts in PARTS.items():
+        row = {"part": name, "prefixes": list(parts), **_gated(parts, scratch)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def decoder_convs_alone(scratch: Path) -> dict[str, Any]:
+    import onnx  # noqa: PLC0415
+
+    frames = streaming.split_paths(VOICE, scratch).frames
+    names = [
+        n.name for n in onnx.load(str(frames)).graph.node
+        if n.op_type in streaming.CONVS and n.name.startswith("/dec/")
+    ]  # fmt: skip
+    rows = []
+    for name in names:
+        row = {"conv": name, **_gated((name,), scratch)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    least = min(rows, key=lambda r: float(r["mel_distance_db"]))
+    return {"convs": rows, "least": least}
+
+
+def frame_part(scratch: Path) -> dict[str, Any]:
+    """Audio seconds per second of the frame part, FP32 and the served INT8, on full
+    windows at batch 1 and 8, one thread each (the same windows, alternated); and the
+    flow's share of FP32's time from onnxruntime's profile."""
+    import onnxruntime  # noqa: PLC0415
+
+    paths = streaming.split_paths(VOICE, scratch)
+    variants.ensure_int8(VOICE, scratch)
+    engine = streaming.ChunkedSynthesizer(VOICE, scratch)
+    full = [
+        w for text in streaming.INT8_CALIBRATION for w in engine.windows(text)
+        if w[streaming.SPLIT_POINT[0]].shape[2] == streaming.WINDOW
+    ]  # fmt: skip
+
+    def session(path: Path, profile: bool = False) -> Any:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.enable_profiling = profile
+        options.profile_file_prefix = str(scratch / "profile")
+        return onnxruntime.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+
+    sessions = {"fp32": session(paths.frames), "int8": session(paths.frames_int8)}
+    seconds_per_window = streaming.WINDOW * engine.hop / engine.sample_rate
+    out: dict[str, Any] = {"window_frames": streaming.WINDOW, "threads": 1, "batches": []}
+    for batch in (1, 8):
+        feeds = [
+            {k: np.concatenate([w[k] for w in full[i : i + batch]]) for k in full[0]}
+            for i in range(0, len(full) - batch + 1, batch)
+        ]
+        took = {"fp32": 0.0, "int8": 0.0}
+        for _ in range(3):
+            for feed in feeds:
+                for precision, s in sessions.items():
+                    start = time.perf_counter()
+                    s.run(None, feed)
+                    took[precision] += time.perf_counter() - start
+        audio = 3 * len(feeds) * batch * seconds_per_window
+        row = {"batch": batch} | {
+            f"{p}_audio_seconds_per_second": round(audio / t, 1) for p, t in took.items()
+        }
+        row["int8_speedup"] = round(took["fp32"] / took["int8"], 2)
+        out["batches"].append(row)
+        print(json.dumps(row), flush=True)
+    profiled = session(paths.frames, profile=True)
+    for feed in full:
+        profiled.run(None, feed)
+    events = json.loads(Path(profiled.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    total = sum(float(e["dur"]) for e in kernels)
+    flow = sum(float(e["dur"]) for e in kernels if e["name"].startswith("/flow/"))
+    share = flow / total
+    out["flow_share_of_fp32_time"] = round(share, 3)
+    out["flow_only_int8_speedup_bound"] = round(1 / (1 - share), 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "precision.json"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="Leave out the decoder's convolutions one by one."
     )
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
@@ -68,6 +192,13 @@ def main() -> None:
                         row["note"] = "speed measured on this CPU: not measured on a GPU"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        bounds = {
+            "int8_parts": int8_parts(Path(scratch)),
+            "int8_decoder_convs_alone": (
+                "skipped (--quick)" if args.quick else decoder_convs_alone(Path(scratch))
+            ),
+            "frame_part": frame_part(Path(scratch)),
+        }
     results: dict[str, Any] = {
         "voice": VOICE,  # the machine: in its provenance
         "gate": {
@@ -77,6 +208,8 @@ def main() -> None:
         },
         "fp32_vs_itself_with_sampling_noise_db": sampling_noise_distance(),
         "variants": rows,
+        "int8_calibration_sentences": list(streaming.INT8_CALIBRATION),
+        **bounds,
     }
     harness.write_results(args.out, results)
     print(f"written to {args.out}")

@@ -294,8 +294,9 @@ def models_build(
         json_out.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     figures = (
         f"{report.size_mib} MiB, load {report.load_seconds * 1000:.0f} ms, RTF {report.rtf}, "
-        f"first chunk {report.first_chunk_ms:.0f} ms; against fp32: mel distance "
-        f"{report.mel_distance_db} dB, duration {report.duration_difference:.1%}"
+        f"first chunk {report.first_chunk_ms:.0f} ms; against fp32 ({report.engine} engine): "
+        f"{report.speedup}x its speed, mel distance {report.mel_distance_db} dB, duration "
+        f"{report.duration_difference:.1%}"
     )
     if not report.passed:
         raise _fail(f"the {precision} variant of {voice} is refused ({report.reason}): {figures}")

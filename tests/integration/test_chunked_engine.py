@@ -137,3 +137,30 @@ def test_live_streams_before_their_first_audio_are_the_queue_the_autoscaler_read
             bulk_seen.append(waiting())
         assert bulk.result().chunks > 3
     assert max(bulk_seen) == 0
+
+
+def test_int8_is_served_by_the_chunked_engine_calibrated_and_gated_when_it_loads(
+    tmp_path: Path,
+) -> None:
+    """`precision: int8` on a CPU instance: the model builds the static INT8 frame part
+    where the image did not (calibrated, gated), then streams chunk by chunk with it."""
+    repository = tmp_path / "models"
+    shutil.copytree(REPO / "triton_models" / "tts_stream", repository / "tts_stream")
+    config = repository / "tts_stream" / "config.pbtxt"
+    text = config.read_text()
+    assert 'key: "precision" value: { string_value: "fp32" }' in text
+    config.write_text(text.replace('string_value: "fp32"', 'string_value: "int8"'))
+    server = Triton(
+        local.free_port(), local.free_port(), local.free_port(), tmp_path / "log",
+        models=("tts_stream",), repository=repository, extra_args=("--exit-timeout-secs=5",),
+        env={"TTSFLEET_MODEL_DIR": str(tmp_path / "variants")},
+    )  # fmt: skip
+    server.start(timeout=240)
+    try:
+        streamed = client.stream(server.grpc_address, TEXT)
+    finally:
+        server.stop()
+    assert streamed.chunks > 3
+    assert np.abs(streamed.audio.astype(np.int32)).mean() > 100  # not silence
+    assert "(int8, chunked engine)" in (tmp_path / "log").read_text()
+    assert (tmp_path / "variants" / "en_US-joe-medium.frames.int8.onnx").exists()

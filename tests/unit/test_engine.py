@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime
 import pytest
@@ -71,8 +73,13 @@ def test_a_faster_rate_is_shorter(engine: Synthesizer) -> None:
     assert len(fast) < 0.8 * len(normal)
 
 
-def test_a_precision_variant_that_is_not_built_is_refused_with_the_fix() -> None:
-    with pytest.raises(RequestError, match="ttsfleet models build --precision int8"):
+def test_a_precision_variant_that_is_not_built_is_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(RequestError, match="ttsfleet models build --precision fp16"):
+        Synthesizer(VOICE, precision="fp16", model_dir=tmp_path)
+
+
+def test_int8_on_the_sentence_engine_is_refused_naming_the_chunked_engine() -> None:
+    with pytest.raises(RequestError, match=r"set spec\.runtime\.engine to chunked"):
         Synthesizer(VOICE, precision="int8")
 
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ttsfleet.serving import variants
 from ttsfleet.serving.engine import Audio, Request, RequestError, Synthesizer, check_request
-from ttsfleet.serving.streaming import ChunkedSynthesizer, ensure_split
+from ttsfleet.serving.streaming import CHUNKED_PRECISIONS, ChunkedSynthesizer, ensure_split
 from ttsfleet.triton import contract
 
 Engine = Synthesizer | ChunkedSynthesizer
@@ -29,8 +30,9 @@ def load(pb: Any, args: dict[str, str]) -> tuple[Engine, str]:
     `engine` "chunked" runs the split voice a chunk at a time, in both models (a stream
     and a batch request give the same audio, to one int16 step); "sentence" (the
     default) a sentence at a time.
-    Chunked is built for fp32 on CPU instances; anything else falls back to the
-    sentence engine, with a line in Triton's log saying so.
+    Chunked runs fp32 and int8 (its frame part in static INT8, built and gated on
+    first use where the image did not build it) on CPU instances; anything else falls
+    back to the sentence engine, with a line in Triton's log saying so.
     """
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in (config.get("parameters") or {}).items()}
@@ -41,14 +43,20 @@ def load(pb: Any, args: dict[str, str]) -> tuple[Engine, str]:
     where = f"GPU {device_id}" if gpu else "CPU"
     kind = params.get("engine", "sentence")
     engine: Engine
-    if kind == "chunked" and precision == "fp32" and not gpu:
+    if kind == "chunked" and precision in CHUNKED_PRECISIONS and not gpu:
         threads = max(1, _cores() // lanes(args))
-        engine = ChunkedSynthesizer(voice, ensure_split(voice), threads=threads)
+        directory = ensure_split(voice)
+        if precision == "int8":
+            try:
+                variants.ensure_int8(voice, directory)
+            except variants.VariantError as err:
+                raise RequestError(str(err)) from err
+        engine = ChunkedSynthesizer(voice, directory, threads=threads, precision=precision)
     else:
         if kind == "chunked":
             pb.Logger.log_warn(
-                f"the chunked engine runs fp32 on CPU instances; {precision} on {where} "
-                "uses the sentence engine"
+                f"the chunked engine runs {' and '.join(CHUNKED_PRECISIONS)} on CPU instances; "
+                f"{precision} on {where} uses the sentence engine"
             )
             kind = "sentence"
         engine = Synthesizer(voice, precision, device="cuda" if gpu else "cpu", device_id=device_id)

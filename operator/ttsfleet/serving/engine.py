@@ -162,10 +162,12 @@ class Synthesizer:
     ) -> None:  # fmt: skip
         from piper import PiperConfig, PiperVoice  # noqa: PLC0415 - optional: the serving extra
 
-        if device == "cuda" and precision == "int8":
+        if precision == "int8":
             raise RequestError(
-                "int8 does not run on a GPU instance: onnxruntime's dynamic INT8 has no CUDA "
-                "kernels; serve fp16 on GPUs"
+                "int8 does not run on a GPU instance: serve fp16 on GPUs"
+                if device == "cuda"
+                else "int8 is served by the chunked engine (its frame part in static INT8): "
+                "set spec.runtime.engine to chunked, or serve fp32"
             )
         model, config = installed_voice(voice)
         if precision != "fp32":

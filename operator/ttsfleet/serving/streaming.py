@@ -33,6 +33,7 @@ or on first load), nothing downloaded.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -55,6 +56,7 @@ FIRST_CHUNK = 24  # frames (0.28 s at 22,050 Hz) of a stream's first audio
 FIRST_WINDOW = FIRST_CHUNK + CONTEXT  # the window that makes it (a sentence's start)
 WINDOW = 200  # frames of every later window: 144 kept between two contexts (1.7 s)
 TARGET_PEAK = 0.95
+CHUNKED_PRECISIONS = ("fp32", "int8")
 CALIBRATION = (
     "The quick brown fox jumps over the lazy dog.",
     "Your order number is 4512, and it ships on Friday.",
@@ -65,21 +67,45 @@ CALIBRATION = (
 )
 
 
+# Sentences the INT8 frame part is calibrated on: none is a quality-gate sentence
+# (`variants.GATE_SENTENCES`), so the gate judges text the calibration never saw.
+INT8_CALIBRATION = (
+    "Good morning, and thank you for calling the support line.",
+    "Your balance is one hundred and twenty dollars and forty cents.",
+    "I can help you with that. Could you spell your last name, please?",
+    "The train to Boston leaves from platform nine at half past six.",
+    "Press one for billing, two for technical support, or stay on the line.",
+    "Wait... are you sure? That seems far too cheap!",
+    "Chapter three. The storm rolled in over the hills before anyone noticed.",
+    "Okay.",
+)
+# The convolutions the INT8 frame part quantises: the flow's. Every convolution of the
+# decoder alone moves the audio further from FP32 than the gate's budget left over
+# (`make bench-precision` measures each part; docs/precision.md has the table).
+INT8_PARTS = ("/flow/",)
+CONVS = ("Conv", "ConvTranspose")
+
+
 @dataclass(frozen=True)
 class SplitPaths:
     text: Path
     frames: Path
     meta: Path
+    frames_int8: Path
 
     def exist(self) -> bool:
         return self.text.exists() and self.frames.exists() and self.meta.exists()
+
+    def frame_part(self, precision: str) -> Path:
+        return self.frames_int8 if precision == "int8" else self.frames
 
 
 def split_paths(voice: str, directory: Path | None = None) -> SplitPaths:
     base = directory or default_model_dir()
     return SplitPaths(
-        base / f"{voice}.text.onnx", base / f"{voice}.frames.onnx", base / f"{voice}.split.json"
-    )
+        base / f"{voice}.text.onnx", base / f"{voice}.frames.onnx", base / f"{voice}.split.json",
+        base / f"{voice}.frames.int8.onnx",
+    )  # fmt: skip
 
 
 def build_split(voice: str, directory: Path | None = None) -> SplitPaths:
@@ -131,6 +157,68 @@ def ensure_split(voice: str, directory: Path | None = None) -> Path:
         base = Path(tempfile.mkdtemp(prefix="ttsfleet-split-"))
         build_split(voice, base)
     return base
+
+
+def build_int8(
+    voice: str, directory: Path | None = None, parts: tuple[str, ...] = INT8_PARTS,
+    out: Path | None = None,
+) -> Path:  # fmt: skip
+    """The frame part in static INT8 (QDQ: int8 weights per output channel, uint8
+    activations with ranges calibrated on `INT8_CALIBRATION`), its convolutions whose
+    names start with one of `parts` quantised, the rest left in float32. onnxruntime
+    fuses each quantised Conv into a QLinearConv (VNNI kernels where the CPU has them).
+    Written to `out` (by default beside the split), aside first, then renamed."""
+    from onnxruntime.quantization import (  # noqa: PLC0415 - build-time tools only
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    paths = split_paths(voice, directory)
+    engine = ChunkedSynthesizer(voice, directory)
+    windows = [feed for text in INT8_CALIBRATION for feed in engine.windows(text)]
+
+    class Windows(CalibrationDataReader):  # type: ignore[misc]  # untyped library base
+        def __init__(self) -> None:
+            self.left = iter(windows)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.left, None)
+
+    import onnx  # noqa: PLC0415
+
+    convs = [n.name for n in onnx.load(str(paths.frames)).graph.node if n.op_type in CONVS]
+    chosen = [name for name in convs if name.startswith(parts)]
+    if not chosen:
+        raise RequestError(f"{voice}'s frame part has no convolution under {', '.join(parts)}")
+    target = out or paths.frames_int8
+    staged = target.with_suffix(f".{os.getpid()}.building")
+    # Its advice to pre-process (shape inference, folding) is for dynamic graphs it
+    # cannot see into; this one quantises only convolutions, whose shapes it needs not.
+    quiet = _Dropping("pre-process")
+    logging.getLogger().addFilter(quiet)
+    try:
+        quantize_static(
+            str(paths.frames), str(staged), Windows(), quant_format=QuantFormat.QDQ,
+            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(CONVS),
+            nodes_to_quantize=chosen,
+        )  # fmt: skip
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    staged.replace(target)
+    return target
+
+
+class _Dropping(logging.Filter):
+    def __init__(self, words: str) -> None:
+        super().__init__()
+        self.words = words
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.words not in record.getMessage()
 
 
 def place(position: int, frames: int, window: int, context: int = CONTEXT) -> tuple[int, int]:
@@ -203,11 +291,9 @@ def _session(path: Path, threads: int | None = None) -> Any:
 class ChunkedSynthesizer:
     """One voice, split; `chunks` yields audio a chunk (not a sentence) at a time."""
 
-    precision = "fp32"
-
     def __init__(
         self, voice: str, directory: Path | None = None, *, gain: float | None = None,
-        threads: int | None = None,
+        threads: int | None = None, precision: str = "fp32",
     ) -> None:  # fmt: skip
         from piper import PiperConfig, PiperVoice  # noqa: PLC0415 - optional: the serving extra
 
@@ -217,10 +303,21 @@ class ChunkedSynthesizer:
             raise RequestError(
                 f"{voice} is not split in {paths.text.parent}: run `ttsfleet models split`"
             )
-        self.voice_name = voice
+        if precision not in CHUNKED_PRECISIONS:
+            raise RequestError(
+                f"the chunked engine runs {' or '.join(CHUNKED_PRECISIONS)}, not {precision}: "
+                "fp16 is served by the sentence engine"
+            )
+        frames = paths.frame_part(precision)
+        if not frames.exists():
+            raise RequestError(
+                f"the {precision} frame part of {voice} is not built ({frames.name} is missing "
+                f"in {frames.parent}): run `ttsfleet models build --precision {precision}`"
+            )
+        self.voice_name, self.precision = voice, precision
         self.directory, self.threads = directory, threads
-        self._text = _session(paths.text, threads)
-        self._frames = _session(paths.frames, threads)
+        self._text = _session(paths.text, threads)  # the text part stays float32
+        self._frames = _session(frames, threads)
         # Piper's front end only (espeak-ng phonemes, ids); its session is not used.
         self._voice: Any = PiperVoice(
             session=None,
@@ -255,7 +352,10 @@ class ChunkedSynthesizer:
     def lane(self, threads: int) -> ChunkedSynthesizer:
         """Another engine for the same voice with its own sessions of `threads` threads
         (a scheduler's second lane runs windows beside this one's)."""
-        return ChunkedSynthesizer(self.voice_name, self.directory, gain=self.gain, threads=threads)
+        return ChunkedSynthesizer(
+            self.voice_name, self.directory, gain=self.gain, threads=threads,
+            precision=self.precision,
+        )  # fmt: skip
 
     def open(self, text: str, rate: float = 1.0, *, bulk: bool = False) -> Stream:
         """A stream of `text` (phonemised now), nothing synthesised yet."""
@@ -271,26 +371,44 @@ class ChunkedSynthesizer:
         one batch; each stream moves past its chunk."""
         zs, masks, spans = [], [], []
         for stream in streams:
-            assert stream.z is not None and stream.mask is not None
-            frames = stream.z.shape[2]
-            start, end = place(stream.position, frames, window, context)
-            z, mask = (
-                stream.z[:, :, start : start + window],
-                stream.mask[:, :, start : start + window],
-            )
-            if (short := window - z.shape[2]) > 0:  # a sentence shorter than the window
-                z = np.pad(z, ((0, 0), (0, 0), (0, short)))
-                mask = np.pad(mask, ((0, 0), (0, 0), (0, short)))
+            z, mask, span = self._window(stream, window, context)
             zs.append(z)
             masks.append(mask)
-            spans.append(((stream.position - start) * self.hop, (end - start) * self.hop))
-            stream.position, stream.first = end, False
+            spans.append(span)
         batch = np.concatenate(zs), np.concatenate(masks).astype(np.float32)
         (audio,) = self._frames.run(
             ["output"], {SPLIT_POINT[0]: batch[0], SPLIT_POINT[1]: batch[1]}
         )
         rows = np.asarray(audio, dtype=np.float32).reshape(len(streams), -1)
         return [_int16(row[a:b] * self.gain) for row, (a, b) in zip(rows, spans, strict=True)]
+
+    def _window(
+        self, stream: Stream, window: int, context: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], tuple[int, int]]:
+        """The frame part's input for `stream`'s next chunk (`window` frames, padded with
+        masked frames where the sentence is shorter) and the samples of its output that
+        are the chunk; the stream moves past it."""
+        assert stream.z is not None and stream.mask is not None
+        start, end = place(stream.position, stream.z.shape[2], window, context)
+        z = stream.z[:, :, start : start + window]
+        mask = stream.mask[:, :, start : start + window]
+        if (short := window - z.shape[2]) > 0:  # a sentence shorter than the window
+            z = np.pad(z, ((0, 0), (0, 0), (0, short)))
+            mask = np.pad(mask, ((0, 0), (0, 0), (0, short)))
+        span = ((stream.position - start) * self.hop, (end - start) * self.hop)
+        stream.position, stream.first = end, False
+        return z, mask.astype(np.float32), span
+
+    def windows(self, text: str, rate: float = 1.0) -> Iterator[dict[str, Any]]:
+        """The frame part's inputs, window by window, as a live stream of `text` runs
+        them (its short first window, then full ones): what INT8 is calibrated on."""
+        stream = self.open(text, rate)
+        while (need := stream.need()) is not None:
+            if need.kind == "text":
+                self.run_text(stream)
+                continue
+            z, mask, _ = self._window(stream, need.frames, CONTEXT)
+            yield {SPLIT_POINT[0]: z, SPLIT_POINT[1]: mask}
 
     def run(self, stream: Stream, need: Need) -> Audio | None:
         """`need` for `stream` alone: its text part (None), or its next chunk."""

@@ -4,16 +4,18 @@ judged against FP32 before they may be served.
 - FP16 (`onnxruntime.transformers.float16`): weights and activations in float16,
   inputs and outputs kept float32, and the ops that misbehave in float16 (random
   sampling, shape arithmetic, the duration predictor's exponentials and cumulative
-  sums) left in float32.
-- INT8 for `cpu`: dynamic quantisation (int8 weights, activations quantised at run
-  time). Chosen over static QDQ because it needs no calibration set and the model's
-  cost is in MatMul/Conv weights. It has no CUDA kernels, so INT8 for `cuda` is
-  refused: that target needs QDQ calibrated for TensorRT, which is not built here.
+  sums) left in float32. Served by the sentence engine.
+- INT8 for `cpu`: static INT8 of the chunked engine's frame part
+  (`streaming.build_int8`: QDQ, int8 weights per channel, uint8 activations calibrated
+  on shipped sentences), the text part left in float32. Served by the chunked engine.
+  It has no CUDA kernels here, so INT8 for `cuda` is refused: use FP16 on GPUs.
 
-The quality gate synthesises a fixed sentence set with the variant and with FP32 and
-compares log-mel spectrograms (mean absolute difference in dB, after stretching the
-variant's frames to FP32's length) and durations. A variant over either threshold is
-refused with the figures.
+The quality gate synthesises a fixed sentence set with the variant and with FP32 of the
+same engine (the chunked engine's audio is levelled by one gain per voice, the sentence
+engine's by each sentence's peak, so each is judged against its own FP32) and compares
+log-mel spectrograms (mean absolute difference in dB, after stretching the variant's
+frames to FP32's length) and durations. A variant over either threshold is refused
+with the figures.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ttsfleet.serving import streaming
 from ttsfleet.serving.engine import Synthesizer, default_model_dir, voices
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -50,11 +53,17 @@ class VariantError(RuntimeError):
 
 
 def variant_path(voice: str, precision: str, directory: Path | None = None) -> Path:
+    if precision == "int8":  # the chunked engine's frame part, beside the split
+        return streaming.split_paths(voice, directory).frames_int8
     return (directory or default_model_dir()) / f"{voice}.{precision}.onnx"
 
 
-def convert(voice: str, precision: str, target: str, out: Path) -> Path:
-    """Write the `precision` variant of `voice` for `target` to `out`."""
+def convert(
+    voice: str, precision: str, target: str, out: Path,
+    int8_parts: tuple[str, ...] = streaming.INT8_PARTS,
+) -> Path:  # fmt: skip
+    """Write the `precision` variant of `voice` for `target` to `out` (INT8: with the
+    frame part's convolutions under `int8_parts` quantised)."""
     source, _ = voices()[voice]
     out.parent.mkdir(parents=True, exist_ok=True)
     if precision == "fp32":
@@ -71,12 +80,12 @@ def convert(voice: str, precision: str, target: str, out: Path) -> Path:
     elif precision == "int8":
         if target == "cuda":
             raise VariantError(
-                "int8 for cuda is not supported: onnxruntime's dynamic INT8 has no CUDA kernels, "
-                "and static QDQ for TensorRT is not built here; use fp16 on GPUs"
+                "int8 for cuda is not supported: the static INT8 frame part runs on CPU "
+                "kernels (VNNI), and TensorRT is not built here; use fp16 on GPUs"
             )
-        from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
-
-        quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8)
+        if not streaming.split_paths(voice, out.parent).exist():
+            streaming.build_split(voice, out.parent)
+        streaming.build_int8(voice, out.parent, int8_parts, out=out)
     else:
         raise VariantError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     return out
@@ -134,21 +143,41 @@ class Report:
     duration_difference: float
     passed: bool
     reason: str = ""
+    engine: str = "sentence"
+    fp32_rtf: float = 0.0  # FP32 of the same engine, timed in the same run
+    speedup: float = 1.0  # fp32_rtf / rtf
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+Engine = Synthesizer | streaming.ChunkedSynthesizer
+
+
 def measure(voice: str, precision: str, target: str, path: Path, device: str = "cpu") -> Report:
     """Load time, speed and quality of the variant at `path`, run on `device`, against
-    FP32 on the CPU (the reference every variant is judged by)."""
+    FP32 of the same engine on the CPU (the reference every variant is judged by)."""
+    chunked = precision == "int8"
+    engine: Engine
+    reference: Engine
     start = time.perf_counter()
-    engine = Synthesizer(voice, precision, model_dir=path.parent, device=device)
+    if chunked:
+        engine = streaming.ChunkedSynthesizer(voice, path.parent, precision=precision)
+    else:
+        engine = Synthesizer(voice, precision, model_dir=path.parent, device=device)
     load = time.perf_counter() - start
-    reference = Synthesizer(voice, "fp32")
+    if chunked:
+        reference = streaming.ChunkedSynthesizer(voice, path.parent)
+    else:
+        reference = Synthesizer(voice, "fp32")
+    for warm in (engine, reference):  # first runs allocate; neither pays for it below
+        warm.synthesize("Hello there.")
     distances, differences, compute, audio_seconds, firsts = [], [], 0.0, 0.0, []
+    reference_compute = 0.0
     for sentence in GATE_SENTENCES:
-        expected = reference.synthesize(sentence)
+        start = time.perf_counter()
+        expected = np.concatenate(list(reference.chunks(sentence)))
+        reference_compute += time.perf_counter() - start
         start = time.perf_counter()
         chunks: list[npt.NDArray[np.int16]] = []
         for chunk in engine.chunks(sentence):
@@ -184,10 +213,16 @@ def measure(voice: str, precision: str, target: str, path: Path, device: str = "
         duration_difference=round(duration, 4),
         passed=not reasons,
         reason="; ".join(reasons),
+        engine="chunked" if chunked else "sentence",
+        fp32_rtf=round(reference_compute / audio_seconds, 4),
+        speedup=round(reference_compute / compute, 2),
     )
 
 
-def build(voice: str, precision: str, target: str, directory: Path | None = None) -> Report:
+def build(
+    voice: str, precision: str, target: str, directory: Path | None = None,
+    int8_parts: tuple[str, ...] = streaming.INT8_PARTS,
+) -> Report:  # fmt: skip
     """Build, measure and gate a variant; a refused one is removed, and says why."""
     if voice not in voices():
         raise VariantError(f"voice {voice!r} is not installed (have: {', '.join(voices())})")
@@ -195,7 +230,7 @@ def build(voice: str, precision: str, target: str, directory: Path | None = None
         raise VariantError(f"unknown target {target!r}: use one of {', '.join(TARGETS)}")
     final = variant_path(voice, precision, directory)
     scratch = final.with_suffix(".building.onnx")
-    convert(voice, precision, target, scratch)
+    convert(voice, precision, target, scratch, int8_parts)
     try:
         report = measure(voice, precision, target, _as_variant(scratch, final))
     except Exception as err:  # a variant that does not load or run is refused too
@@ -204,6 +239,16 @@ def build(voice: str, precision: str, target: str, directory: Path | None = None
     if not report.passed:
         final.unlink(missing_ok=True)
     return report
+
+
+def ensure_int8(voice: str, directory: Path) -> None:
+    """Build and gate `voice`'s INT8 frame part in `directory` (beside its split) unless
+    it is there; VariantError with the figures where the gate refuses it."""
+    if variant_path(voice, "int8", directory).exists():
+        return
+    report = build(voice, "int8", "cpu", directory)
+    if not report.passed:
+        raise VariantError(f"the int8 variant of {voice} is refused: {report.reason}")
 
 
 def _as_variant(scratch: Path, final: Path) -> Path:
