@@ -134,11 +134,11 @@ class Region:
             eds=self.eds,
         )
         order = [self.name, *NEAREST[self.name]]
-        addresses = {r: (ADDRESSES[r], 8080) for r in order}
+        upstreams = {r: envoy.upstream(f"http://{ADDRESSES[r]}:8080") for r in order}
         envoy.write_atomic(
             self.eds,
             envoy.load_assignment(
-                traffic.priorities(order, dict.fromkeys(order, 100)), addresses, "0"
+                traffic.priorities(order, dict.fromkeys(order, 100)), upstreams, "0"
             ),
         )
         boot = self.tmp / f"{self.name}-envoy.json"

@@ -20,6 +20,7 @@ import openai
 import pytest
 import yaml
 
+from tests.helpers import certificate
 from ttsfleet.api.v1alpha1 import ResidencySet
 from ttsfleet.cluster import local
 from ttsfleet.failover import envoy, traffic
@@ -70,8 +71,8 @@ class Regions:
     def token(self, tenant: str = "acme") -> str:
         return auth.sign(self.key, issuer=ISSUER, audience=AUDIENCE, subject="t", tenant=tenant)
 
-    def addresses(self) -> dict[str, tuple[str, int]]:
-        return {r: envoy.address(g.url) for r, g in self.gateways.items()}
+    def upstreams(self) -> dict[str, envoy.Upstream]:
+        return {r: envoy.upstream(g.url) for r, g in self.gateways.items()}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ class Edge:
     def program(self, percent: dict[str, int]) -> None:
         self.version += 1
         levels = traffic.priorities(REGIONS, percent)
-        doc = envoy.load_assignment(levels, self.regions.addresses(), str(self.version))
+        doc = envoy.load_assignment(levels, self.regions.upstreams(), str(self.version))
         envoy.write_atomic(self.eds, doc)
 
     def get(self, path: str = "/v1/models", tenant: str = "acme") -> httpx2.Response:
@@ -145,6 +146,62 @@ def test_speech_reaches_the_nearest_region_through_envoy(edge: Edge, regions: Re
         audio = raw.read()
     assert len(audio) > 22_050  # over half a second of 16-bit samples at 22,050 Hz
     assert edge.served_by(20) == {"eu": 20}
+
+
+def test_an_https_gateway_is_reached_by_name_and_one_with_an_untrusted_certificate_is_not(
+    tmp_path: Path, regions: Regions, triton: TritonProcess
+) -> None:
+    """eu's gateway on HTTPS (a certificate for localhost from a private CA), us's on
+    HTTP: Envoy speaks TLS to eu with SNI localhost and checks the certificate against
+    the CA it was given; an Envoy trusting another CA refuses eu and moves to us."""
+    ca = certificate(tmp_path, "ca")
+    certificate(tmp_path, "tls", ca)
+    certificate(tmp_path, "other-ca")
+    secure = GatewayProcess(
+        tmp_path / "eu-tls.json", local.free_port(), tmp_path / "eu-tls.log", tls=True
+    )
+    secure.configure(
+        regional_gateway_config(
+            "eu", triton.grpc_address, regions.jwks, ISSUER, AUDIENCE, REGIONS, [APAC.wire()]
+        )
+        | {"tls": {"certFile": str(tmp_path / "tls.crt"), "keyFile": str(tmp_path / "tls.key")}}
+    )
+    eds = tmp_path / "xds" / "eds.json"
+    upstreams = {
+        "eu": envoy.upstream(f"https://localhost:{secure.port}"),
+        "us": envoy.upstream(regions.gateways["us"].url),
+    }
+    assert upstreams["eu"].tls and upstreams["eu"].host == "localhost"
+    levels = traffic.priorities(["eu", "us"], {"eu": 100, "us": 100})
+    envoy.write_atomic(eds, envoy.load_assignment(levels, upstreams, "1"))
+    body = {"model": "tts-1", "voice": "alloy", "input": "Hello.", "response_format": "pcm"}
+    headers = {"authorization": f"Bearer {regions.token()}"}
+    served = {}
+    secure.start()
+    try:
+        for trusted in ("ca", "other-ca"):
+            port, boot = local.free_port(), tmp_path / f"envoy-{trusted}.json"
+            config = envoy.bootstrap(
+                "eu", port, local.free_port(), eds, ca_file=str(tmp_path / f"{trusted}.crt")
+            )
+            envoy.write_atomic(boot, config)
+            proxy = EnvoyProcess(
+                boot, envoy.bootstrap_admin_port(boot), tmp_path / f"{trusted}.log"
+            )
+            proxy.start()
+            try:
+                reply = httpx2.post(
+                    f"http://127.0.0.1:{port}/v1/audio/speech", json=body, headers=headers,
+                    timeout=30,
+                )  # fmt: skip
+            finally:
+                proxy.stop()
+            assert reply.status_code == 200, reply.text
+            assert len(reply.content) > 10_000
+            served[trusted] = reply.headers["x-ttsfleet-region"]
+    finally:
+        secure.stop()
+    assert served == {"ca": "eu", "other-ca": "us"}
 
 
 def test_a_ramp_splits_the_clients_by_weight_as_soon_as_the_file_is_renamed(edge: Edge) -> None:

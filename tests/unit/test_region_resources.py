@@ -74,6 +74,29 @@ def test_with_spec_envoy_the_region_pod_runs_envoy_fed_by_the_agents_eds_file() 
     )
 
 
+def _trusted_ca(boot: dict[str, Any]) -> str:
+    (cluster,) = boot["static_resources"]["clusters"]
+    (match,) = cluster["transport_socket_matches"]
+    tls = match["transport_socket"]["typed_config"]["common_tls_context"]
+    return str(tls["validation_context"]["trusted_ca"]["filename"])
+
+
+def test_envoy_trusts_a_private_ca_from_a_configmap_for_https_gateways() -> None:
+    public = by_kind(rg.children(rg.Region.from_body(body(SPEC | {"envoy": {}})), "http://gw"))
+    assert _trusted_ca(json.loads(public["ConfigMap"]["data"]["envoy.json"])) == (
+        "/etc/ssl/certs/ca-certificates.crt"
+    )
+    spec = SPEC | {"envoy": {"caConfigMapRef": {"name": "speech-ca", "key": "bundle.pem"}}}
+    made = by_kind(rg.children(rg.Region.from_body(body(spec)), "http://gw"))
+    pod = made["Deployment"]["spec"]["template"]["spec"]
+    assert {"name": "upstream-ca", "configMap": {"name": "speech-ca"}} in pod["volumes"]
+    _, proxy = pod["containers"]
+    mount = next(m for m in proxy["volumeMounts"] if m["name"] == "upstream-ca")
+    assert mount["readOnly"] is True
+    boot = json.loads(made["ConfigMap"]["data"]["envoy.json"])
+    assert _trusted_ca(boot) == f"{mount['mountPath']}/bundle.pem"
+
+
 def test_degraded_names_each_region_that_is_not_healthy_with_its_votes() -> None:
     regions = [
         {"name": "eu-west", "state": "Healthy", "trafficPercent": 100, "downVotes": []},

@@ -985,9 +985,22 @@ class RegionPublish(_Model):
     )  # fmt: skip
 
 
+class CaBundleRef(_Model):
+    name: str = Field(pattern=NAME_PATTERN, max_length=253)
+    key: str = Field(default="ca.crt", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)
+
+
 class RegionEnvoy(_Model):
     image: str = Field(default="envoyproxy/envoy:v1.40.0", min_length=1, max_length=512)
     port: int = Field(default=10000, ge=1024, le=65535, description="The speech listener.")
+    ca_config_map_ref: CaBundleRef | None = Field(
+        default=None,
+        alias="caConfigMapRef",
+        description="A ConfigMap key holding the CA certificates (PEM) Envoy trusts for "
+        "HTTPS gateways (a private CA, as cert-manager's trust-manager distributes); unset: "
+        "the Envoy image's public CA bundle. Envoy sends each gateway URL's host name as "
+        "SNI and checks the certificate against it.",
+    )
 
 
 class TtsRegionSpec(_Model):

@@ -216,8 +216,8 @@ class Agent:
         if levels == self.levels:
             return
         self.version += 1
-        addresses = {t.name: envoy.address(t.gateway_url) for t in self.targets}
-        envoy.write_atomic(self.eds, envoy.load_assignment(levels, addresses, str(self.version)))
+        upstreams = {t.name: envoy.upstream(t.gateway_url) for t in self.targets}
+        envoy.write_atomic(self.eds, envoy.load_assignment(levels, upstreams, str(self.version)))
         log.info("envoy levels v%d: %s", self.version, levels)
         self.levels = levels
 

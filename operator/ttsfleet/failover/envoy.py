@@ -10,6 +10,12 @@ within a few requests, before the quorum has spoken.
 The EDS file holds `traffic.priorities` as localities (one per region) with their
 priority and weight. Envoy applies a file replaced by rename within milliseconds and
 ignores one rewritten in place, so `write_atomic` writes aside and renames.
+
+Gateways may be HTTPS: each endpoint carries its gateway's host name, the route
+rewrites the Host header to it, and an HTTPS endpoint is matched (by its metadata) to a
+TLS transport socket that sends that name as SNI and checks the certificate against it
+and against `ca_file` (by default the image's system bundle; a private CA through
+`TtsRegion.spec.envoy.caConfigMap`). HTTP and HTTPS gateways can be mixed.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 import socket
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,23 +37,41 @@ _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_man
 _CLA = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
 
-def address(url: str) -> tuple[str, int]:
-    """(IP, port) of a gateway URL; a host name is resolved now (EDS takes addresses)."""
+# The Envoy image's (Ubuntu's) bundle of public CAs.
+SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
+_TLS_MATCH = "envoy.transport_socket_match"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A gateway as an EDS endpoint: where to connect, and what to call it."""
+
+    ip: str
+    port: int
+    host: str  # the URL's host name: the Host header, SNI and the name its certificate holds
+    tls: bool
+
+
+def upstream(url: str) -> Upstream:
+    """A gateway URL as an endpoint; a host name is resolved now (EDS takes addresses)."""
     parts = urlsplit(url)
     if not parts.hostname:
         raise ValueError(f"{url!r} has no host")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
     try:
         ipaddress.ip_address(parts.hostname)
-        return parts.hostname, port
+        ip = parts.hostname
     except ValueError:
         info = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-        return str(info[0][4][0]), port
+        ip = str(info[0][4][0])
+    return Upstream(ip, port, parts.hostname, tls)
 
 
 def bootstrap(node: str, port: int, admin_port: int, eds_path: Path, *,
               host: str = "127.0.0.1", retries: int = 3, consecutive_5xx: int = 2,
-              ejection_seconds: float = 10.0) -> dict[str, Any]:  # fmt: skip
+              ejection_seconds: float = 10.0,
+              ca_file: str = SYSTEM_CA) -> dict[str, Any]:  # fmt: skip
     """Envoy's bootstrap for client region `node`: listener on host:port, admin on loopback."""
     retry = {
         "retry_on": "connect-failure,refused-stream,reset,5xx,retriable-status-codes",
@@ -86,7 +111,14 @@ def bootstrap(node: str, port: int, admin_port: int, eds_path: Path, *,
                         {
                             "match": {"prefix": "/"},
                             # Speech streams for as long as it speaks: no route timeout.
-                            "route": {"cluster": CLUSTER, "timeout": "0s", "retry_policy": retry},
+                            "route": {
+                                "cluster": CLUSTER,
+                                "timeout": "0s",
+                                "retry_policy": retry,
+                                # The gateway's own name (its endpoint's), for its
+                                # virtual host and, on HTTPS, SNI and the certificate.
+                                "auto_host_rewrite": True,
+                            },
                         }
                     ],
                 }
@@ -121,6 +153,31 @@ def bootstrap(node: str, port: int, admin_port: int, eds_path: Path, *,
             "base_ejection_time": f"{ejection_seconds}s",
             "max_ejection_percent": 100,
         },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                "HttpProtocolOptions",
+                "upstream_http_protocol_options": {"auto_sni": True, "auto_san_validation": True},
+                "explicit_http_config": {"http_protocol_options": {}},
+            }
+        },
+        # HTTPS endpoints (metadata tls: true) get TLS; the rest plain HTTP.
+        "transport_socket_matches": [
+            {
+                "name": "https",
+                "match": {"tls": True},
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls."
+                        "v3.UpstreamTlsContext",
+                        "common_tls_context": {
+                            "validation_context": {"trusted_ca": {"filename": ca_file}}
+                        },
+                    },
+                },
+            }
+        ],
     }
     return {
         "node": {"id": node, "cluster": "ttsfleet-edge"},
@@ -153,20 +210,23 @@ def bootstrap_admin_port(path: Path) -> int:
     return int(doc["admin"]["address"]["socket_address"]["port_value"])
 
 
-def load_assignment(levels: Sequence[Level], addresses: Mapping[str, tuple[str, int]],
+def load_assignment(levels: Sequence[Level], upstreams: Mapping[str, Upstream],
                     version: str) -> dict[str, Any]:  # fmt: skip
     """The EDS file for `levels` (see `traffic.priorities`): one locality per region."""
     endpoints = []
     for priority, level in enumerate(levels):
         for region, weight in level:
-            ip, port = addresses[region]
-            endpoint = {"address": _socket(ip, port)}
+            gateway = upstreams[region]
+            endpoint = {"address": _socket(gateway.ip, gateway.port), "hostname": gateway.host}
+            lb_endpoint: dict[str, Any] = {"endpoint": endpoint, "load_balancing_weight": 1}
+            if gateway.tls:
+                lb_endpoint["metadata"] = {"filter_metadata": {_TLS_MATCH: {"tls": True}}}
             endpoints.append(
                 {
                     "locality": {"region": region},
                     "priority": priority,
                     "load_balancing_weight": weight,
-                    "lb_endpoints": [{"endpoint": endpoint, "load_balancing_weight": 1}],
+                    "lb_endpoints": [lb_endpoint],
                 }
             )
     return {

@@ -31,6 +31,7 @@ SPEC_KEY = "region.json"
 ENVOY_KEY = "envoy.json"
 PROBE_DIR = "/etc/ttsfleet/probe"
 XDS_DIR = "/var/run/ttsfleet/xds"
+CA_DIR = "/etc/ttsfleet/upstream-ca"
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,19 @@ def children(region: Region, gateway_url: str) -> list[Manifest]:
     service_ports = [{"name": "status", "port": STATUS_PORT, "targetPort": "status"}]
     if spec.envoy is not None:
         eds = Path(XDS_DIR) / "eds.json"
-        boot = envoy.bootstrap(region.spec.region, spec.envoy.port, ADMIN_PORT, eds, host="0.0.0.0")  # noqa: S104
+        envoy_mounts = [
+            {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+            {"name": "xds", "mountPath": XDS_DIR, "readOnly": True},
+        ]
+        ca_file = envoy.SYSTEM_CA
+        if (ca := spec.envoy.ca_config_map_ref) is not None:
+            volumes.append({"name": "upstream-ca", "configMap": {"name": ca.name}})
+            envoy_mounts.append({"name": "upstream-ca", "mountPath": CA_DIR, "readOnly": True})
+            ca_file = f"{CA_DIR}/{ca.key}"
+        boot = envoy.bootstrap(
+            region.spec.region, spec.envoy.port, ADMIN_PORT, eds,
+            host="0.0.0.0", ca_file=ca_file,  # noqa: S104 - the pod's listener
+        )  # fmt: skip
         data[ENVOY_KEY] = json.dumps(boot, indent=1, sort_keys=True)
         volumes.append({"name": "xds", "emptyDir": {}})
         mounts.append({"name": "xds", "mountPath": XDS_DIR})
@@ -145,10 +158,7 @@ def children(region: Region, gateway_url: str) -> list[Manifest]:
                     "httpGet": {"path": "/ready", "port": ADMIN_PORT},
                     "periodSeconds": 2,
                 },
-                "volumeMounts": [
-                    {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
-                    {"name": "xds", "mountPath": XDS_DIR, "readOnly": True},
-                ],
+                "volumeMounts": envoy_mounts,
                 "securityContext": restricted(101),  # the official image's envoy user
             }
         )
