@@ -335,6 +335,11 @@ def test_a_lost_region_goes_down_by_quorum_everywhere_and_comes_back_ramped(
     every = {r: "Healthy" for r in REGIONS}
     wait_for("every agent to see every region healthy",
              lambda: all(agents.states(o) == every for o in REGIONS), timeout=60)  # fmt: skip
+    # What peers read of each other is read-only: a write to the status endpoint is refused.
+    for verb in ("POST", "PUT", "PATCH", "DELETE"):
+        refused = httpx2.request(verb, agents.url("eu"), json={"regions": []}, timeout=5)
+        assert refused.status_code == 405, (verb, refused.status_code)
+    assert agents.states("eu") == every
 
     regions.gateways["us"].stop()
     wait_for("eu and ap to agree that us is down",

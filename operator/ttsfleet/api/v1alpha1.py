@@ -817,11 +817,6 @@ REGION_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _URL = r"^https?://[^\s]+$"
 
 
-class KubeconfigRef(_Model):
-    name: str = Field(pattern=NAME_PATTERN, max_length=253)
-    key: str = Field(default="kubeconfig", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)
-
-
 class TokenRef(_Model):
     name: str = Field(pattern=NAME_PATTERN, max_length=253)
     key: str = Field(default="token", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)
@@ -845,11 +840,6 @@ class RegionPeer(_Model):
         default=None, pattern=_URL, max_length=2048,
         description="The peer operator's status endpoint: its own view of every region.",
     )  # fmt: skip
-    credentials_secret_ref: KubeconfigRef | None = Field(
-        default=None,
-        description="A Secret key holding a kubeconfig with read-only credentials for the "
-        "peer's cluster (its TtsRegion status and fleets).",
-    )
     weight: int = Field(
         default=100, ge=1, le=10000,
         description="Its share of traffic in active-active (relative to the other regions').",
