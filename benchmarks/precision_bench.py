@@ -8,14 +8,19 @@ that FP32 timed in the same run, and whether the gate passed. Nothing here runs 
 GPU: `cuda` rows say so. Also records how far FP32 is from itself with Piper's default
 sampling noise, to put the mel distances in scale.
 
-For static INT8 (the chunked engine's frame part), what bounds it:
+For static INT8 (the chunked engine's frame part), how its parts were chosen and what
+bounds it:
+- `int8_search`: parts added in graph order (flow, then the decoder's parts), each kept
+  while the calibration sentences stay within `SELECTION_BUDGET_DB` of FP32; the gate
+  then judges the choice on its own sentences. It should equal `streaming.INT8_PARTS`;
 - `int8_parts`: each part of the frame part (the flow, each decoder stage, the whole
   decoder, everything) quantised on its own, gated and timed;
-- `int8_decoder_convs_alone`: every decoder convolution quantised alone (the least a
-  decoder layer could add to the flow's distance); skipped with --quick;
-- `frame_part`: the frame part's audio seconds per second at batch 1 and 8, FP32 and
-  the served INT8, and the flow's share of FP32's time (onnxruntime's profile): with
-  only the flow in INT8, no INT8 kernel however fast gives more than 1 / (1 - share).
+- `int8_decoder_convs_alone`: every decoder convolution quantised alone (the last
+  stage's each fail the gate); skipped with --quick;
+- `frame_part`: the frame part's audio seconds per second at batch 1 and 8, FP32, the
+  served INT8 and everything in INT8, and each part's share of FP32's time
+  (onnxruntime's profile); with the last stage in float32 (it must be), the best any
+  mix could do is 1 / (last stage's share + the rest / everything-INT8's speedup).
 """
 
 from __future__ import annotations
@@ -67,11 +72,54 @@ DECODER_STAGES = {
         "/dec/resblocks.7/", "/dec/resblocks.8/", "/dec/conv_post/"),
 }  # fmt: skip
 PARTS = {
-    "flow (served)": streaming.INT8_PARTS,
+    "served (streaming.INT8_PARTS)": streaming.INT8_PARTS,
+    "flow": ("/flow/",),
     **DECODER_STAGES,
     "decoder": ("/dec/",),
     "flow and decoder": ("/flow/", "/dec/"),
 }
+
+
+SELECTION_BUDGET_DB = 1.0
+CANDIDATES = ("/flow/", "/dec/conv_pre/", "/dec/ups.0/", "/dec/resblocks.0/",
+    "/dec/resblocks.1/", "/dec/resblocks.2/", "/dec/ups.1/", "/dec/resblocks.3/",
+    "/dec/resblocks.4/", "/dec/resblocks.5/", "/dec/ups.2/", "/dec/resblocks.6/",
+    "/dec/resblocks.7/", "/dec/resblocks.8/", "/dec/conv_post/")  # fmt: skip
+
+
+def int8_search(scratch: Path) -> dict[str, Any]:
+    """Greedy, in graph order: a part stays in INT8 while the calibration sentences'
+    mean mel distance to FP32 stays within the budget."""
+    variants.ensure_int8(VOICE, scratch)  # the split and a served INT8 in `scratch`
+    fp32 = streaming.ChunkedSynthesizer(VOICE, scratch)
+    expected = {text: fp32.synthesize(text) for text in streaming.INT8_CALIBRATION}
+    trial = scratch / "search"
+    trial.mkdir(exist_ok=True)
+    for name in ("text.onnx", "frames.onnx", "split.json"):
+        (trial / f"{VOICE}.{name}").write_bytes((scratch / f"{VOICE}.{name}").read_bytes())
+    chosen: list[str] = []
+    steps = []
+    for part in CANDIDATES:
+        streaming.build_int8(VOICE, trial, (*chosen, part))
+        engine = streaming.ChunkedSynthesizer(VOICE, trial, precision="int8")
+        distance = float(np.mean([
+            variants.mel_distance_db(
+                variants.log_mel(audio, engine.sample_rate),
+                variants.log_mel(engine.synthesize(text), engine.sample_rate),
+            )
+            for text, audio in expected.items()
+        ]))  # fmt: skip
+        kept = distance <= SELECTION_BUDGET_DB
+        steps.append({"part": part, "selection_mel_distance_db": round(distance, 3), "kept": kept})
+        print(json.dumps(steps[-1]), flush=True)
+        if kept:
+            chosen.append(part)
+    return {
+        "budget_db": SELECTION_BUDGET_DB,
+        "steps": steps,
+        "chosen": chosen,
+        "served_is_the_choice": tuple(chosen) == streaming.INT8_PARTS,
+    }
 
 
 def _gated(parts: tuple[str, ...], scratch: Path) -> dict[str, Any]:
@@ -132,7 +180,13 @@ def frame_part(scratch: Path) -> dict[str, Any]:
             str(path), sess_options=options, providers=["CPUExecutionProvider"]
         )
 
-    sessions = {"fp32": session(paths.frames), "int8": session(paths.frames_int8)}
+    everything = scratch / "everything.int8.onnx"
+    streaming.build_int8(VOICE, scratch, ("/flow/", "/dec/"), out=everything)
+    sessions = {
+        "fp32": session(paths.frames),
+        "int8": session(paths.frames_int8),
+        "all_int8": session(everything),
+    }
     seconds_per_window = streaming.WINDOW * engine.hop / engine.sample_rate
     out: dict[str, Any] = {"window_frames": streaming.WINDOW, "threads": 1, "batches": []}
     for batch in (1, 8):
@@ -140,7 +194,7 @@ def frame_part(scratch: Path) -> dict[str, Any]:
             {k: np.concatenate([w[k] for w in full[i : i + batch]]) for k in full[0]}
             for i in range(0, len(full) - batch + 1, batch)
         ]
-        took = {"fp32": 0.0, "int8": 0.0}
+        took = dict.fromkeys(sessions, 0.0)
         for _ in range(3):
             for feed in feeds:
                 for precision, s in sessions.items():
@@ -152,6 +206,7 @@ def frame_part(scratch: Path) -> dict[str, Any]:
             f"{p}_audio_seconds_per_second": round(audio / t, 1) for p, t in took.items()
         }
         row["int8_speedup"] = round(took["fp32"] / took["int8"], 2)
+        row["all_int8_speedup"] = round(took["fp32"] / took["all_int8"], 2)
         out["batches"].append(row)
         print(json.dumps(row), flush=True)
     profiled = session(paths.frames, profile=True)
@@ -160,10 +215,17 @@ def frame_part(scratch: Path) -> dict[str, Any]:
     events = json.loads(Path(profiled.end_profiling()).read_text())
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     total = sum(float(e["dur"]) for e in kernels)
-    flow = sum(float(e["dur"]) for e in kernels if e["name"].startswith("/flow/"))
-    share = flow / total
-    out["flow_share_of_fp32_time"] = round(share, 3)
-    out["flow_only_int8_speedup_bound"] = round(1 / (1 - share), 2)
+
+    def share(prefixes: tuple[str, ...]) -> float:
+        return sum(float(e["dur"]) for e in kernels if e["name"].startswith(prefixes)) / total
+
+    shares = {"flow": share(("/flow/",))} | {
+        name: share(prefixes) for name, prefixes in DECODER_STAGES.items()
+    }
+    out["share_of_fp32_time"] = {name: round(value, 3) for name, value in shares.items()}
+    last = shares[list(DECODER_STAGES)[-1]]
+    k = out["batches"][0]["all_int8_speedup"]
+    out["best_mix_speedup_bound"] = round(1 / (last + (1 - last) / k), 2)
     return out
 
 
@@ -193,6 +255,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         bounds = {
+            "int8_search": int8_search(Path(scratch)),
             "int8_parts": int8_parts(Path(scratch)),
             "int8_decoder_convs_alone": (
                 "skipped (--quick)" if args.quick else decoder_convs_alone(Path(scratch))
