@@ -242,15 +242,15 @@ def test_an_operator_killed_mid_reconcile_converges_on_restart(
     operator.kill()
     try:
         # Changed while the operator is down, with a child lost too.
-        doc["spec"]["model"]["precision"] = "int8"
+        doc["spec"]["model"]["precision"] = "fp32"
         apply(cluster, namespace, doc)
         cluster.kubectl("delete", "-n", namespace, "pdb", "joe", "--ignore-not-found")
     finally:
         operator.start()
     obj = wait_ready(cluster, namespace, "joe")
-    assert obj["status"]["precision"] == "int8"
+    assert obj["status"]["precision"] == "fp32"
     config = get(cluster, namespace, "cm", "joe-triton")["data"]["config.pbtxt"]
-    assert 'string_value: "int8"' in config
+    assert 'string_value: "fp32"' in config
     wait_for(
         "the PodDisruptionBudget back",
         lambda: "joe" in cluster.kubectl("get", "-n", namespace, "pdb", "-o", "name"),

@@ -24,7 +24,7 @@ def voice(name: str, precision: str, streams: int, replicas: int = 1) -> dict[st
     doc["spec"]["placement"] = {"mode": "auto", "streamsPerReplica": streams}
     doc["spec"]["scaling"] = {"mode": "manual"}
     doc["spec"]["replicas"] = replicas
-    doc["spec"]["minReplicas"] = 1
+    doc["spec"]["minReplicas"] = min(replicas, 1)
     doc["spec"]["maxReplicas"] = max(replicas, 1)
     return doc
 
@@ -55,15 +55,23 @@ def test_an_fp16_voice_on_auto_lands_on_the_smallest_mig_slice(
     assert "instance_group [ { count: 1 kind: KIND_GPU } ]" in config
 
 
-def test_where_fp16_needs_a_bigger_slice_int8_gets_the_smaller_one(
+def test_where_fp16_needs_a_bigger_slice_int8_is_placed_on_cpu_not_on_a_gpu(
     cluster: Cluster, namespace: str
 ) -> None:
+    """INT8 runs on CPU kernels only: auto never gives it a GPU slice, even one it fits."""
     apply(cluster, namespace, voice("big16", "fp16", 100))
-    apply(cluster, namespace, voice("big8", "int8", 100))
+    apply(cluster, namespace, voice("big8", "int8", 100, replicas=0))  # its placement, no pod
     assert wait_ready(cluster, namespace, "big16")["status"]["placement"] == "mig-2g.20gb"
-    assert wait_ready(cluster, namespace, "big8")["status"]["placement"] == "mig-1g.10gb"
     assert requested(cluster, namespace, "big16") == {"nvidia.com/mig-2g.20gb": "1"}
-    assert requested(cluster, namespace, "big8") == {"nvidia.com/mig-1g.10gb": "1"}
+    wait_for(
+        "big8 placed",
+        lambda: (
+            (get(cluster, namespace, "ttsd", "big8").get("status") or {}).get("placement") == "cpu"
+        ),
+    )
+    assert requested(cluster, namespace, "big8") == {}
+    config = get(cluster, namespace, "cm", "big8-triton")["data"]["config.pbtxt"]
+    assert "kind: KIND_CPU" in config and 'string_value: "int8"' in config
 
 
 def test_a_request_no_slice_holds_is_reported_in_status(cluster: Cluster, namespace: str) -> None:
