@@ -71,7 +71,7 @@ bench-precision: .venv ## Build, measure and gate the FP32/FP16/INT8 variants (J
 bench-placement: .venv ## Measure the planner's model footprint; placement table and density (JSON).
 	$(BIN)/python benchmarks/placement_bench.py --out benchmarks/results/placement.json
 
-bench-gpu: .venv ## On a GPU machine with onnxruntime-gpu: memory, speed, instances, FP16 quality (JSON).
+bench-gpu: .venv ## The chunked engine on a GPU (onnxruntime-gpu): frame part, first chunk, memory, FP16 (JSON).
 	$(BIN)/python benchmarks/gpu_bench.py --out benchmarks/results/gpu.json
 
 bench-autoscale: tools .venv ## Breach -> scale write and TTFA around a scale-up on the real loop (JSON).

@@ -1,6 +1,9 @@
-"""The voice on a real GPU: what one KIND_GPU instance costs in memory, and how fast it is.
+"""The sentence engine on a real GPU: one KIND_GPU instance's memory, and its speed.
 
-    python benchmarks/gpu_bench.py [--out benchmarks/results/gpu.json] [--seconds 15]
+    python benchmarks/gpu_sentence_bench.py [--out benchmarks/results/gpu_sentence.json]
+
+Kept for the record of the H100 run it made (the planner's memory model reads it);
+the chunked engine's GPU figures come from `benchmarks/gpu_bench.py` (`make bench-gpu`).
 
 Needs an NVIDIA GPU, its driver's NVML, and onnxruntime-gpu (the CPU wheel has no
 CUDA provider: the engine refuses a GPU instance then, and so does this script).
@@ -209,7 +212,7 @@ def environment() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/gpu.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/gpu_sentence.json")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--model-dir", type=Path, help="Use the fp16 variant built there.")
     args = parser.parse_args()

@@ -12,7 +12,7 @@ Then, from the planner (`ttsfleet.gpu.planner`), the placement table (voice x
 precision x streams per replica -> the slice it picks on an H100 and on an L4) and a
 density figure: real-time streams per H100 within the TTFA target, seven 1g.10gb
 replicas against one whole-GPU replica, each side from its own measurement on the H100
-of `benchmarks/results/gpu.json` (read, not run here): the whole GPU from its four
+of `benchmarks/results/gpu_sentence.json` (read, not run here): the whole GPU from its four
 instances measured together, the slices MODELLED from one instance measured alone
 (MIG slices were not measured). Neither side is derived from the other, so their
 ratio is what the two measurements say, not a constant of the model.
@@ -43,17 +43,17 @@ STREAMS = (8, 16, 40, 80, 160, 320)
 
 # The density figure: real-time streams = replies per second x seconds of audio per
 # reply, kept at 70 % utilisation so that queueing stays within the TTFA target. The
-# replies per second of N instances on the whole H100 are gpu_bench.py's `throughput`
-# (results/gpu.json). A 1g slice is assumed to run one instance as fast as one instance
+# replies per second of N instances on the whole H100 are gpu_sentence_bench.py's `throughput`
+# (results/gpu_sentence.json). A 1g slice is assumed to run one instance as fast as one instance
 # alone on the whole GPU (launch-bound; MIG could not be switched on where it was
 # measured): that side is modelled.
-GPU_RESULTS = REPO / "benchmarks/results/gpu.json"
+GPU_RESULTS = REPO / "benchmarks/results/gpu_sentence.json"
 UTILISATION_FOR_TTFA = 0.7
 
 
 @functools.cache
 def gpu_results() -> dict[str, Any]:
-    """What `benchmarks/gpu_bench.py` measured on a GPU, read once."""
+    """What `benchmarks/gpu_sentence_bench.py` measured on a GPU, read once."""
     results: dict[str, Any] = json.loads(GPU_RESULTS.read_text())
     return results
 
@@ -98,7 +98,7 @@ def weights() -> dict[str, float]:
 
 def gpu_check() -> dict[str, Any]:
     """One instance's modelled memory (context + workspace + weights; activations of one
-    sentence) beside what NVML measured on the GPU of results/gpu.json."""
+    sentence) beside what NVML measured on the GPU of results/gpu_sentence.json."""
     gpu = gpu_results()
     rows = {}
     for precision, measured in gpu["memory"].items():
@@ -227,7 +227,7 @@ def main() -> None:
     gpu = gpu_results()["environment"]
     result: dict[str, Any] = {
         # What this run ran on: this machine's CPU, no GPU. The GPU figures below are read
-        # from results/gpu.json (measured there) or modelled from it, and say which.
+        # from results/gpu_sentence.json (measured there) or modelled from it, and say which.
         "machine": harness.machine() | {"gpu": None},
         "gpu_figures_from": {
             "file": str(GPU_RESULTS.relative_to(REPO)),

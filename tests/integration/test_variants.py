@@ -71,12 +71,6 @@ def test_int8_for_cuda_is_refused_up_front() -> None:
         variants.build(VOICE, "int8", "cuda")
 
 
-def test_the_chunked_engine_refuses_fp16_naming_the_engine_that_serves_it(tmp_path: Path) -> None:
-    streaming.build_split(VOICE, tmp_path)
-    with pytest.raises(RequestError, match="fp16 is served by the sentence engine"):
-        streaming.ChunkedSynthesizer(VOICE, tmp_path, precision="fp16")
-
-
 def test_int8_calibration_never_sees_a_gate_sentence() -> None:
     assert not set(streaming.INT8_CALIBRATION) & set(variants.GATE_SENTENCES)
 

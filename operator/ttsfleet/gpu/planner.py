@@ -38,7 +38,7 @@ HEADROOM = 0.20
 # NVML reports a few percent less than a slice's name says (1g.10gb: 9.75 GiB).
 USABLE_FRACTION = 0.95
 # Triton instances when `runtime.instances` is unset: one per MIG compute slice,
-# four per whole GPU, one when shared. Measured on an H100 (benchmarks/gpu_bench.py):
+# four per whole GPU, one when shared. Measured on an H100 (benchmarks/gpu_sentence_bench.py):
 # one instance uses little of the GPU at batch 1; FP16 replies per second for 1, 2, 4
 # and 8 instances were 3.4, 6.7, 11.9 and 14.2, first chunk p50 125, 131, 149 and
 # 273 ms. Four is the knee: 3.5x one instance for +20 % latency.

@@ -31,8 +31,11 @@ def load(pb: Any, args: dict[str, str]) -> tuple[Engine, str]:
     and a batch request give the same audio, to one int16 step); "sentence" (the
     default) a sentence at a time.
     Chunked runs fp32 and int8 (its frame part in static INT8, built and gated on
-    first use where the image did not build it) on CPU instances; anything else falls
-    back to the sentence engine, with a line in Triton's log saying so.
+    first use where the image did not build it) on CPU instances, fp32 and fp16 (the
+    frame part in FP16, the text part in FP32) on GPU instances, its frame part on the
+    fixed shapes of its windows and `batch_sizes` (on a GPU, one CUDA graph each:
+    `serving.frames`); anything else falls back to the sentence engine, with a line in
+    Triton's log saying so.
     """
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in (config.get("parameters") or {}).items()}
@@ -42,24 +45,28 @@ def load(pb: Any, args: dict[str, str]) -> tuple[Engine, str]:
     voice, precision = params.get("voice", "en_US-joe-medium"), params.get("precision", "fp32")
     where = f"GPU {device_id}" if gpu else "CPU"
     kind = params.get("engine", "sentence")
+    device = "cuda" if gpu else "cpu"
     engine: Engine
-    if kind == "chunked" and precision in CHUNKED_PRECISIONS and not gpu:
-        threads = max(1, _cores() // lanes(args))
+    if kind == "chunked" and precision in CHUNKED_PRECISIONS[device]:
+        threads = None if gpu else max(1, _cores() // lanes(args))
         directory = ensure_split(voice)
         if precision == "int8":
             try:
                 variants.ensure_int8(voice, directory)
             except variants.VariantError as err:
                 raise RequestError(str(err)) from err
-        engine = ChunkedSynthesizer(voice, directory, threads=threads, precision=precision)
+        engine = ChunkedSynthesizer(
+            voice, directory, threads=threads, precision=precision, device=device,
+            device_id=device_id, rows=batch_sizes(args),
+        )  # fmt: skip
     else:
         if kind == "chunked":
             pb.Logger.log_warn(
-                f"the chunked engine runs {' and '.join(CHUNKED_PRECISIONS)} on CPU instances; "
-                f"{precision} on {where} uses the sentence engine"
+                f"the chunked engine runs {' and '.join(CHUNKED_PRECISIONS[device])} on "
+                f"{where} instances; {precision} uses the sentence engine"
             )
             kind = "sentence"
-        engine = Synthesizer(voice, precision, device="cuda" if gpu else "cpu", device_id=device_id)
+        engine = Synthesizer(voice, precision, device=device, device_id=device_id)
     pb.Logger.log_info(
         f"Loaded voice {engine.voice_name} ({engine.precision}, {kind} engine) on {where}, "
         f"{engine.sample_rate} Hz"
@@ -112,6 +119,8 @@ def wide_engine(engine: ChunkedSynthesizer) -> ChunkedSynthesizer | None:
     """An engine on every core for a new stream's first audio while the other lanes
     are idle (`serving.worker.Worker`), when the lanes each have fewer threads than
     there are cores."""
+    if engine.device != "cpu":
+        return None
     cores = _cores()
     return engine.lane(cores) if (engine.threads or cores) < cores else None
 

@@ -109,7 +109,7 @@ def default_model_dir() -> Path:
 DEVICES = ("cpu", "cuda")
 
 
-def _session(model: Path, device: str, device_id: int, conv_algo_search: str) -> Any:
+def onnx_session(model: Path, device: str, device_id: int, conv_algo_search: str) -> Any:
     """An onnxruntime session on the CPU, or on GPU `device_id` through the CUDA provider.
 
     onnxruntime quietly falls back to the CPU when the CUDA provider cannot load (a CPU
@@ -153,7 +153,7 @@ class Synthesizer:
     (cuDNN's default algorithms, no search), because every request has its own length
     and so every shape is new: HEURISTIC queried cuDNN per shape (2x slower on an H100,
     and FP16 failed its query on the decoder's dilated convolutions); EXHAUSTIVE
-    benchmarks every shape (minutes). See benchmarks/results/gpu.json.
+    benchmarks every shape (minutes). See benchmarks/results/gpu_sentence.json.
     """
 
     def __init__(
@@ -182,7 +182,7 @@ class Synthesizer:
         self.precision = precision
         self.device = device
         self._voice: Any = PiperVoice(
-            session=_session(model, device, device_id, conv_algo_search),
+            session=onnx_session(model, device, device_id, conv_algo_search),
             config=PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8"))),
         )
         self.sample_rate = int(self._voice.config.sample_rate)

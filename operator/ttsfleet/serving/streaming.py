@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ttsfleet.serving.engine import Audio, RequestError, default_model_dir, installed_voice
+from ttsfleet.serving.engine import (
+    Audio,
+    RequestError,
+    default_model_dir,
+    installed_voice,
+    onnx_session,
+)
+from ttsfleet.serving.frames import FixedFrames
 from ttsfleet.serving.scheduler import TEXT, Need
 from ttsfleet.serving.text import normalize
 
@@ -56,7 +63,13 @@ FIRST_CHUNK = 24  # frames (0.28 s at 22,050 Hz) of a stream's first audio
 FIRST_WINDOW = FIRST_CHUNK + CONTEXT  # the window that makes it (a sentence's start)
 WINDOW = 200  # frames of every later window: 144 kept between two contexts (1.7 s)
 TARGET_PEAK = 0.95
-CHUNKED_PRECISIONS = ("fp32", "int8")
+# Kept in float32 in FP16 variants (the sentence engine's, the frame part's).
+FP16_KEEP_FP32 = [
+    "RandomNormalLike", "RandomUniformLike", "Range", "CumSum", "Exp", "Softplus", "Ceil",
+    "Pow", "Sqrt", "ReduceSum", "ReduceMean", "Erf", "Shape", "ConstantOfShape", "Expand",
+]  # fmt: skip
+# What the chunked engine runs where: INT8 is CPU kernels; FP16 earns its place on GPUs.
+CHUNKED_PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "fp16")}
 CALIBRATION = (
     "The quick brown fox jumps over the lazy dog.",
     "Your order number is 4512, and it ships on Friday.",
@@ -97,19 +110,20 @@ class SplitPaths:
     frames: Path
     meta: Path
     frames_int8: Path
+    frames_fp16: Path
 
     def exist(self) -> bool:
-        return self.text.exists() and self.frames.exists() and self.meta.exists()
+        return all(p.exists() for p in (self.text, self.frames, self.frames_fp16, self.meta))
 
     def frame_part(self, precision: str) -> Path:
-        return self.frames_int8 if precision == "int8" else self.frames
+        return {"int8": self.frames_int8, "fp16": self.frames_fp16}.get(precision, self.frames)
 
 
 def split_paths(voice: str, directory: Path | None = None) -> SplitPaths:
     base = directory or default_model_dir()
     return SplitPaths(
         base / f"{voice}.text.onnx", base / f"{voice}.frames.onnx", base / f"{voice}.split.json",
-        base / f"{voice}.frames.int8.onnx",
+        base / f"{voice}.frames.int8.onnx", base / f"{voice}.frames.fp16.onnx",
     )  # fmt: skip
 
 
@@ -118,6 +132,7 @@ def build_split(voice: str, directory: Path | None = None) -> SplitPaths:
     and their metadata (each file written aside, then renamed into place)."""
     import onnx  # noqa: PLC0415 - build-time tools only
     from onnx.utils import Extractor  # noqa: PLC0415
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # noqa: PLC0415
 
     source, _ = installed_voice(voice)
     paths = split_paths(voice, directory)
@@ -130,9 +145,17 @@ def build_split(voice: str, directory: Path | None = None) -> SplitPaths:
             "engine can split; serve it with the sentence engine"
         )
     extractor = Extractor(model)
+    frames = extractor.extract_model(list(SPLIT_POINT), ["output"])
+    half = onnx.ModelProto()
+    half.CopyFrom(frames)  # the conversion changes the model it is given
     parts = {
         paths.text: extractor.extract_model(list(TEXT_INPUTS), list(SPLIT_POINT)),
-        paths.frames: extractor.extract_model(list(SPLIT_POINT), ["output"]),
+        paths.frames: frames,
+        # For GPUs: the frame part in FP16 (inputs and output float32); the text part
+        # stays float32 there too.
+        paths.frames_fp16: convert_float_to_float16(
+            half, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32)
+        ),
     }
     for path, part in parts.items():
         staged = path.with_suffix(f".{os.getpid()}.building")  # two builders never collide
@@ -278,7 +301,11 @@ def pieces(sentences: list[list[str]]) -> list[list[str]]:
     return out
 
 
-def _session(path: Path, threads: int | None = None) -> Any:
+def _session(
+    path: Path, threads: int | None = None, device: str = "cpu", device_id: int = 0
+) -> Any:
+    if device != "cpu":  # the engine's checks: onnxruntime-gpu, no silent CPU fallback
+        return onnx_session(path, device, device_id, "DEFAULT")
     import onnxruntime  # noqa: PLC0415 - optional: the serving extra
 
     options = onnxruntime.SessionOptions()
@@ -298,7 +325,8 @@ class ChunkedSynthesizer:
 
     def __init__(
         self, voice: str, directory: Path | None = None, *, gain: float | None = None,
-        threads: int | None = None, precision: str = "fp32",
+        threads: int | None = None, precision: str = "fp32", device: str = "cpu",
+        device_id: int = 0, rows: Sequence[int] = (1,),
     ) -> None:  # fmt: skip
         from piper import PiperConfig, PiperVoice  # noqa: PLC0415 - optional: the serving extra
 
@@ -308,10 +336,12 @@ class ChunkedSynthesizer:
             raise RequestError(
                 f"{voice} is not split in {paths.text.parent}: run `ttsfleet models split`"
             )
-        if precision not in CHUNKED_PRECISIONS:
+        runs = CHUNKED_PRECISIONS.get(device, ())
+        if precision not in runs:
+            other = "fp16 on GPUs" if precision == "int8" else "the sentence engine"
             raise RequestError(
-                f"the chunked engine runs {' or '.join(CHUNKED_PRECISIONS)}, not {precision}: "
-                "fp16 is served by the sentence engine"
+                f"the chunked engine runs {' or '.join(runs)} on {device}, not {precision}: "
+                f"use {other}"
             )
         frames = paths.frame_part(precision)
         if not frames.exists():
@@ -321,8 +351,9 @@ class ChunkedSynthesizer:
             )
         self.voice_name, self.precision = voice, precision
         self.directory, self.threads = directory, threads
-        self._text = _session(paths.text, threads)  # the text part stays float32
-        self._frames = _session(frames, threads)
+        self.device, self.device_id, self.rows = device, device_id, tuple(rows)
+        self._frames_path = frames
+        self._dynamic: Any = None  # the frame part on any shape, made when first needed
         # Piper's front end only (espeak-ng phonemes, ids); its session is not used.
         self._voice: Any = PiperVoice(
             session=None,
@@ -330,9 +361,22 @@ class ChunkedSynthesizer:
         )
         self.sample_rate = int(self._voice.config.sample_rate)
         self.hop = int(getattr(self._voice.config, "hop_length", 256) or 256)
+        # The text part stays float32; the frame part runs on the windows' fixed shapes.
+        self._text = _session(paths.text, threads, device, device_id)
+        self._fixed = FixedFrames(
+            frames, (FIRST_WINDOW, WINDOW), self.rows, self.hop,
+            device=device, device_id=device_id, threads=threads,
+        )  # fmt: skip
         if gain is None:
             gain = float(json.loads(paths.meta.read_text())["gain"])
         self.gain = gain
+
+    @property
+    def _frames(self) -> Any:
+        """The frame part on any shape (whole sentences, other windows: tests, calibration)."""
+        if self._dynamic is None:
+            self._dynamic = _session(self._frames_path, self.threads, self.device, self.device_id)
+        return self._dynamic
 
     def _sentences(self, text: str) -> list[list[int]]:
         """The phoneme ids of each piece of `text` the text part runs on (`pieces`)."""
@@ -359,7 +403,8 @@ class ChunkedSynthesizer:
         (a scheduler's second lane runs windows beside this one's)."""
         return ChunkedSynthesizer(
             self.voice_name, self.directory, gain=self.gain, threads=threads,
-            precision=self.precision,
+            precision=self.precision, device=self.device, device_id=self.device_id,
+            rows=self.rows,
         )  # fmt: skip
 
     def open(self, text: str, rate: float = 1.0, *, bulk: bool = False) -> Stream:
@@ -380,11 +425,12 @@ class ChunkedSynthesizer:
             zs.append(z)
             masks.append(mask)
             spans.append(span)
-        batch = np.concatenate(zs), np.concatenate(masks).astype(np.float32)
-        (audio,) = self._frames.run(
-            ["output"], {SPLIT_POINT[0]: batch[0], SPLIT_POINT[1]: batch[1]}
-        )
-        rows = np.asarray(audio, dtype=np.float32).reshape(len(streams), -1)
+        z, mask = np.concatenate(zs), np.concatenate(masks).astype(np.float32)
+        if window in self._fixed.windows:
+            rows = self._fixed.run(z, mask)
+        else:  # a window of another length (tests): the frame part on any shape
+            (audio,) = self._frames.run(["output"], {SPLIT_POINT[0]: z, SPLIT_POINT[1]: mask})
+            rows = np.asarray(audio, dtype=np.float32).reshape(len(streams), -1)
         return [_int16(row[a:b] * self.gain) for row, (a, b) in zip(rows, spans, strict=True)]
 
     def _window(

@@ -33,11 +33,7 @@ from ttsfleet.serving.engine import Synthesizer, default_model_dir, voices
 
 PRECISIONS = ("fp32", "fp16", "int8")
 TARGETS = ("cpu", "cuda")
-# Kept in float32 in the FP16 variant.
-FP16_KEEP_FP32 = [
-    "RandomNormalLike", "RandomUniformLike", "Range", "CumSum", "Exp", "Softplus", "Ceil",
-    "Pow", "Sqrt", "ReduceSum", "ReduceMean", "Erf", "Shape", "ConstantOfShape", "Expand",
-]  # fmt: skip
+FP16_KEEP_FP32 = streaming.FP16_KEEP_FP32  # kept in float32 in the FP16 variant
 GATE_SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
     "Your order number is 4512, and it ships on Friday.",

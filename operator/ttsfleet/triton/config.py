@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from ttsfleet.triton import contract
 
+GPU_BATCH_SIZES = "1,2,4,8,16"
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -66,4 +68,8 @@ def render(config: ModelConfig) -> str:
     lines.append(_parameter("precision", config.precision))
     lines.append(_parameter("voice", config.voice))
     lines.append(_parameter("engine", config.engine))
+    if config.gpu and config.engine == "chunked":
+        # A GPU runs a batch of windows for little more than one: the scheduler may
+        # batch streams up to 16 rows, each size one captured graph (serving.frames).
+        lines.append(_parameter("batch_sizes", GPU_BATCH_SIZES))
     return "\n".join(lines) + "\n"

@@ -1,0 +1,160 @@
+"""The frame part on fixed shapes: what lets a GPU replay one captured CUDA graph per shape.
+
+The chunked engine runs the frame part on windows of two lengths (a stream's short
+first window and the full one) in batches of a few sizes (the scheduler's
+`batch_sizes`). `FixedFrames` holds one onnxruntime session per (rows, window), made
+from a copy of the frame part whose inputs have that exact shape, so that every
+`Shape`/`ConstantOfShape` folds away at load and each run of a session has the same
+shapes. Each session's inputs and output are bound once to buffers of that shape on the
+device (`IOBinding`); a run copies the window in, runs, and copies the audio out: one
+copy each way per batch, where an unbound run on the GPU made ~28.
+
+On CUDA each session is made with `enable_cuda_graph`: its first run (at load, with
+zeros) captures the whole frame part as one CUDA graph, and every later run replays it
+into the same buffers. A batch smaller than a compiled size is padded with silent
+windows (masked frames) up to the next one. On the CPU the same code runs without the
+graph (tests, and `benchmarks/gpu_bench.py --device cpu`).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ttsfleet.serving.engine import RequestError
+
+INPUTS = ("/Add_output_0", "/Cast_2_output_0")  # z and the frame mask (streaming.SPLIT_POINT)
+CHANNELS = 192  # the flow's input channels in Piper's VITS voices
+
+
+def fixed_model(model: Path, rows: int, window: int) -> bytes:
+    """The frame part at `model` with its inputs fixed to `rows` x window frames."""
+    import onnx  # noqa: PLC0415 - the serving extra
+
+    graph = onnx.load(str(model))
+    shapes = {INPUTS[0]: (rows, CHANNELS, window), INPUTS[1]: (rows, 1, window)}
+    for value in graph.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for size in shapes[value.name]:
+            dims.add().dim_value = size
+    out = io.BytesIO()
+    onnx.save(graph, out)
+    return out.getvalue()
+
+
+@dataclass
+class _Slot:
+    session: Any
+    binding: Any
+    z: Any  # OrtValue (rows, CHANNELS, window) on the device
+    mask: Any  # OrtValue (rows, 1, window)
+    audio: Any  # OrtValue (rows, 1, 1, samples): Piper's export's output shape
+
+
+class FixedFrames:
+    """The frame part at `model` for windows of `windows` frames in batches of `rows`
+    rows, on `device` ("cpu" or "cuda", GPU `device_id`): every slot made and run once
+    at load (on CUDA: its graph captured)."""
+
+    def __init__(
+        self, model: Path, windows: Sequence[int], rows: Sequence[int], hop: int, *,
+        device: str = "cpu", device_id: int = 0, threads: int | None = None,
+    ) -> None:  # fmt: skip
+        if device not in ("cpu", "cuda"):
+            raise RequestError(f"device {device!r} is not supported: use cpu or cuda")
+        self.model, self.hop = model, hop
+        self.device, self.device_id, self.threads = device, device_id, threads
+        self.rows = tuple(sorted(set(rows)))
+        self.windows = tuple(sorted(set(windows)))
+        self._slots = {(n, w): self._slot(n, w) for n in self.rows for w in self.windows}
+
+    def _slot(self, rows: int, window: int) -> _Slot:
+        import onnxruntime  # noqa: PLC0415 - the serving extra
+
+        options = onnxruntime.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if self.device == "cuda":
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                raise RequestError(
+                    f"a GPU instance needs onnxruntime-gpu, but onnxruntime "
+                    f"{onnxruntime.__version__} here has only "
+                    f"{', '.join(onnxruntime.get_available_providers())}"
+                )
+            cuda = {
+                "device_id": self.device_id,
+                "enable_cuda_graph": "1",
+                # Fixed shapes: cuDNN's default algorithms, chosen once per shape.
+                "cudnn_conv_algo_search": "DEFAULT",
+            }
+            providers: list[Any] = [("CUDAExecutionProvider", cuda)]
+        else:
+            providers = ["CPUExecutionProvider"]
+        session = onnxruntime.InferenceSession(
+            fixed_model(self.model, rows, window), sess_options=options, providers=providers
+        )
+        if self.device == "cuda":
+            session.disable_fallback()
+
+        def buffer(shape: tuple[int, ...]) -> Any:
+            return onnxruntime.OrtValue.ortvalue_from_shape_and_type(
+                shape, np.float32, self.device, self.device_id
+            )
+
+        slot = _Slot(
+            session,
+            session.io_binding(),
+            buffer((rows, CHANNELS, window)),
+            buffer((rows, 1, window)),
+            buffer((rows, 1, 1, window * self.hop)),
+        )
+        slot.binding.bind_ortvalue_input(INPUTS[0], slot.z)
+        slot.binding.bind_ortvalue_input(INPUTS[1], slot.mask)
+        slot.binding.bind_ortvalue_output("output", slot.audio)
+        # The first run allocates (and on CUDA captures the graph) with silence in.
+        slot.z.update_inplace(np.zeros((rows, CHANNELS, window), np.float32))
+        slot.mask.update_inplace(np.zeros((rows, 1, window), np.float32))
+        session.run_with_iobinding(slot.binding)
+        return slot
+
+    def run(
+        self, z: npt.NDArray[np.float32], mask: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.float32]:
+        """Audio (rows x samples) of a batch of windows (rows x CHANNELS x window): in
+        pieces of the largest compiled batch size, the last padded with silent rows to
+        the next compiled size."""
+        count, window = z.shape[0], z.shape[2]
+        if window not in self.windows:
+            raise RequestError(f"no compiled frame-part shape for {window}-frame windows "
+                               f"(windows {self.windows})")  # fmt: skip
+        pieces, start = [], 0
+        while start < count:
+            left = count - start
+            size = next((n for n in self.rows if n >= left), self.rows[-1])
+            take = min(size, left)
+            pieces.append(self._run(z[start : start + take], mask[start : start + take], size))
+            start += take
+        return np.concatenate(pieces)
+
+    def _run(
+        self, z: npt.NDArray[np.float32], mask: npt.NDArray[np.float32], size: int
+    ) -> npt.NDArray[np.float32]:
+        count, window = z.shape[0], z.shape[2]
+        slot = self._slots[(size, window)]
+        if size > count:
+            z = np.concatenate([z, np.zeros((size - count, *z.shape[1:]), np.float32)])
+            mask = np.concatenate([mask, np.zeros((size - count, *mask.shape[1:]), np.float32)])
+        slot.z.update_inplace(np.ascontiguousarray(z, np.float32))
+        slot.mask.update_inplace(np.ascontiguousarray(mask, np.float32))
+        slot.session.run_with_iobinding(slot.binding)
+        # A copy: on the CPU the bound output's array is the buffer the next run overwrites.
+        audio: npt.NDArray[np.float32] = np.array(slot.audio.numpy().reshape(size, -1)[:count])
+        return audio

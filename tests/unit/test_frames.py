@@ -1,0 +1,107 @@
+"""The frame part on fixed shapes (`serving.frames`): what a GPU captures as one CUDA
+graph per shape, run here on the CPU with the same code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+from ttsfleet.serving import streaming, variants
+from ttsfleet.serving.engine import RequestError
+from ttsfleet.serving.frames import FixedFrames, fixed_model
+
+VOICE = "en_US-joe-medium"
+TEXT = "Your order number is 4512, and it ships on Friday. Thanks for calling!"
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("split")
+    streaming.build_split(VOICE, directory)
+    return directory
+
+
+def windows(engine: streaming.ChunkedSynthesizer, length: int) -> tuple[Any, Any]:
+    found = [w for w in engine.windows(TEXT * 3) if w[streaming.SPLIT_POINT[0]].shape[2] == length]
+    return (
+        np.concatenate([w[streaming.SPLIT_POINT[0]] for w in found]),
+        np.concatenate([w[streaming.SPLIT_POINT[1]] for w in found]),
+    )
+
+
+def test_fixed_shapes_make_what_the_frame_part_makes_on_any_batch(split: Path) -> None:
+    engine = streaming.ChunkedSynthesizer(VOICE, split)
+    paths = streaming.split_paths(VOICE, split)
+    fixed = FixedFrames(paths.frames, (streaming.WINDOW,), (1, 2, 4), engine.hop)
+    z, mask = windows(engine, streaming.WINDOW)
+    assert len(z) >= 5
+    for count in (1, 2, 3, 5):  # 3 is padded to 4; 5 runs as 4 + 1
+        (expected,) = engine._frames.run(
+            ["output"],
+            {streaming.SPLIT_POINT[0]: z[:count], streaming.SPLIT_POINT[1]: mask[:count]},
+        )
+        got = fixed.run(z[:count], mask[:count])
+        assert got.shape == (count, streaming.WINDOW * engine.hop)
+        assert np.abs(got - expected.reshape(count, -1)).max() <= 1e-5
+    with pytest.raises(RequestError, match="no compiled frame-part shape for 60-frame windows"):
+        fixed.run(z[:, :, :60], mask[:, :, :60])
+
+
+def test_with_fixed_shapes_no_shape_arithmetic_is_left_to_run(split: Path, tmp_path: Path) -> None:
+    """What CUDA graph capture needs: every node a device kernel, none computing shapes
+    on the host at run time. onnxruntime folds them all once the input shapes are fixed."""
+    frames = streaming.split_paths(VOICE, split).frames
+    host_side = {"Shape", "ConstantOfShape", "Range", "NonZero", "Expand"}
+
+    def left(model: bytes | str) -> set[str]:
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+        onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        ops = {n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node}
+        return ops & host_side
+
+    assert left(str(frames))  # on any shape the shapes are worked out at each run
+    assert left(fixed_model(frames, 8, streaming.WINDOW)) == set()
+
+
+def test_the_fp16_frame_part_the_split_builds_for_gpus_passes_the_gate(split: Path) -> None:
+    """Run here on the CPU (onnxruntime computes FP16 ops through float32 there), the
+    same file a GPU instance loads: within the gate of the FP32 frame part."""
+    paths = streaming.split_paths(VOICE, split)
+    assert paths.frames_fp16.stat().st_size < 0.6 * paths.frames.stat().st_size
+    full = streaming.ChunkedSynthesizer(VOICE, split)
+    half = streaming.ChunkedSynthesizer(VOICE, split)
+    half._fixed = FixedFrames(
+        paths.frames_fp16, (streaming.FIRST_WINDOW, streaming.WINDOW), (1,), half.hop
+    )
+    distances = []
+    for sentence in variants.GATE_SENTENCES:
+        expected = np.concatenate(list(full.chunks(sentence)))
+        got = np.concatenate(list(half.chunks(sentence)))
+        assert len(got) == len(expected)
+        distances.append(
+            variants.mel_distance_db(
+                variants.log_mel(expected, 22050), variants.log_mel(got, 22050)
+            )
+        )
+    assert float(np.mean(distances)) < variants.MAX_MEL_DISTANCE_DB
+
+
+def test_a_gpu_engine_without_onnxruntime_gpu_is_refused_not_run_on_the_cpu(split: Path) -> None:
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider: benchmarks/gpu_bench.py covers it")
+    with pytest.raises(RequestError, match="needs onnxruntime-gpu"):
+        streaming.ChunkedSynthesizer(VOICE, split, precision="fp16", device="cuda")
+
+
+def test_each_device_runs_only_the_precisions_that_earn_their_place_there(split: Path) -> None:
+    with pytest.raises(RequestError, match="runs fp32 or int8 on cpu, not fp16"):
+        streaming.ChunkedSynthesizer(VOICE, split, precision="fp16")
+    with pytest.raises(RequestError, match="runs fp32 or fp16 on cuda, not int8: use fp16 on GPUs"):
+        streaming.ChunkedSynthesizer(VOICE, split, precision="int8", device="cuda")
