@@ -35,7 +35,22 @@ class NotLeaderError(RuntimeError):
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-class _FencedApiClient(client.ApiClient):
+# (connect, read) seconds for a request that names none: an answer that never comes
+# (a connection dropped without a word, seen in CI) must raise, not hold its thread.
+DEFAULT_TIMEOUT = (10.0, 60.0)
+
+
+class _BoundedApiClient(client.ApiClient):
+    """An ApiClient whose every request has a timeout (`DEFAULT_TIMEOUT` where the call
+    names none; watches name their own)."""
+
+    def call_api(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("_request_timeout") is None:
+            kwargs["_request_timeout"] = DEFAULT_TIMEOUT
+        return super().call_api(*args, **kwargs)
+
+
+class _FencedApiClient(_BoundedApiClient):
     """An ApiClient that sends a write only while `fence()` says so.
 
     Every request of the client, typed or dynamic, goes through `call_api`, where a
@@ -122,7 +137,9 @@ def api_client(
             config.load_kube_config(client_configuration=configuration, persist_config=False)
     configuration.connection_pool_maxsize = pool_size
     api = (
-        client.ApiClient(configuration) if fence is None else _FencedApiClient(configuration, fence)
+        _BoundedApiClient(configuration)
+        if fence is None
+        else _FencedApiClient(configuration, fence)
     )
     if user_agent:
         api.user_agent = user_agent
@@ -144,10 +161,15 @@ def create_node(api: client.ApiClient, node: Manifest) -> bool:
     return _unless_exists(lambda: core.create_node(body=node, _preload_content=False))
 
 
-def read_node(api: client.ApiClient, name: str) -> Manifest | None:
-    """A Node as a plain dict, or None when it does not exist."""
+def read_node(
+    api: client.ApiClient, name: str, timeout: tuple[float, float] = (3, 5)
+) -> Manifest | None:
+    """A Node as a plain dict, or None when it does not exist. Bounded by `timeout`
+    (connect, read): an answer that never comes raises instead of holding the caller."""
     core: Any = client.CoreV1Api(api)
-    response = _unless_missing(lambda: core.read_node(name, _preload_content=False))
+    response = _unless_missing(
+        lambda: core.read_node(name, _preload_content=False, _request_timeout=timeout)
+    )
     if response is None:
         return None
     node: Manifest = json.loads(response.data)
@@ -413,17 +435,24 @@ def _slice_endpoints(slices: Iterable[Manifest], port: str) -> list[tuple[str, s
 
 
 def _reachable(
-    api: client.ApiClient, candidates: list[tuple[str, str]], known: dict[str, bool]
+    api: client.ApiClient,
+    candidates: list[tuple[str, str]],
+    known: dict[str, bool],
+    timeout: tuple[float, float] = (3, 5),
 ) -> list[str]:
     """The addresses of `candidates` on nodes with a pod network; `known` caches nodes.
     A node that cannot be read (gone, or not yet readable: RBAC just granted) is left
     out and not cached."""
     for name in {node for node, _ in candidates} - known.keys():
         try:
-            found = read_node(api, name)
+            found = read_node(api, name, timeout)
         except ApiException as err:
             log.warning("cannot read node %s (%s %s): its endpoints are left out until it can be",
                         name, err.status, err.reason)  # fmt: skip
+            continue
+        except Exception as err:  # no answer in time (seen: a read that never returned)
+            log.warning("cannot read node %s (%r): its endpoints are left out until it can be",
+                        name, err)  # fmt: skip
             continue
         if found is None:
             log.warning("node %s is not there: its endpoints are left out", name)

@@ -28,3 +28,24 @@ def test_readiness_is_the_ready_condition() -> None:
     assert nodes.node_is_ready(node("True"))
     assert not nodes.node_is_ready(node("Unknown"))
     assert not nodes.node_is_ready({"status": {}})
+
+
+def test_an_apiserver_that_never_answers_a_node_read_leaves_its_endpoints_out() -> None:
+    """Seen in CI: a node read that never returned held a gateway's EndpointSlice watch,
+    so it never learned its Redis. The read is bounded: the node's endpoints are left
+    out (and retried), nothing waits forever."""
+    import socket  # noqa: PLC0415
+
+    from kubernetes import client  # noqa: PLC0415
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # accepts, never answers
+    config = client.Configuration()
+    config.host = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    api = client.ApiClient(config)
+    try:
+        candidates = [("local-0", "10.16.3.6:6379")]
+        assert kube._reachable(api, candidates, {}, timeout=(1, 0.5)) == []
+    finally:
+        silent.close()
