@@ -29,8 +29,8 @@ CUDA_CONTEXT_MIB = 512.0
 RUNTIME_WORKSPACE_MIB = 256.0
 # Activations of one sentence, per second of audio, in FP32: measured on this CPU
 # with ONNX Runtime (benchmarks/placement_bench.py); other precisions scale with
-# their element size (FP16 2 bytes; INT8 engines keep activations in 8 bits).
-ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+# their element size (FP16 2 bytes). INT8 is not planned onto GPUs (CPU only).
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2}
 # The engine synthesises one sentence at a time per stream; ~10 s of speech is a
 # long sentence (~180 characters) at Piper's speaking rate.
 SENTENCE_AUDIO_SECONDS = 10.0
@@ -63,7 +63,7 @@ class Footprint:
 # tests/unit/test_planner.py checks them against benchmarks/results/placement.json.
 MEASURED = Footprint(
     voice="en_US-joe-medium",
-    weights_mib={"fp32": 60.3, "fp16": 30.6, "int8": 17.8},
+    weights_mib={"fp32": 60.3, "fp16": 30.6},
     activation_mib_per_audio_second=18.1,
     measured="en_US-joe-medium, ONNX Runtime on CPU (benchmarks/results/placement.json)",
 )
