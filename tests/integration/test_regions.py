@@ -152,8 +152,9 @@ def test_an_https_gateway_is_reached_by_name_and_one_with_an_untrusted_certifica
     tmp_path: Path, regions: Regions, triton: TritonProcess
 ) -> None:
     """eu's gateway on HTTPS (a certificate for localhost from a private CA), us's on
-    HTTP: Envoy speaks TLS to eu with SNI localhost and checks the certificate against
-    the CA it was given; an Envoy trusting another CA refuses eu and moves to us."""
+    HTTP: Envoy speaks TLS to eu with SNI localhost (its endpoint's name, whatever Host
+    the client sent) and checks the certificate against that name and the CA it was
+    given; an Envoy trusting another CA refuses eu and moves to us."""
     ca = certificate(tmp_path, "ca")
     certificate(tmp_path, "tls", ca)
     certificate(tmp_path, "other-ca")
@@ -175,7 +176,8 @@ def test_an_https_gateway_is_reached_by_name_and_one_with_an_untrusted_certifica
     levels = traffic.priorities(["eu", "us"], {"eu": 100, "us": 100})
     envoy.write_atomic(eds, envoy.load_assignment(levels, upstreams, "1"))
     body = {"model": "tts-1", "voice": "alloy", "input": "Hello.", "response_format": "pcm"}
-    headers = {"authorization": f"Bearer {regions.token()}"}
+    # The clients' Host is the edge's own name; the certificate names only localhost.
+    headers = {"authorization": f"Bearer {regions.token()}", "host": "speech.edge.example"}
     served = {}
     secure.start()
     try:

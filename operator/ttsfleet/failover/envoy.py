@@ -13,9 +13,10 @@ ignores one rewritten in place, so `write_atomic` writes aside and renames.
 
 Gateways may be HTTPS: each endpoint carries its gateway's host name, the route
 rewrites the Host header to it, and an HTTPS endpoint is matched (by its metadata) to a
-TLS transport socket that sends that name as SNI and checks the certificate against it
-and against `ca_file` (by default the image's system bundle; a private CA through
-`TtsRegion.spec.envoy.caConfigMap`). HTTP and HTTPS gateways can be mixed.
+TLS transport socket that sends that name as SNI (`auto_host_sni`) and checks the
+certificate against it (`auto_sni_san_validation`) and against `ca_file` (by default the
+image's system bundle; a private CA through `TtsRegion.spec.envoy.caConfigMapRef`).
+HTTP and HTTPS gateways can be mixed.
 """
 
 from __future__ import annotations
@@ -153,14 +154,6 @@ def bootstrap(node: str, port: int, admin_port: int, eds_path: Path, *,
             "base_ejection_time": f"{ejection_seconds}s",
             "max_ejection_percent": 100,
         },
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
-                "HttpProtocolOptions",
-                "upstream_http_protocol_options": {"auto_sni": True, "auto_san_validation": True},
-                "explicit_http_config": {"http_protocol_options": {}},
-            }
-        },
         # HTTPS endpoints (metadata tls: true) get TLS; the rest plain HTTP.
         "transport_socket_matches": [
             {
@@ -174,6 +167,10 @@ def bootstrap(node: str, port: int, admin_port: int, eds_path: Path, *,
                         "common_tls_context": {
                             "validation_context": {"trusted_ca": {"filename": ca_file}}
                         },
+                        # SNI from the endpoint's host name (not the client's Host), and
+                        # the certificate checked against that name.
+                        "auto_host_sni": True,
+                        "auto_sni_san_validation": True,
                     },
                 },
             }
