@@ -105,3 +105,15 @@ def test_each_device_runs_only_the_precisions_that_earn_their_place_there(split:
         streaming.ChunkedSynthesizer(VOICE, split, precision="fp16")
     with pytest.raises(RequestError, match="runs fp32 or fp16 on cuda, not int8: use fp16 on GPUs"):
         streaming.ChunkedSynthesizer(VOICE, split, precision="int8", device="cuda")
+
+
+def test_a_gpu_instance_runs_one_lane_a_cpu_instance_as_many_as_asked() -> None:
+    """A GPU's CUDA graphs are captured by the thread that replays them, and two threads
+    capturing at once would break the capture: one lane on a GPU, whatever is asked."""
+    import json  # noqa: PLC0415
+
+    from ttsfleet.serving.backend import lanes  # noqa: PLC0415
+
+    config = json.dumps({"parameters": {"lanes": {"string_value": "3"}}})
+    assert lanes({"model_config": config, "model_instance_kind": "CPU"}) == 3
+    assert lanes({"model_config": config, "model_instance_kind": "GPU"}) == 1

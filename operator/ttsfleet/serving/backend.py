@@ -108,7 +108,11 @@ def _params(args: dict[str, str]) -> dict[str, str]:
 
 def lanes(args: dict[str, str]) -> int:
     """How many threads run the scheduler's work side by side (the `lanes` parameter;
-    by default 2, or 1 on a single core), each with its share of the cores."""
+    by default 2, or 1 on a single core), each with its share of the cores. A GPU
+    instance runs one: its batches go to the GPU in turn, and its CUDA graphs are
+    captured by the thread that replays them (`serving.frames`)."""
+    if args.get("model_instance_kind") == "GPU":
+        return 1
     text = _params(args).get("lanes") or str(min(2, _cores()))
     if not text.isdigit() or not 1 <= int(text) <= 64:
         raise RequestError(f"lanes {text!r} must be a whole number from 1 to 64")

@@ -9,16 +9,22 @@ shapes. Each session's inputs and output are bound once to buffers of that shape
 device (`IOBinding`); a run copies the window in, runs, and copies the audio out: one
 copy each way per batch, where an unbound run on the GPU made ~28.
 
-On CUDA each session is made with `enable_cuda_graph`: its first run (at load, with
-zeros) captures the whole frame part as one CUDA graph, and every later run replays it
-into the same buffers. A batch smaller than a compiled size is padded with silent
-windows (masked frames) up to the next one. On the CPU the same code runs without the
-graph (tests, and `benchmarks/gpu_bench.py --device cpu`).
+On CUDA each session is made with `enable_cuda_graph`: its first run captures the whole
+frame part as one CUDA graph, and every later run replays it into the same buffers.
+onnxruntime keeps a captured graph per thread, so the capture is left to `warm()`, which
+the thread that will run the shapes calls (a scheduler lane, at its start): the load
+only makes the sessions. One lane runs a GPU instance's windows (`serving.backend`): two
+threads capturing at once, or one capturing while another copies, would break the
+capture. Inputs are copied in, then synchronised, before each replay. A batch smaller
+than a compiled size is padded with silent windows (masked frames) up to the next one.
+On the CPU the same code runs without the graph, warmed at load (tests, and
+`benchmarks/gpu_bench.py --device cpu`).
 """
 
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +80,27 @@ class FixedFrames:
         self.rows = tuple(sorted(set(rows)))
         self.windows = tuple(sorted(set(windows)))
         self._slots = {(n, w): self._slot(n, w) for n in self.rows for w in self.windows}
+        self._warm: set[int] = set()  # the threads each slot has run in
+        if device == "cpu":
+            self.warm()
+
+    def _thread(self) -> int:
+        """Whose warm-up counts: on CUDA each thread's (its own graphs), else anyone's."""
+        return threading.get_ident() if self.device == "cuda" else 0
+
+    def warm(self) -> None:
+        """Run every shape once in this thread, with silence (on CUDA: capture its graph
+        for this thread); again in the same thread does nothing."""
+        thread = self._thread()
+        if thread in self._warm:
+            return
+        for slot in self._slots.values():
+            z, mask = slot.z.shape(), slot.mask.shape()
+            slot.z.update_inplace(np.zeros(z, np.float32))
+            slot.mask.update_inplace(np.zeros(mask, np.float32))
+            slot.binding.synchronize_inputs()
+            slot.session.run_with_iobinding(slot.binding)
+        self._warm.add(thread)
 
     def _slot(self, rows: int, window: int) -> _Slot:
         import onnxruntime  # noqa: PLC0415 - the serving extra
@@ -119,10 +146,6 @@ class FixedFrames:
         slot.binding.bind_ortvalue_input(INPUTS[0], slot.z)
         slot.binding.bind_ortvalue_input(INPUTS[1], slot.mask)
         slot.binding.bind_ortvalue_output("output", slot.audio)
-        # The first run allocates (and on CUDA captures the graph) with silence in.
-        slot.z.update_inplace(np.zeros((rows, CHANNELS, window), np.float32))
-        slot.mask.update_inplace(np.zeros((rows, 1, window), np.float32))
-        session.run_with_iobinding(slot.binding)
         return slot
 
     def run(
@@ -152,8 +175,12 @@ class FixedFrames:
         if size > count:
             z = np.concatenate([z, np.zeros((size - count, *z.shape[1:]), np.float32)])
             mask = np.concatenate([mask, np.zeros((size - count, *mask.shape[1:]), np.float32)])
+        if self._thread() not in self._warm:
+            self.warm()
         slot.z.update_inplace(np.ascontiguousarray(z, np.float32))
         slot.mask.update_inplace(np.ascontiguousarray(mask, np.float32))
+        # The copies in are done before the replay (its stream is not the copies').
+        slot.binding.synchronize_inputs()
         slot.session.run_with_iobinding(slot.binding)
         # A copy: on the CPU the bound output's array is the buffer the next run overwrites.
         audio: npt.NDArray[np.float32] = np.array(slot.audio.numpy().reshape(size, -1)[:count])

@@ -371,6 +371,11 @@ class ChunkedSynthesizer:
             gain = float(json.loads(paths.meta.read_text())["gain"])
         self.gain = gain
 
+    def warm(self) -> None:
+        """Run every compiled shape once in this thread (on a GPU: capture its graphs
+        for the thread that will replay them: a scheduler lane calls this first)."""
+        self._fixed.warm()
+
     @property
     def _frames(self) -> Any:
         """The frame part on any shape (whole sentences, other windows: tests, calibration)."""

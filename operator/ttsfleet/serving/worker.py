@@ -133,6 +133,7 @@ class Worker:
             sink.end(error)
 
     def _run(self, engine: ChunkedSynthesizer) -> None:
+        engine.warm()  # this lane's thread runs its shapes (a GPU's graphs are per thread)
         while (picked := self._next()) is not None:
             work, wide = picked
             try:
