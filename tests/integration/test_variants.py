@@ -62,6 +62,7 @@ def test_a_variant_that_fails_the_gate_is_refused_with_figures_and_removed(tmp_p
     assert not report.passed
     assert "mel distance" in report.reason and report.mel_distance_db > 1.5
     assert not variants.variant_path(VOICE, "int8", tmp_path).exists()
+    assert not list(tmp_path.glob(".building-*"))  # judged aside, and nothing left there
     with pytest.raises(RequestError, match="ttsfleet models build --precision int8"):
         streaming.ChunkedSynthesizer(VOICE, tmp_path, precision="int8")
 

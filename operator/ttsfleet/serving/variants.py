@@ -20,6 +20,9 @@ with the figures.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -225,16 +228,37 @@ def build(
     if target not in TARGETS:
         raise VariantError(f"unknown target {target!r}: use one of {', '.join(TARGETS)}")
     final = variant_path(voice, precision, directory)
-    scratch = final.with_suffix(".building.onnx")
-    convert(voice, precision, target, scratch, int8_parts)
-    try:
-        report = measure(voice, precision, target, _as_variant(scratch, final))
-    except Exception as err:  # a variant that does not load or run is refused too
-        final.unlink(missing_ok=True)
-        raise VariantError(f"the {precision} variant of {voice} does not run: {err}") from err
-    if not report.passed:
-        final.unlink(missing_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Built and gated in a directory of its own beside the final one (with the split the
+    # chunked engine needs): only a variant that passed is ever at its final name, so a
+    # builder killed mid-gate, or an engine loading meanwhile, never finds an unjudged one.
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".building-") as staging:
+        built = Path(staging) / final.name
+        if precision == "int8":  # the frame part's variant lives beside its split
+            if not streaming.split_paths(voice, final.parent).exist():
+                streaming.build_split(voice, final.parent)
+            _share_split(voice, final.parent, Path(staging))
+        convert(voice, precision, target, built, int8_parts)
+        try:
+            report = measure(voice, precision, target, built)
+        except Exception as err:  # a variant that does not load or run is refused too
+            raise VariantError(f"the {precision} variant of {voice} does not run: {err}") from err
+        if report.passed:
+            built.replace(final)
+    report.path = str(final)
     return report
+
+
+def _share_split(voice: str, source: Path, staging: Path) -> None:
+    """`voice`'s split from `source` in `staging` too (linked where the file system
+    allows)."""
+    paths, there = streaming.split_paths(voice, source), streaming.split_paths(voice, staging)
+    for name in ("text", "frames", "meta", "frames_fp16"):
+        src, dst = getattr(paths, name), getattr(there, name)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
 
 
 def ensure_int8(voice: str, directory: Path) -> None:
@@ -245,8 +269,3 @@ def ensure_int8(voice: str, directory: Path) -> None:
     report = build(voice, "int8", "cpu", directory)
     if not report.passed:
         raise VariantError(f"the int8 variant of {voice} is refused: {report.reason}")
-
-
-def _as_variant(scratch: Path, final: Path) -> Path:
-    scratch.replace(final)
-    return final
