@@ -77,6 +77,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "spec.model.precision int8 runs on CPU only: set precision fp16",
     ),
     (
+        "int8 on the sentence engine",
+        with_spec(model__precision="int8", placement={"mode": "cpu"}, runtime__engine="sentence"),
+        "int8 is served by the chunked engine only",
+    ),
+    (
         "int8 on whole gpus",
         with_spec(model__precision="int8", placement={"mode": "whole"}),
         "set precision fp16 for GPU placements",

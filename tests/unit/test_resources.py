@@ -168,6 +168,13 @@ def test_auto_places_int8_on_cpu_even_where_gpu_slices_are_offered() -> None:
     assert GPU_TOLERATION not in int8.tolerations
 
 
+def test_int8_on_the_sentence_engine_is_refused_naming_the_chunked_engine() -> None:
+    spec = {"model": {"precision": "int8"}, "placement": {"mode": "cpu"},
+            "runtime": {"engine": "sentence"}}  # fmt: skip
+    with pytest.raises(ValidationError, match=r"set spec\.runtime\.engine to chunked"):
+        tts(spec)
+
+
 def test_int8_on_an_explicit_gpu_placement_is_refused_naming_fp16() -> None:
     for mode in ({"mode": "whole"}, {"mode": "shared"}, {"mode": "mig", "profile": "1g.10gb"}):
         with pytest.raises(ValidationError, match="int8 runs on CPU only: set precision fp16"):

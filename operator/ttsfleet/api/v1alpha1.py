@@ -79,6 +79,11 @@ INT8_ON_GPU = (
     " (whole, mig, shared), or set spec.placement.mode to cpu or auto"
 )
 
+INT8_SENTENCE = (
+    "spec.model.precision int8 is served by the chunked engine only (its frame part in "
+    "static INT8): set spec.runtime.engine to chunked (the default), or use fp32"
+)
+
 
 class Engine(StrEnum):
     CHUNKED = "chunked"
@@ -423,6 +428,11 @@ class TtsDeploymentSpec(_Model):
             INT8_ON_GPU,
             ".model.precision",
         ),
+        rule(
+            "self.model.precision != 'int8' || self.runtime.engine == 'chunked'",
+            INT8_SENTENCE,
+            ".model.precision",
+        ),
     ]
 
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -452,6 +462,8 @@ class TtsDeploymentSpec(_Model):
         # The CRD refuses this; an object stored before that rule is reported Stalled.
         if self.model.precision == Precision.INT8 and self.placement.mode not in GPU_FREE_MODES:
             raise ValueError(INT8_ON_GPU)
+        if self.model.precision == Precision.INT8 and self.runtime.engine != Engine.CHUNKED:
+            raise ValueError(INT8_SENTENCE)
         return self
 
 
