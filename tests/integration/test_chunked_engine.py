@@ -139,17 +139,20 @@ def test_live_streams_before_their_first_audio_are_the_queue_the_autoscaler_read
     assert max(bulk_seen) == 0
 
 
-def test_int8_is_served_by_the_chunked_engine_calibrated_and_gated_when_it_loads(
-    tmp_path: Path,
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_int8_and_fp16_are_served_by_the_chunked_engine_on_a_cpu_instance(
+    tmp_path: Path, precision: str
 ) -> None:
     """`precision: int8` on a CPU instance: the model builds the static INT8 frame part
-    where the image did not (calibrated, gated), then streams chunk by chunk with it."""
+    where the image did not (calibrated, gated), then streams chunk by chunk with it.
+    `fp16` (the default precision): the FP16 frame part the split holds, not the
+    sentence engine."""
     repository = tmp_path / "models"
     shutil.copytree(REPO / "triton_models" / "tts_stream", repository / "tts_stream")
     config = repository / "tts_stream" / "config.pbtxt"
     text = config.read_text()
     assert 'key: "precision" value: { string_value: "fp32" }' in text
-    config.write_text(text.replace('string_value: "fp32"', 'string_value: "int8"'))
+    config.write_text(text.replace('string_value: "fp32"', f'string_value: "{precision}"'))
     server = Triton(
         local.free_port(), local.free_port(), local.free_port(), tmp_path / "log",
         models=("tts_stream",), repository=repository, extra_args=("--exit-timeout-secs=5",),
@@ -162,5 +165,6 @@ def test_int8_is_served_by_the_chunked_engine_calibrated_and_gated_when_it_loads
         server.stop()
     assert streamed.chunks > 3
     assert np.abs(streamed.audio.astype(np.int32)).mean() > 100  # not silence
-    assert "(int8, chunked engine)" in (tmp_path / "log").read_text()
-    assert (tmp_path / "variants" / "en_US-joe-medium.frames.int8.onnx").exists()
+    assert f"({precision}, chunked engine)" in (tmp_path / "log").read_text()
+    built = tmp_path / "variants" / f"en_US-joe-medium.frames.{precision}.onnx"
+    assert built.exists()

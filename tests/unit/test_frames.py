@@ -70,16 +70,13 @@ def test_with_fixed_shapes_no_shape_arithmetic_is_left_to_run(split: Path, tmp_p
     assert left(fixed_model(frames, 8, streaming.WINDOW)) == set()
 
 
-def test_the_fp16_frame_part_the_split_builds_for_gpus_passes_the_gate(split: Path) -> None:
-    """Run here on the CPU (onnxruntime computes FP16 ops through float32 there), the
-    same file a GPU instance loads: within the gate of the FP32 frame part."""
+def test_the_fp16_frame_part_the_split_builds_passes_the_gate(split: Path) -> None:
+    """The file a GPU instance loads, and a CPU one for fp16 (onnxruntime computes it
+    through float32 there): within the gate of the FP32 frame part."""
     paths = streaming.split_paths(VOICE, split)
     assert paths.frames_fp16.stat().st_size < 0.6 * paths.frames.stat().st_size
     full = streaming.ChunkedSynthesizer(VOICE, split)
-    half = streaming.ChunkedSynthesizer(VOICE, split)
-    half._fixed = FixedFrames(
-        paths.frames_fp16, (streaming.FIRST_WINDOW, streaming.WINDOW), (1,), half.hop
-    )
+    half = streaming.ChunkedSynthesizer(VOICE, split, precision="fp16")
     distances = []
     for sentence in variants.GATE_SENTENCES:
         expected = np.concatenate(list(full.chunks(sentence)))
@@ -101,10 +98,11 @@ def test_a_gpu_engine_without_onnxruntime_gpu_is_refused_not_run_on_the_cpu(spli
 
 
 def test_each_device_runs_only_the_precisions_that_earn_their_place_there(split: Path) -> None:
-    with pytest.raises(RequestError, match="runs fp32 or int8 on cpu, not fp16"):
-        streaming.ChunkedSynthesizer(VOICE, split, precision="fp16")
-    with pytest.raises(RequestError, match="runs fp32 or fp16 on cuda, not int8: use fp16 on GPUs"):
+    with pytest.raises(RequestError, match="runs fp32, fp16 on cuda, not int8: use fp16 on GPUs"):
         streaming.ChunkedSynthesizer(VOICE, split, precision="int8", device="cuda")
+    # The default precision, fp16, is served by the chunked engine on a CPU too.
+    half = streaming.ChunkedSynthesizer(VOICE, split, precision="fp16")
+    assert half.precision == "fp16" and len(half.synthesize("Half the weights.")) > 10_000
 
 
 def test_a_gpu_instance_runs_one_lane_a_cpu_instance_as_many_as_asked() -> None:

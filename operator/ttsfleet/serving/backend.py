@@ -30,12 +30,12 @@ def load(pb: Any, args: dict[str, str]) -> tuple[Engine, str]:
     `engine` "chunked" runs the split voice a chunk at a time, in both models (a stream
     and a batch request give the same audio, to one int16 step); "sentence" (the
     default) a sentence at a time.
-    Chunked runs fp32 and int8 (its frame part in static INT8, built and gated on
-    first use where the image did not build it) on CPU instances, fp32 and fp16 (the
-    frame part in FP16, the text part in FP32) on GPU instances, its frame part on the
-    fixed shapes of its windows and `batch_sizes` (on a GPU, one CUDA graph each:
-    `serving.frames`); anything else falls back to the sentence engine, with a line in
-    Triton's log saying so.
+    Chunked runs fp32, fp16 (the frame part in FP16, the text part in FP32) and int8
+    (its frame part in static INT8, built and gated on first use where the image did
+    not build it) on CPU instances, fp32 and fp16 on GPU instances (opt-in, below), its
+    frame part on the fixed shapes of its windows and `batch_sizes` (on a GPU, one
+    CUDA graph each: `serving.frames`); anything else falls back to the sentence
+    engine, with a line in Triton's log saying so.
     """
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in (config.get("parameters") or {}).items()}

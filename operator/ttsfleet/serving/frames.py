@@ -107,6 +107,8 @@ class FixedFrames:
 
         options = onnxruntime.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Errors only: FP16 on a CPU warns, per session, of each node it cannot fold.
+        options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
         if self.device == "cuda":
