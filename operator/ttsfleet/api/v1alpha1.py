@@ -191,7 +191,7 @@ class RuntimeSpec(_Model):
         description="How the models make audio: chunked (the voice split in two, one "
         "deadline-aware scheduler per model instance running every stream's chunks, the "
         "first audio after a short first window, live streams before bulk, a cancel "
-        "honoured at the next chunk; fp32 and int8 on CPU instances, others fall back to "
+        "honoured at the next chunk; fp32, fp16 and int8 on CPU instances, others fall back to "
         "sentence) or sentence (a sentence at a time, one request after another; kept "
         "until the chunked engine's figures are all in). benchmarks/results/serving.json "
         "has both, side by side.",
