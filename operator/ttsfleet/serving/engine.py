@@ -109,8 +109,27 @@ def default_model_dir() -> Path:
 DEVICES = ("cpu", "cuda")
 
 
-def onnx_session(model: Path, device: str, device_id: int, conv_algo_search: str) -> Any:
-    """An onnxruntime session on the CPU, or on GPU `device_id` through the CUDA provider.
+def session_options(threads: int | None = None) -> Any:
+    """Options for sessions that run one after another in a thread (the chunked engine's):
+    no spinning (threads of one spinning while the other works only take cores from
+    it), and `threads` intra-op threads (else $TTSFLEET_INTRA_OP_THREADS, else
+    onnxruntime's own choice)."""
+    import onnxruntime  # noqa: PLC0415 - optional: the serving extra
+
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    threads = threads or int(os.environ.get("TTSFLEET_INTRA_OP_THREADS") or 0)
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def onnx_session(
+    model: Path | bytes, device: str, device_id: int, conv_algo_search: str,
+    options: Any = None, cuda_options: dict[str, str] | None = None,
+) -> Any:  # fmt: skip
+    """An onnxruntime session on the CPU, or on GPU `device_id` through the CUDA provider
+    (`cuda_options` added to its options), with session `options` if given.
 
     onnxruntime quietly falls back to the CPU when the CUDA provider cannot load (a CPU
     wheel, missing CUDA libraries); a GPU instance that did so would hold a GPU and run
@@ -118,8 +137,11 @@ def onnx_session(model: Path, device: str, device_id: int, conv_algo_search: str
     """
     import onnxruntime  # noqa: PLC0415 - optional: the serving extra
 
+    source = str(model) if isinstance(model, Path) else model
     if device == "cpu":
-        return onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(
+            source, sess_options=options, providers=["CPUExecutionProvider"]
+        )
     if device != "cuda":
         raise RequestError(f"device {device!r} is not supported: use one of {', '.join(DEVICES)}")
     available = onnxruntime.get_available_providers()
@@ -129,9 +151,11 @@ def onnx_session(model: Path, device: str, device_id: int, conv_algo_search: str
             f"here has only {', '.join(available)}: install onnxruntime-gpu in the model image "
             "(see triton.Dockerfile), or run the model with instance kind KIND_CPU"
         )
-    options = {"device_id": device_id, "cudnn_conv_algo_search": conv_algo_search}
-    cuda = ("CUDAExecutionProvider", options)
-    session = onnxruntime.InferenceSession(str(model), providers=[cuda, "CPUExecutionProvider"])
+    provider = {"device_id": device_id, "cudnn_conv_algo_search": conv_algo_search}
+    cuda = ("CUDAExecutionProvider", provider | (cuda_options or {}))
+    session = onnxruntime.InferenceSession(
+        source, sess_options=options, providers=[cuda, "CPUExecutionProvider"]
+    )
     # A run that fails on the GPU raises; by default onnxruntime would move the whole
     # session to the CPU for good, without a word (seen on an H100 with FP16).
     session.disable_fallback()

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ttsfleet.serving.engine import RequestError
+from ttsfleet.serving.engine import RequestError, onnx_session, session_options
 
 INPUTS = ("/Add_output_0", "/Cast_2_output_0")  # z and the frame mask (streaming.SPLIT_POINT)
 CHANNELS = 192  # the flow's input channels in Piper's VITS voices
@@ -96,42 +96,27 @@ class FixedFrames:
             return
         for slot in self._slots.values():
             z, mask = slot.z.shape(), slot.mask.shape()
-            slot.z.update_inplace(np.zeros(z, np.float32))
-            slot.mask.update_inplace(np.zeros(mask, np.float32))
-            slot.binding.synchronize_inputs()
-            slot.session.run_with_iobinding(slot.binding)
+            self._replay(slot, np.zeros(z, np.float32), np.zeros(mask, np.float32))
         self._warm.add(thread)
+
+    @staticmethod
+    def _replay(slot: _Slot, z: npt.NDArray[np.float32], mask: npt.NDArray[np.float32]) -> None:
+        slot.z.update_inplace(np.ascontiguousarray(z, np.float32))
+        slot.mask.update_inplace(np.ascontiguousarray(mask, np.float32))
+        # The copies in are done before the replay (its stream is not the copies').
+        slot.binding.synchronize_inputs()
+        slot.session.run_with_iobinding(slot.binding)
 
     def _slot(self, rows: int, window: int) -> _Slot:
         import onnxruntime  # noqa: PLC0415 - the serving extra
 
-        options = onnxruntime.SessionOptions()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Errors only: FP16 on a CPU warns, per session, of each node it cannot fold.
-        options.log_severity_level = 3
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-        if self.device == "cuda":
-            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-                raise RequestError(
-                    f"a GPU instance needs onnxruntime-gpu, but onnxruntime "
-                    f"{onnxruntime.__version__} here has only "
-                    f"{', '.join(onnxruntime.get_available_providers())}"
-                )
-            cuda = {
-                "device_id": self.device_id,
-                "enable_cuda_graph": "1",
-                # Fixed shapes: cuDNN's default algorithms, chosen once per shape.
-                "cudnn_conv_algo_search": "DEFAULT",
-            }
-            providers: list[Any] = [("CUDAExecutionProvider", cuda)]
-        else:
-            providers = ["CPUExecutionProvider"]
-        session = onnxruntime.InferenceSession(
-            fixed_model(self.model, rows, window), sess_options=options, providers=providers
-        )
-        if self.device == "cuda":
-            session.disable_fallback()
+        options = session_options(self.threads)
+        options.log_severity_level = 3  # errors only: FP16 on a CPU warns of each node
+        session = onnx_session(  # the engine's checks: onnxruntime-gpu, no CPU fallback
+            fixed_model(self.model, rows, window), self.device, self.device_id,
+            "DEFAULT",  # fixed shapes: cuDNN's default algorithms, chosen once per shape
+            options, {"enable_cuda_graph": "1"},
+        )  # fmt: skip
 
         def buffer(shape: tuple[int, ...]) -> Any:
             return onnxruntime.OrtValue.ortvalue_from_shape_and_type(
@@ -179,11 +164,7 @@ class FixedFrames:
             mask = np.concatenate([mask, np.zeros((size - count, *mask.shape[1:]), np.float32)])
         if self._thread() not in self._warm:
             self.warm()
-        slot.z.update_inplace(np.ascontiguousarray(z, np.float32))
-        slot.mask.update_inplace(np.ascontiguousarray(mask, np.float32))
-        # The copies in are done before the replay (its stream is not the copies').
-        slot.binding.synchronize_inputs()
-        slot.session.run_with_iobinding(slot.binding)
+        self._replay(slot, z, mask)
         # A copy: on the CPU the bound output's array is the buffer the next run overwrites.
         audio: npt.NDArray[np.float32] = np.array(slot.audio.numpy().reshape(size, -1)[:count])
         return audio

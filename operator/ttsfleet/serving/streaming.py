@@ -50,6 +50,7 @@ from ttsfleet.serving.engine import (
     default_model_dir,
     installed_voice,
     onnx_session,
+    session_options,
 )
 from ttsfleet.serving.frames import FixedFrames
 from ttsfleet.serving.scheduler import TEXT, Need
@@ -307,20 +308,7 @@ def pieces(sentences: list[list[str]]) -> list[list[str]]:
 def _session(
     path: Path, threads: int | None = None, device: str = "cpu", device_id: int = 0
 ) -> Any:
-    if device != "cpu":  # the engine's checks: onnxruntime-gpu, no silent CPU fallback
-        return onnx_session(path, device, device_id, "DEFAULT")
-    import onnxruntime  # noqa: PLC0415 - optional: the serving extra
-
-    options = onnxruntime.SessionOptions()
-    # Two sessions run one after the other: threads of one spinning while the other
-    # works only take cores from it.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    threads = threads or int(os.environ.get("TTSFLEET_INTRA_OP_THREADS") or 0)
-    if threads:
-        options.intra_op_num_threads = threads
-    return onnxruntime.InferenceSession(
-        str(path), sess_options=options, providers=["CPUExecutionProvider"]
-    )
+    return onnx_session(path, device, device_id, "DEFAULT", session_options(threads))
 
 
 class ChunkedSynthesizer:
