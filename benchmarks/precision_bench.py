@@ -53,12 +53,7 @@ def sampling_noise_distance() -> float:
         clean = engine.synthesize(sentence)
         chunks = engine._voice.synthesize(sentence, syn_config=noisy)
         sampled = np.concatenate([np.asarray(c.audio_int16_array) for c in chunks])
-        distances.append(
-            variants.mel_distance_db(
-                variants.log_mel(clean, engine.sample_rate),
-                variants.log_mel(sampled, engine.sample_rate),
-            )
-        )
+        distances.append(variants.audio_distance_db(clean, sampled, engine.sample_rate))
     return round(float(np.mean(distances)), 2)
 
 
@@ -95,18 +90,14 @@ def int8_search(scratch: Path) -> dict[str, Any]:
     expected = {text: fp32.synthesize(text) for text in streaming.INT8_CALIBRATION}
     trial = scratch / "search"
     trial.mkdir(exist_ok=True)
-    for name in ("text.onnx", "frames.onnx", "split.json"):
-        (trial / f"{VOICE}.{name}").write_bytes((scratch / f"{VOICE}.{name}").read_bytes())
+    variants.share_split(VOICE, scratch, trial)
     chosen: list[str] = []
     steps = []
     for part in CANDIDATES:
         streaming.build_int8(VOICE, trial, (*chosen, part))
         engine = streaming.ChunkedSynthesizer(VOICE, trial, precision="int8")
         distance = float(np.mean([
-            variants.mel_distance_db(
-                variants.log_mel(audio, engine.sample_rate),
-                variants.log_mel(engine.synthesize(text), engine.sample_rate),
-            )
+            variants.audio_distance_db(audio, engine.synthesize(text), engine.sample_rate)
             for text, audio in expected.items()
         ]))  # fmt: skip
         kept = distance <= SELECTION_BUDGET_DB

@@ -128,6 +128,14 @@ def mel_distance_db(reference: Spectrum, other: Spectrum) -> float:
     return float(np.mean(np.abs(np.maximum(reference, floor) - np.maximum(stretched, floor))))
 
 
+def audio_distance_db(reference: npt.ArrayLike, other: npt.ArrayLike, sample_rate: int) -> float:
+    """The gate's measure between two int16 renditions of the same text at one rate."""
+    return mel_distance_db(
+        log_mel(np.asarray(reference, np.int16), sample_rate),
+        log_mel(np.asarray(other, np.int16), sample_rate),
+    )
+
+
 @dataclass
 class Report:
     voice: str
@@ -186,11 +194,7 @@ def measure(voice: str, precision: str, target: str, path: Path, device: str = "
         compute += time.perf_counter() - start
         got = np.concatenate(chunks)
         audio_seconds += len(got) / engine.sample_rate
-        distances.append(
-            mel_distance_db(
-                log_mel(expected, reference.sample_rate), log_mel(got, engine.sample_rate)
-            )
-        )
+        distances.append(audio_distance_db(expected, got, engine.sample_rate))
         differences.append(abs(len(got) - len(expected)) / len(expected))
     mel = float(np.mean(distances))
     duration = float(max(differences))
@@ -237,7 +241,7 @@ def build(
         if precision == "int8":  # the frame part's variant lives beside its split
             if not streaming.split_paths(voice, final.parent).exist():
                 streaming.build_split(voice, final.parent)
-            _share_split(voice, final.parent, Path(staging))
+            share_split(voice, final.parent, Path(staging))
         convert(voice, precision, target, built, int8_parts)
         try:
             report = measure(voice, precision, target, built)
@@ -249,7 +253,7 @@ def build(
     return report
 
 
-def _share_split(voice: str, source: Path, staging: Path) -> None:
+def share_split(voice: str, source: Path, staging: Path) -> None:
     """`voice`'s split from `source` in `staging` too (linked where the file system
     allows)."""
     paths, there = streaming.split_paths(voice, source), streaming.split_paths(voice, staging)
