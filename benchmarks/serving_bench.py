@@ -128,13 +128,16 @@ def bulk(seconds: float, live: int = 8, workers: int = 4) -> dict[str, Any]:
 
     def bulk_load(stop_after: float) -> float:
         """Audio seconds per second from `workers` threads for `stop_after` seconds."""
-        made = [0.0]
+        # Each reply's seconds, appended (atomic): `made[0] += synthesize(...)` read
+        # made[0] before the call and lost the other threads' replies that ended meanwhile.
+        made: list[float] = []
         start = time.perf_counter()
 
         def worker(n: int) -> None:
             i = n
             while time.perf_counter() - start < stop_after:
-                made[0] += client.synthesize(address, rng_texts[i % len(rng_texts)]).audio_seconds
+                reply = client.synthesize(address, rng_texts[i % len(rng_texts)])
+                made.append(reply.audio_seconds)
                 i += workers
 
         threads = [threading.Thread(target=worker, args=(n,)) for n in range(workers)]
@@ -142,7 +145,7 @@ def bulk(seconds: float, live: int = 8, workers: int = 4) -> dict[str, Any]:
             t.start()
         for t in threads:
             t.join()
-        return made[0] / (time.perf_counter() - start)
+        return sum(made) / (time.perf_counter() - start)
 
     with triton(stream, 0, batch) as address:
         alone_rate = bulk_load(seconds / 2)
