@@ -247,3 +247,31 @@ def test_two_lanes_and_a_wide_engine_make_what_one_lane_makes(
         assert alone.size == together.size
         # Thread counts change float sums' order: within one int16 step or two.
         assert np.max(np.abs(alone.astype(np.int32) - together.astype(np.int32))) <= 2
+
+
+def test_a_lane_with_nothing_to_run_sleeps_instead_of_polling(
+    engine: streaming.ChunkedSynthesizer,
+) -> None:
+    """One stream on two lanes: while one lane runs its windows the other has nothing
+    it may run, and waits to be told rather than asking the scheduler every
+    millisecond (each look takes the interpreter from the lane that works)."""
+    worker = Worker(engine.lane(1), lanes=2)
+    looks, ran = [0], [0]
+    asked = worker.scheduler.next
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        looks[0] += 1
+        work = asked(*args, **kwargs)
+        ran[0] += work is not None
+        return work
+
+    worker.scheduler.next = counted  # type: ignore[method-assign]
+    worker.start()
+    sink = Collected()
+    worker.submit(SENTENCES, 1.0, sink)
+    assert sink.ended.wait(120) and sink.error is None
+    worker.stop()
+    # Each piece of work wakes both lanes once (and a lane may look once more before
+    # it sleeps): a polling lane would look hundreds of times a second.
+    assert ran[0] > 5
+    assert looks[0] <= 4 * ran[0] + 10, (looks[0], ran[0])

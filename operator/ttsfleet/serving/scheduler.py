@@ -184,13 +184,16 @@ class Scheduler:
         """The largest batch size for `rows` rows."""
         return max(size for size in self.sizes if size <= max(1, rows))
 
-    def wake(self, now: float) -> float:
+    def wake(self, now: float, busy: Collection[Hashable] = ()) -> float:
         """Seconds until some stream not runnable now becomes runnable (its lead falls
-        below `max_lead`); inf when there is none."""
+        below `max_lead`); inf when there is none. Streams in `busy` are not counted:
+        they become runnable when their running work ends, which the caller hears of
+        (a lane waiting on another lane's stream must not poll meanwhile: each look
+        takes the interpreter from the lanes that work)."""
         waits = [
             stream.ahead(now) - self.max_lead
-            for stream in self.streams.values()
-            if stream.priority == REALTIME and stream.started is not None
+            for key, stream in self.streams.items()
+            if stream.priority == REALTIME and stream.started is not None and key not in busy
         ]
         return max(WAKE_RESOLUTION, min(waits, default=math.inf))
 

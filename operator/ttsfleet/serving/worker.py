@@ -120,7 +120,7 @@ class Worker:
                     wide = self._wide if first and not self._running else None
                     self._running.update(work.streams)
                     return work, wide
-                self._wake.wait(min(self.scheduler.wake(now), IDLE_POLL_SECONDS))
+                self._wake.wait(min(self.scheduler.wake(now, self._running), IDLE_POLL_SECONDS))
             for key in [k for k in self._streams if k not in self._running]:
                 self._end(key, UNLOADING)
             return None
