@@ -17,6 +17,9 @@ nearest rank, `harness.percentile`):
    32-character one (`first_sentence_length`);
    bulk (`bulk`, chunked engine, both models): `tts_batch` audio-seconds per second
    alone and beside 8 listeners, and those listeners' TTFA p95 with and without it;
+   `int8`: the chunked engine with its INT8 frame part (precision int8, gated; built
+   when the model loads if it is not) at 16 to 24 listeners (`streaming_int8`), the
+   levels where FP32's compute runs out on two cores;
 2. whole utterances (`tts_batch` on the sentence engine: on the chunked one it goes
    through `tts_stream`'s scheduler, part 1's `bulk`) at concurrency 8: dynamic
    batching against unbatched configurations with 1 and 2 instances, and which gives
@@ -89,14 +92,20 @@ LONG_SENTENCE = (  # one sentence of about 400 characters
 REALTIME_TTFA_MS = 200.0
 
 
-def streaming(seconds: float, engine: str, levels: tuple[int, ...]) -> dict[str, Any]:
+def streaming(
+    seconds: float, engine: str, levels: tuple[int, ...], precision: str = "fp32"
+) -> dict[str, Any]:
     """Listeners at each level, then the TTFA of a long first sentence against a short
-    one (alone, 10 of each), with the given engine."""
+    one (alone, 10 of each), with the given engine and precision."""
     out: list[dict[str, Any]] = []
-    with triton(ModelConfig(streaming=True, instances=1, engine=engine)) as address:
+    config = ModelConfig(streaming=True, instances=1, engine=engine, precision=precision)
+    with triton(config) as address:
         for level in levels:
             result = asyncio.run(listeners.listen(address, level, seconds))
-            print(f"stream ({engine}) {level} listeners: {json.dumps(result)}", flush=True)
+            print(
+                f"stream ({engine}, {precision}) {level} listeners: {json.dumps(result)}",
+                flush=True,
+            )
             out.append(result)
         firsts = {
             name: [client.stream(address, text).seconds_to_first_audio for _ in range(10)]
@@ -260,7 +269,7 @@ def cluster(seconds: float, levels: tuple[int, ...] = (1, 4, 8)) -> dict[str, An
     }
 
 
-PARTS = ("streaming", "bulk", "cluster", "batching", "cache")
+PARTS = ("streaming", "bulk", "int8", "cluster", "batching", "cache")
 
 
 def main() -> None:
@@ -294,6 +303,12 @@ def main() -> None:
         harness.write_results(args.out, report)  # each part kept as soon as it is measured
     if "bulk" in parts:
         report["bulk"] = bulk(args.seconds)
+        harness.write_results(args.out, report)
+    if "int8" in parts:
+        int8 = streaming(args.seconds, "chunked", (16, 18, 20, 22, 24), precision="int8")
+        report["streaming_int8"] = int8["levels"]
+        carried = report.setdefault("streams_per_replica", {})
+        carried["chunked_int8"] = int8["streams_per_replica"]
         harness.write_results(args.out, report)
     if "cluster" in parts:
         report["cluster"] = cluster(args.seconds)
