@@ -162,8 +162,7 @@ class FixedFrames:
         if size > count:
             z = np.concatenate([z, np.zeros((size - count, *z.shape[1:]), np.float32)])
             mask = np.concatenate([mask, np.zeros((size - count, *mask.shape[1:]), np.float32)])
-        if self._thread() not in self._warm:
-            self.warm()
+        self.warm()  # once per thread (on CUDA a thread replays only graphs it captured)
         self._replay(slot, z, mask)
         # A copy: on the CPU the bound output's array is the buffer the next run overwrites.
         audio: npt.NDArray[np.float32] = np.array(slot.audio.numpy().reshape(size, -1)[:count])

@@ -116,8 +116,12 @@ class SplitPaths:
     frames_int8: Path
     frames_fp16: Path
 
+    def files(self) -> tuple[Path, ...]:
+        """The split's own files (`build_split` writes them; INT8 is built apart)."""
+        return (self.text, self.frames, self.frames_fp16, self.meta)
+
     def exist(self) -> bool:
-        return all(p.exists() for p in (self.text, self.frames, self.frames_fp16, self.meta))
+        return all(p.exists() for p in self.files())
 
     def frame_part(self, precision: str) -> Path:
         return {"int8": self.frames_int8, "fp16": self.frames_fp16}.get(precision, self.frames)

@@ -257,8 +257,7 @@ def share_split(voice: str, source: Path, staging: Path) -> None:
     """`voice`'s split from `source` in `staging` too (linked where the file system
     allows)."""
     paths, there = streaming.split_paths(voice, source), streaming.split_paths(voice, staging)
-    for name in ("text", "frames", "meta", "frames_fp16"):
-        src, dst = getattr(paths, name), getattr(there, name)
+    for src, dst in zip(paths.files(), there.files(), strict=True):
         try:
             os.link(src, dst)
         except OSError:
