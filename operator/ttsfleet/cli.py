@@ -880,12 +880,44 @@ def region(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     token = token_file.read_text().strip() if token_file else None
     agent = Agent.for_region(parsed, gateway_url, token=token, eds=eds, source=source)
+    agent.before_tick = _spec_follower(spec, gateway_url)
     if status_to is not None:
         namespace, _, name = status_to.partition("/")
         if not namespace or not name:
             raise _fail("--status-to takes NAMESPACE/NAME of a TtsRegion")
         agent.on_change = _region_status_writer(kubeconfig, namespace, name)
     _run_agent(agent, host, port)
+
+
+def _spec_follower(path: Path, gateway_url: str) -> Any:
+    """Before each round: an edited spec file (the ConfigMap the operator renders, as the
+    kubelet refreshes it) is taken up without a restart; one that does not parse is
+    logged and the last good one kept."""
+    import yaml
+    from pydantic import ValidationError
+
+    from ttsfleet.api.v1alpha1 import TtsRegionSpec
+
+    log = logging.getLogger("ttsfleet.region")
+    last = [path.read_text()]
+
+    def follow(agent: Any) -> None:
+        try:
+            text = path.read_text()
+        except OSError as err:
+            log.warning("cannot read --spec %s (%s): keeping the last one", path, err)
+            return
+        if text == last[0]:
+            return
+        last[0] = text
+        try:
+            parsed = TtsRegionSpec.model_validate(yaml.safe_load(text)["spec"])
+        except (KeyError, TypeError, yaml.YAMLError, ValidationError) as err:
+            log.error("the edited --spec %s is refused, keeping the last one: %s", path, err)
+            return
+        agent.reconfigure(parsed, gateway_url)
+
+    return follow
 
 
 def _region_status_writer(kubeconfig: Path | None, namespace: str, name: str) -> Any:

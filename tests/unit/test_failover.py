@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ttsfleet.api.v1alpha1 import RegionDetection, RegionFailback, RegionState, ResidencySet
+from ttsfleet.api.v1alpha1 import (
+    RegionDetection,
+    RegionFailback,
+    RegionState,
+    ResidencySet,
+    TtsRegionSpec,
+)
 from ttsfleet.failover import residency, traffic
 from ttsfleet.failover.agent import Agent, Target
 from ttsfleet.failover.failback import Failback
@@ -241,3 +247,36 @@ def test_a_restarted_agent_takes_up_its_peers_view_and_never_skips_a_failback() 
     fb = Failback(FAILBACK)
     fb.resume(RegionState.RAMPING, 30, 0.0)
     assert (fb.state, fb.percent) == (RegionState.RAMPING, 25)
+
+
+def test_an_edited_spec_is_taken_up_and_keeps_what_the_agent_knows() -> None:
+    def spec(peers: list[dict[str, str]], window: int = 60) -> TtsRegionSpec:
+        return TtsRegionSpec.model_validate(
+            {"region": "eu", "gateway": "speech", "peers": peers,
+             "failback": {"stabilisationSeconds": window}}
+        )  # fmt: skip
+
+    us = {"name": "us", "gatewayUrl": "http://us-old"}
+    ap = {"name": "ap", "gatewayUrl": "http://ap", "statusUrl": "http://ap/status"}
+    agent = Agent.for_region(spec([us, ap]), "http://eu", clock=lambda: 100.0)
+    agent.failbacks["ap"].update(True, False, 100.0)  # ap is down in this agent's eyes
+    agent.votes[("ap", "us")] = Vote("ap", "us", True, 99.0)
+    agent.votes[("eu", "ap")] = Vote("eu", "ap", False, 99.0)
+
+    # GitOps moves us to a new address and adds in; the failback window changes.
+    moved = {"name": "us", "gatewayUrl": "http://us-new", "statusUrl": "http://us/status"}
+    new = {"name": "in", "gatewayUrl": "http://in"}
+    agent.reconfigure(spec([moved, ap, new], window=120), "http://eu")
+    assert [(t.name, t.gateway_url, t.status_url) for t in agent.targets] == [
+        ("eu", "http://eu", None), ("us", "http://us-new", "http://us/status"),
+        ("ap", "http://ap", "http://ap/status"), ("in", "http://in", None),
+    ]  # fmt: skip
+    assert agent.failbacks["ap"].state is RegionState.DOWN  # not forgotten
+    assert agent.failbacks["ap"].rules.stabilisation_seconds == 120
+    assert agent.failbacks["in"].state is RegionState.HEALTHY
+    assert set(agent.observers) == {"eu", "us", "ap", "in"}
+
+    # ap removed: its votes (as observer and as region) and its state go with it.
+    agent.reconfigure(spec([moved, new]), "http://eu")
+    assert agent.regions == ["eu", "us", "in"]
+    assert "ap" not in agent.failbacks and not any("ap" in key for key in agent.votes)

@@ -57,6 +57,19 @@ def test_the_agent_reads_its_spec_and_probe_token_from_volumes_and_writes_its_st
     assert [p["name"] for p in made["Service"]["spec"]["ports"]] == ["status"]
 
 
+def test_the_agent_runs_on_the_nodes_its_region_names() -> None:
+    placed = SPEC | {
+        "nodeSelector": {"topology.kubernetes.io/zone": "eu-west-1a"},
+        "tolerations": [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    made = by_kind(rg.children(rg.Region.from_body(body(placed)), "http://gw"))
+    pod = made["Deployment"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"topology.kubernetes.io/zone": "eu-west-1a"}
+    assert pod["tolerations"] == [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}]
+    unplaced = by_kind(rg.children(rg.Region.from_body(body()), "http://gw"))
+    assert "nodeSelector" not in unplaced["Deployment"]["spec"]["template"]["spec"]
+
+
 def test_with_spec_envoy_the_region_pod_runs_envoy_fed_by_the_agents_eds_file() -> None:
     spec = SPEC | {"envoy": {}}
     made = by_kind(rg.children(rg.Region.from_body(body(spec)), "http://gw"))

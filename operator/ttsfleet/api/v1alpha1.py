@@ -1082,6 +1082,12 @@ class TtsRegionSpec(_Model):
         description="Run this region's clients' Envoy beside the agent, which programs it "
         "through an EDS file on a shared volume (replaced by rename); unset: no Envoy.",
     )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Nodes the agent's pod (and its Envoy) may run on."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=16, description="Taints the agent's pod tolerates."
+    )
 
     def regions(self) -> list[str]:
         """Every region, this one first, then the peers nearest first."""

@@ -5,7 +5,11 @@ Dev and test tooling, not part of the operator. For each node labelled
 - gives the node a network namespace (`ttsfleet_<cluster>_<node>`) joined to the
   host by a veth pair: the host side holds the first address of the node's
   podCIDR, the namespace side holds the pod IPs (a more specific route than the
-  blackhole that covers the cluster's pod CIDR);
+  blackhole that covers the cluster's pod CIDR); the namespace routes every local
+  cluster's pod CIDR through the host, which forwards between these veths only (per
+  interface, not `ip_forward`), so pods of one local cluster reach another's as
+  clusters in peered networks do (regions), and a packet for any address no local node
+  holds meets the blackhole: nothing leaves the host;
 - heartbeats the node (status conditions and its Lease in kube-node-lease);
 - runs each pod bound to the node as a local process inside that namespace,
   bound to the pod's IP: the container's own command, args and env, its
@@ -74,6 +78,22 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
 
+def host_interface(cluster: str, node: str) -> str:
+    """The host side of local node `node`'s veth pair (a name short enough for Linux)."""
+    digest = hashlib.sha1(f"{cluster}/{node}".encode()).hexdigest()[:8]  # noqa: S324
+    return f"tf{digest}"
+
+
+def _cluster_cidrs() -> set[ipaddress.IPv4Network]:
+    """The pod CIDRs of every local cluster now up (this one's included) whose blackhole
+    is in place: only those are routed, so nothing forwarded can leave the host."""
+    return {
+        ipaddress.IPv4Network(r.pod_cidr)
+        for r in local.records()
+        if r.pod_cidr and r.pod_cidr in r.blackhole_routes
+    }
+
+
 @dataclass
 class LocalNode:
     """A local node and its network namespace."""
@@ -83,6 +103,7 @@ class LocalNode:
     netns: str
     host_if: str
     used: set[ipaddress.IPv4Address] = field(default_factory=set)
+    routed: set[ipaddress.IPv4Network] = field(default_factory=set)
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -122,6 +143,12 @@ class LocalNode:
         gateway = f"{self.gateway}/{self.pod_cidr.prefixlen}"
         _ip("addr", "replace", gateway, "dev", self.host_if)
         _ip("link", "set", self.host_if, "up")
+        # Forward what this node's pods send to other local nodes (routed below), on this
+        # interface only: the host's `ip_forward` stays as it is.
+        subprocess.run(
+            ["sysctl", "-qw", f"net.ipv4.conf.{self.host_if}.forwarding=1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
         _ip("-n", self.netns, "link", "set", "lo", "up")
         _ip("-n", self.netns, "link", "set", "eth0", "up")
         # Pod IPs share eth0 and one subnet: without this, removing the first one
@@ -131,6 +158,17 @@ class LocalNode:
              "net.ipv4.conf.all.promote_secondaries=1", "net.ipv4.conf.eth0.promote_secondaries=1"],
             check=True, capture_output=True,
         )  # fmt: skip
+
+    def route_clusters(self, cidrs: set[ipaddress.IPv4Network]) -> None:
+        """Route each local cluster's pod CIDR in `cidrs` through the host (each has the
+        host's blackhole under its nodes' routes), and no longer those gone. Replaced
+        each time (idempotent), `onlink`: the namespace may hold no pod address yet."""
+        for cidr in cidrs:
+            _ip("-n", self.netns, "route", "replace", str(cidr), "via", str(self.gateway),
+                "dev", "eth0", "onlink")  # fmt: skip
+        for cidr in self.routed - cidrs:
+            _ip("-n", self.netns, "route", "del", str(cidr), check=False)
+        self.routed = set(cidrs)
 
     def add_address(self, ip: ipaddress.IPv4Address) -> None:
         _ip("-n", self.netns, "addr", "replace", f"{ip}/{self.pod_cidr.prefixlen}", "dev", "eth0")
@@ -235,20 +273,22 @@ class Runner:
             cidr = node.get("spec", {}).get("podCIDR")
             if name in self.nodes or not cidr:
                 continue
-            digest = hashlib.sha1(f"{self.cluster}/{name}".encode()).hexdigest()[:8]  # noqa: S324
             local_node = LocalNode(
                 name=name,
                 pod_cidr=ipaddress.IPv4Network(cidr),
                 netns=f"{local.netns_prefix(self.cluster)}{name}",
-                host_if=f"tf{digest}",
+                host_if=host_interface(self.cluster, name),
             )
             local_node.setup()
+            local_node.route_clusters(_cluster_cidrs())
             self.nodes[name] = local_node
             log.info("Set up network namespace %s for node %s (%s)", local_node.netns, name, cidr)
 
     def heartbeat(self) -> None:
         now = _now()
+        cidrs = _cluster_cidrs()
         for node in list(self.nodes.values()):
+            node.route_clusters(cidrs)
             try:
                 alive = self._heartbeat(node, now)
             except Exception:

@@ -71,6 +71,7 @@ class Agent:
     witness: Target | None = None
     clock: Callable[[], float] = time.monotonic
     on_change: Callable[[Agent], None] | None = None
+    before_tick: Callable[[Agent], None] | None = None  # e.g. take up an edited spec
     source: str | None = None  # the address its probes and reads leave from
     observers: dict[str, Observer] = field(init=False)
     failbacks: dict[str, Failback] = field(init=False)
@@ -103,6 +104,36 @@ class Agent:
             standby=frozenset(p.name for p in spec.peers if p.standby),
             witness=Target(WITNESS, "", witness) if witness else None, **kwargs,
         )  # fmt: skip
+
+    def reconfigure(self, spec: TtsRegionSpec, gateway_url: str) -> None:
+        """Take up an edited spec (a GitOps change reaching the mounted file): the peers'
+        URLs, peers added or removed, standby, the detection and failback rules. What it
+        knows of each region that stays (votes, verdict, failback state) is kept."""
+        fresh = Agent.for_region(spec, gateway_url, clock=self.clock)
+        now = self.clock()
+        self.targets, self.rules, self.failback = fresh.targets, fresh.rules, fresh.failback
+        self.standby, self.witness = fresh.standby, fresh.witness
+        names = set(fresh.regions)
+        self.observers = {r: self.observers.get(r) or fresh.observers[r] for r in fresh.regions}
+        for observer in self.observers.values():
+            observer.rules = self.rules
+        if self.failback is None:
+            self.failbacks = {}
+        else:
+            kept = {r: fb for r, fb in self.failbacks.items() if r in names}
+            for fb in kept.values():
+                fb.rules = self.failback
+                fb.step = min(fb.step, len(self.failback.steps) - 1)
+            self.failbacks = {r: kept.get(r) or Failback(self.failback, since=now)
+                              for r in fresh.regions}  # fmt: skip
+        voters = names | ({WITNESS} if self.witness else set())
+        for key in [k for k in self.votes if k[1] not in names or k[0] not in voters]:
+            del self.votes[key]
+        for known in (self.verdicts, self.counts, self.load, self.lost_load, self.heard):
+            for region in [r for r in known if r not in names]:
+                del known[region]
+        self.levels = None  # written again at the next decision, with the new URLs
+        log.info("took up the edited spec: regions %s", ", ".join(fresh.regions))
 
     # ---- what it knows -----------------------------------------------------------------
 
@@ -300,6 +331,8 @@ class Agent:
             async with aiohttp.ClientSession(connector=connector) as session:
                 while not stop.is_set():
                     started = self.clock()
+                    if self.before_tick is not None:
+                        self.before_tick(self)
                     await self.tick(session)
                     left = self.rules.probe_interval_seconds - (self.clock() - started)
                     with contextlib.suppress(TimeoutError):

@@ -243,9 +243,9 @@ def restricted(user: int) -> Manifest:
     }
 
 
-def placed(spec: api.TtsGatewaySpec, pod_spec: Manifest) -> Manifest:
-    """`pod_spec` on the gateway's nodes: its nodeSelector and tolerations (its Redis
-    runs beside it)."""
+def placed(spec: api.TtsGatewaySpec | api.TtsRegionSpec, pod_spec: Manifest) -> Manifest:
+    """`pod_spec` on the nodes `spec` names: its nodeSelector and tolerations (a gateway's
+    Redis runs beside it; a region's agent where its TtsRegion says)."""
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:

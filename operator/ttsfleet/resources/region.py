@@ -19,7 +19,7 @@ from typing import Any
 from ttsfleet.api import v1alpha1 as api
 from ttsfleet.failover import envoy, publish, traffic
 from ttsfleet.resources.common import HASH_ANNOTATION, content_hash
-from ttsfleet.resources.gateway import GATEWAY_USER, restricted
+from ttsfleet.resources.gateway import GATEWAY_USER, placed, restricted
 
 Manifest = dict[str, Any]
 
@@ -164,7 +164,7 @@ def children(region: Region, gateway_url: str) -> list[Manifest]:
         )
         service_ports.append({"name": "speech", "port": spec.envoy.port, "targetPort": "speech"})
     account = {"kind": "ServiceAccount", "name": name, "namespace": region.namespace}
-    pod = {"serviceAccountName": name, "containers": containers, "volumes": volumes}
+    pod = placed(spec, {"serviceAccountName": name, "containers": containers, "volumes": volumes})
     return [
         _child(region, "v1", "ServiceAccount", {}),
         _child(
