@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CLUSTER ?= ttsfleet
 PYTEST_ARGS ?=
 
-.PHONY: help deps tools cluster cluster-down demo manifests lint fmt test test-unit bench-cluster bench-operator bench-serving bench-precision bench-placement bench-gpu bench-autoscale bench-sim bench-chaos bench-gateway bench-regions clean
+.PHONY: help deps tools cluster cluster-down demo manifests lint fmt test test-unit bench-cluster bench-operator bench-serving bench-precision bench-placement bench-gpu bench-autoscale bench-sim bench-chaos bench-gateway bench-regions bench-regions-processes clean
 
 help: ## List the targets.
 	@grep -E '^[a-z.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -77,8 +77,11 @@ bench-gpu: .venv ## The chunked engine on a GPU (onnxruntime-gpu): frame part, f
 bench-autoscale: tools .venv ## Breach -> scale write and TTFA around a scale-up on the real loop (JSON).
 	$(BIN)/python benchmarks/autoscale_bench.py --out benchmarks/results/autoscale.json --run-out benchmarks/results/autoscale_run.json
 
-bench-regions: .venv ## A region lost, flapping, one observer link cut: detection, shift, failback (JSON; root: a netns).
-	bash hack/in-netns.sh ttsfleet-regions $(BIN)/python benchmarks/regions_bench.py --out benchmarks/results/regions.json
+bench-regions: .venv ## Three local clusters as regions: one lost, one flapping, one observer link cut (JSON; root).
+	$(BIN)/python benchmarks/regions_bench.py --level clusters --out benchmarks/results/regions.json
+
+bench-regions-processes: .venv ## The same scenarios at process level, in a netns of its own (JSON; root).
+	bash hack/in-netns.sh ttsfleet-regions $(BIN)/python benchmarks/regions_bench.py --level processes --out benchmarks/results/regions_processes.json
 
 bench-sim: .venv ## Simulate every trace with ttsfleet and its peers, check the goals (JSON).
 	$(BIN)/python benchmarks/sim_bench.py --out benchmarks/results/sim.json

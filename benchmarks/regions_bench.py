@@ -1,41 +1,58 @@
 """Regions on this machine: a region lost and brought back, a region flapping, and one
 observer link cut, with real Tritons, gateways, region agents and Envoys.
 
-    make bench-regions
-    (hack/in-netns.sh ttsfleet-regions python benchmarks/regions_bench.py
+    make bench-regions            (three local clusters; root)
+    python benchmarks/regions_bench.py [--level clusters|processes]
         [--out benchmarks/results/regions.json] [--parts loss,flap,cut]
-        [--flap-seconds 300] [--window 60] [--step 30])
+        [--flap-seconds 300] [--window 60] [--step 30]
 
-**Process level, not three clusters yet.** Each region (eu, us, ap) is a tritonserver
-(the streaming model), a `ttsfleet gateway` and a `ttsfleet region` agent, all bound to
-the region's own loopback address (127.0.1.1-3) in a network namespace made for the
-run (hack/in-netns.sh), so that one `ip rule` cuts exactly one link; each client region
-has its Envoy (programmed by its region's agent through its EDS file) and a load
-generator (2 short speech requests a second, open loop, one retry after 200 ms, as a
-client library would). Tenant acme-eu is pinned to eu and sent from us's clients.
+**`--level clusters`** (the default): each region (eu, us, ap) is a local cluster of its
+own (`ttsfleet.multiregion`): its control plane, Prometheus and operator, the fleet (a
+real tritonserver pod, autoscaled by the operator: 1-2 replicas, `regionReserve` 1), the
+TtsGateway and the TtsRegion whose pod runs the agent and that region's clients' Envoy,
+all on the cluster's local node (a network namespace per cluster node; the runner
+routes between them). A load generator per client region sends to its region's Envoy
+and, as a client whose DNS answer holds every region, retries once after 200 ms at the
+next region's Envoy when its own cannot be reached. Losing eu cuts its node's link (its
+gateway, Triton, agent and Envoy gone for everyone, and they reach nothing); the flap
+cuts and restores it every 10 s; the cut blocks eu's node and ap's node from each
+other (both ways) and nothing else.
+
+**`--level processes`** (`make bench-regions-processes`, in a network namespace of its
+own, hack/in-netns.sh): each region is a tritonserver, a `ttsfleet gateway` and a
+`ttsfleet region` agent on its own loopback address (127.0.1.1-3), so that one `ip rule`
+cuts exactly one link; each client region has its Envoy (programmed by its agent) and
+its load generator. Losing eu kills its Triton, gateway and agent (eu's clients' Envoy
+stays); the flap kills and restarts eu's gateway every 10 s; the cut is an `ip rule`
+each way between the observers eu and ap.
+
+Both: 2 short speech requests a second per client region (open loop, one retry after
+200 ms), tenant acme-eu (pinned to eu) sent from us at 0.5 a second.
 
 Scenarios (`scenarios` in the results, each with the keys of issue 19):
-- `loss`: eu's Triton, gateway and agent are killed (SIGKILL) after a warm-up; held
-  down 30 s, then started again and watched back to Healthy.
-- `flap`: eu's gateway is killed and started again every 20 s for `--flap-seconds`.
+- `loss`: eu lost after a warm-up, held down 30 s, then back, watched to Healthy.
+- `flap`: eu lost and back every 20 s (10 s each) for `--flap-seconds`.
 - `cut`: the link between the observers eu and ap is cut both ways for 40 s.
 
-Figures: `detection_s` (kill -> both other agents say Down), `traffic_shift_s` (kill ->
-the last eu client request that failed or was served by eu), `slo_restored_s` (kill ->
-the start of the first 10 s in which every eu client request succeeded within the SLO:
-1.5x the warm-up's TTFA p95, at least 500 ms), `failed_during_pct` (failed after the
-client's retry, every client, kill -> SLO restored), `failed_after` (from then to the
-end), `failback_s` (restart -> us's agent says Healthy), `ramp_steps` (eu's shares seen
-on the way), `oscillations` (eu put back into eu's Envoy and taken out again),
+Figures: `detection_s` (loss -> both other agents say Down), `traffic_shift_s` (loss ->
+the last eu client request that failed or was served by eu), `capacity_takeover_s`
+(loss -> every survivor's fleet has as many ready replicas as its autoscaler asks;
+clusters only, null at process level), `slo_restored_s` (loss -> the start of the first
+10 s in which every eu client request succeeded within the SLO: 1.5x the warm-up's TTFA
+p95, at least 500 ms), `failed_during_pct` (failed after the client's retry, every
+client, loss -> SLO restored), `failed_after` (from then to the end), `failback_s` (eu
+back -> us's agent says Healthy), `ramp_steps` (eu's shares in us's view on the way),
+`oscillations` (eu put back into an Envoy's EDS and taken out again: eu's own Envoy at
+process level, us's at cluster level, where eu's own is cut with it),
 `failovers_from_cut_link` (any region Down in any agent's view during the cut),
 `residency_violations` (gateway access-log lines where acme-eu got audio outside eu),
-`requests`. `capacity_takeover_s` is null: there is no autoscaler at this level (each
-survivor's Triton is simply there); the floors are tested in tests/unit.
+`requests`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -55,8 +72,8 @@ from typing import Any
 import httpx2
 import yaml
 
-from ttsfleet import harness
-from ttsfleet.cluster import local
+from ttsfleet import harness, kube, multiregion
+from ttsfleet.cluster import local, tokens
 from ttsfleet.failover import envoy, traffic
 from ttsfleet.gateway import auth
 
@@ -163,6 +180,203 @@ class Region:
                 part.process = None
 
 
+View = dict[str, dict[str, Any]]  # region -> {"state", "percent", "window"}
+
+
+class Processes:
+    """The process level: each region's Triton, gateway and agent on its own address."""
+
+    name = "processes in one network namespace"
+
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        key = auth.new_signing_key()
+        jwks = tmp / "jwks.json"
+        auth.write_jwks(jwks, [key])
+        self.tokens = {
+            t: auth.sign(
+                key, issuer=ISSUER, audience=AUDIENCE, subject="bench", tenant=t,
+                ttl_seconds=7200,
+            )
+            for t in ("acme", "acme-eu", "probe")
+        }  # fmt: skip
+        token = tmp / "probe-token"
+        token.write_text(self.tokens["probe"])
+        self.regions = {
+            n: Region(n, tmp, jwks, token, args.window, args.step, args.max_window)
+            for n in ADDRESSES
+        }  # fmt: skip
+        agents = {n: f"http://{ip}:8090/status" for n, ip in ADDRESSES.items()}
+        for region in self.regions.values():
+            region.configure(agents)
+
+    def start(self) -> None:
+        for region in self.regions.values():
+            region.triton.start(timeout=300)
+        for region in self.regions.values():
+            region.gateway.start()
+            region.envoy.start()
+        for region in self.regions.values():
+            region.agent.start()
+
+    def close(self) -> None:
+        for region in self.regions.values():
+            for part in region.processes():
+                part.stop()
+
+    def edges(self, client: str) -> list[str]:
+        return [self.regions[client].edge]  # the client region's Envoy outlives its region
+
+    def views(self) -> dict[str, View]:
+        out: dict[str, View] = {}
+        for name, region in self.regions.items():
+            if region.agent.process is not None:
+                out[name] = {r["name"]: r for r in region.agent.status().get("regions", [])}
+        return out
+
+    def eu_in_envoy(self) -> bool | None:
+        """Whether eu's clients' Envoy has eu in its EDS file."""
+        return _in_eds(self.regions["eu"].eds, "eu")
+
+    def access_logs(self) -> list[Path]:
+        return [r.gateway.log for r in self.regions.values()]
+
+    def lose(self) -> None:
+        eu = self.regions["eu"]
+        eu.kill(eu.agent, eu.gateway, eu.triton)
+
+    def back(self) -> None:
+        eu = self.regions["eu"]
+        eu.triton.start()
+        eu.gateway.start()
+        eu.agent.start()
+
+    def flap_down(self) -> None:
+        self.regions["eu"].kill(self.regions["eu"].gateway)
+
+    def flap_up(self) -> None:
+        self.regions["eu"].gateway.start()
+
+    def cut(self, on: bool) -> None:
+        verb = "add" if on else "del"
+        for src, dst in (("127.0.1.1", "127.0.1.3"), ("127.0.1.3", "127.0.1.1")):
+            subprocess.run(
+                ["ip", "rule", verb, "from", src, "to", dst, "prohibit", "pref", "10"], check=True
+            )
+
+    def capacity(self) -> dict[str, tuple[int, int]]:
+        return {}  # no autoscaler at this level
+
+
+class Clusters:
+    """The cluster level: each region a local cluster (`ttsfleet.multiregion`)."""
+
+    name = "three local clusters (operator, Prometheus, Triton pods, gateway, agent + Envoy)"
+
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args, self.tmp = args, tmp
+        self.stack = contextlib.ExitStack()
+        self.regions: dict[str, multiregion.RegionCluster] = {}
+        self.tokens: dict[str, str] = {}
+        self.shares: dict[str, int] = {}
+
+    def start(self) -> None:
+        args = self.args
+        self.regions = self.stack.enter_context(
+            multiregion.regions_up(
+                list(ADDRESSES), self.tmp, prefix="bench", nearest=NEAREST,
+                detection={}, residency=[PINNED],
+                failback={"stabilisationSeconds": args.window, "stepSeconds": args.step,
+                          "maxWindowSeconds": args.max_window},
+                scaling={"mode": "builtin", "regionReserve": 1},
+            )
+        )  # fmt: skip
+        idp = self.regions["eu"].cluster
+        self.tokens = {
+            t: tokens.token(idp, tenant=t, ttl_seconds=7200) for t in ("acme", "acme-eu")
+        }
+        self.edge = {n: f"http://{rc.edge_address()}" for n, rc in self.regions.items()}
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def edges(self, client: str) -> list[str]:
+        """The Envoys a client of `client` tries, nearest first: the DNS answer the
+        regions publish (a region at 0 % in the other regions' views is left out, TTL
+        not modelled), its own region's first."""
+        order = [client, *NEAREST[client]]
+        listed = [r for r in order if self.shares.get(r, 100) > 0] or order
+        return [self.edge[r] for r in listed]
+
+    def views(self) -> dict[str, View]:
+        out: dict[str, View] = {}
+        for name, rc in self.regions.items():
+            seen = rc.view()
+            if seen:
+                out[name] = {
+                    r: {"state": v.get("state"), "percent": v.get("trafficPercent", 100)}
+                    for r, v in seen.items()
+                }
+        # What the regions publish for each (the DNS weights): the lowest share any
+        # other region's agent gives it.
+        self.shares = {
+            r: min((int(v[r]["percent"]) for o, v in out.items() if o != r and r in v),
+                   default=100)
+            for r in ADDRESSES
+        }  # fmt: skip
+        return out
+
+    def eu_in_envoy(self) -> bool | None:
+        """Whether us's Envoy has eu in its EDS file (eu's own Envoy is cut with eu)."""
+        path = self.regions["us"].eds_file()
+        return None if path is None else _in_eds(path, "eu")
+
+    def access_logs(self) -> list[Path]:
+        return [log for rc in self.regions.values() for log in rc.gateway_logs()]
+
+    def lose(self) -> None:
+        self.regions["eu"].cut()
+
+    def back(self) -> None:
+        self.regions["eu"].restore()
+
+    flap_down, flap_up = lose, back
+
+    def cut(self, on: bool) -> None:
+        """eu's node and ap's node cannot reach each other (each blocks the other's pod
+        range), and nothing else changes."""
+        eu, ap = self.regions["eu"], self.regions["ap"]
+        verb = "add" if on else "del"
+        for rc, other in ((eu, ap), (ap, eu)):
+            node = local.netns_prefix(rc.cluster) + "local-0"
+            subprocess.run(["ip", "-n", node, "route", verb, "prohibit", _node_cidr(other)],
+                           check=True)  # fmt: skip
+
+    def capacity(self) -> dict[str, tuple[int, int]]:
+        """Each survivor's fleet: (replicas its autoscaler asks, ready replicas)."""
+        out = {}
+        for name in ("us", "ap"):
+            fleet = self.regions[name].fleet()
+            spec, status = fleet.get("spec") or {}, fleet.get("status") or {}
+            out[name] = (int(spec.get("replicas") or 0), int(status.get("readyReplicas") or 0))
+        return out
+
+
+def _node_cidr(rc: multiregion.RegionCluster) -> str:
+    node = kube.get(rc.api, "v1", "Node", "local-0", None) or {}
+    return str(node["spec"]["podCIDR"])
+
+
+def _in_eds(path: Path, region: str) -> bool | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return any(e["locality"]["region"] == region for e in doc["resources"][0]["endpoints"])
+
+
+Level = Processes | Clusters
+
+
 @dataclass
 class Sample:
     client: str
@@ -176,13 +390,15 @@ class Sample:
 class Load:
     """A load generator per client region: open loop, one retry after 200 ms."""
 
-    def __init__(self, regions: dict[str, Region], tokens: dict[str, str], rate: float = 2.0):
-        self.regions, self.tokens, self.rate = regions, tokens, rate
+    def __init__(self, level: Level, rate: float = 2.0):
+        self.level, self.tokens, self.rate = level, level.tokens, rate
         self.samples: list[Sample] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=32)
-        self.threads = [threading.Thread(target=self._run, args=(c, "acme", rate)) for c in regions]
+        self.threads = [
+            threading.Thread(target=self._run, args=(c, "acme", rate)) for c in ADDRESSES
+        ]
         self.threads.append(threading.Thread(target=self._run, args=("us", "acme-eu", 0.5)))
 
     def start(self) -> None:
@@ -199,17 +415,21 @@ class Load:
         while not self.stop.wait(1 / rate):
             self.pool.submit(self._request, client, tenant)
 
-    def _once(self, client: str, tenant: str) -> tuple[bool, str, float | None]:
-        started = time.perf_counter()
+    def _once(
+        self, edge: str, tenant: str, started: float
+    ) -> tuple[bool | None, str, float | None]:
+        """(True when served, False when refused or broken, None when `edge` could not
+        be reached), the region that answered, and the time to first audio since the
+        request began (`started`, perf_counter: a retry's includes the failed try)."""
         headers = {"authorization": f"Bearer {self.tokens[tenant]}"}
         body = {"model": "tts-1", "voice": "alloy", "input": TEXT, "response_format": "pcm"}
         try:
             with httpx2.stream(
                 "POST",
-                f"{self.regions[client].edge}/v1/audio/speech",
+                f"{edge}/v1/audio/speech",
                 json=body,
                 headers=headers,
-                timeout=15,
+                timeout=httpx2.Timeout(15, connect=1),
             ) as reply:
                 if reply.status_code != 200:
                     return False, reply.headers.get("x-ttsfleet-region", "-"), None
@@ -218,17 +438,23 @@ class Load:
                     if chunk and ttfa is None:
                         ttfa = time.perf_counter() - started
                 return True, reply.headers.get("x-ttsfleet-region", "-"), ttfa
+        except (httpx2.ConnectError, httpx2.ConnectTimeout):
+            return None, "-", None
         except httpx2.HTTPError:
             return False, "-", None
 
     def _request(self, client: str, tenant: str) -> None:
-        at = time.monotonic()
-        ok, region, ttfa = self._once(client, tenant)
+        """One request, and one retry after 200 ms: at the same edge, or at the next
+        region's when this one could not be reached."""
+        at, started = time.monotonic(), time.perf_counter()
+        edges = self.level.edges(client)
+        ok, region, ttfa = self._once(edges[0], tenant, started)
         if not ok:
             time.sleep(0.2)
-            ok, region, ttfa = self._once(client, tenant)
+            retry_at = edges[1] if ok is None and len(edges) > 1 else edges[0]
+            ok, region, ttfa = self._once(retry_at, tenant, started)
         with self.lock:
-            self.samples.append(Sample(client, tenant, at, ok, region, ttfa))
+            self.samples.append(Sample(client, tenant, at, bool(ok), region, ttfa))
 
     def between(self, start: float, end: float, tenant: str = "acme") -> list[Sample]:
         with self.lock:
@@ -236,12 +462,13 @@ class Load:
 
 
 class Watch:
-    """Samples every agent's view (and eu's EDS file) every 200 ms, on an Event."""
+    """Samples every agent's view (and an Envoy's EDS file) every 200 ms, on an Event."""
 
-    def __init__(self, regions: dict[str, Region]) -> None:
-        self.regions = regions
+    def __init__(self, level: Level) -> None:
+        self.level = level
         self.seen: list[tuple[float, str, dict[str, Any]]] = []
         self.eu_in_envoy: list[tuple[float, bool]] = []
+        self.capacity: list[tuple[float, dict[str, tuple[int, int]]]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run)
         self.thread.start()
@@ -249,16 +476,12 @@ class Watch:
     def _run(self) -> None:
         while not self.stop.wait(0.2):
             now = time.monotonic()
-            for name, region in self.regions.items():
-                if region.agent.process is not None:
-                    view = {r["name"]: r for r in region.agent.status().get("regions", [])}
-                    self.seen.append((now, name, view))
-            try:
-                doc = json.loads(self.regions["eu"].eds.read_text())
-                present = any(
-                    e["locality"]["region"] == "eu" for e in doc["resources"][0]["endpoints"]
-                )
-            except (OSError, ValueError):
+            for name, view in self.level.views().items():
+                self.seen.append((now, name, view))
+            if not self.capacity or now - self.capacity[-1][0] >= 1.0:
+                self.capacity.append((now, self.level.capacity()))
+            present = self.level.eu_in_envoy()
+            if present is None:
                 continue
             if not self.eu_in_envoy or self.eu_in_envoy[-1][1] != present:
                 self.eu_in_envoy.append((now, present))
@@ -298,8 +521,27 @@ class Watch:
             }
         )
 
+    def short_of_capacity(self, since: float, until: float) -> float | None:
+        """Seconds from `since` to the end of the last sample in which a survivor had
+        fewer ready replicas than its autoscaler asked (0: never short); None without an
+        autoscaler."""
+        samples = [(at, seen) for at, seen in self.capacity if since <= at < until and seen]
+        if not samples:
+            return None
+        short = [at for at, seen in samples if any(ready < want for want, ready in seen.values())]
+        return round(max(short) + 1.0 - since, 1) if short else 0.0
+
+    def replicas(self, since: float, until: float) -> dict[str, int]:
+        """The most replicas each survivor's autoscaler asked for between the two times."""
+        out: dict[str, int] = {}
+        for at, seen in self.capacity:
+            if since <= at < until:
+                for name, (want, _) in seen.items():
+                    out[name] = max(out.get(name, 0), want)
+        return out
+
     def reentries(self, since: float, until: float) -> int:
-        """eu taken out of eu's Envoy and put back, then out again: one oscillation each."""
+        """eu taken out of the Envoy and put back, then out again: one oscillation each."""
         flips = [p for at, p in self.eu_in_envoy if since <= at < until]
         backs = sum(1 for a, b in itertools.pairwise(flips) if not a and b)
         return max(0, backs - (1 if flips and flips[-1] else 0))
@@ -316,12 +558,12 @@ def cpu_seconds() -> tuple[float, float]:
     return busy, times.user + times.system
 
 
-def residency_violations(regions: dict[str, Region]) -> int:
+def residency_violations(level: Level) -> int:
     """Access-log lines where the pinned tenant got audio from a gateway outside eu."""
     pattern = re.compile(r"speech status=200 tenant=acme-eu region=(\w+)")
     bad = 0
-    for region in regions.values():
-        text = region.gateway.log.read_text() if region.gateway.log.exists() else ""
+    for log in level.access_logs():
+        text = log.read_text(errors="replace") if log.exists() else ""
         bad += sum(1 for m in pattern.finditer(text) if m.group(1) != "eu")
     return bad
 
@@ -356,12 +598,10 @@ def until(what: str, probe: Callable[[], bool], timeout: float) -> float:
 
 
 def loss(
-    regions: dict[str, Region], load: Load, watch: Watch, slo: float, args: argparse.Namespace
+    level: Level, load: Load, watch: Watch, slo: float, args: argparse.Namespace
 ) -> dict[str, Any]:
-    eu = regions["eu"]
-    start = time.monotonic()
-    t0 = time.monotonic()
-    eu.kill(eu.agent, eu.gateway, eu.triton)
+    start = t0 = time.monotonic()
+    level.lose()
     detection = until(
         "us and ap to see eu down",
         lambda: watch.state("us", "eu") == "Down" and watch.state("ap", "eu") == "Down",
@@ -369,9 +609,7 @@ def loss(
     )
     time.sleep(max(0.0, 30 - (time.monotonic() - t0)))
     t_back = time.monotonic()
-    eu.triton.start()
-    eu.gateway.start()
-    eu.agent.start()
+    level.back()
     back = until(
         "eu healthy again",
         lambda: watch.state("us", "eu") == "Healthy",
@@ -379,21 +617,24 @@ def loss(
     )
     end = time.monotonic()
     restored = slo_restored(load, "eu", t0, slo, t_back)
-    return scenario(load, watch, regions, start, t0, end, detection, restored, t_back, back)
+    doc = scenario(level, load, watch, start, t0, end, detection, restored, t_back, back)
+    doc["capacity_takeover_s"] = watch.short_of_capacity(t0, t_back)
+    doc["survivor_replicas"] = {"before": watch.replicas(start - 30, t0),
+                                "during": watch.replicas(t0, t_back)}  # fmt: skip
+    return doc
 
 
 def flap(
-    regions: dict[str, Region], load: Load, watch: Watch, slo: float, args: argparse.Namespace
+    level: Level, load: Load, watch: Watch, slo: float, args: argparse.Namespace
 ) -> dict[str, Any]:
-    eu = regions["eu"]
     start = t0 = time.monotonic()
     detection = None
     for cycle in range(max(1, int(args.flap_seconds // 20))):  # down 10 s, up 10 s
-        eu.kill(eu.gateway)
+        level.flap_down()
         if detection is None:
             detection = until("eu down", lambda: watch.state("us", "eu") == "Down", timeout=60)
         time.sleep(max(0.0, t0 + 20 * cycle + 10 - time.monotonic()))
-        eu.gateway.start()
+        level.flap_up()
         time.sleep(max(0.0, t0 + 20 * (cycle + 1) - time.monotonic()))
     t_back = time.monotonic()
     held = watch.view("us", "eu").get("window")  # the window the flapping earned it
@@ -404,30 +645,23 @@ def flap(
     )
     end = time.monotonic()
     restored = slo_restored(load, "eu", t0, slo, end)
-    doc = scenario(load, watch, regions, start, t0, end, detection, restored, t_back, back)
+    doc = scenario(level, load, watch, start, t0, end, detection, restored, t_back, back)
     doc["window_after_flap_s"] = held
     return doc
 
 
 def cut(
-    regions: dict[str, Region], load: Load, watch: Watch, slo: float, args: argparse.Namespace
+    level: Level, load: Load, watch: Watch, slo: float, args: argparse.Namespace
 ) -> dict[str, Any]:
-    rules = [("127.0.1.1", "127.0.1.3"), ("127.0.1.3", "127.0.1.1")]
     start = t0 = time.monotonic()
-    for src, dst in rules:
-        subprocess.run(
-            ["ip", "rule", "add", "from", src, "to", dst, "prohibit", "pref", "10"], check=True
-        )
+    level.cut(True)
     try:
         time.sleep(40)
     finally:
-        for src, dst in rules:
-            subprocess.run(
-                ["ip", "rule", "del", "from", src, "to", dst, "prohibit", "pref", "10"], check=True
-            )
+        level.cut(False)
     end = time.monotonic() + 10
     time.sleep(10)
-    doc = scenario(load, watch, regions, start, t0, end, None, None, None, None)
+    doc = scenario(level, load, watch, start, t0, end, None, None, None, None)
     suspects = {
         (n, r)
         for at, n, view in watch.seen
@@ -440,9 +674,9 @@ def cut(
 
 
 def scenario(
+    level: Level,
     load: Load,
     watch: Watch,
-    regions: dict[str, Region],
     start: float,
     t0: float,
     end: float,
@@ -469,7 +703,7 @@ def scenario(
         "ramp_steps": watch.percents("us", "eu", t_back) if t_back is not None else [],
         "oscillations": watch.reentries(t0, end),
         "failovers_from_cut_link": sum(1 for _, r in downs if r != "eu"),
-        "residency_violations": residency_violations(regions),
+        "residency_violations": residency_violations(level),
         "requests": len(load.between(start, end)) + len(load.between(start, end, "acme-eu")),
         "failed": sum(not s.ok for s in load.between(start, end)),
         "down_views": [f"{n} sees {r}" for n, r in downs],
@@ -479,7 +713,11 @@ def scenario(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/regions.json"))
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="default: benchmarks/results/regions.json (clusters), regions_processes.json",
+    )  # fmt: skip
+    parser.add_argument("--level", choices=("clusters", "processes"), default="clusters")
     parser.add_argument("--parts", default="loss,flap,cut")
     parser.add_argument("--flap-seconds", type=float, default=300)
     parser.add_argument("--window", type=int, default=60)
@@ -489,27 +727,11 @@ def main() -> None:
     # Stopped (SIGTERM), the run still stops every process it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(mkdtemp(prefix="ttsfleet-regions-"))
-    key = auth.new_signing_key()
-    jwks = tmp / "jwks.json"
-    auth.write_jwks(jwks, [key])
-    tokens = {
-        t: auth.sign(
-            key, issuer=ISSUER, audience=AUDIENCE, subject="bench", tenant=t, ttl_seconds=7200
-        )
-        for t in ("acme", "acme-eu", "probe")
-    }
-    token = tmp / "probe-token"
-    token.write_text(tokens["probe"])
-    regions = {
-        n: Region(n, tmp, jwks, token, args.window, args.step, args.max_window) for n in ADDRESSES
-    }
-    agents = {n: f"http://{ip}:8090/status" for n, ip in ADDRESSES.items()}
-    for region in regions.values():
-        region.configure(agents)
+    level: Level = Clusters(args, tmp) if args.level == "clusters" else Processes(args, tmp)
     results: dict[str, Any] = {
         "scenarios": {},
         "setup": {
-            "level": "processes in one network namespace (three clusters: not yet)",
+            "level": level.name,
             "regions": list(ADDRESSES),
             "client_rate_per_region": 2.0,
             "pinned_tenant_rate": 0.5,
@@ -523,20 +745,16 @@ def main() -> None:
     load: Load | None = None
     watch: Watch | None = None
     try:
-        for region in regions.values():
-            region.triton.start(timeout=300)
-        for region in regions.values():
-            region.gateway.start()
-            region.envoy.start()
-        for region in regions.values():
-            region.agent.start()
-        watch = Watch(regions)
+        set_up = time.monotonic()
+        level.start()
+        results["setup"]["set_up_s"] = round(time.monotonic() - set_up, 1)
+        watch = Watch(level)
         until(
             "every agent to see every region healthy",
             lambda: all(watch.state(o, r) == "Healthy" for o in ADDRESSES for r in ADDRESSES),
             120,
         )
-        load = Load(regions, tokens)
+        load = Load(level)
         load.start()
         warm = time.monotonic()
         time.sleep(20)
@@ -545,7 +763,7 @@ def main() -> None:
         results["setup"] |= {"warmup_ttfa_p95_ms": round(base * 1000), "slo_ms": round(slo * 1000)}
         for part in args.parts.split(","):
             (servers0, clients0), t = cpu_seconds(), time.monotonic()
-            doc = {"loss": loss, "flap": flap, "cut": cut}[part](regions, load, watch, slo, args)
+            doc = {"loss": loss, "flap": flap, "cut": cut}[part](level, load, watch, slo, args)
             (servers, clients), took = cpu_seconds(), time.monotonic() - t
             doc["cpu_cores"] = {
                 "machine": round((servers - servers0) / took, 2),
@@ -558,10 +776,9 @@ def main() -> None:
         for closing in (load, watch):
             if closing is not None:
                 closing.close()
-        for region in regions.values():
-            for part in region.processes():
-                part.stop()
-    harness.write_results(args.out, results)
+        level.close()
+    name = "regions.json" if args.level == "clusters" else "regions_processes.json"
+    harness.write_results(args.out or Path("benchmarks/results") / name, results)
 
 
 if __name__ == "__main__":

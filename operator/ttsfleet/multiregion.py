@@ -16,7 +16,10 @@ the edited spec without a restart).
 
 A region is lost by cutting its local node's link (`cut()`): its gateway, Triton and
 agent are unreachable from every other region, and it can reach none of them (nor its
-own apiserver). `restore()` brings the link back.
+own apiserver), its Envoy included. `restore()` brings the link back.
+
+Each TtsRegion runs its clients' Envoy beside the agent (`spec.envoy`), reached at the
+region Service's `speech` endpoint (`edge_address()`): nearest region first.
 """
 
 from __future__ import annotations
@@ -69,10 +72,33 @@ class RegionCluster:
             raise RuntimeError(f"kubectl {' '.join(args)} in {self.cluster}: {result.stderr}")
         return result.stdout
 
+    def fleet(self) -> Manifest:
+        """The fleet's Deployment: its spec.replicas and status.readyReplicas."""
+        found = kube.get(self.api, "apps/v1", "Deployment", "joe-local", NAMESPACE)
+        return found or {}
+
+    def gateway_logs(self) -> list[Path]:
+        """The access logs of this region's gateway pods (their container logs)."""
+        pods = kube.list_pods(self.api, NAMESPACE, "ttsfleet.io/gateway=speech")
+        root = local.runner_dir(self.cluster) / "pods"
+        return [root / p["metadata"]["uid"] / "container.log" for p in pods]
+
     def gateway_address(self) -> str:
         """host:port of the gateway pod, once ready."""
         found = kube.ready_endpoints(self.api, NAMESPACE, "speech-gateway", "http")
         return found[0] if found else ""
+
+    def edge_address(self) -> str:
+        """host:port of this region's Envoy (its clients' front door), once ready."""
+        found = kube.ready_endpoints(self.api, NAMESPACE, f"{self.region}-region", "speech")
+        return found[0] if found else ""
+
+    def eds_file(self) -> Path | None:
+        """This region's Envoy's EDS file as its agent last wrote it (the pod's emptyDir)."""
+        pods = kube.list_pods(self.api, NAMESPACE, f"{region_resources.REGION_LABEL}={self.region}")
+        root = local.runner_dir(self.cluster) / "pods"
+        found = [root / p["metadata"]["uid"] / "volumes" / "xds" / "eds.json" for p in pods]
+        return next((f for f in found if f.exists()), None)
 
     def agent_ip(self) -> str:
         """The region agent pod's IP, once it runs on the local node (never a simulated
@@ -147,7 +173,8 @@ def region_spec(
             "region": region, "gateway": "speech", "gatewayUrl": own_gateway, "peers": listed,
             "detection": detection | {"probeTokenSecretRef": {"name": PROBE_SECRET}},
             "failback": failback, "residency": list(residency),
-            # the agent runs on the local node, like the gateway it sits beside
+            "envoy": {},  # this region's clients' front door, programmed by the agent
+            # the agent (and Envoy) run on the local node, like the gateway beside them
             "nodeSelector": {LOCAL_LABEL: "true"},
             "tolerations": [{"key": LOCAL_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
         },
@@ -158,9 +185,12 @@ def region_spec(
 def regions_up(
     names: Sequence[str], workdir: Path, *, detection: Manifest, failback: Manifest,
     residency: Sequence[Manifest] = (), prefix: str = "region",
+    scaling: Manifest | None = None, nearest: dict[str, list[str]] | None = None,
 ) -> Iterator[dict[str, RegionCluster]]:  # fmt: skip
-    """Bring up one local cluster per region in `names` (each peer list: the others in
-    that order), each region Healthy in every agent's view; remove them all after."""
+    """Bring up one local cluster per region in `names`, each region Healthy in every
+    agent's view; remove them all after. Each region's peers are `nearest[region]`
+    (default: the others in `names` order). `scaling` replaces the fleet's
+    `spec.scaling` (the example's is manual)."""
     made: dict[str, RegionCluster] = {}
     try:
         for name in names:
@@ -168,7 +198,7 @@ def regions_up(
         idp = made[names[0]].cluster
         probe = tokens.token(idp, tenant="probe", ttl_seconds=6 * 3600, subject="region-probe")
         for rc in made.values():
-            _speech_stack(rc, idp, probe)
+            _speech_stack(rc, idp, probe, scaling)
         gateways = {
             name: f"http://{wait_for(f'{name} gateway', rc.gateway_address, timeout=300)}"
             for name, rc in made.items()
@@ -176,7 +206,8 @@ def regions_up(
 
         def apply(statuses: dict[str, str | None]) -> None:
             for name, rc in made.items():
-                peers = [(p, gateways[p], statuses[p]) for p in names if p != name]
+                order = (nearest or {}).get(name) or [p for p in names if p != name]
+                peers = [(p, gateways[p], statuses[p]) for p in order]
                 spec = region_spec(name, peers, gateways[name], detection, failback, residency)
                 kube.apply(rc.api, [spec], "ttsfleet-multiregion")
 
@@ -188,6 +219,7 @@ def regions_up(
         apply({n: f"http://{ip}:{region_resources.STATUS_PORT}/status" for n, ip in agents.items()})
         for rc in made.values():
             wait_for(f"{rc.region} to see every region healthy", rc.all_healthy, timeout=180)
+            wait_for(f"{rc.region}'s Envoy", rc.edge_address, timeout=60)
         yield made
     except BaseException:
         for rc in made.values():
@@ -221,7 +253,7 @@ def _cluster(region: str, cluster: str, workdir: Path) -> RegionCluster:
     return RegionCluster(region, cluster, record, api_client, operator)
 
 
-def _speech_stack(rc: RegionCluster, idp: str, probe_token: str) -> None:
+def _speech_stack(rc: RegionCluster, idp: str, probe_token: str, scaling: Manifest | None) -> None:
     """The namespace, the IdP's public keys, the probe token, the fleet and the gateway."""
     kube.create_namespace(rc.api, NAMESPACE)
     wait_for("the namespace", lambda: kube.namespace_ready(rc.api, NAMESPACE), timeout=30)
@@ -234,6 +266,8 @@ def _speech_stack(rc: RegionCluster, idp: str, probe_token: str) -> None:
     for path in (FLEET, GATEWAY):
         doc = copy.deepcopy(yaml.safe_load(path.read_text()))
         doc["metadata"]["namespace"] = NAMESPACE
+        if scaling is not None and doc["kind"] == api.KIND:
+            doc["spec"]["scaling"] = scaling
         stack.append(doc)
     kube.apply(rc.api, stack, "ttsfleet-multiregion")
 

@@ -65,6 +65,11 @@ def test_a_lost_region_goes_down_by_quorum_in_every_cluster_and_comes_back_rampe
     status, message = multiregion.speak(us_gateway, token(regions, "acme-eu"))
     assert status == 421 and "eu" in message, (status, message)
 
+    # Each region's clients' Envoy (in its agent's pod) sends them to their own region.
+    edges = {r: f"http://{regions[r].edge_address()}" for r in REGIONS}
+    for region, edge in edges.items():
+        assert multiregion.speak(edge, token(regions, "acme")) == (200, region)
+
     eu.cut()
     try:
         for observer in (us, ap):
@@ -75,6 +80,8 @@ def test_a_lost_region_goes_down_by_quorum_in_every_cluster_and_comes_back_rampe
         # One cut region never fails the others over: us and ap stay healthy everywhere.
         assert us.states() | {"eu": "Healthy"} == dict.fromkeys(REGIONS, "Healthy")
         assert multiregion.speak(us_gateway, token(regions, "acme")) == (200, "us")
+        for region in ("us", "ap"):  # their clients' Envoys keep serving them at home
+            assert multiregion.speak(edges[region], token(regions, "acme")) == (200, region)
 
         def refused() -> str:  # once us's gateway has re-read its config
             status, message = multiregion.speak(us_gateway, token(regions, "acme-eu"))

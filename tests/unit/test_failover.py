@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
 import pytest
+from aiohttp import web
 
 from ttsfleet.api.v1alpha1 import (
     RegionDetection,
@@ -11,6 +15,7 @@ from ttsfleet.api.v1alpha1 import (
     ResidencySet,
     TtsRegionSpec,
 )
+from ttsfleet.cluster.local import free_port
 from ttsfleet.failover import residency, traffic
 from ttsfleet.failover.agent import Agent, Target
 from ttsfleet.failover.failback import Failback
@@ -280,3 +285,35 @@ def test_an_edited_spec_is_taken_up_and_keeps_what_the_agent_knows() -> None:
     agent.reconfigure(spec([moved, new]), "http://eu")
     assert agent.regions == ["eu", "us", "in"]
     assert "ap" not in agent.failbacks and not any("ap" in key for key in agent.votes)
+
+
+def test_a_suspect_region_hears_its_peers_between_rounds_and_goes_down_at_once() -> None:
+    """eu sees us down and waits for the quorum: listen() reads ap's votes over HTTP (no
+    probes), and us is Down without waiting for eu's next round."""
+    now = [100.0]
+    rules = RegionDetection(failures_to_down=1)
+
+    async def scenario() -> tuple[bool, str]:
+        ap = Agent("ap", [Target("ap", "http://ap"), Target("us", "http://us")], rules,
+                   clock=lambda: now[0])  # fmt: skip
+        ap.votes[("ap", "us")] = Vote("ap", "us", False, 99.5)
+        runner = web.AppRunner(ap.app())
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            eu = Agent("eu", [Target("eu", "http://eu"), Target("us", "http://us"),
+                              Target("ap", "http://ap", f"http://127.0.0.1:{port}/status")],
+                       RULES, FAILBACK, clock=lambda: now[0])  # fmt: skip
+            eu.joined = True
+            eu.votes[("eu", "us")] = Vote("eu", "us", False, 99.8)
+            eu.decide(now[0])
+            suspect = eu.suspect()
+            async with aiohttp.ClientSession() as session:
+                await eu.listen(session)
+            return suspect, eu.state("us").value
+        finally:
+            await runner.cleanup()
+
+    suspect, state = asyncio.run(scenario())
+    assert suspect and state == "Down"

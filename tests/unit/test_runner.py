@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from ttsfleet.cluster import images
-from ttsfleet.cluster.runner import pod_phase, restart_wanted, terminated_state
+from ttsfleet.cluster.runner import (
+    ContainerProcess,
+    pod_phase,
+    pods_phase,
+    restart_wanted,
+    terminated_state,
+)
 
 
 @pytest.mark.parametrize(
@@ -60,3 +66,32 @@ def test_a_gateway_binds_its_pod_ip_where_pods_share_a_node_namespace() -> None:
     assert "--host=10.32.4.5" not in images.local_command(chosen, {}, Path("/x"), "10.0.0.1").argv
     agent = {"image": "ttsfleet/gateway:dev", "args": ["region", "--spec=/s.json"]}
     assert images.local_command(agent, {}, Path("/x"), "10.32.4.6").argv[-1] == "--host=10.32.4.6"
+
+
+def test_a_pod_of_several_containers_is_done_when_every_one_is() -> None:
+    ok, failed = {"exitCode": 0}, {"exitCode": 1}
+    agent, envoy = ContainerProcess("agent", "a.log"), ContainerProcess("envoy", "e.log")
+    assert pods_phase("Always", [agent, envoy]) == "Pending"
+    agent.ever_started = True  # one ran (and waits for its restart): the pod runs
+    assert pods_phase("Always", [agent, envoy]) == "Running"
+    agent.terminated = ok  # one done for good, the other not started yet: still running
+    assert pods_phase("OnFailure", [agent, envoy]) == "Running"
+    envoy.terminated = failed
+    assert pods_phase("Never", [agent, envoy]) == "Failed"
+    envoy.terminated = ok
+    assert pods_phase("Never", [agent, envoy]) == "Succeeded"
+
+
+def test_the_envoy_image_runs_the_wheels_envoy_at_its_volumes_paths(tmp_path: Path) -> None:
+    spec = tmp_path / "spec"
+    container = {
+        "name": "envoy", "image": "docker.io/envoyproxy/envoy:v1.40.0",
+        "args": ["-c", "/etc/ttsfleet/region/envoy.json"],
+        "volumeMounts": [{"name": "spec", "mountPath": "/etc/ttsfleet/region"}],
+    }  # fmt: skip
+    command = images.local_command(container, {"spec": spec}, tmp_path, "10.32.4.5")
+    assert Path(command.argv[0]).name == "envoy" and Path(command.argv[0]).exists()
+    assert command.argv[1:] == ["-c", "/etc/ttsfleet/region/envoy.json", "--disable-hot-restart"]
+    assert command.binds == [(spec, "/etc/ttsfleet/region")]
+    with pytest.raises(images.NotRunnableLocallyError, match="envoy command"):
+        images.local_command(container | {"command": ["sh"]}, {"spec": spec}, tmp_path, "10.0.0.1")

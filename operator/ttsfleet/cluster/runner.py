@@ -11,12 +11,13 @@ Dev and test tooling, not part of the operator. For each node labelled
   clusters in peered networks do (regions), and a packet for any address no local node
   holds meets the blackhole: nothing leaves the host;
 - heartbeats the node (status conditions and its Lease in kube-node-lease);
-- runs each pod bound to the node as a local process inside that namespace,
-  bound to the pod's IP: the container's own command, args and env, its
-  ConfigMap and emptyDir volumes, with the image mapped to a local program
-  (`images.py`); reports the pod Running and Ready (readiness from the pod's own
-  HTTP readiness probe) with its IP, so EndpointSlices point at live servers;
-- when the process exits, does what kubelet does by the pod's `restartPolicy`:
+- runs each container of each pod bound to the node as a local process inside that
+  namespace, bound to the pod's IP: the container's own command, args and env, its
+  ConfigMap and emptyDir volumes (shared by the pod's containers), with the image
+  mapped to a local program (`images.py`); reports the pod Running, and Ready once
+  every container's readiness probe (HTTP GET or TCP, against the pod IP) passes,
+  with its IP, so EndpointSlices point at live servers;
+- when a container's process exits, does what kubelet does by the pod's `restartPolicy`:
   Always restarts it, OnFailure only after a non-zero exit, Never not at all, each
   restart after a back-off that doubles (1 s to 60 s here; kubelet's is 10 s to 5 min),
   and reports the phase, the container's `terminated` state or `waiting`
@@ -192,15 +193,11 @@ class LocalNode:
 
 
 @dataclass
-class PodProcess:
-    """One pod's container, running as a local process."""
+class ContainerProcess:
+    """One container of a pod, running as a local process."""
 
-    uid: str
-    namespace: str
     name: str
-    node: LocalNode
-    ip: ipaddress.IPv4Address
-    workdir: Path
+    log: str  # its file in the pod's directory
     process: subprocess.Popen[bytes] | None = None
     started_at: str = ""
     started_monotonic: float = 0.0
@@ -211,10 +208,28 @@ class PodProcess:
     waiting_message: str = ""
     last_terminated: Manifest | None = None  # the previous run, while another follows
     terminated: Manifest | None = None  # the last run, when none follows
-    reported: str = ""
     next_start: float = 0.0
     backoff: float = FIRST_BACKOFF_SECONDS
+
+
+@dataclass
+class PodProcess:
+    """One pod: its address, its volumes, and a process per container (all in its
+    node's network namespace, each in a mount namespace of its own)."""
+
+    uid: str
+    namespace: str
+    name: str
+    node: LocalNode
+    ip: ipaddress.IPv4Address
+    workdir: Path
+    containers: dict[str, ContainerProcess] = field(default_factory=dict)
+    reported: str = ""
     volumes: podfs.Volumes | None = None
+
+    @property
+    def running(self) -> bool:
+        return any(c.process is not None for c in self.containers.values())
 
 
 def restart_wanted(policy: str, exit_code: int) -> bool:
@@ -248,6 +263,45 @@ def pod_phase(policy: str, running: bool, terminated: Manifest | None, exited_be
     if running or exited_before:
         return "Running"
     return "Pending"
+
+
+def _container_status(container: Manifest, state: ContainerProcess) -> Manifest:
+    """One entry of the pod's containerStatuses, as kubelet writes it."""
+    shown: Manifest
+    if state.process is not None:
+        shown = {"running": {"startedAt": state.started_at}}
+    elif state.terminated is not None:
+        shown = {"terminated": state.terminated}
+    else:
+        shown = {"waiting": {"reason": state.waiting_reason or "ContainerCreating",
+                             "message": state.waiting_message}}  # fmt: skip
+    container_id = (
+        f"ttsfleet-local://{state.process.pid}"
+        if state.process is not None
+        else str((state.terminated or state.last_terminated or {}).get("containerID", ""))
+    )
+    return {
+        "name": container["name"],
+        "image": container["image"],
+        "imageID": "",
+        "containerID": container_id,
+        "ready": state.ready,
+        "started": state.process is not None,
+        "restartCount": state.restarts,
+        "state": shown,
+        "lastState": {"terminated": state.last_terminated} if state.last_terminated else {},
+    }
+
+
+def pods_phase(policy: str, containers: list[ContainerProcess]) -> str:
+    """`pod_phase` of a pod with several containers: Succeeded or Failed once every one
+    has exited for good (Failed if one failed), else Running once one has started."""
+    finals = [c.terminated for c in containers]
+    if finals and all(t is not None for t in finals):
+        worst = max(finals, key=lambda t: t is not None and t["exitCode"] != 0)
+        return pod_phase(policy, False, worst, True)
+    started = any(c.process is not None or c.ever_started for c in containers)
+    return pod_phase(policy, any(c.process is not None for c in containers), None, started)
 
 
 class Runner:
@@ -351,49 +405,62 @@ class Runner:
         if proc is None:
             ip = node.allocate(pod.get("status", {}).get("podIP"))
             node.add_address(ip)
-            statuses = pod.get("status", {}).get("containerStatuses") or [{}]
             proc = PodProcess(
                 uid=uid, namespace=pod["metadata"]["namespace"], name=pod["metadata"]["name"],
                 node=node, ip=ip, workdir=self.state_dir / "pods" / uid,
-                restarts=int(statuses[0].get("restartCount") or 0),
             )  # fmt: skip
+            statuses = pod.get("status", {}).get("containerStatuses") or []
+            restarts = {s.get("name"): int(s.get("restartCount") or 0) for s in statuses}
+            for i, container in enumerate(pod["spec"]["containers"]):
+                name = container["name"]
+                log_name = "container.log" if i == 0 else f"container-{name}.log"
+                proc.containers[name] = ContainerProcess(
+                    name, log_name, restarts=restarts.get(name, 0)
+                )
             self.pods[uid] = proc
-        container = pod["spec"]["containers"][0]
         policy = pod["spec"].get("restartPolicy") or "Always"
-        if proc.process is not None and (returncode := proc.process.poll()) is not None:
-            self._exited(proc, container, returncode, policy)
-        if proc.terminated is None and proc.process is None and time.monotonic() >= proc.next_start:
-            self._start(pod, container, proc)
-        if proc.process is not None:
-            proc.ready = _probe(container, proc.ip)
-        self._report(pod, container, proc, policy)
+        for container in pod["spec"]["containers"]:
+            state = proc.containers[container["name"]]
+            if state.process is not None and (returncode := state.process.poll()) is not None:
+                self._exited(proc, state, returncode, policy)
+            if (state.terminated is None and state.process is None
+                    and time.monotonic() >= state.next_start):  # fmt: skip
+                self._start(pod, container, proc, state)
+            if state.process is not None:
+                state.ready = _probe(container, proc.ip)
+        self._report(pod, proc, policy)
 
-    def _exited(self, proc: PodProcess, container: Manifest, returncode: int, policy: str) -> None:
-        """The container's process ended: restart it after a back-off, or not, by policy."""
-        assert proc.process is not None
-        state = terminated_state(
-            returncode, proc.started_at, _now(), f"ttsfleet-local://{proc.process.pid}"
+    def _exited(
+        self, proc: PodProcess, state: ContainerProcess, returncode: int, policy: str
+    ) -> None:
+        """A container's process ended: restart it after a back-off, or not, by policy."""
+        assert state.process is not None
+        done = terminated_state(
+            returncode, state.started_at, _now(), f"ttsfleet-local://{state.process.pid}"
         )
-        ran = time.monotonic() - proc.started_monotonic
-        proc.process, proc.ready = None, False
-        log.warning("Pod %s/%s exited with %s (restartPolicy %s)", proc.namespace, proc.name,
-                    state["exitCode"], policy)  # fmt: skip
-        if not restart_wanted(policy, state["exitCode"]):
-            proc.terminated = state
-            proc.node.remove_address(proc.ip)  # as a pod sandbox torn down frees its IP
+        ran = time.monotonic() - state.started_monotonic
+        state.process, state.ready = None, False
+        log.warning("Pod %s/%s container %s exited with %s (restartPolicy %s)", proc.namespace,
+                    proc.name, state.name, done["exitCode"], policy)  # fmt: skip
+        if not restart_wanted(policy, done["exitCode"]):
+            state.terminated = done
+            if all(c.terminated is not None for c in proc.containers.values()):
+                proc.node.remove_address(proc.ip)  # as a pod sandbox torn down frees its IP
             return
-        proc.last_terminated = state
+        state.last_terminated = done
         if ran >= BACKOFF_RESET_SECONDS:
-            proc.backoff = FIRST_BACKOFF_SECONDS
-        proc.next_start = time.monotonic() + proc.backoff
-        proc.waiting_reason = "CrashLoopBackOff"
-        proc.waiting_message = (
-            f"back-off {proc.backoff:.0f}s restarting failed container={container['name']} "
+            state.backoff = FIRST_BACKOFF_SECONDS
+        state.next_start = time.monotonic() + state.backoff
+        state.waiting_reason = "CrashLoopBackOff"
+        state.waiting_message = (
+            f"back-off {state.backoff:.0f}s restarting failed container={state.name} "
             f"pod={proc.name}_{proc.namespace}({proc.uid})"
         )
-        proc.backoff = min(proc.backoff * 2, MAX_BACKOFF_SECONDS)
+        state.backoff = min(state.backoff * 2, MAX_BACKOFF_SECONDS)
 
-    def _start(self, pod: Manifest, container: Manifest, proc: PodProcess) -> None:
+    def _start(
+        self, pod: Manifest, container: Manifest, proc: PodProcess, state: ContainerProcess
+    ) -> None:
         project = images.is_project_image(str(container.get("image") or ""))
         # What the downward API reads of the pod: its address is known here first.
         status = (pod.get("status") or {}) | {
@@ -413,45 +480,36 @@ class Runner:
                 container, volumes, proc.workdir, str(proc.ip), proc.uid, env, hosts
             )
         except images.NotRunnableLocallyError as err:
-            proc.waiting_reason, proc.waiting_message = "ImageNotRunnableLocally", str(err)
-            proc.next_start = time.monotonic() + 30
+            state.waiting_reason, state.waiting_message = "ImageNotRunnableLocally", str(err)
+            state.next_start = time.monotonic() + 30
             return
         except podfs.PodSetupError as err:  # kubelet's word for a missing ConfigMap or key
-            proc.waiting_reason, proc.waiting_message = "CreateContainerConfigError", str(err)
-            proc.next_start = time.monotonic() + 5
+            state.waiting_reason, state.waiting_message = "CreateContainerConfigError", str(err)
+            state.next_start = time.monotonic() + 5
             return
         argv = command.wrapped()
         env = command.env
         proc.workdir.mkdir(parents=True, exist_ok=True)
         proc.node.add_address(proc.ip)  # idempotent; a restart finds it in place
-        with (proc.workdir / "container.log").open("ab") as out:
-            proc.process = subprocess.Popen(
+        with (proc.workdir / state.log).open("ab") as out:
+            state.process = subprocess.Popen(
                 ["ip", "netns", "exec", proc.node.netns, *argv],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )  # fmt: skip
-        proc.started_at = _now()
-        proc.started_monotonic = time.monotonic()
-        if proc.ever_started:
-            proc.restarts += 1
-        proc.ever_started = True
-        proc.waiting_reason = proc.waiting_message = ""
-        log.info(
-            "Started pod %s/%s at %s (pid %s)", proc.namespace, proc.name, proc.ip, proc.process.pid
-        )
+        state.started_at = _now()
+        state.started_monotonic = time.monotonic()
+        if state.ever_started:
+            state.restarts += 1
+        state.ever_started = True
+        state.waiting_reason = state.waiting_message = ""
+        log.info("Started pod %s/%s container %s at %s (pid %s)", proc.namespace, proc.name,
+                 state.name, proc.ip, state.process.pid)  # fmt: skip
 
-    def _report(self, pod: Manifest, container: Manifest, proc: PodProcess, policy: str) -> None:
-        running = proc.process is not None
-        state: Manifest
-        if running:
-            state = {"running": {"startedAt": proc.started_at}}
-        elif proc.terminated is not None:
-            state = {"terminated": proc.terminated}
-        else:
-            state = {"waiting": {"reason": proc.waiting_reason or "ContainerCreating",
-                                 "message": proc.waiting_message}}  # fmt: skip
-        phase = pod_phase(policy, running, proc.terminated, proc.last_terminated is not None)
+    def _report(self, pod: Manifest, proc: PodProcess, policy: str) -> None:
+        states = [proc.containers[c["name"]] for c in pod["spec"]["containers"]]
+        phase = pods_phase(policy, states)
         finished = phase in ("Succeeded", "Failed")
-        ready = "True" if proc.ready else "False"
+        ready = "True" if all(c.ready for c in states) else "False"
         conditions: list[Manifest] = [
             {"type": kind, "status": value}
             for kind, value in (
@@ -465,11 +523,6 @@ class Runner:
         if finished:  # kubelet's reason on a pod whose containers are all done
             for cond in conditions[3:]:
                 cond["reason"] = "PodCompleted"
-        container_id = (
-            f"ttsfleet-local://{proc.process.pid}"
-            if proc.process is not None
-            else str((proc.terminated or proc.last_terminated or {}).get("containerID", ""))
-        )
         status: Manifest = {
             "phase": phase,
             "hostIP": str(proc.node.gateway),
@@ -479,19 +532,8 @@ class Runner:
             "startTime": pod.get("status", {}).get("startTime") or _now(),
             "conditions": conditions,
             "containerStatuses": [
-                {
-                    "name": container["name"],
-                    "image": container["image"],
-                    "imageID": "",
-                    "containerID": container_id,
-                    "ready": proc.ready,
-                    "started": running,
-                    "restartCount": proc.restarts,
-                    "state": state,
-                    "lastState": (
-                        {"terminated": proc.last_terminated} if proc.last_terminated else {}
-                    ),
-                }
+                _container_status(container, state)
+                for container, state in zip(pod["spec"]["containers"], states, strict=True)
             ],
         }
         digest = json.dumps(status, sort_keys=True)
@@ -511,13 +553,17 @@ class Runner:
         self.stopping.add(uid)
         proc = self.pods.pop(uid, None)
         grace = int(pod["metadata"].get("deletionGracePeriodSeconds") or 30)
-        container = pod["spec"]["containers"][0]
-        pre_stop = ((container.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}
+        # Each container's preStop sleep runs at once (as kubelet's do): the longest counts.
+        pre_stop = max(
+            int((((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {})
+                .get("seconds") or 0)
+            for c in pod["spec"]["containers"]
+        )  # fmt: skip
 
         def stop_and_delete() -> None:
             try:
                 if proc is not None:
-                    self._stop(proc, grace=grace, pre_stop=int(pre_stop.get("seconds") or 0))
+                    self._stop(proc, grace=grace, pre_stop=pre_stop)
                 kube.delete_pod(self.api, pod["metadata"]["namespace"], pod["metadata"]["name"], 0)
             except Exception:  # the next sync sees the pod again and tries again
                 log.exception("Stopping pod %s/%s failed", pod["metadata"]["namespace"],
@@ -557,7 +603,7 @@ class Runner:
         """Write running pods' ConfigMap, Secret and token volumes again (kubelet's
         periodic sync): changes reach the processes without a restart."""
         for proc in list(self.pods.values()):
-            if proc.process is None or proc.volumes is None:
+            if not proc.running or proc.volumes is None:
                 continue
             try:
                 proc.volumes.sync()
@@ -565,19 +611,23 @@ class Runner:
                 log.exception("Syncing the volumes of %s/%s failed", proc.namespace, proc.name)
 
     def _stop(self, proc: PodProcess, grace: int, pre_stop: int = 0) -> None:
-        """preStop sleep (still serving, leaving the endpoints), SIGTERM, grace, SIGKILL."""
-        if proc.process is not None:
+        """preStop sleep (still serving, leaving the endpoints), SIGTERM to every
+        container, grace, SIGKILL to those still there."""
+        processes = [c.process for c in proc.containers.values() if c.process is not None]
+        if processes:
             deadline = time.monotonic() + grace
             if pre_stop:
                 time.sleep(min(pre_stop, grace))
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.process.pid, signal.SIGTERM)
-            try:
-                proc.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            for process in processes:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.process.pid, signal.SIGKILL)
-                proc.process.wait(timeout=10)
+                    os.killpg(process.pid, signal.SIGTERM)
+            for process in processes:
+                try:
+                    process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(timeout=10)
         proc.node.remove_address(proc.ip)
         shutil.rmtree(proc.workdir, ignore_errors=True)
         for region in Path("/dev/shm").glob(images.shm_prefix(proc.uid) + "*"):  # noqa: S108

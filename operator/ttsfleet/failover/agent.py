@@ -39,6 +39,7 @@ from ttsfleet.triton import contract
 log = logging.getLogger("ttsfleet.failover")
 
 PROBE_TEXT = "Hi."
+LISTEN_SECONDS = 0.5  # between rounds, while a region is suspect: the peers' votes
 
 
 @dataclass(frozen=True)
@@ -184,25 +185,45 @@ class Agent:
 
     # ---- one round ---------------------------------------------------------------------
 
+    def _peers(self) -> list[Target]:
+        return [t for t in [*self.targets, *([self.witness] if self.witness else [])]
+                if t.status_url and t.name != self.name]  # fmt: skip
+
+    def _heard(self, results: Sequence[object]) -> None:
+        for got in results:
+            assert isinstance(got, list)
+            for vote in got:
+                self.votes[(vote.observer, vote.region)] = vote
+
+    def suspect(self) -> bool:
+        """Whether some region is seen down without a quorum yet (a loss starting, or a
+        cut link): then the peers' votes are worth hearing between rounds."""
+        return any(v.suspect for v in self.verdicts.values())
+
     async def tick(self, session: aiohttp.ClientSession) -> None:
-        peers = [t for t in [*self.targets, *([self.witness] if self.witness else [])]
-                 if t.status_url and t.name != self.name]  # fmt: skip
         probes = [self.probe(session, t) for t in self.targets]
-        fetches = [self.fetch(session, t) for t in peers]
+        fetches = [self.fetch(session, t) for t in self._peers()]
         results = await asyncio.gather(*probes, *fetches)
         now = self.clock()
         for target, probe in zip(self.targets, results[: len(probes)], strict=True):
             assert isinstance(probe, Probe)
             up = self.observers[target.name].observe(probe)
             self.votes[(self.name, target.name)] = Vote(self.name, target.name, up, now)
-        for got in results[len(probes) :]:
-            assert isinstance(got, list)
-            for vote in got:
-                self.votes[(vote.observer, vote.region)] = vote
+        self._heard(results[len(probes) :])
         self.ticks += 1
         if not self.joined and (self.heard or self.ticks >= 3):
             self.join(now)
         self.decide(now)
+
+    async def listen(self, session: aiohttp.ClientSession) -> None:
+        """Only the peers' votes, then a decision (no probes): while a region is suspect,
+        a quorum is heard within LISTEN_SECONDS of its last vote, not a whole round. The
+        suspect regions' own agents are not asked (likely gone with them: their reads
+        would hold the round for a whole timeout)."""
+        peers = [t for t in self._peers() if not self.verdict(t.name).suspect]
+        self._heard(await asyncio.gather(*(self.fetch(session, t) for t in peers)))
+        if self.joined:
+            self.decide(self.clock())
 
     def join(self, now: float) -> None:
         """A starting agent takes up its peers' view: a region that some peer holds Down,
@@ -334,9 +355,14 @@ class Agent:
                     if self.before_tick is not None:
                         self.before_tick(self)
                     await self.tick(session)
-                    left = self.rules.probe_interval_seconds - (self.clock() - started)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), max(left, 0.05))
+                    while not stop.is_set():
+                        left = self.rules.probe_interval_seconds - (self.clock() - started)
+                        pause = min(left, LISTEN_SECONDS) if self.suspect() else left
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), max(pause, 0.05))
+                        if pause >= left - 0.05:
+                            break
+                        await self.listen(session)
         finally:
             await runner.cleanup()
 

@@ -69,6 +69,9 @@ def upstream(url: str) -> Upstream:
     return Upstream(ip, port, parts.hostname, tls)
 
 
+READY_PATH = "/envoy/ready"  # answered by Envoy on its listener, never forwarded
+
+
 def bootstrap(node: str, port: int, admin_port: int, eds_path: Path, *,
               host: str = "127.0.0.1", retries: int = 3, consecutive_5xx: int = 2,
               ejection_seconds: float = 10.0,
@@ -127,11 +130,22 @@ def bootstrap(node: str, port: int, admin_port: int, eds_path: Path, *,
         },
         "http_filters": [
             {
+                # Answers READY_PATH itself: what a kubelet's readiness probe reaches on
+                # the pod IP (the admin endpoint stays on loopback).
+                "name": "envoy.filters.http.health_check",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                    "health_check.v3.HealthCheck",
+                    "pass_through_mode": False,
+                    "headers": [{"name": ":path", "string_match": {"exact": READY_PATH}}],
+                },
+            },
+            {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
                 },
-            }
+            },
         ],
     }
     cluster = {

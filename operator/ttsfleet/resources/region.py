@@ -154,8 +154,8 @@ def children(region: Region, gateway_url: str) -> list[Manifest]:
                 "image": spec.envoy.image,
                 "args": ["-c", f"{SPEC_DIR}/{ENVOY_KEY}", "--reject-unknown-dynamic-fields"],
                 "ports": [{"name": "speech", "containerPort": spec.envoy.port, "protocol": "TCP"}],
-                "readinessProbe": {
-                    "httpGet": {"path": "/ready", "port": ADMIN_PORT},
+                "readinessProbe": {  # on its listener: the admin port is loopback's
+                    "httpGet": {"path": envoy.READY_PATH, "port": "speech"},
                     "periodSeconds": 2,
                 },
                 "volumeMounts": envoy_mounts,
