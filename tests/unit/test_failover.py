@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import aiohttp
 import pytest
@@ -317,3 +318,39 @@ def test_a_suspect_region_hears_its_peers_between_rounds_and_goes_down_at_once()
 
     suspect, state = asyncio.run(scenario())
     assert suspect and state == "Down"
+
+
+def test_a_peers_vote_counts_before_a_hanging_probe_of_the_lost_region_ends() -> None:
+    """A probe of a region that is gone waits its whole timeout; the quorum does not."""
+    now = [100.0]
+
+    async def scenario() -> tuple[str, bool]:
+        hang = socket.socket()  # accepts connections (its backlog) and never answers
+        hang.bind(("127.0.0.1", 0))
+        hang.listen(16)
+        gone = f"http://127.0.0.1:{hang.getsockname()[1]}"
+        ap = Agent("ap", [Target("ap", "http://ap"), Target("us", gone)], RULES,
+                   clock=lambda: now[0])  # fmt: skip
+        ap.votes[("ap", "us")] = Vote("ap", "us", False, 99.5)
+        runner = web.AppRunner(ap.app())
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            eu = Agent("eu", [Target("eu", gone), Target("us", gone),
+                              Target("ap", gone, f"http://127.0.0.1:{port}/status")],
+                       RULES, FAILBACK, clock=lambda: now[0])  # fmt: skip
+            eu.joined = True
+            eu.votes[("eu", "us")] = Vote("eu", "us", False, 99.8)
+            async with aiohttp.ClientSession() as session:
+                round_ = asyncio.ensure_future(eu.tick(session))
+                await asyncio.sleep(0.5)  # probes time out after 1.5 s
+                state, probing = eu.state("us").value, not round_.done()
+                await round_
+            return state, probing
+        finally:
+            await runner.cleanup()
+            hang.close()
+
+    state, probing = asyncio.run(scenario())
+    assert probing and state == "Down"

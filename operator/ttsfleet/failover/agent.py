@@ -201,15 +201,18 @@ class Agent:
         return any(v.suspect for v in self.verdicts.values())
 
     async def tick(self, session: aiohttp.ClientSession) -> None:
-        probes = [self.probe(session, t) for t in self.targets]
-        fetches = [self.fetch(session, t) for t in self._peers()]
-        results = await asyncio.gather(*probes, *fetches)
+        """One round: probe every region and read every peer's votes, at once. The
+        peers' votes count as soon as they are read (a probe of a region that is gone
+        takes its whole timeout, and a quorum need not wait for it)."""
+        probing = asyncio.gather(*(self.probe(session, t) for t in self.targets))
+        self._heard(await asyncio.gather(*(self.fetch(session, t) for t in self._peers())))
+        if self.joined:
+            self.decide(self.clock())
+        probes = await probing
         now = self.clock()
-        for target, probe in zip(self.targets, results[: len(probes)], strict=True):
-            assert isinstance(probe, Probe)
+        for target, probe in zip(self.targets, probes, strict=True):
             up = self.observers[target.name].observe(probe)
             self.votes[(self.name, target.name)] = Vote(self.name, target.name, up, now)
-        self._heard(results[len(probes) :])
         self.ticks += 1
         if not self.joined and (self.heard or self.ticks >= 3):
             self.join(now)
