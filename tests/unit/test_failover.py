@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -288,33 +290,45 @@ def test_an_edited_spec_is_taken_up_and_keeps_what_the_agent_knows() -> None:
     assert "ap" not in agent.failbacks and not any("ap" in key for key in agent.votes)
 
 
+@contextlib.asynccontextmanager
+async def ap_sees_us_down(us_url: str = "http://us") -> AsyncIterator[str]:
+    """ap's agent, voting us down, serving its /status on loopback: its URL."""
+    ap = Agent("ap", [Target("ap", "http://ap"), Target("us", us_url)], RULES,
+               clock=lambda: 100.0)  # fmt: skip
+    ap.votes[("ap", "us")] = Vote("ap", "us", False, 99.5)
+    runner = web.AppRunner(ap.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/status"
+    finally:
+        await runner.cleanup()
+
+
+def eu_suspecting_us(gateway: str, ap_status: str) -> Agent:
+    """eu's agent, which votes us down and has not heard ap yet (every gateway at
+    `gateway`)."""
+    eu = Agent("eu", [Target("eu", gateway), Target("us", gateway),
+                      Target("ap", gateway, ap_status)], RULES, FAILBACK,
+               clock=lambda: 100.0)  # fmt: skip
+    eu.joined = True
+    eu.votes[("eu", "us")] = Vote("eu", "us", False, 99.8)
+    return eu
+
+
 def test_a_suspect_region_hears_its_peers_between_rounds_and_goes_down_at_once() -> None:
     """eu sees us down and waits for the quorum: listen() reads ap's votes over HTTP (no
     probes), and us is Down without waiting for eu's next round."""
-    now = [100.0]
-    rules = RegionDetection(failures_to_down=1)
 
     async def scenario() -> tuple[bool, str]:
-        ap = Agent("ap", [Target("ap", "http://ap"), Target("us", "http://us")], rules,
-                   clock=lambda: now[0])  # fmt: skip
-        ap.votes[("ap", "us")] = Vote("ap", "us", False, 99.5)
-        runner = web.AppRunner(ap.app())
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            eu = Agent("eu", [Target("eu", "http://eu"), Target("us", "http://us"),
-                              Target("ap", "http://ap", f"http://127.0.0.1:{port}/status")],
-                       RULES, FAILBACK, clock=lambda: now[0])  # fmt: skip
-            eu.joined = True
-            eu.votes[("eu", "us")] = Vote("eu", "us", False, 99.8)
-            eu.decide(now[0])
+        async with ap_sees_us_down() as ap_status:
+            eu = eu_suspecting_us("http://gateway", ap_status)
+            eu.decide(100.0)
             suspect = eu.suspect()
             async with aiohttp.ClientSession() as session:
                 await eu.listen(session)
             return suspect, eu.state("us").value
-        finally:
-            await runner.cleanup()
 
     suspect, state = asyncio.run(scenario())
     assert suspect and state == "Down"
@@ -322,35 +336,20 @@ def test_a_suspect_region_hears_its_peers_between_rounds_and_goes_down_at_once()
 
 def test_a_peers_vote_counts_before_a_hanging_probe_of_the_lost_region_ends() -> None:
     """A probe of a region that is gone waits its whole timeout; the quorum does not."""
-    now = [100.0]
 
     async def scenario() -> tuple[str, bool]:
-        hang = socket.socket()  # accepts connections (its backlog) and never answers
-        hang.bind(("127.0.0.1", 0))
-        hang.listen(16)
-        gone = f"http://127.0.0.1:{hang.getsockname()[1]}"
-        ap = Agent("ap", [Target("ap", "http://ap"), Target("us", gone)], RULES,
-                   clock=lambda: now[0])  # fmt: skip
-        ap.votes[("ap", "us")] = Vote("ap", "us", False, 99.5)
-        runner = web.AppRunner(ap.app())
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            eu = Agent("eu", [Target("eu", gone), Target("us", gone),
-                              Target("ap", gone, f"http://127.0.0.1:{port}/status")],
-                       RULES, FAILBACK, clock=lambda: now[0])  # fmt: skip
-            eu.joined = True
-            eu.votes[("eu", "us")] = Vote("eu", "us", False, 99.8)
-            async with aiohttp.ClientSession() as session:
-                round_ = asyncio.ensure_future(eu.tick(session))
-                await asyncio.sleep(0.5)  # probes time out after 1.5 s
-                state, probing = eu.state("us").value, not round_.done()
-                await round_
-            return state, probing
-        finally:
-            await runner.cleanup()
-            hang.close()
+        with socket.socket() as hang:  # accepts connections (its backlog), never answers
+            hang.bind(("127.0.0.1", 0))
+            hang.listen(16)
+            gone = f"http://127.0.0.1:{hang.getsockname()[1]}"
+            async with ap_sees_us_down(gone) as ap_status:
+                eu = eu_suspecting_us(gone, ap_status)
+                async with aiohttp.ClientSession() as session:
+                    round_ = asyncio.ensure_future(eu.tick(session))
+                    await asyncio.sleep(0.5)  # probes time out after 1.5 s
+                    state, probing = eu.state("us").value, not round_.done()
+                    await round_
+                return state, probing
 
     state, probing = asyncio.run(scenario())
     assert probing and state == "Down"
