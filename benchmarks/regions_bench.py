@@ -36,8 +36,11 @@ Scenarios (`scenarios` in the results, each with the keys of issue 19):
 
 Figures: `detection_s` (loss -> both other agents say Down), `traffic_shift_s` (loss ->
 the last eu client request that failed or was served by eu), `capacity_takeover_s`
-(loss -> every survivor's fleet has as many ready replicas as its autoscaler asks;
-clusters only, null at process level), `slo_restored_s` (loss -> the start of the first
+(loss -> every survivor's fleet has as many ready replicas as its region floor asks:
+its own load, its reserve for a lost peer and what it takes over, each region's load
+being the peak of its open streams over 5 minutes; clusters only, null at process
+level; `survivor_replicas` gives the floors, what the autoscalers asked for any reason,
+and the floors' reasons), `slo_restored_s` (loss -> the start of the first
 10 s in which every eu client request succeeded within the SLO: 1.5x the warm-up's TTFA
 p95, at least 500 ms), `failed_during_pct` (failed after the client's retry, every
 client, loss -> SLO restored), `failed_after` (from then to the end), `failback_s` (eu
@@ -183,6 +186,16 @@ class Region:
 View = dict[str, dict[str, Any]]  # region -> {"state", "percent", "window"}
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """A survivor's fleet at one moment."""
+
+    floor: int  # replicas its region floor asks (own + reserve or takeover)
+    desired: int  # replicas its autoscaler asks, for any reason
+    ready: int
+    reason: str  # the floor's
+
+
 class Processes:
     """The process level: each region's Triton, gateway and agent on its own address."""
 
@@ -263,7 +276,7 @@ class Processes:
                 ["ip", "rule", verb, "from", src, "to", dst, "prohibit", "pref", "10"], check=True
             )
 
-    def capacity(self) -> dict[str, tuple[int, int]]:
+    def capacity(self) -> dict[str, Capacity]:
         return {}  # no autoscaler at this level
 
 
@@ -351,13 +364,21 @@ class Clusters:
             subprocess.run(["ip", "-n", node, "route", verb, "prohibit", _node_cidr(other)],
                            check=True)  # fmt: skip
 
-    def capacity(self) -> dict[str, tuple[int, int]]:
-        """Each survivor's fleet: (replicas its autoscaler asks, ready replicas)."""
+    def capacity(self) -> dict[str, Capacity]:
+        """Each survivor's fleet: its region floor (its own load, its reserve for a lost
+        peer, what it takes over: the autoscaler's `floor`), the replicas the autoscaler
+        asks for (any reason), the ready ones, and the floor's reason."""
         out = {}
         for name in ("us", "ap"):
-            fleet = self.regions[name].fleet()
-            spec, status = fleet.get("spec") or {}, fleet.get("status") or {}
-            out[name] = (int(spec.get("replicas") or 0), int(status.get("readyReplicas") or 0))
+            rc = self.regions[name]
+            scaling, fleet = rc.autoscaling(), rc.fleet()
+            floor = scaling.get("floor") or {}
+            out[name] = Capacity(
+                int(floor.get("replicas") or 0),
+                int((fleet.get("spec") or {}).get("replicas") or 0),
+                int((fleet.get("status") or {}).get("readyReplicas") or 0),
+                str(floor.get("reason") or ""),
+            )
         return out
 
 
@@ -468,7 +489,7 @@ class Watch:
         self.level = level
         self.seen: list[tuple[float, str, dict[str, Any]]] = []
         self.eu_in_envoy: list[tuple[float, bool]] = []
-        self.capacity: list[tuple[float, dict[str, tuple[int, int]]]] = []
+        self.capacity: list[tuple[float, dict[str, Capacity]]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run)
         self.thread.start()
@@ -523,21 +544,28 @@ class Watch:
 
     def short_of_capacity(self, since: float, until: float) -> float | None:
         """Seconds from `since` to the end of the last sample in which a survivor had
-        fewer ready replicas than its autoscaler asked (0: never short); None without an
-        autoscaler."""
+        fewer ready replicas than its region floor asked (0: never short); None without
+        an autoscaler."""
         samples = [(at, seen) for at, seen in self.capacity if since <= at < until and seen]
         if not samples:
             return None
-        short = [at for at, seen in samples if any(ready < want for want, ready in seen.values())]
+        short = [at for at, seen in samples if any(c.ready < c.floor for c in seen.values())]
         return round(max(short) + 1.0 - since, 1) if short else 0.0
 
-    def replicas(self, since: float, until: float) -> dict[str, int]:
-        """The most replicas each survivor's autoscaler asked for between the two times."""
-        out: dict[str, int] = {}
+    def replicas(self, since: float, until: float) -> dict[str, dict[str, Any]]:
+        """Each survivor between the two times: the highest floor, desired and ready
+        replicas, and the floor's reasons."""
+        out: dict[str, dict[str, Any]] = {}
         for at, seen in self.capacity:
-            if since <= at < until:
-                for name, (want, _) in seen.items():
-                    out[name] = max(out.get(name, 0), want)
+            if not since <= at < until:
+                continue
+            for name, c in seen.items():
+                row = out.setdefault(name, {"floor": 0, "desired": 0, "ready": 0, "reasons": []})
+                row["floor"] = max(row["floor"], c.floor)
+                row["desired"] = max(row["desired"], c.desired)
+                row["ready"] = max(row["ready"], c.ready)
+                if c.reason and c.reason not in row["reasons"]:
+                    row["reasons"].append(c.reason)
         return out
 
     def reentries(self, since: float, until: float) -> int:

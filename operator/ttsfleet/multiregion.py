@@ -77,6 +77,13 @@ class RegionCluster:
         found = kube.get(self.api, "apps/v1", "Deployment", "joe-local", NAMESPACE)
         return found or {}
 
+    def autoscaling(self) -> Manifest:
+        """The fleet's status.autoscaling: desired replicas, the floor and its reason."""
+        found = kube.get_custom(
+            self.api, api.GROUP, api.VERSION, api.PLURAL, NAMESPACE, "joe-local"
+        )
+        return dict(((found or {}).get("status") or {}).get("autoscaling") or {})
+
     def gateway_logs(self) -> list[Path]:
         """The access logs of this region's gateway pods (their container logs)."""
         pods = kube.list_pods(self.api, NAMESPACE, "ttsfleet.io/gateway=speech")

@@ -353,3 +353,41 @@ def test_a_peers_vote_counts_before_a_hanging_probe_of_the_lost_region_ends() ->
 
     state, probing = asyncio.run(scenario())
     assert probing and state == "Down"
+
+
+def test_a_regions_load_is_its_peak_over_five_minutes_and_a_lost_one_keeps_it() -> None:
+    now = [0.0]
+    three = [Target("eu", "http://eu"), Target("us", "http://us"), Target("ap", "http://ap")]
+    agent = Agent("eu", three, RULES, FAILBACK, clock=lambda: now[0])
+    for t, streams in [(0, 6.0), (2, 1.0), (100, 0.0), (250, 2.0)]:
+        agent.note_load("us", streams, float(t))
+    assert agent.load["us"] == 6.0  # the burst at t=0 still counts: reserve for the peak
+    agent.note_load("us", 1.0, 301.0)
+    assert agent.load["us"] == 2.0  # five minutes on, the burst has left the window
+    now[0] = 302.0
+    agent.votes = {(o, "us"): Vote(o, "us", False, 301.5) for o in ("eu", "ap")}
+    agent.decide(302.0)
+    assert agent.state("us") is RegionState.DOWN
+    assert agent.streams("us", 0) == 2.0  # what survivors take over: the same peak
+
+
+def test_an_observer_cut_off_from_every_other_region_says_nothing_of_them() -> None:
+    """eu's node loses its link: its probes of us and ap fail, its own gateway answers.
+    It must not come back holding down votes on both (one flaky vote from ap on us
+    would then make a false quorum): its votes on them go stale instead."""
+    agent = Agent("eu", [Target("eu", "http://eu"), Target("us", "http://us"),
+                         Target("ap", "http://ap")], RULES, FAILBACK)  # fmt: skip
+    ok, gone = Probe(0, ok=True, ttfa_ms=80), Probe(0, ok=False, why="no route to host")
+    agent.observe_round([ok, ok, ok], 0.0)
+    for t in range(1, 6):  # five rounds cut off, more than failuresToDown
+        agent.observe_round([ok, gone, gone], 2.0 * t)
+    assert agent.isolated
+    assert agent.votes[("eu", "us")].up and agent.votes[("eu", "us")].at == 0.0  # stale
+    assert agent.votes[("eu", "eu")].at == 10.0  # its own region: still observed
+    # ap votes us down (a slow probe, say): with eu's stale vote that is no quorum.
+    agent.votes[("ap", "us")] = Vote("ap", "us", False, 10.0)
+    agent.decide(10.5)
+    assert agent.state("us") is not RegionState.DOWN
+    # One region unreachable is not isolation: that is how a loss looks.
+    agent.observe_round([ok, gone, ok], 12.0)
+    assert not agent.isolated and agent.votes[("eu", "us")].at == 12.0

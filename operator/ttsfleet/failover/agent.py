@@ -20,6 +20,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,6 +41,7 @@ log = logging.getLogger("ttsfleet.failover")
 
 PROBE_TEXT = "Hi."
 LISTEN_SECONDS = 0.5  # between rounds, while a region is suspect: the peers' votes
+LOAD_PEAK_SECONDS = 300.0  # a region's load: the peak of its open streams over this
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,13 @@ class Agent:
     counts: dict[str, Counts] = field(init=False, default_factory=dict)
     load: dict[str, float] = field(init=False, default_factory=dict)
     lost_load: dict[str, float] = field(init=False, default_factory=dict)
+    load_seen: dict[str, deque[tuple[float, float]]] = field(init=False, default_factory=dict)
     levels: list[traffic.Level] | None = field(init=False, default=None)
     version: int = field(init=False, default=0)
     heard: dict[str, list[dict[str, Any]]] = field(init=False, default_factory=dict)
     joined: bool = field(init=False, default=False)
     ticks: int = field(init=False, default=0)
+    isolated: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.observers = {t.name: Observer(self.rules) for t in self.targets}
@@ -130,7 +134,8 @@ class Agent:
         voters = names | ({WITNESS} if self.witness else set())
         for key in [k for k in self.votes if k[1] not in names or k[0] not in voters]:
             del self.votes[key]
-        for known in (self.verdicts, self.counts, self.load, self.lost_load, self.heard):
+        for known in (self.verdicts, self.counts, self.load, self.lost_load, self.heard,
+                      self.load_seen):  # fmt: skip
             for region in [r for r in known if r not in names]:
                 del known[region]
         self.levels = None  # written again at the next decision, with the new URLs
@@ -210,13 +215,31 @@ class Agent:
             self.decide(self.clock())
         probes = await probing
         now = self.clock()
-        for target, probe in zip(self.targets, probes, strict=True):
-            up = self.observers[target.name].observe(probe)
-            self.votes[(self.name, target.name)] = Vote(self.name, target.name, up, now)
+        self.observe_round(probes, now)
         self.ticks += 1
         if not self.joined and (self.heard or self.ticks >= 3):
             self.join(now)
         self.decide(now)
+
+    def observe_round(self, probes: Sequence[Probe], now: float) -> None:
+        """This observer's votes from one round of probes (one per target, in order).
+
+        An observer that reached none of two or more other regions is most likely cut
+        off itself: it says nothing of them this round (their votes are not renewed, and
+        go stale), so that a region coming back from its own isolation does not bring
+        down votes on every healthy peer, which one flaky vote elsewhere would turn
+        into a false quorum. With one other region the witness breaks that tie."""
+        others = [p for t, p in zip(self.targets, probes, strict=True) if t.name != self.name]
+        isolated = len(others) >= 2 and not any(p.ok for p in others)
+        if isolated != self.isolated:
+            log.warning("%s: reached none of the other regions; saying nothing of them"
+                        if isolated else "%s: reaches other regions again", self.name)  # fmt: skip
+        self.isolated = isolated
+        for target, probe in zip(self.targets, probes, strict=True):
+            if isolated and target.name != self.name:
+                continue
+            up = self.observers[target.name].observe(probe)
+            self.votes[(self.name, target.name)] = Vote(self.name, target.name, up, now)
 
     async def listen(self, session: aiohttp.ClientSession) -> None:
         """Only the peers' votes, then a decision (no probes): while a region is suspect,
@@ -314,12 +337,23 @@ class Agent:
             return None
         now = gateway_counts(text)
         if now.streams is not None:
-            self.load[target.name] = now.streams
+            self.note_load(target.name, now.streams, self.clock())
         last = self.counts.get(target.name)
         self.counts[target.name] = now
         if last is None or now.total <= last.total:
             return None
         return max(now.errors - last.errors, 0.0) / (now.total - last.total)
+
+    def note_load(self, region: str, streams: float, now: float) -> None:
+        """A region's open streams as its gateway reports them: its load is the peak of
+        the last LOAD_PEAK_SECONDS (static stability provisions for the peak, and a
+        lost region's load is the same peak: a sample read between two requests would
+        make the reserve and the takeover disagree, and floors move with that noise)."""
+        seen = self.load_seen.setdefault(region, deque())
+        seen.append((now, streams))
+        while seen[0][0] < now - LOAD_PEAK_SECONDS:
+            seen.popleft()
+        self.load[region] = max(v for _, v in seen)
 
     async def fetch(self, session: aiohttp.ClientSession, target: Target) -> list[Vote]:
         """A peer's own votes (not those it heard), aged on this agent's clock."""
