@@ -79,6 +79,7 @@ from ttsfleet import harness, kube, multiregion
 from ttsfleet.cluster import local, tokens
 from ttsfleet.failover import envoy, traffic
 from ttsfleet.gateway import auth
+from ttsfleet.resources.region import STATUS_PORT
 
 ADDRESSES = {"eu": "127.0.1.1", "us": "127.0.1.2", "ap": "127.0.1.3"}
 NEAREST = {"eu": ["us", "ap"], "us": ["eu", "ap"], "ap": ["us", "eu"]}
@@ -291,6 +292,7 @@ class Clusters:
         self.regions: dict[str, multiregion.RegionCluster] = {}
         self.tokens: dict[str, str] = {}
         self.shares: dict[str, int] = {}
+        self.status_urls: dict[str, str] = {}
 
     def start(self) -> None:
         args = self.args
@@ -308,6 +310,9 @@ class Clusters:
             t: tokens.token(idp, tenant=t, ttl_seconds=7200) for t in ("acme", "acme-eu")
         }
         self.edge = {n: f"http://{rc.edge_address()}" for n, rc in self.regions.items()}
+        self.status_urls = {
+            n: f"http://{rc.agent_ip()}:{STATUS_PORT}/status" for n, rc in self.regions.items()
+        }
 
     def close(self) -> None:
         self.stack.close()
@@ -321,14 +326,15 @@ class Clusters:
         return [self.edge[r] for r in listed]
 
     def views(self) -> dict[str, View]:
+        """Each agent's own view, from its /status (as at process level: the TtsRegion
+        status it writes lags it by a write); an agent out of reach is left out."""
         out: dict[str, View] = {}
-        for name, rc in self.regions.items():
-            seen = rc.view()
-            if seen:
-                out[name] = {
-                    r: {"state": v.get("state"), "percent": v.get("trafficPercent", 100)}
-                    for r, v in seen.items()
-                }
+        for name, url in self.status_urls.items():
+            try:
+                doc = httpx2.get(url, timeout=0.5).json()
+            except (httpx2.HTTPError, ValueError):
+                continue
+            out[name] = {r["name"]: r for r in doc.get("regions", [])}
         # What the regions publish for each (the DNS weights): the lowest share any
         # other region's agent gives it.
         self.shares = {
@@ -434,7 +440,10 @@ class Load:
 
     def _run(self, client: str, tenant: str, rate: float) -> None:
         while not self.stop.wait(1 / rate):
-            self.pool.submit(self._request, client, tenant)
+            try:
+                self.pool.submit(self._request, client, tenant)
+            except RuntimeError:  # the interpreter is exiting (a SIGTERM): stop sending
+                return
 
     def _once(
         self, edge: str, tenant: str, started: float

@@ -220,17 +220,25 @@ def test_a_region_reserves_for_a_peer_and_takes_its_share_of_a_lost_one() -> Non
 def test_each_fleet_floor_is_its_part_of_the_regions_needs() -> None:
     lost = traffic.needs("eu", view(eu=(100, 60), us=(0, 60), ap=(100, 60)))
     steady = traffic.needs("eu", view(eu=(100, 60), us=(100, 60), ap=(100, 60)))
-    assert traffic.fleet_floor(steady, 1.0, 60, 1, 4).replicas == 23  # (60 + 30) / 4
-    assert traffic.fleet_floor(steady, 0.0, 60, 1, 4).replicas == 0  # no reserve asked
+    assert traffic.fleet_floor(steady, 1.0, 1.0, 4).replicas == 23  # (60 + 30) / 4
+    assert traffic.fleet_floor(steady, 0.0, 1.0, 4).replicas == 0  # no reserve asked
     # The loss of us: the reserve already there absorbs eu's half, no replica more.
-    assert traffic.fleet_floor(lost, 1.0, 60, 1, 4).replicas == 23
+    assert traffic.fleet_floor(lost, 1.0, 1.0, 4).replicas == 23
     # Without a reserve the takeover raises the floor at once; a fleet carrying 45 of
-    # eu's 60 streams holds 3/4 of it: 3/4 * (60 + 30) / 4 -> 17.
-    made = traffic.fleet_floor(lost, 0.0, 45, 2, 4)
+    # the 60 streams open on eu's fleets holds 3/4 of it: 3/4 * (60 + 30) / 4 -> 17.
+    parts = traffic.fleet_parts({"joe": 45.0, "ann": 15.0})
+    assert parts == {"joe": 0.75, "ann": 0.25}
+    made = traffic.fleet_floor(lost, 0.0, parts["joe"], 4)
     assert made.replicas == 17 and made.reason == "region eu takes over from us"
     # An idle region's fleets split a takeover evenly.
     idle = traffic.needs("eu", view(eu=(100, 0), us=(0, 40), ap=(100, 0)))
-    assert traffic.fleet_floor(idle, 1.0, 0, 2, 4).replicas == 3  # max(20, 20) each / 4
+    assert traffic.fleet_parts({"joe": 0.0, "ann": 0.0}) == {"joe": 0.5, "ann": 0.5}
+    assert traffic.fleet_floor(idle, 1.0, 0.5, 4).replicas == 3  # max(20, 20) each / 4
+    # A region's load is its 5-minute peak; its one fleet, idle this very second, still
+    # holds the region's whole need (it used to hold none of it).
+    assert (
+        traffic.fleet_floor(steady, 1.0, traffic.fleet_parts({"joe": 0.0})["joe"], 4).replicas == 23
+    )
 
 
 def test_a_restarted_agent_takes_up_its_peers_view_and_never_skips_a_failback() -> None:

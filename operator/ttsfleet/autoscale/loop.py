@@ -130,11 +130,13 @@ def region_floors(
     for region in regions:
         needs = traffic.needs(region.here, region.view)
         mine = [k for k in region.fleets if k in specs]
+        streams = {}
         for key in mine:
             found = (signals or {}).get(key)
-            streams = (found.open_streams if found else None) or 0.0
+            streams[key] = (found.open_streams if found else None) or 0.0
+        for key, part in traffic.fleet_parts(streams).items():
             spec = specs[key]
-            made = traffic.fleet_floor(needs, spec.scaling.region_reserve, streams, len(mine),
+            made = traffic.fleet_floor(needs, spec.scaling.region_reserve, part,
                                        spec.placement.streams_per_replica)  # fmt: skip
             out[key] = floors.floor(out.get(key, floors.NONE), made)
     return out

@@ -121,13 +121,20 @@ def needs(here: str, view: Sequence[Mapping[str, Any]]) -> Needs:
     return Needs(here, load[here], extra, taken, lost)
 
 
-def fleet_floor(needs: Needs, share: float, fleet_streams: float, fleets: int,
-                streams_per_replica: int) -> Floor:  # fmt: skip
-    """A fleet's floor from its region's needs: its part of the region's streams (an even
-    part while the region is idle) of its own load plus the larger of its reserve share
-    and what the region takes over now. The reserve held in steady state is what absorbs
-    a loss: with equal regions a takeover needs no replica more than were there."""
-    part = min(fleet_streams / needs.own, 1.0) if needs.own > 0 else 1.0 / max(fleets, 1)
+def fleet_parts(streams: Mapping[Any, float]) -> dict[Any, float]:
+    """Each fleet's part of its region's load: its share of the open streams of the
+    fleets behind the region's gateway (even while they are all idle)."""
+    total = sum(streams.values())
+    if total <= 0:
+        return {k: 1.0 / len(streams) for k in streams}
+    return {k: v / total for k, v in streams.items()}
+
+
+def fleet_floor(needs: Needs, share: float, part: float, streams_per_replica: int) -> Floor:
+    """A fleet's floor from its region's needs: its `part` (`fleet_parts`) of its
+    region's own load plus the larger of its reserve share and what the region takes
+    over now. The reserve held in steady state is what absorbs a loss: with equal
+    regions a takeover needs no replica more than were there."""
     total = part * (needs.own + max(share * needs.reserve, needs.takeover))
     if needs.lost and needs.takeover > 0:
         reason = f"region {needs.region} takes over from {', '.join(needs.lost)}"
