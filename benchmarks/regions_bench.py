@@ -293,6 +293,8 @@ class Clusters:
         self.tokens: dict[str, str] = {}
         self.shares: dict[str, int] = {}
         self.status_urls: dict[str, str] = {}
+        self.us_eds: Path | None = None
+        self.reader = ThreadPoolExecutor(max_workers=len(ADDRESSES))
 
     def start(self) -> None:
         args = self.args
@@ -310,11 +312,13 @@ class Clusters:
             t: tokens.token(idp, tenant=t, ttl_seconds=7200) for t in ("acme", "acme-eu")
         }
         self.edge = {n: f"http://{rc.edge_address()}" for n, rc in self.regions.items()}
+        self.us_eds = self.regions["us"].eds_file()
         self.status_urls = {
             n: f"http://{rc.agent_ip()}:{STATUS_PORT}/status" for n, rc in self.regions.items()
         }
 
     def close(self) -> None:
+        self.reader.shutdown(wait=True)
         self.stack.close()
 
     def edges(self, client: str) -> list[str]:
@@ -329,12 +333,10 @@ class Clusters:
         """Each agent's own view, from its /status (as at process level: the TtsRegion
         status it writes lags it by a write); an agent out of reach is left out."""
         out: dict[str, View] = {}
-        for name, url in self.status_urls.items():
-            try:
-                doc = httpx2.get(url, timeout=0.5).json()
-            except (httpx2.HTTPError, ValueError):
-                continue
-            out[name] = {r["name"]: r for r in doc.get("regions", [])}
+        docs = self.reader.map(_status, self.status_urls.values())
+        for name, doc in zip(self.status_urls, docs, strict=True):
+            if doc is not None:
+                out[name] = {r["name"]: r for r in doc.get("regions", [])}
         # What the regions publish for each (the DNS weights): the lowest share any
         # other region's agent gives it.
         self.shares = {
@@ -346,8 +348,7 @@ class Clusters:
 
     def eu_in_envoy(self) -> bool | None:
         """Whether us's Envoy has eu in its EDS file (eu's own Envoy is cut with eu)."""
-        path = self.regions["us"].eds_file()
-        return None if path is None else _in_eds(path, "eu")
+        return None if self.us_eds is None else _in_eds(self.us_eds, "eu")
 
     def access_logs(self) -> list[Path]:
         return [log for rc in self.regions.values() for log in rc.gateway_logs()]
@@ -386,6 +387,15 @@ class Clusters:
                 str(floor.get("reason") or ""),
             )
         return out
+
+
+def _status(url: str) -> dict[str, Any] | None:
+    """An agent's /status, or None when it cannot be read within half a second."""
+    try:
+        doc: dict[str, Any] = httpx2.get(url, timeout=0.5).json()
+    except (httpx2.HTTPError, ValueError):
+        return None
+    return doc
 
 
 def _node_cidr(rc: multiregion.RegionCluster) -> str:
@@ -500,16 +510,22 @@ class Watch:
         self.eu_in_envoy: list[tuple[float, bool]] = []
         self.capacity: list[tuple[float, dict[str, Capacity]]] = []
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run)
-        self.thread.start()
+        # The fleets are read through the apiservers, more slowly: apart, so that the
+        # views are sampled every 200 ms whatever an apiserver takes.
+        self.threads = [threading.Thread(target=self._run),
+                        threading.Thread(target=self._run_capacity)]  # fmt: skip
+        for thread in self.threads:
+            thread.start()
+
+    def _run_capacity(self) -> None:
+        while not self.stop.wait(1.0):
+            self.capacity.append((time.monotonic(), self.level.capacity()))
 
     def _run(self) -> None:
         while not self.stop.wait(0.2):
             now = time.monotonic()
             for name, view in self.level.views().items():
                 self.seen.append((now, name, view))
-            if not self.capacity or now - self.capacity[-1][0] >= 1.0:
-                self.capacity.append((now, self.level.capacity()))
             present = self.level.eu_in_envoy()
             if present is None:
                 continue
@@ -518,7 +534,8 @@ class Watch:
 
     def close(self) -> None:
         self.stop.set()
-        self.thread.join()
+        for thread in self.threads:
+            thread.join()
 
     def view(self, observer: str, region: str) -> dict[str, Any]:
         """`region` in `observer`'s last view ({} before any)."""
@@ -748,6 +765,11 @@ def scenario(
     }
 
 
+def _stop(*_: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(143)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -761,8 +783,9 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=30)
     parser.add_argument("--max-window", type=int, default=600)
     args = parser.parse_args()
-    # Stopped (SIGTERM), the run still stops every process it started.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # Stopped (SIGTERM), the run still stops every process it started: once (`timeout`
+    # passes its own SIGTERM on too, and a second one must not cut the clean-up short).
+    signal.signal(signal.SIGTERM, _stop)
     tmp = Path(mkdtemp(prefix="ttsfleet-regions-"))
     level: Level = Clusters(args, tmp) if args.level == "clusters" else Processes(args, tmp)
     results: dict[str, Any] = {
