@@ -128,6 +128,12 @@ class LocalNode:
         """Create the namespace and veth pair (idempotent: a restart finds them there)."""
         if self.netns not in _ip("netns", "list").stdout.split():
             _ip("netns", "add", self.netns)
+        host_side = _ip("link", "show", self.host_if, check=False).returncode == 0
+        if host_side and _ip("-n", self.netns, "link", "show", "eth0", check=False).returncode:
+            # A pair left by a namespace that was removed while processes still held it
+            # (a run killed mid-clean-up): its other end is not here. A new pair.
+            log.warning("Replacing %s: its peer is not in %s", self.host_if, self.netns)
+            _ip("link", "delete", self.host_if, check=False)
         if _ip("link", "show", self.host_if, check=False).returncode != 0:
             _ip(
                 "link",
