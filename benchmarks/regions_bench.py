@@ -75,7 +75,7 @@ from typing import Any
 import httpx2
 import yaml
 
-from ttsfleet import harness, kube, multiregion
+from ttsfleet import harness, multiregion
 from ttsfleet.cluster import local, tokens
 from ttsfleet.failover import envoy, traffic
 from ttsfleet.gateway import auth
@@ -293,6 +293,7 @@ class Clusters:
         self.tokens: dict[str, str] = {}
         self.shares: dict[str, int] = {}
         self.status_urls: dict[str, str] = {}
+        self.edge: dict[str, str] = {}
         self.us_eds: Path | None = None
         self.reader = ThreadPoolExecutor(max_workers=len(ADDRESSES))
 
@@ -367,8 +368,7 @@ class Clusters:
         eu, ap = self.regions["eu"], self.regions["ap"]
         verb = "add" if on else "del"
         for rc, other in ((eu, ap), (ap, eu)):
-            node = local.netns_prefix(rc.cluster) + "local-0"
-            subprocess.run(["ip", "-n", node, "route", verb, "prohibit", _node_cidr(other)],
+            subprocess.run(["ip", "-n", rc.netns(), "route", verb, "prohibit", other.node_cidr()],
                            check=True)  # fmt: skip
 
     def capacity(self) -> dict[str, Capacity]:
@@ -396,11 +396,6 @@ def _status(url: str) -> dict[str, Any] | None:
     except (httpx2.HTTPError, ValueError):
         return None
     return doc
-
-
-def _node_cidr(rc: multiregion.RegionCluster) -> str:
-    node = kube.get(rc.api, "v1", "Node", "local-0", None) or {}
-    return str(node["spec"]["podCIDR"])
 
 
 def _in_eds(path: Path, region: str) -> bool | None:

@@ -19,7 +19,7 @@ import pytest
 from kubernetes import client
 
 from ttsfleet import harness, kube
-from ttsfleet.cluster import local, toolchain
+from ttsfleet.cluster import local
 from ttsfleet.cluster.pool import load_pool_file
 from ttsfleet.harness import OperatorProcess as Operator
 from ttsfleet.harness import TritonProcess as Triton
@@ -53,13 +53,7 @@ class Cluster:
     api: client.ApiClient
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
-        result = subprocess.run(
-            [str(toolchain.binary("kubectl")), "--kubeconfig", str(self.kubeconfig), *args],
-            capture_output=True, text=True, input=input, check=False, timeout=120,
-        )  # fmt: skip
-        if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
-        return result.stdout
+        return harness.kubectl(self.kubeconfig, *args, check=check, input=input)
 
     def wait_established(self, crd: str, timeout: float = 60) -> None:
         """Poll until `crd` (crd/plural.group) is Established: `harness.wait_established`,

@@ -867,15 +867,11 @@ def region(
 ) -> None:
     """Run a region's observer outside Kubernetes: probes, votes, quorum, failback, and
     this region's Envoy (the operator runs the same agent for each TtsRegion)."""
-    import yaml
-    from pydantic import ValidationError
-
-    from ttsfleet.api.v1alpha1 import TtsRegionSpec
     from ttsfleet.failover.agent import Agent
 
     try:
-        parsed = TtsRegionSpec.model_validate(yaml.safe_load(spec.read_text())["spec"])
-    except (OSError, KeyError, TypeError, yaml.YAMLError, ValidationError) as err:
+        parsed = _region_spec(spec.read_text())
+    except (OSError, ValueError) as err:
         raise _fail(f"--spec {spec}: {err}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     token = token_file.read_text().strip() if token_file else None
@@ -889,15 +885,24 @@ def region(
     _run_agent(agent, host, port)
 
 
-def _spec_follower(path: Path, gateway_url: str) -> Any:
-    """Before each round: an edited spec file (the ConfigMap the operator renders, as the
-    kubelet refreshes it) is taken up without a restart; one that does not parse is
-    logged and the last good one kept."""
+def _region_spec(text: str) -> Any:
+    """The TtsRegionSpec of a TtsRegion manifest (YAML or JSON); ValueError naming what
+    is wrong otherwise."""
     import yaml
     from pydantic import ValidationError
 
     from ttsfleet.api.v1alpha1 import TtsRegionSpec
 
+    try:
+        return TtsRegionSpec.model_validate(yaml.safe_load(text)["spec"])
+    except (KeyError, TypeError, yaml.YAMLError, ValidationError) as err:
+        raise ValueError(str(err)) from None
+
+
+def _spec_follower(path: Path, gateway_url: str) -> Any:
+    """Before each round: an edited spec file (the ConfigMap the operator renders, as the
+    kubelet refreshes it) is taken up without a restart; one that does not parse is
+    logged and the last good one kept."""
     log = logging.getLogger("ttsfleet.region")
     last = [path.read_text()]
 
@@ -911,8 +916,8 @@ def _spec_follower(path: Path, gateway_url: str) -> Any:
             return
         last[0] = text
         try:
-            parsed = TtsRegionSpec.model_validate(yaml.safe_load(text)["spec"])
-        except (KeyError, TypeError, yaml.YAMLError, ValidationError) as err:
+            parsed = _region_spec(text)
+        except ValueError as err:
             log.error("the edited --spec %s is refused, keeping the last one: %s", path, err)
             return
         agent.reconfigure(parsed, gateway_url)

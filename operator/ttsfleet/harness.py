@@ -562,6 +562,18 @@ def pod_kubeconfig(
     return pod, token_kubeconfig(admin, token, path)
 
 
+def kubectl(kubeconfig: Path, *args: str, check: bool = True, input: str | None = None) -> str:
+    """The real kubectl against `kubeconfig`; its stdout (AssertionError with its stderr
+    when it fails and `check`)."""
+    result = subprocess.run(
+        [str(toolchain.binary("kubectl")), "--kubeconfig", str(kubeconfig), *args],
+        capture_output=True, text=True, input=input, check=False, timeout=120,
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+    return result.stdout
+
+
 def run_helm(kubeconfig: Path, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the built helm against a cluster, with its own config and cache under `home`."""
     env = os.environ | {

@@ -38,9 +38,9 @@ from kubernetes import client
 
 from ttsfleet import kube
 from ttsfleet.api import v1alpha1 as api
-from ttsfleet.cluster import local, runner, tokens, toolchain
+from ttsfleet.cluster import local, runner, tokens
 from ttsfleet.cluster.pool import LOCAL_LABEL, load_pool_file
-from ttsfleet.harness import OperatorProcess, wait_established, wait_for
+from ttsfleet.harness import OperatorProcess, kubectl, wait_established, wait_for
 from ttsfleet.resources import region as region_resources
 
 Manifest = dict[str, Any]
@@ -51,6 +51,7 @@ GATEWAY = REPO / "examples" / "local-gateway.yaml"
 PROBE_SECRET = "region-probe"  # noqa: S105 - a Secret's name
 GATEWAY_PORT = 8080
 CRDS = ("ttsdeployments", "ttsgateways", "ttsregions")
+NODE = "local-0"  # the local node of the default pool, where every pod here runs
 
 
 @dataclass
@@ -64,13 +65,7 @@ class RegionCluster:
     operator: OperatorProcess
 
     def kubectl(self, *args: str, check: bool = True) -> str:
-        result = subprocess.run(
-            [str(toolchain.binary("kubectl")), "--kubeconfig", str(self.record.kubeconfig), *args],
-            capture_output=True, text=True, check=False, timeout=120,
-        )  # fmt: skip
-        if check and result.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)} in {self.cluster}: {result.stderr}")
-        return result.stdout
+        return kubectl(self.record.kubeconfig, *args, check=check)
 
     def fleet(self) -> Manifest:
         """The fleet's Deployment: its spec.replicas and status.readyReplicas."""
@@ -84,11 +79,17 @@ class RegionCluster:
         )
         return dict(((found or {}).get("status") or {}).get("autoscaling") or {})
 
+    def _pod_dir(self, pod: Manifest) -> Path:
+        """Where the local runner keeps `pod`'s logs and volumes."""
+        return local.runner_dir(self.cluster) / "pods" / str(pod["metadata"]["uid"])
+
+    def _agent_pods(self) -> list[Manifest]:
+        return kube.list_pods(self.api, NAMESPACE, f"{region_resources.REGION_LABEL}={self.region}")
+
     def gateway_logs(self) -> list[Path]:
         """The access logs of this region's gateway pods (their container logs)."""
         pods = kube.list_pods(self.api, NAMESPACE, "ttsfleet.io/gateway=speech")
-        root = local.runner_dir(self.cluster) / "pods"
-        return [root / p["metadata"]["uid"] / "container.log" for p in pods]
+        return [self._pod_dir(p) / "container.log" for p in pods]
 
     def gateway_address(self) -> str:
         """host:port of the gateway pod, once ready."""
@@ -102,17 +103,14 @@ class RegionCluster:
 
     def eds_file(self) -> Path | None:
         """This region's Envoy's EDS file as its agent last wrote it (the pod's emptyDir)."""
-        pods = kube.list_pods(self.api, NAMESPACE, f"{region_resources.REGION_LABEL}={self.region}")
-        root = local.runner_dir(self.cluster) / "pods"
-        found = [root / p["metadata"]["uid"] / "volumes" / "xds" / "eds.json" for p in pods]
+        found = [self._pod_dir(p) / "volumes" / "xds" / "eds.json" for p in self._agent_pods()]
         return next((f for f in found if f.exists()), None)
 
     def agent_ip(self) -> str:
         """The region agent pod's IP, once it runs on the local node (never a simulated
         node's pod: no process is behind its address)."""
-        pods = kube.list_pods(self.api, NAMESPACE, f"{region_resources.REGION_LABEL}={self.region}")
         running = [
-            p for p in pods
+            p for p in self._agent_pods()
             if (p.get("status") or {}).get("phase") == "Running"
             and p["spec"].get("nodeName") in self.local_nodes()
         ]  # fmt: skip
@@ -138,15 +136,23 @@ class RegionCluster:
         states = self.states()
         return bool(states) and set(states.values()) == {api.RegionState.HEALTHY.value}
 
-    def host_interface(self) -> str:
-        return runner.host_interface(self.cluster, "local-0")
+    def netns(self) -> str:
+        """The network namespace of the cluster's local node (its pods' network)."""
+        return local.netns_prefix(self.cluster) + NODE
+
+    def node_cidr(self) -> str:
+        """The pod range of the cluster's local node."""
+        node = kube.get(self.api, "v1", "Node", NODE, None) or {}
+        return str(node["spec"]["podCIDR"])
 
     def cut(self) -> None:
         """Lose the region: its local node's link goes down."""
-        subprocess.run(["ip", "link", "set", self.host_interface(), "down"], check=True)
+        subprocess.run(["ip", "link", "set", runner.host_interface(self.cluster, NODE), "down"],
+                       check=True)  # fmt: skip
 
     def restore(self) -> None:
-        subprocess.run(["ip", "link", "set", self.host_interface(), "up"], check=True)
+        subprocess.run(["ip", "link", "set", runner.host_interface(self.cluster, NODE), "up"],
+                       check=True)  # fmt: skip
 
     def logs(self) -> str:
         """The operator's log and every pod's, for a failure message."""
@@ -243,12 +249,7 @@ def regions_up(
 def _cluster(region: str, cluster: str, workdir: Path) -> RegionCluster:
     record = local.up(cluster, load_pool_file(None)).record
     api_client = kube.api_client(record.kubeconfig)
-    crds = sorted(str(p) for p in (REPO / "crds").glob("*.yaml"))
-    subprocess.run(
-        [str(toolchain.binary("kubectl")), "--kubeconfig", str(record.kubeconfig), "apply",
-         "--server-side", *(a for c in crds for a in ("-f", c))],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+    kubectl(record.kubeconfig, "apply", "--server-side", "-f", str(REPO / "crds"))
     for crd in CRDS:
         wait_established(api_client, f"crd/{crd}.{api.GROUP}")
     operator = OperatorProcess(

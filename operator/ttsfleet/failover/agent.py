@@ -194,11 +194,13 @@ class Agent:
         return [t for t in [*self.targets, *([self.witness] if self.witness else [])]
                 if t.status_url and t.name != self.name]  # fmt: skip
 
-    def _heard(self, results: Sequence[object]) -> None:
-        for got in results:
-            assert isinstance(got, list)
+    async def hear(self, session: aiohttp.ClientSession, peers: Sequence[Target]) -> None:
+        """Read `peers`' votes, and decide on them at once (once joined)."""
+        for got in await asyncio.gather(*(self.fetch(session, t) for t in peers)):
             for vote in got:
                 self.votes[(vote.observer, vote.region)] = vote
+        if self.joined:
+            self.decide(self.clock())
 
     def suspect(self) -> bool:
         """Whether some region is seen down without a quorum yet (a loss starting, or a
@@ -210,9 +212,7 @@ class Agent:
         peers' votes count as soon as they are read (a probe of a region that is gone
         takes its whole timeout, and a quorum need not wait for it)."""
         probing = asyncio.gather(*(self.probe(session, t) for t in self.targets))
-        self._heard(await asyncio.gather(*(self.fetch(session, t) for t in self._peers())))
-        if self.joined:
-            self.decide(self.clock())
+        await self.hear(session, self._peers())
         probes = await probing
         now = self.clock()
         self.observe_round(probes, now)
@@ -246,10 +246,7 @@ class Agent:
         a quorum is heard within LISTEN_SECONDS of its last vote, not a whole round. The
         suspect regions' own agents are not asked (likely gone with them: their reads
         would hold the round for a whole timeout)."""
-        peers = [t for t in self._peers() if not self.verdict(t.name).suspect]
-        self._heard(await asyncio.gather(*(self.fetch(session, t) for t in peers)))
-        if self.joined:
-            self.decide(self.clock())
+        await self.hear(session, [t for t in self._peers() if not self.verdict(t.name).suspect])
 
     def join(self, now: float) -> None:
         """A starting agent takes up its peers' view: a region that some peer holds Down,
