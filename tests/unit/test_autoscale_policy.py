@@ -201,28 +201,96 @@ def test_a_rate_learned_too_high_gives_way_when_the_queue_grows_over_the_targets
     assert kept.replica_rate == 12.0
 
 
-def test_going_back_soon_after_a_turn_needs_a_large_move() -> None:
-    """Two turns within the reversal window (600 s) are a flap: soon after one, a move
-    back up needs 25 % (or a panic), and a move back down, a third of the size."""
-    policy = replace(POLICY, max_replicas=100)
+def _asking(replicas: float, state: State, now: float = 1000.0) -> Recommendation:
+    """10 replicas whose queue asks for `replicas`."""
+    snap = Snapshot(10, pending_requests=replicas * 4, serving_replicas=10)
+    return recommend(snap, replace(POLICY, max_replicas=100), state, now)
 
-    def asked(replicas: float, state: State, now: float = 1000.0) -> Recommendation:
-        snap = Snapshot(10, pending_requests=replicas * 4, serving_replicas=10)
-        return recommend(snap, policy, state, now)
 
-    after_down = State(direction=-1, turned_at=900.0)  # turned down 100 s ago
-    held = asked(11.5, after_down)
-    assert held.replicas == 10 and "going back needs 25%" in held.reason
-    assert asked(13, after_down).replicas == 13
-    assert asked(11.5, replace(after_down, turned_at=300.0)).replicas == 12  # 700 s ago
-    after_up = State(direction=1, turned_at=900.0)
-    assert asked(7, after_up).replicas == 10  # 30 % down: held
-    assert asked(6, after_up).replicas < 10  # down to 2/3: goes (at the scale-down pace)
+def test_a_move_up_against_a_descent_waits_out_a_burst() -> None:
+    """Going back up during a descent is a turn, and a burst (seconds to tens of
+    seconds, gone before a new replica is Ready) would be followed by a turn down: a
+    flap. The move waits until the fleet has been short for 45 s; a step (4x the
+    fleet at once) goes at once."""
+    descending = State(direction=-1, turned_at=0.0)
+    held = _asking(13, descending)
+    assert held.replicas == 10 and "against the descent" in held.reason
+    assert held.state.wanting_since == 1000.0
+    still = _asking(13, held.state, now=1030.0)
+    assert still.replicas == 10  # short for 30 s
+    assert _asking(13, still.state, now=1046.0).replicas == 13  # 46 s: not a burst
+    # Back within the fleet's size, the clock starts again.
+    calm = _asking(9.5, still.state, now=1032.0)
+    assert calm.state.wanting_since is None
+    assert _asking(40, descending).replicas == 40  # a step: a panic, at once
     # A move that is no turn (the same way as the last) is not held.
-    assert asked(7, after_down).replicas < 10
+    rising = State(direction=1, turned_at=0.0)
+    up = _asking(13, rising)
+    assert up.replicas == 13 and up.state.turned_at == 0.0
+
+
+def test_a_move_down_against_a_rise_waits_for_the_reversal_window() -> None:
+    """Two turns within 600 s are a flap: soon after turning up, nothing goes down."""
+    turned_up = State(direction=1, turned_at=900.0)  # 100 s ago
+    held = _asking(6, turned_up)
+    assert held.replicas == 10 and "within 600s of the last turn" in held.reason
+    later = _asking(6, replace(turned_up, turned_at=300.0))  # 700 s ago
+    assert later.replicas < 10  # at the scale-down pace
     # Every change that reverses the last one is remembered as a turn.
-    up = asked(13, after_down)
-    assert up.state.direction == 1 and up.state.turned_at == 1000.0
+    assert later.state.direction == -1 and later.state.turned_at == 1000.0
+
+
+def test_nothing_goes_down_during_a_lull_and_a_retry_surge_is_sized_as_before_it() -> None:
+    """Arrivals far below what the fleet carried (an upstream outage) shrink nothing
+    for 120 s after, and the surge of retries when it ends is sized from what the
+    fleet needed before it, not from its own rate (it drains requests held back)."""
+    policy = replace(POLICY, max_replicas=1000)
+    state = State(replica_rate=4.0)
+    snap = Snapshot(50, pending_requests=0.0, completed_per_second=200.0, serving_replicas=50)
+    for i in range(40):  # 200/s on 50 replicas of 4/s: on target
+        state = recommend(snap, policy, state, now=i * 2.0).state
+    quiet = replace(snap, completed_per_second=10.0)
+    reasons = []
+    for i in range(40, 120):  # an outage: 5 % of the traffic for 160 s
+        rec = recommend(quiet, policy, state, now=i * 2.0)
+        state = rec.state
+        reasons.append(rec.reason)
+        assert rec.replicas == 50, rec.reason
+    # Past the scale-down delay (120 s), the lull holds it.
+    assert "arrivals fell away" in reasons[-1]
+    surge = replace(snap, completed_per_second=600.0)  # its retries, three times the rate
+    for now in (240.0, 242.0, 244.0):
+        rec = recommend(surge, policy, state, now=now)
+        state = rec.state
+    assert rec.panic and rec.replicas == 50  # sized as before the lull: the fleet it kept
+    assert "after a lull" in rec.reason
+    # Without the lull before it, the same surge is a step.
+    fresh = State(replica_rate=4.0)
+    assert recommend(surge, policy, fresh, now=0.0).replicas == 150
+
+
+def test_no_scale_down_below_where_a_rise_goes_within_the_reversal_window() -> None:
+    """On a rise, trimming a burst's overshoot stops where the rise will be in 600 s:
+    going back up sooner would be a flap. The slope is the median of the pairwise
+    slopes of the stable ask, which one burst among the readings does not tilt."""
+    rising = tuple((t, 10.0 + t / 60) for t in range(0, 600, 30))  # 1 replica a minute
+    state = State(direction=1, turned_at=-1000.0, trend=rising)
+    policy = replace(POLICY, max_replicas=100, max_scale_down_fraction=0.5)
+    snap = Snapshot(40, pending_requests=80.0, serving_replicas=40)  # asks for 20
+    held = recommend(snap, policy, state, now=600.0)
+    assert held.replicas == 30 and "not below 30" in held.reason  # 20 + 1 a minute x 10
+    flat = tuple((t, 20.0) for t, _ in rising)
+    assert recommend(snap, policy, replace(state, trend=flat), now=600.0).replicas == 20
+    burst = (*rising[:-1], (570.0, 80.0))  # one burst among the readings
+    assert recommend(snap, policy, replace(state, trend=burst), now=600.0).replicas == 30
+
+
+def test_a_time_signal_multiplies_the_fleet_by_at_most_four_before_a_rate_is_known() -> None:
+    """Queue time explodes under a backlog; before the rate a replica carries is learned,
+    a panic on it grows the fleet at most 4x (panic_threshold squared) a decision."""
+    snap = Snapshot(10, queue_seconds_per_request=30.0, serving_replicas=10)
+    rec = recommend(snap, replace(POLICY, max_replicas=10_000), State(), now=10.0)
+    assert rec.panic and rec.replicas == 40 and "until a replica's rate is known" in rec.reason
 
 
 def test_a_queue_growing_for_a_stable_window_is_never_held_back() -> None:

@@ -81,14 +81,14 @@ class Policy:
     scale_down_delay: float = 120.0
     tolerance: float = 0.1  # outside panic, hold while within 10 % of the current size
     rate_learning: float = 0.2  # weight of a new reading of the rate a replica carries
-    # Hysteresis on reversals: within `reversal_window` seconds of the last turn (a scale
-    # event against the one before it), a move against the last one must be large: up
-    # by `reversal_up` of the size (or a panic), down to 1 / (1 + `reversal_down`) of
-    # it. Two turns that close are a flap; holding capacity costs replica-hours only,
-    # holding it back costs misses, hence the smaller margin up.
-    reversal_window: float = 600.0
-    reversal_up: float = 0.25
-    reversal_down: float = 0.5
+    # Reversals (a move against the last one) are where flaps come from (two turns
+    # within `reversal_window`): see `_reversal`.
+    reversal_window: float = 600.0  # a move down against a rise waits this long after a turn
+    short_seconds: float = 45.0  # a move up against a descent needs the fleet short this long
+    step_ratio: float = 4.0  # ... or a step: asking for this many times the fleet at once
+    lull_share: float = 0.25  # arrivals below this share of the stable ask: a lull (outage)
+    retry_window: float = 120.0  # after a lull: no scale-down, a panic sized as before it
+    trend_every: float = 30.0  # seconds between the stable asks the trend is read from
     floor: int = 0  # scheduled or predicted floor, computed by the caller
     floor_reason: str = ""  # why that floor (named in the decision when it binds)
 
@@ -107,6 +107,9 @@ class State:
     turned_at: float | None = None  # when the last change against the one before it came
     short_since: float | None = None  # over the targets with the queue growing since then
     short_from: float = 0.0  # requests in the fleet (queued and streaming) at short_since
+    wanting_since: float | None = None  # asking for more than the fleet since then
+    trend: tuple[tuple[float, float], ...] = ()  # (time, stable ask), every trend_every
+    lull_at: float | None = None  # when arrivals were last far below the stable ask
 
 
 @dataclass(frozen=True)
@@ -256,24 +259,102 @@ def _asks(snapshot: Snapshot, policy: Policy, state: State, now: float) -> Asks:
     return Asks(asks, reported, in_system, replica_rate, short_since, short_from)
 
 
-def _hysteresis(
-    desired: int, current: int, why: str, policy: Policy, state: State, now: float
-) -> tuple[int, str]:
-    """A move against the last one, within the reversal window of the last turn, only
-    when it is large (see `Policy.reversal_window`)."""
-    move = (desired > current) - (desired < current)
-    recent = state.turned_at is not None and now - state.turned_at < policy.reversal_window
-    if not (move and move == -state.direction and recent):
-        return desired, why
-    ratio = desired / current if move > 0 else current / max(desired, 1)
-    margin = policy.reversal_up if move > 0 else policy.reversal_down
-    if ratio >= 1 + margin:
-        return desired, why
-    held = (
-        f"; holding {current}: within {policy.reversal_window:.0f}s of the last turn, "
-        f"going back needs {margin:.0%}"
+def _trend(trend: tuple[tuple[float, float], ...]) -> float:
+    """The stable ask's slope (replicas per second): the median of the slopes between
+    every two readings (Theil-Sen), which a step or a burst among them does not tilt."""
+    slopes = sorted(
+        (v1 - v0) / (t1 - t0) for i, (t0, v0) in enumerate(trend) for t1, v1 in trend[i + 1 :]
     )
-    return current, why + held
+    return slopes[len(slopes) // 2] if slopes else 0.0
+
+
+@dataclass(frozen=True)
+class _Urgency:
+    """Why capacity may go up against a descent at once."""
+
+    streams: bool  # open streams over streamsPerReplica
+    saturated: bool  # over the targets with the queue growing for a stable window
+    short_for: float  # seconds the signals have asked for more than the fleet
+
+
+def _reversal(
+    desired: int, current: int, why: str, urgency: _Urgency, lull: bool, policy: Policy,
+    state: State, now: float,
+) -> tuple[int, str]:  # fmt: skip
+    """Hold a move that would turn the fleet back soon after a turn, or on noise.
+
+    Two turns within `reversal_window` are a flap. A move *up* against a descent costs
+    misses when held, so it is held only while it may be a burst (bursts last seconds
+    to tens of seconds; a replica takes `cold_start` to help): it goes once the fleet
+    has been short for `short_seconds`, at once for a step (`step_ratio` times the
+    fleet) or for streams over capacity or a saturated fleet. A move *down* against a
+    rise costs only replica-hours when held: it waits until `reversal_window` after the
+    last turn. During a lull (arrivals far below the stable ask: an outage upstream)
+    and `retry_window` after it, nothing goes down: the traffic comes back, with its
+    retries on top."""
+    if desired > current and state.direction < 0:
+        urgent = (
+            urgency.streams or urgency.saturated or urgency.short_for >= policy.short_seconds
+            or desired >= policy.step_ratio * current
+        )  # fmt: skip
+        if not urgent:
+            return current, why + (
+                f"; holding {current}: against the descent, short for "
+                f"{urgency.short_for:.0f}s of {policy.short_seconds:.0f}s (a burst?)"
+            )
+    if desired < current and lull:
+        return current, why + f"; holding {current}: arrivals fell away (an outage?)"
+    recent = state.turned_at is not None and now - state.turned_at < policy.reversal_window
+    if desired < current and state.direction > 0 and recent:
+        return current, why + (
+            f"; holding {current}: within {policy.reversal_window:.0f}s of the last turn"
+        )
+    return desired, why
+
+
+def _panic_size(
+    asked: float, driver: str, panicking_now: float, lull: bool, policy: Policy, state: State,
+    current: int, now: float,
+) -> tuple[int, str]:  # fmt: skip
+    """What a panic asks for. From the newest reading: the window's mean still holds the
+    readings from before the step, and every second short of capacity adds to the
+    backlog."""
+    desired = max(math.ceil(asked), current)
+    why = (
+        f"panic: {driver} asks for {asked:.1f} replicas "
+        f"({panicking_now:.1f} over the last {policy.panic_window:.0f}s)"
+    )
+    if driver in ("queue_time", "ttfa_p95"):
+        # No replica rate learned yet: a time signal is no measure of the load (it
+        # explodes under backlog), so it multiplies the fleet by at most
+        # panic_threshold squared a decision.
+        cap = max(current + 1, math.ceil(current * policy.panic_threshold**2))
+        if desired > cap:
+            desired, why = cap, why + f"; at most {cap} until a replica's rate is known"
+    before = [r for t, r in state.recommendations if t >= now - policy.scale_down_delay]
+    if lull and before:
+        # A retry surge drains requests held back by an outage: not a new rate.
+        cap = max(current, math.ceil(max(before) * (1 + policy.tolerance)))
+        if desired > cap:
+            desired, why = cap, why + f"; after a lull, sized as before it: {cap}"
+    return desired, why
+
+
+def _not_below_trend(
+    desired: int, current: int, stable: float, why: str, policy: Policy, state: State, now: float
+) -> tuple[int, str, tuple[tuple[float, float], ...]]:
+    """Never down below where the trend goes within the reversal window: a rise goes on
+    after a burst's overshoot is trimmed, and going back up that soon would be a flap.
+    Also the trend's readings to keep."""
+    trend = state.trend
+    if not trend or now - trend[-1][0] >= policy.trend_every:
+        trend = (*((t, v) for t, v in trend if t >= now - policy.reversal_window), (now, stable))
+    if desired < current and (slope := _trend(trend)) > 0:
+        projected = min(math.ceil(stable + slope * policy.reversal_window), current)
+        if projected > desired:
+            desired = projected
+            why += f"; rising {slope * 60:.1f} replicas a minute: not below {projected}"
+    return desired, why, trend
 
 
 def _rate_limited(
@@ -314,18 +395,15 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
     stable = _mean_since(observations, now - policy.stable_window) or asked
     panicking_now = _mean_since(observations, now - policy.panic_window) or asked
     panic_until = state.panic_until
+    fell_away = "arrivals" in asks and asks["arrivals"] < policy.lull_share * stable
+    lull_at = now if fell_away else state.lull_at
+    lull = lull_at is not None and now - lull_at < policy.retry_window
     if current > 0 and panicking_now >= policy.panic_threshold * current:
         panic_until = now + policy.stable_window
     panic = panic_until is not None and now < panic_until
 
     if panic:
-        # Size from the newest reading: the window's mean still holds the readings from
-        # before the step, and every second short of capacity adds to the backlog.
-        desired = max(math.ceil(asked), current)
-        why = (
-            f"panic: {driver} asks for {asked:.1f} replicas "
-            f"({panicking_now:.1f} over the last {policy.panic_window:.0f}s)"
-        )
+        desired, why = _panic_size(asked, driver, panicking_now, lull, policy, state, current, now)
     else:
         desired = math.ceil(stable)
         why = f"{driver} asks for {stable:.1f} replicas over the last {policy.stable_window:.0f}s"
@@ -357,11 +435,14 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
         desired = held
         why += f"; holding {held} for the {policy.scale_down_delay:.0f}s scale-down delay"
 
-    # Hysteresis, but never holding back capacity that is short for sure: streams
-    # over streamsPerReplica, or a queue that has grown for a whole stable window.
+    desired, why, trend = _not_below_trend(desired, current, stable, why, policy, state, now)
+    wanting = asked > (1 + policy.tolerance) * current
+    wanting_since = (state.wanting_since or now) if wanting else None
     saturated = short_since is not None and now - short_since >= policy.stable_window
-    if not panic and not ((short_of_streams or saturated) and desired > current):
-        desired, why = _hysteresis(desired, current, why, policy, state, now)
+    urgency = _Urgency(
+        short_of_streams, saturated, 0.0 if wanting_since is None else now - wanting_since
+    )
+    desired, why = _reversal(desired, current, why, urgency, lull, policy, state, now)
 
     desired, why = _rate_limited(desired, current, panic, why, policy)
 
@@ -374,7 +455,7 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
         state, observations=observations, recommendations=recommendations,
         panic_until=panic_until, in_system=in_system, replica_rate=replica_rate,
         direction=direction, turned_at=turned_at, short_since=short_since,
-        short_from=short_from,
+        short_from=short_from, wanting_since=wanting_since, trend=trend, lull_at=lull_at,
     )  # fmt: skip
     signals = {k: round(v, 3) for k, v in reported.items()}
     return Recommendation(desired, why, signals, panic, new_state)
