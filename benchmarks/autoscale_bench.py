@@ -9,7 +9,8 @@ runs as real tritonserver processes, and Prometheus scraping them), installs the
 runs `ttsfleet operator --prometheus-url` as a process (`harness.OperatorProcess`, one
 replica with `--no-leader-election`: this measures the autoscaler's loop, not an
 election) and creates one streaming
-TtsDeployment with `scaling.mode: builtin` (1 to 2 replicas). Then `--steps` step
+TtsDeployment with `scaling.mode: builtin` (1 to 2 replicas; short windows, the flap
+guard off: `reversalWindowSeconds: 0`, see `manifest`). Then `--steps` step
 loads, each: `--concurrency` streaming clients (closed loop, round robin over the
 ready endpoints) until the second replica has been in the endpoints for
 `--after-seconds`, then no load until the fleet is back to one replica.
@@ -77,6 +78,9 @@ def manifest() -> dict[str, Any]:
         "stableWindowSeconds": 6,
         "panicWindowSeconds": 2,
         "scaleDownDelaySeconds": 10,
+        # The steps come every ~40 s: a load that flaps, which the flap guard (by design)
+        # follows only after 3/4 of the stable window short. Off, this measures the loop.
+        "reversalWindowSeconds": 0,
     }
     return doc
 

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ttsfleet.api.v1alpha1 import TtsDeploymentSpec
+from ttsfleet.autoscale.loop import policy_for
 from ttsfleet.autoscale.policy import (
     Policy,
     Recommendation,
@@ -305,3 +307,63 @@ def test_a_queue_growing_for_a_stable_window_is_never_held_back() -> None:
     assert recommend(snap, policy, short, now=1000.0).replicas == 13
     drained = replace(short, short_from=60.0)  # the queue fell below where it was: not short
     assert recommend(snap, policy, drained, now=1000.0).replicas == 10
+
+
+def test_a_reversal_window_of_zero_turns_the_flap_guard_off() -> None:
+    """`spec.scaling.reversalWindowSeconds: 0`: the fleet follows every move at once."""
+    off = replace(POLICY, max_replicas=100, reversal_window=0.0)
+    snap = Snapshot(10, pending_requests=13 * 4, serving_replicas=10)
+    assert recommend(snap, off, State(direction=-1, turned_at=999.0), now=1000.0).replicas == 13
+    down = replace(snap, pending_requests=6 * 4)
+    assert recommend(down, off, State(direction=1, turned_at=999.0), now=1000.0).replicas < 10
+
+
+def test_the_operator_builds_the_flap_guard_from_the_spec() -> None:
+    spec = TtsDeploymentSpec.model_validate(
+        {"scaling": {"reversalWindowSeconds": 0, "stableWindowSeconds": 20}}
+    )
+    policy = policy_for(spec)
+    assert policy.reversal_window == 0 and policy.short_seconds == 15
+    assert policy_for(TtsDeploymentSpec()).reversal_window == 600
+
+
+def test_a_rise_is_met_where_it_will_be_a_minute_on_and_a_step_is_no_rise() -> None:
+    """The stable window's mean lags a rise by half the window and a new replica takes
+    its cold start: on a steady rise (the median slope between neighbouring readings of
+    the stable ask) the fleet is sized `lead_seconds` (60 s) ahead. A step moves two or
+    three of those slopes, not their median."""
+    policy = replace(POLICY, max_replicas=100, tolerance=0.0)
+    rising = tuple((t, 10.0 + t / 60) for t in range(0, 600, 30))  # 1 replica a minute
+    snap = Snapshot(19, pending_requests=20 * 4, serving_replicas=19)  # asks for 20
+    rec = recommend(snap, policy, State(trend=rising), now=600.0)
+    assert rec.replicas == 21 and "rising 1.0 a minute: 21 in 60s" in rec.reason
+    step = tuple((t, 10.0 if t < 510 else 20.0) for t in range(0, 600, 30))
+    assert recommend(snap, policy, State(trend=step), now=600.0).replicas == 20
+    few = rising[-5:]  # under MIN_TREND readings: no trend yet
+    assert recommend(snap, policy, State(trend=few), now=600.0).replicas == 20
+
+
+def test_on_a_fall_the_scale_down_delay_holds_less_the_fall() -> None:
+    """The scale-down delay is against dips: on a steady fall it holds what it held,
+    less the fall over the delay (a fleet falling with the load, not 2 minutes behind)."""
+    policy = replace(POLICY, max_replicas=100, max_scale_down_fraction=0.5)
+    falling = tuple((t, 40.0 - t / 60) for t in range(0, 600, 30))  # 1 replica a minute less
+    held_at = ((500.0, 34),)  # what the stable window asked 100 s ago
+    snap = Snapshot(40, pending_requests=29 * 4, serving_replicas=40)  # asks for 29 now
+    flat = State(trend=tuple((t, 34.0) for t, _ in falling), recommendations=held_at)
+    assert recommend(snap, policy, flat, now=600.0).replicas == 34  # the delay holds 34
+    fall = State(trend=falling, recommendations=held_at)
+    assert recommend(snap, policy, fall, now=600.0).replicas == 32  # 34 less 2 minutes
+
+
+def test_a_replica_rate_is_learned_only_near_the_targets() -> None:
+    """A latency well under its target says little about the rate at the target (behind
+    a power-of-two-choices balancer it stays flat, then turns steep): the rate a replica
+    carries is learned while the signals ask for 0.9-1.3 of the replicas serving."""
+    snap = Snapshot(
+        10, pending_requests=0.0, ttfa_p95_seconds=0.21, completed_per_second=40.0,
+        serving_replicas=10,
+    )  # fmt: skip
+    assert recommend(snap, POLICY, State(), now=0.0).state.replica_rate is None  # 0.7
+    near = replace(snap, ttfa_p95_seconds=0.285)  # 0.95 of the 300 ms target
+    assert recommend(near, POLICY, State(), now=0.0).state.replica_rate == pytest.approx(40 / 9.5)

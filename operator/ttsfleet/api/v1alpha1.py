@@ -380,6 +380,13 @@ class ScalingSpec(_Model):
     scale_down_delay_seconds: int = Field(
         default=120, ge=0, le=3600, description="Scale down only after this long without need."
     )
+    reversal_window_seconds: int = Field(
+        default=600, ge=0, le=3600,
+        description="The flap guard: a scale-down against a rise waits this long after the "
+        "last turn (a scale event against the one before it), a scale-up against a descent "
+        "waits until the fleet has been short for 3/4 of the stable window (a burst is gone "
+        "by then) unless the load is a step (4x the fleet); 0 turns it off.",
+    )  # fmt: skip
     schedules: list[ScheduleSpec] = Field(
         default_factory=list,
         max_length=16,

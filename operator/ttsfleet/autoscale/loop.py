@@ -73,6 +73,8 @@ def policy_for(spec: TtsDeploymentSpec) -> Policy:
         stable_window=float(scaling.stable_window_seconds),
         panic_window=float(scaling.panic_window_seconds),
         scale_down_delay=float(scaling.scale_down_delay_seconds),
+        reversal_window=float(scaling.reversal_window_seconds),
+        short_seconds=0.75 * scaling.stable_window_seconds,
     )
 
 

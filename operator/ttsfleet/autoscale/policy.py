@@ -29,6 +29,7 @@ down because it cannot see.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -82,13 +83,20 @@ class Policy:
     tolerance: float = 0.1  # outside panic, hold while within 10 % of the current size
     rate_learning: float = 0.2  # weight of a new reading of the rate a replica carries
     # Reversals (a move against the last one) are where flaps come from (two turns
-    # within `reversal_window`): see `_reversal`.
+    # within `reversal_window`): see `_reversal`. 0 turns that guard off.
     reversal_window: float = 600.0  # a move down against a rise waits this long after a turn
-    short_seconds: float = 45.0  # a move up against a descent needs the fleet short this long
+    # A move up against a descent needs the fleet short this long (the operator: 3/4 of
+    # the stable window).
+    short_seconds: float = 45.0
     step_ratio: float = 4.0  # ... or a step: asking for this many times the fleet at once
     lull_share: float = 0.25  # arrivals below this share of the stable ask: a lull (outage)
-    retry_window: float = 120.0  # after a lull: no scale-down, a panic sized as before it
-    trend_every: float = 30.0  # seconds between the stable asks the trend is read from
+    # The trend: the stable ask's slope over `trend_window` (readings every `trend_every`
+    # seconds). On a rise the size is what the trend asks for `lead_seconds` ahead (the
+    # stable window's mean lags by half of it, a new replica takes its cold start); on a
+    # fall the scale-down delay holds what it held, less the fall over the delay.
+    trend_window: float = 600.0
+    trend_every: float = 30.0
+    lead_seconds: float = 60.0
     floor: int = 0  # scheduled or predicted floor, computed by the caller
     floor_reason: str = ""  # why that floor (named in the decision when it binds)
 
@@ -165,6 +173,12 @@ def _hold_without_metrics(current: int, policy: Policy, state: State) -> Recomme
 # The share of its saturated rate a replica is sized for once the fleet was seen
 # saturated: below it, most balancers' queues stay short (p2c's need at the SLO is 0.88).
 SATURATED_SHARE = 0.8
+# A replica's rate is learned while the signals ask for this share of the replicas
+# serving: at or near the targets. Below them a latency says little about the rate at
+# the target (behind a power-of-two-choices balancer it stays flat, then turns steep):
+# learned from 0.7, the rate rose while the fleet ran well under its targets, the fleet
+# was cut, and came back up a minute later (4 flaps an hour on diurnal behind p2c).
+LEARN_BAND = (0.9, 1.3)
 RATE_WINDOW = 10.0  # seconds over which arrivals are read (autoscale/metrics.py WINDOW)
 
 
@@ -207,7 +221,7 @@ def _replica_rate(
     replica_rate = state.replica_rate
     # Learned while the fleet is near its targets (what the signals ask for within 30 %
     # of the replicas serving).
-    if calm and arrivals and serving > 0 and 0.7 <= measured / serving <= 1.3:
+    if calm and arrivals and serving > 0 and LEARN_BAND[0] <= measured / serving <= LEARN_BAND[1]:
         seen = arrivals / measured
         replica_rate = (
             seen
@@ -261,11 +275,16 @@ def _asks(snapshot: Snapshot, policy: Policy, state: State, now: float) -> Asks:
 
 def _trend(trend: tuple[tuple[float, float], ...]) -> float:
     """The stable ask's slope (replicas per second): the median of the slopes between
-    every two readings (Theil-Sen), which a step or a burst among them does not tilt."""
-    slopes = sorted(
-        (v1 - v0) / (t1 - t0) for i, (t0, v0) in enumerate(trend) for t1, v1 in trend[i + 1 :]
-    )
-    return slopes[len(slopes) // 2] if slopes else 0.0
+    neighbouring readings. A rise moves every one of them; a step or a burst moves one
+    or two, which the median leaves out (slopes between every two readings, Theil-Sen,
+    read a step in the middle of the window as a rise). 0 before MIN_TREND readings."""
+    if len(trend) < MIN_TREND:
+        return 0.0
+    slopes = sorted((v1 - v0) / (t1 - t0) for (t0, v0), (t1, v1) in itertools.pairwise(trend))
+    return slopes[len(slopes) // 2]
+
+
+MIN_TREND = 10  # readings: a step, smeared by the stable window, moves two or three
 
 
 @dataclass(frozen=True)
@@ -290,9 +309,10 @@ def _reversal(
     fleet) or for streams over capacity or a saturated fleet. A move *down* against a
     rise costs only replica-hours when held: it waits until `reversal_window` after the
     last turn. During a lull (arrivals far below the stable ask: an outage upstream)
-    and `retry_window` after it, nothing goes down: the traffic comes back, with its
+    and the scale-down delay after it, nothing goes down: the traffic comes back, with its
     retries on top."""
-    if desired > current and state.direction < 0:
+    guarded = policy.reversal_window > 0
+    if desired > current and state.direction < 0 and guarded:
         urgent = (
             urgency.streams or urgency.saturated or urgency.short_for >= policy.short_seconds
             or desired >= policy.step_ratio * current
@@ -305,16 +325,27 @@ def _reversal(
     if desired < current and lull:
         return current, why + f"; holding {current}: arrivals fell away (an outage?)"
     recent = state.turned_at is not None and now - state.turned_at < policy.reversal_window
-    if desired < current and state.direction > 0 and recent:
+    if desired < current and state.direction > 0 and recent and guarded:
         return current, why + (
             f"; holding {current}: within {policy.reversal_window:.0f}s of the last turn"
         )
     return desired, why
 
 
+def _stable_size(driver: str, stable: float, slope: float, policy: Policy) -> tuple[int, str]:
+    """What the stable window asks for, ahead along a rise by `lead_seconds`."""
+    why = f"{driver} asks for {stable:.1f} replicas over the last {policy.stable_window:.0f}s"
+    if slope <= 0:
+        return math.ceil(stable), why
+    desired = math.ceil(stable + slope * policy.lead_seconds)
+    return desired, why + (
+        f", rising {slope * 60:.1f} a minute: {desired} in {policy.lead_seconds:.0f}s"
+    )
+
+
 def _panic_size(
     asked: float, driver: str, panicking_now: float, lull: bool, policy: Policy, state: State,
-    current: int, now: float,
+    current: int, serving: int, now: float,
 ) -> tuple[int, str]:  # fmt: skip
     """What a panic asks for. From the newest reading: the window's mean still holds the
     readings from before the step, and every second short of capacity adds to the
@@ -326,9 +357,10 @@ def _panic_size(
     )
     if driver in ("queue_time", "ttfa_p95"):
         # No replica rate learned yet: a time signal is no measure of the load (it
-        # explodes under backlog), so it multiplies the fleet by at most
-        # panic_threshold squared a decision.
-        cap = max(current + 1, math.ceil(current * policy.panic_threshold**2))
+        # explodes under backlog), so it asks for at most panic_threshold squared
+        # times the replicas serving (the ones its readings come from: a panic each
+        # decision must not compound while the new ones start).
+        cap = max(current, serving + 1, math.ceil(serving * policy.panic_threshold**2))
         if desired > cap:
             desired, why = cap, why + f"; at most {cap} until a replica's rate is known"
     before = [r for t, r in state.recommendations if t >= now - policy.scale_down_delay]
@@ -340,21 +372,32 @@ def _panic_size(
     return desired, why
 
 
+def _scale_down_delay(
+    desired: int, current: int, slope: float, why: str, policy: Policy, state: State, now: float
+) -> tuple[int, str]:
+    """While anything in the last delay seconds asked for more, keep it (on a fall, less
+    the fall over the delay: the delay is against dips, not against the trend)."""
+    window = [r for t, r in state.recommendations if t >= now - policy.scale_down_delay]
+    if desired < current and window and max(window) > desired:
+        held = min(max(window), current)
+        if slope < 0:
+            held = max(desired, min(held, math.ceil(max(window) + slope * policy.scale_down_delay)))
+        desired = held
+        why += f"; holding {held} for the {policy.scale_down_delay:.0f}s scale-down delay"
+    return desired, why
+
+
 def _not_below_trend(
-    desired: int, current: int, stable: float, why: str, policy: Policy, state: State, now: float
-) -> tuple[int, str, tuple[tuple[float, float], ...]]:
-    """Never down below where the trend goes within the reversal window: a rise goes on
-    after a burst's overshoot is trimmed, and going back up that soon would be a flap.
-    Also the trend's readings to keep."""
-    trend = state.trend
-    if not trend or now - trend[-1][0] >= policy.trend_every:
-        trend = (*((t, v) for t, v in trend if t >= now - policy.reversal_window), (now, stable))
-    if desired < current and (slope := _trend(trend)) > 0:
+    desired: int, current: int, stable: float, slope: float, why: str, policy: Policy
+) -> tuple[int, str]:
+    """Never down below where a rise goes within the reversal window: it goes on after a
+    burst's overshoot is trimmed, and going back up that soon would be a flap."""
+    if desired < current and slope > 0:
         projected = min(math.ceil(stable + slope * policy.reversal_window), current)
         if projected > desired:
             desired = projected
             why += f"; rising {slope * 60:.1f} replicas a minute: not below {projected}"
-    return desired, why, trend
+    return desired, why
 
 
 def _rate_limited(
@@ -390,23 +433,29 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
         snapshot, policy, state, now
     )
     driver, asked = max(asks.items(), key=lambda kv: kv[1])
+    serving = current if snapshot.serving_replicas is None else snapshot.serving_replicas
     keep = now - max(policy.stable_window, policy.scale_down_delay)
     observations = (*((t, v) for t, v in state.observations if t >= keep), (now, asked))
     stable = _mean_since(observations, now - policy.stable_window) or asked
     panicking_now = _mean_since(observations, now - policy.panic_window) or asked
+    trend = state.trend
+    if not trend or now - trend[-1][0] >= policy.trend_every:
+        trend = (*((t, v) for t, v in trend if t >= now - policy.trend_window), (now, stable))
+    slope = _trend(trend)
     panic_until = state.panic_until
     fell_away = "arrivals" in asks and asks["arrivals"] < policy.lull_share * stable
     lull_at = now if fell_away else state.lull_at
-    lull = lull_at is not None and now - lull_at < policy.retry_window
+    lull = lull_at is not None and now - lull_at < policy.scale_down_delay
     if current > 0 and panicking_now >= policy.panic_threshold * current:
         panic_until = now + policy.stable_window
     panic = panic_until is not None and now < panic_until
 
     if panic:
-        desired, why = _panic_size(asked, driver, panicking_now, lull, policy, state, current, now)
+        desired, why = _panic_size(
+            asked, driver, panicking_now, lull, policy, state, current, serving, now
+        )
     else:
-        desired = math.ceil(stable)
-        why = f"{driver} asks for {stable:.1f} replicas over the last {policy.stable_window:.0f}s"
+        desired, why = _stable_size(driver, stable, slope, policy)
 
     # Bounds and floors on what the signals ask for: this is what is remembered.
     lowest = max(policy.min_replicas, policy.floor)
@@ -428,14 +477,8 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
         why += f"; within {policy.tolerance:.0%} of {current}: holding"
         desired = current
 
-    # Scale-down delay: while anything in the last delay seconds asked for more, keep it.
-    window = [r for t, r in state.recommendations if t >= now - policy.scale_down_delay]
-    if desired < current and window and max(window) > desired:
-        held = min(max(window), current)
-        desired = held
-        why += f"; holding {held} for the {policy.scale_down_delay:.0f}s scale-down delay"
-
-    desired, why, trend = _not_below_trend(desired, current, stable, why, policy, state, now)
+    desired, why = _scale_down_delay(desired, current, slope, why, policy, state, now)
+    desired, why = _not_below_trend(desired, current, stable, slope, why, policy)
     wanting = asked > (1 + policy.tolerance) * current
     wanting_since = (state.wanting_since or now) if wanting else None
     saturated = short_since is not None and now - short_since >= policy.stable_window
