@@ -53,6 +53,11 @@ class Snapshot:
     serving_replicas: int | None = None
 
     @property
+    def serving(self) -> int:
+        """The replicas behind the measurements (`serving_replicas`, else the Ready ones)."""
+        return self.ready_replicas if self.serving_replicas is None else self.serving_replicas
+
+    @property
     def has_metrics(self) -> bool:
         return any(
             v is not None
@@ -131,9 +136,7 @@ class Recommendation:
 
 def signal_replicas(snapshot: Snapshot, policy: Policy) -> dict[str, float]:
     """Replicas each signal asks for (fractional), from the metrics present."""
-    serving = (
-        snapshot.ready_replicas if snapshot.serving_replicas is None else snapshot.serving_replicas
-    )
+    serving = snapshot.serving
     current = max(serving, 1)
     asks: dict[str, float] = {}
     if snapshot.pending_requests is not None:
@@ -254,9 +257,7 @@ def _asks(snapshot: Snapshot, policy: Policy, state: State, now: float) -> Asks:
     asks = signal_replicas(snapshot, policy)
     reported = dict(asks)
     arrivals, in_system = arrival_rate(snapshot, state.in_system, now)
-    serving = (
-        snapshot.ready_replicas if snapshot.serving_replicas is None else snapshot.serving_replicas
-    )
+    serving = snapshot.serving
     replica_rate, short_since, short_from = _replica_rate(
         snapshot, policy, state, now, arrivals, max(asks.values()), serving
     )
@@ -282,6 +283,16 @@ def _trend(trend: tuple[tuple[float, float], ...]) -> float:
         return 0.0
     slopes = sorted((v1 - v0) / (t1 - t0) for (t0, v0), (t1, v1) in itertools.pairwise(trend))
     return slopes[len(slopes) // 2]
+
+
+def _readings(
+    trend: tuple[tuple[float, float], ...], stable: float, policy: Policy, now: float
+) -> tuple[tuple[float, float], ...]:
+    """The trend's readings of the stable ask: one every `trend_every` seconds, those of
+    the last `trend_window` kept."""
+    if trend and now - trend[-1][0] < policy.trend_every:
+        return trend
+    return (*((t, v) for t, v in trend if t >= now - policy.trend_window), (now, stable))
 
 
 MIN_TREND = 10  # readings: a step, smeared by the stable window, moves two or three
@@ -344,12 +355,12 @@ def _stable_size(driver: str, stable: float, slope: float, policy: Policy) -> tu
 
 
 def _panic_size(
-    asked: float, driver: str, panicking_now: float, lull: bool, policy: Policy, state: State,
-    current: int, serving: int, now: float,
+    asked: float, driver: str, panicking_now: float, lull: bool, policy: Policy,
+    current: int, serving: int, held: list[int],
 ) -> tuple[int, str]:  # fmt: skip
     """What a panic asks for. From the newest reading: the window's mean still holds the
     readings from before the step, and every second short of capacity adds to the
-    backlog."""
+    backlog. `held`: what the stable window asked over the scale-down delay."""
     desired = max(math.ceil(asked), current)
     why = (
         f"panic: {driver} asks for {asked:.1f} replicas "
@@ -363,27 +374,25 @@ def _panic_size(
         cap = max(current, serving + 1, math.ceil(serving * policy.panic_threshold**2))
         if desired > cap:
             desired, why = cap, why + f"; at most {cap} until a replica's rate is known"
-    before = [r for t, r in state.recommendations if t >= now - policy.scale_down_delay]
-    if lull and before:
+    if lull and held:
         # A retry surge drains requests held back by an outage: not a new rate.
-        cap = max(current, math.ceil(max(before) * (1 + policy.tolerance)))
+        cap = max(current, math.ceil(max(held) * (1 + policy.tolerance)))
         if desired > cap:
             desired, why = cap, why + f"; after a lull, sized as before it: {cap}"
     return desired, why
 
 
 def _scale_down_delay(
-    desired: int, current: int, slope: float, why: str, policy: Policy, state: State, now: float
+    desired: int, current: int, slope: float, why: str, policy: Policy, held: list[int]
 ) -> tuple[int, str]:
-    """While anything in the last delay seconds asked for more, keep it (on a fall, less
-    the fall over the delay: the delay is against dips, not against the trend)."""
-    window = [r for t, r in state.recommendations if t >= now - policy.scale_down_delay]
-    if desired < current and window and max(window) > desired:
-        held = min(max(window), current)
+    """While anything in the last delay seconds (`held`) asked for more, keep it (on a
+    fall, less the fall over the delay: the delay is against dips, not the trend)."""
+    if desired < current and held and max(held) > desired:
+        keep = min(max(held), current)
         if slope < 0:
-            held = max(desired, min(held, math.ceil(max(window) + slope * policy.scale_down_delay)))
-        desired = held
-        why += f"; holding {held} for the {policy.scale_down_delay:.0f}s scale-down delay"
+            keep = max(desired, min(keep, math.ceil(max(held) + slope * policy.scale_down_delay)))
+        desired = keep
+        why += f"; holding {keep} for the {policy.scale_down_delay:.0f}s scale-down delay"
     return desired, why
 
 
@@ -433,14 +442,11 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
         snapshot, policy, state, now
     )
     driver, asked = max(asks.items(), key=lambda kv: kv[1])
-    serving = current if snapshot.serving_replicas is None else snapshot.serving_replicas
     keep = now - max(policy.stable_window, policy.scale_down_delay)
     observations = (*((t, v) for t, v in state.observations if t >= keep), (now, asked))
     stable = _mean_since(observations, now - policy.stable_window) or asked
     panicking_now = _mean_since(observations, now - policy.panic_window) or asked
-    trend = state.trend
-    if not trend or now - trend[-1][0] >= policy.trend_every:
-        trend = (*((t, v) for t, v in trend if t >= now - policy.trend_window), (now, stable))
+    trend = _readings(state.trend, stable, policy, now)
     slope = _trend(trend)
     panic_until = state.panic_until
     fell_away = "arrivals" in asks and asks["arrivals"] < policy.lull_share * stable
@@ -449,10 +455,12 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
     if current > 0 and panicking_now >= policy.panic_threshold * current:
         panic_until = now + policy.stable_window
     panic = panic_until is not None and now < panic_until
+    recent = tuple((t, r) for t, r in state.recommendations if t >= now - policy.scale_down_delay)
+    held = [r for _, r in recent]
 
     if panic:
         desired, why = _panic_size(
-            asked, driver, panicking_now, lull, policy, state, current, serving, now
+            asked, driver, panicking_now, lull, policy, current, snapshot.serving, held
         )
     else:
         desired, why = _stable_size(driver, stable, slope, policy)
@@ -477,7 +485,7 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
         why += f"; within {policy.tolerance:.0%} of {current}: holding"
         desired = current
 
-    desired, why = _scale_down_delay(desired, current, slope, why, policy, state, now)
+    desired, why = _scale_down_delay(desired, current, slope, why, policy, held)
     desired, why = _not_below_trend(desired, current, stable, slope, why, policy)
     wanting = asked > (1 + policy.tolerance) * current
     wanting_since = (state.wanting_since or now) if wanting else None
@@ -489,10 +497,7 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
 
     desired, why = _rate_limited(desired, current, panic, why, policy)
 
-    recommendations = (
-        *((t, r) for t, r in state.recommendations if t >= now - policy.scale_down_delay),
-        (now, raw),
-    )
+    recommendations = (*recent, (now, raw))
     direction, turned_at = _turn(state, desired, current, now)
     new_state = replace(
         state, observations=observations, recommendations=recommendations,
