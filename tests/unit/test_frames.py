@@ -111,3 +111,18 @@ def test_a_gpu_instance_runs_one_lane_a_cpu_instance_as_many_as_asked() -> None:
     config = json.dumps({"parameters": {"lanes": {"string_value": "3"}}})
     assert lanes({"model_config": config, "model_instance_kind": "CPU"}) == 3
     assert lanes({"model_config": config, "model_instance_kind": "GPU"}) == 1
+
+
+def test_work_is_cut_short_on_cpu_instances_unless_the_config_says_not() -> None:
+    import json  # noqa: PLC0415
+
+    from ttsfleet.serving.backend import cut_short  # noqa: PLC0415
+
+    def args(kind: str, value: str | None = None) -> dict[str, str]:
+        params = {} if value is None else {"cut_short": {"string_value": value}}
+        return {"model_config": json.dumps({"parameters": params}), "model_instance_kind": kind}
+
+    assert cut_short(args("CPU")) and not cut_short(args("CPU", "false"))
+    assert not cut_short(args("GPU")) and not cut_short(args("GPU", "true"))
+    with pytest.raises(RequestError, match="cut_short 'maybe' must be true or false"):
+        cut_short(args("CPU", "maybe"))

@@ -125,10 +125,11 @@ def test_a_stream_far_ahead_runs_only_when_nothing_else_waits() -> None:
     scheduler.add("a", 0.0, need=WINDOW)
     scheduler.done(Work(WINDOW, ("a",)), 0.0, 0.1, {"a": 5.0}, {"a": WINDOW})
     scheduler.add("bulk", 0.2, BULK, WINDOW)
-    assert scheduler.next(0.2) == Work(WINDOW, ("bulk",))  # bulk before a stream 4.9 s ahead
+    # bulk before a stream 4.9 s ahead; nobody waits for it: it may be cut short
+    assert scheduler.next(0.2) == Work(WINDOW, ("bulk",), cuttable=True)
     scheduler.drop("bulk")
     # alone: the engine does not idle, and the work says nobody waits for it
-    assert scheduler.next(0.2) == Work(WINDOW, ("a",), eager=True)
+    assert scheduler.next(0.2) == Work(WINDOW, ("a",), eager=True, cuttable=True)
     assert scheduler.next(0.2, busy={"a"}) is None
     # a caller whose other lane already runs such work keeps this one free
     assert scheduler.next(0.2, eager=False) is None
@@ -137,6 +138,36 @@ def test_a_stream_far_ahead_runs_only_when_nothing_else_waits() -> None:
     scheduler.drop("new")
     scheduler.drop("a")
     assert scheduler.next(2.2) is None and scheduler.wake(2.2) == float("inf")
+
+
+def test_only_work_nobody_waits_for_may_be_cut_short() -> None:
+    """Bulk, and live streams at least `low_lead` ahead, may be cut short for a new
+    stream's first audio; a first audio, a due chunk, or a stream less than `low_lead`
+    ahead may not, nor a batch holding any of them."""
+    scheduler = Scheduler(sizes=(1, 2), low_lead=1.0, max_lead=3.0)
+    scheduler.add("new", 0.0)
+    assert scheduler.next(0.0) == Work(TEXT, ("new",))  # a first audio: not cuttable
+    scheduler.drop("new")
+    for key, lead in (("due", 0.1), ("near", 0.5), ("ahead", 2.0), ("far", 5.0)):
+        scheduler.add(key, 0.0, need=WINDOW)
+        scheduler.done(Work(WINDOW, (key,)), 0.0, 0.0, {key: lead}, {key: WINDOW})
+    assert scheduler.next(0.0, {"near", "ahead", "far"}) == Work(WINDOW, ("due",))
+    assert scheduler.next(0.0, {"due", "ahead", "far"}) == Work(WINDOW, ("near",))
+    assert scheduler.next(0.0, {"due", "near", "far"}) == Work(WINDOW, ("ahead",), cuttable=True)
+    assert scheduler.next(0.0, {"due", "near", "ahead"}) == Work(
+        WINDOW, ("far",), eager=True, cuttable=True
+    )
+    # a batch of a stream ahead and one near its listener is not
+    assert scheduler.next(0.0, {"due", "far"}) == Work(WINDOW, ("near", "ahead"))
+    scheduler.add("bulk", 0.0, BULK)
+    assert scheduler.next(0.0, {"due", "near", "ahead", "far"}) == Work(
+        TEXT, ("bulk",), cuttable=True
+    )
+    # ... and none is cut while a playing stream is short of audio (under `low_lead`)
+    assert scheduler.short(0.0)
+    scheduler.drop("due")
+    scheduler.drop("near")
+    assert not scheduler.short(0.0) and scheduler.short(1.5)
 
 
 def test_batches_have_a_fixed_size_and_one_window_length() -> None:

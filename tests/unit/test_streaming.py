@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ import pytest
 
 from ttsfleet.serving import streaming
 from ttsfleet.serving.engine import voices
+from ttsfleet.serving.frames import CutShortError
 from ttsfleet.serving.quality import join_energy
+from ttsfleet.serving.scheduler import BULK, TEXT
 from ttsfleet.serving.worker import Worker
 
 VOICE = "en_US-joe-medium"
@@ -275,3 +278,74 @@ def test_a_lane_with_nothing_to_run_sleeps_instead_of_polling(
     # it sleeps): a polling lane would look hundreds of times a second.
     assert ran[0] > 5
     assert looks[0] <= 4 * ran[0] + 10, (looks[0], ran[0])
+
+
+class Chunks(Collected):
+    """A sink that says when each chunk arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = threading.Event()
+
+    def audio(self, samples: np.ndarray) -> None:
+        super().audio(samples)
+        self.arrived.set()
+
+
+def alone(engine: streaming.ChunkedSynthesizer, text: str, bulk: bool) -> np.ndarray:
+    stream, parts = engine.open(text, bulk=bulk), []
+    while (need := stream.need()) is not None:
+        if (audio := engine.run(stream, need)) is not None:
+            parts.append(audio)
+    return np.concatenate(parts)
+
+
+def test_a_new_stream_cuts_short_work_nobody_waits_for(
+    engine: streaming.ChunkedSynthesizer,
+) -> None:
+    """Both lanes in bulk windows (~150 ms each here): a live stream that arrives then
+    cuts one short instead of waiting for it; the cut window runs again later, and
+    every stream still gets exactly its own audio, each chunk once, in order."""
+    worker = Worker(engine.lane(1), lanes=2).start()
+    bulk = [Chunks() for _ in range(2)]
+    for sink in bulk:
+        worker.submit(SENTENCES, 1.0, sink, BULK)
+    live: list[Collected] = []
+    while worker.cuts == 0 and len(live) < 6:
+        bulk[len(live) % 2].arrived.clear()
+        assert bulk[len(live) % 2].arrived.wait(60)
+        time.sleep(0.02)  # that lane is into its next window, the other in one too
+        live.append(Collected())
+        worker.submit(LONG, 1.0, live[-1])
+    for sink in bulk + live:
+        assert sink.ended.wait(120) and sink.error is None, sink.error
+    worker.stop()
+    assert worker.cuts >= 1
+    for sink, text, is_bulk in [(s, SENTENCES, True) for s in bulk] + [
+        (s, LONG, False) for s in live
+    ]:
+        heard, expected = np.concatenate(sink.parts), alone(engine, text, is_bulk)
+        assert heard.size == expected.size
+        # Thread counts change float sums' order: within one int16 step or two.
+        assert np.max(np.abs(heard.astype(np.int32) - expected.astype(np.int32))) <= 2
+
+
+def test_a_run_cut_short_leaves_the_stream_as_it_was(
+    engine: streaming.ChunkedSynthesizer,
+) -> None:
+    import onnxruntime  # noqa: PLC0415
+
+    stopped = onnxruntime.RunOptions()
+    stopped.terminate = True
+    stream = engine.open(LONG)
+    with pytest.raises(CutShortError):
+        engine.run_text(stream, stopped)
+    assert stream.z is None and stream.need() == TEXT
+    engine.run_text(stream)
+    need = stream.need()
+    assert need is not None and need.kind == "frames"
+    with pytest.raises(CutShortError):
+        engine.run_frames([stream], need.frames, options=stopped)
+    assert (stream.position, stream.first) == (0, True)
+    (first,) = engine.run_frames([stream], need.frames)
+    assert first.size == streaming.FIRST_CHUNK * engine.hop

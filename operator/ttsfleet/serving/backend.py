@@ -128,6 +128,18 @@ def lanes(args: dict[str, str]) -> int:
     return int(text)
 
 
+def cut_short(args: dict[str, str]) -> bool:
+    """Whether a new stream's first audio may cut short work nobody waits for
+    (`serving.worker.Worker`; the `cut_short` parameter, "true" by default on CPU
+    instances; never on GPU ones, whose windows take milliseconds)."""
+    if args.get("model_instance_kind") == "GPU":
+        return False
+    text = _params(args).get("cut_short", "true").lower()
+    if text not in ("true", "false"):
+        raise RequestError(f"cut_short {text!r} must be true or false")
+    return text == "true"
+
+
 def wide_engine(engine: ChunkedSynthesizer) -> ChunkedSynthesizer | None:
     """An engine on every core for a new stream's first audio while the other lanes
     are idle (`serving.worker.Worker`), when the lanes each have fewer threads than

@@ -64,6 +64,21 @@ class _Slot:
     audio: Any  # OrtValue (rows, 1, 1, samples): Piper's export's output shape
 
 
+class CutShortError(Exception):
+    """A run cut short by its `RunOptions.terminate` (`serving.worker` cuts work nobody
+    waits for when a new stream's first audio would wait for it)."""
+
+
+def run_cuttable(run: Any, options: Any) -> Any:
+    """`run(options)`, raising `CutShortError` when `options.terminate` stopped it."""
+    try:
+        return run(options)
+    except Exception:
+        if options is not None and options.terminate:
+            raise CutShortError from None
+        raise
+
+
 class FixedFrames:
     """The frame part at `model` for windows of `windows` frames in batches of `rows`
     rows, on `device` ("cpu" or "cuda", GPU `device_id`): every slot made and run once
@@ -100,12 +115,15 @@ class FixedFrames:
         self._warm.add(thread)
 
     @staticmethod
-    def _replay(slot: _Slot, z: npt.NDArray[np.float32], mask: npt.NDArray[np.float32]) -> None:
+    def _replay(
+        slot: _Slot, z: npt.NDArray[np.float32], mask: npt.NDArray[np.float32],
+        options: Any = None,
+    ) -> None:  # fmt: skip
         slot.z.update_inplace(np.ascontiguousarray(z, np.float32))
         slot.mask.update_inplace(np.ascontiguousarray(mask, np.float32))
         # The copies in are done before the replay (its stream is not the copies').
         slot.binding.synchronize_inputs()
-        slot.session.run_with_iobinding(slot.binding)
+        run_cuttable(lambda o: slot.session.run_with_iobinding(slot.binding, o), options)
 
     def _slot(self, rows: int, window: int) -> _Slot:
         import onnxruntime  # noqa: PLC0415 - the serving extra
@@ -136,11 +154,12 @@ class FixedFrames:
         return slot
 
     def run(
-        self, z: npt.NDArray[np.float32], mask: npt.NDArray[np.float32]
+        self, z: npt.NDArray[np.float32], mask: npt.NDArray[np.float32], options: Any = None
     ) -> npt.NDArray[np.float32]:
         """Audio (rows x samples) of a batch of windows (rows x CHANNELS x window): in
         pieces of the largest compiled batch size, the last padded with silent rows to
-        the next compiled size."""
+        the next compiled size. `options` (onnxruntime `RunOptions`): `CutShortError`
+        when its `terminate` is set meanwhile."""
         count, window = z.shape[0], z.shape[2]
         if window not in self.windows:
             raise RequestError(f"no compiled frame-part shape for {window}-frame windows "
@@ -150,20 +169,23 @@ class FixedFrames:
             left = count - start
             size = next((n for n in self.rows if n >= left), self.rows[-1])
             take = min(size, left)
-            pieces.append(self._run(z[start : start + take], mask[start : start + take], size))
+            pieces.append(
+                self._run(z[start : start + take], mask[start : start + take], size, options)
+            )
             start += take
         return np.concatenate(pieces)
 
     def _run(
-        self, z: npt.NDArray[np.float32], mask: npt.NDArray[np.float32], size: int
-    ) -> npt.NDArray[np.float32]:
+        self, z: npt.NDArray[np.float32], mask: npt.NDArray[np.float32], size: int,
+        options: Any = None,
+    ) -> npt.NDArray[np.float32]:  # fmt: skip
         count, window = z.shape[0], z.shape[2]
         slot = self._slots[(size, window)]
         if size > count:
             z = np.concatenate([z, np.zeros((size - count, *z.shape[1:]), np.float32)])
             mask = np.concatenate([mask, np.zeros((size - count, *mask.shape[1:]), np.float32)])
         self.warm()  # once per thread (on CUDA a thread replays only graphs it captured)
-        self._replay(slot, z, mask)
+        self._replay(slot, z, mask, options)
         # A copy: on the CPU the bound output's array is the buffer the next run overwrites.
         audio: npt.NDArray[np.float32] = np.array(slot.audio.numpy().reshape(size, -1)[:count])
         return audio

@@ -16,6 +16,9 @@ seen before. The next piece goes, in this order, to
 6. live streams further ahead, only when nothing else is waiting: the engine never
    idles while a stream has audio left to make (a client that waits for the whole
    reply gets it as fast as the engine can make it, not at the listener's pace).
+Work of classes 4 to 6 alone is `cuttable`: nobody waits for it yet, so a caller may
+cut it short (and run it again later) rather than make a new stream's first audio wait
+for it, while no live stream is `short` of audio.
 A stream's playback starts when its first audio leaves and runs at 1x, so the audio
 ahead of the listener is `started + sent - now`. A chunk that leaves after that has
 run out is an underrun (`underruns` counts them: the replica was past its capacity).
@@ -33,6 +36,7 @@ REALTIME: Priority = "realtime"
 BULK: Priority = "bulk"
 URGENT = 2  # classes up to this one (due chunks, first audio) are urgent
 EAGER = 6  # the class of streams far ahead: work nobody waits for yet
+CUTTABLE = 4  # classes from this one on (bulk, live streams >= low_lead ahead) may be cut
 FREE_RIDE = 1.25  # how much longer a batch may take for rows that are not urgent
 WAKE_RESOLUTION = 0.001  # seconds: the shortest wait `wake` asks for
 
@@ -51,6 +55,9 @@ class Work:
     need: Need
     streams: tuple[Hashable, ...]
     eager: bool = False  # only streams far ahead (class 6): work nobody waits for
+    # Only rows of class `Scheduler.cuttable` or later (bulk, streams ahead of their
+    # listeners): a lane may cut it short for a new stream's first audio.
+    cuttable: bool = False
 
 
 @dataclass
@@ -120,6 +127,15 @@ class Scheduler:
     def ahead(self, key: Hashable, now: float) -> float:
         return self.streams[key].ahead(now)
 
+    def short(self, now: float) -> bool:
+        """Whether a playing live stream has less than `low_lead` seconds of audio ahead
+        (the engine is busy keeping up: work cut short now is work it cannot spare)."""
+        return any(
+            stream.priority == REALTIME and stream.started is not None
+            and stream.ahead(now) < self.low_lead
+            for stream in self.streams.values()
+        )  # fmt: skip
+
     def horizon(self) -> float:
         """How little audio ahead makes a stream due: time for the batch that may be
         running now and its own (each as big as the streams allow), plus a margin."""
@@ -163,13 +179,17 @@ class Scheduler:
             return None
         head = self.streams[ranked[0][1]].need
         if head.kind == "text":
-            return Work(head, (ranked[0][1],), ranked[0][0][0] == EAGER)
+            order = ranked[0][0][0]
+            return Work(head, (ranked[0][1],), order == EAGER, order >= CUTTABLE)
         same = [(rank, key) for rank, key in ranked if self.streams[key].need == head]
         urgent = [key for rank, key in same if rank[0] <= URGENT]
         others = [key for rank, key in same if rank[0] > URGENT]
         if not urgent:
             rows = same[: self._fit(len(others))]
-            return Work(head, tuple(key for _, key in rows), all(r[0] == EAGER for r, _ in rows))
+            return Work(
+                head, tuple(key for _, key in rows), all(r[0] == EAGER for r, _ in rows),
+                all(r[0] >= CUTTABLE for r, _ in rows),
+            )  # fmt: skip
         # Urgent rows (due, or a first audio) with as many others as ride for free: a
         # bigger batch only if it costs at most FREE_RIDE times the urgent rows' own
         # (on a GPU extra rows cost little; on a CPU a row costs its frames).

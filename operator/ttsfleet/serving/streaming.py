@@ -52,7 +52,7 @@ from ttsfleet.serving.engine import (
     onnx_session,
     session_options,
 )
-from ttsfleet.serving.frames import FixedFrames
+from ttsfleet.serving.frames import FixedFrames, run_cuttable
 from ttsfleet.serving.scheduler import TEXT, Need
 from ttsfleet.serving.text import normalize
 
@@ -383,14 +383,16 @@ class ChunkedSynthesizer:
         sentences = [p for p in self._voice.phonemize(normalize(text)) if p]
         return [self._voice.phonemes_to_ids(piece) for piece in pieces(sentences)]
 
-    def _text_part(self, ids: list[int], rate: float) -> tuple[npt.NDArray[np.float32], Any]:
+    def _text_part(
+        self, ids: list[int], rate: float, options: Any = None
+    ) -> tuple[npt.NDArray[np.float32], Any]:
         inputs = {
             "input": np.array([ids], dtype=np.int64),
             "input_lengths": np.array([len(ids)], dtype=np.int64),
             # noise 0 (deterministic: equal text, equal audio), length 1/rate, noise_w 0
             "scales": np.array([0.0, 1.0 / rate, 0.0], dtype=np.float32),
         }
-        z, mask = self._text.run(list(SPLIT_POINT), inputs)
+        z, mask = run_cuttable(lambda o: self._text.run(list(SPLIT_POINT), inputs, o), options)
         return z, mask
 
     def _frame_part(self, z: npt.NDArray[np.float32], mask: Any) -> npt.NDArray[np.float32]:
@@ -411,34 +413,44 @@ class ChunkedSynthesizer:
         """A stream of `text` (phonemised now), nothing synthesised yet."""
         return Stream(self._sentences(text), rate, bulk=bulk)
 
-    def run_text(self, stream: Stream) -> None:
-        """The text part of `stream`'s next sentence."""
-        stream.z, stream.mask = self._text_part(stream.sentences.pop(0), stream.rate)
-        stream.position = 0
+    def run_text(self, stream: Stream, options: Any = None) -> None:
+        """The text part of `stream`'s next sentence. `options` (onnxruntime
+        `RunOptions`): `CutShortError` when its `terminate` is set meanwhile, the
+        stream as it was."""
+        z, mask = self._text_part(stream.sentences[0], stream.rate, options)
+        stream.sentences.pop(0)
+        stream.z, stream.mask, stream.position = z, mask, 0
 
-    def run_frames(self, streams: list[Stream], window: int, context: int = CONTEXT) -> list[Audio]:
+    def run_frames(
+        self, streams: list[Stream], window: int, context: int = CONTEXT, options: Any = None
+    ) -> list[Audio]:
         """The next chunk of each of `streams`, all windows `window` frames long, run as
-        one batch; each stream moves past its chunk."""
-        zs, masks, spans = [], [], []
+        one batch; each stream moves past its chunk (not when `options.terminate` cut
+        the run short: `CutShortError`, the streams as they were)."""
+        zs, masks, spans, ends = [], [], [], []
         for stream in streams:
-            z, mask, span = self._window(stream, window, context)
+            z, mask, span, end = self._window(stream, window, context)
             zs.append(z)
             masks.append(mask)
             spans.append(span)
+            ends.append(end)
         z, mask = np.concatenate(zs), np.concatenate(masks).astype(np.float32)
         if window in self._fixed.windows:
-            rows = self._fixed.run(z, mask)
+            rows = self._fixed.run(z, mask, options)
         else:  # a window of another length (tests): the frame part on any shape
-            (audio,) = self._frames.run(["output"], {SPLIT_POINT[0]: z, SPLIT_POINT[1]: mask})
+            feeds = {SPLIT_POINT[0]: z, SPLIT_POINT[1]: mask}
+            (audio,) = run_cuttable(lambda o: self._frames.run(["output"], feeds, o), options)
             rows = np.asarray(audio, dtype=np.float32).reshape(len(streams), -1)
+        for stream, end in zip(streams, ends, strict=True):
+            stream.position, stream.first = end, False
         return [_int16(row[a:b] * self.gain) for row, (a, b) in zip(rows, spans, strict=True)]
 
     def _window(
         self, stream: Stream, window: int, context: int
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], tuple[int, int]]:
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], tuple[int, int], int]:
         """The frame part's input for `stream`'s next chunk (`window` frames, padded with
-        masked frames where the sentence is shorter) and the samples of its output that
-        are the chunk; the stream moves past it."""
+        masked frames where the sentence is shorter), the samples of its output that
+        are the chunk, and the frame where the chunk ends (where the stream goes next)."""
         assert stream.z is not None and stream.mask is not None
         start, end = place(stream.position, stream.z.shape[2], window, context)
         z = stream.z[:, :, start : start + window]
@@ -447,8 +459,7 @@ class ChunkedSynthesizer:
             z = np.pad(z, ((0, 0), (0, 0), (0, short)))
             mask = np.pad(mask, ((0, 0), (0, 0), (0, short)))
         span = ((stream.position - start) * self.hop, (end - start) * self.hop)
-        stream.position, stream.first = end, False
-        return z, mask.astype(np.float32), span
+        return z, mask.astype(np.float32), span, end
 
     def windows(self, text: str, rate: float = 1.0) -> Iterator[dict[str, Any]]:
         """The frame part's inputs, window by window, as a live stream of `text` runs
@@ -458,7 +469,8 @@ class ChunkedSynthesizer:
             if need.kind == "text":
                 self.run_text(stream)
                 continue
-            z, mask, _ = self._window(stream, need.frames, CONTEXT)
+            z, mask, _, end = self._window(stream, need.frames, CONTEXT)
+            stream.position, stream.first = end, False
             yield {SPLIT_POINT[0]: z, SPLIT_POINT[1]: mask}
 
     def run(self, stream: Stream, need: Need) -> Audio | None:

@@ -18,15 +18,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from ttsfleet.serving.engine import Audio
+from ttsfleet.serving.frames import CutShortError
 from ttsfleet.serving.scheduler import BULK, REALTIME, Need, Priority, Scheduler, Work
 from ttsfleet.serving.streaming import ChunkedSynthesizer, Stream
 
 log = logging.getLogger("ttsfleet.serving")
 
 IDLE_POLL_SECONDS = 1.0  # the longest the thread sleeps with nothing runnable
+# Work that would end within this is left to end rather than cut (what it did is lost).
+CUT_LEFT_SECONDS = 0.015
 
 
 class Sink(Protocol):
@@ -40,16 +44,35 @@ class Sink(Protocol):
     def end(self, error: str | None = None) -> None: ...
 
 
+@dataclass(eq=False)
+class _Lane:
+    """One thread running the scheduler's work on its own engine."""
+
+    engine: ChunkedSynthesizer
+    options: Any  # onnxruntime RunOptions of its runs: `terminate` cuts the run short
+    work: Work | None = None  # what it runs now
+    began: float = 0.0
+    cut: bool = False  # told to cut `work` short
+
+
 class Worker:
     """One scheduler, `lanes` threads running its work side by side: each lane has its
     own engine (its own sessions of `engine.threads` threads), a stream runs in one
     lane at a time. Two single-threaded lanes on two cores make ~15 % more audio than
     one lane of two threads (small convolutions scale poorly across threads), and a
-    new stream's first audio waits for half as much work already running."""
+    new stream's first audio waits for half as much work already running.
+
+    With `cut`, a new stream whose first audio would wait (every lane working) cuts
+    short a lane's work that nobody waits for (`Work.cuttable`: bulk, streams ahead of
+    their listeners; onnxruntime stops it within ~2 ms), unless it is about to end:
+    that work runs again later, and the new stream's first audio does not wait for a
+    200-frame window (~150 ms on one core here). Off for GPU instances, whose windows
+    take a few milliseconds."""
 
     def __init__(
         self, engine: ChunkedSynthesizer, *, sizes: Iterable[int] = (1,), lanes: int = 1,
         wide: ChunkedSynthesizer | None = None, clock: Callable[[], float] = time.perf_counter,
+        cut: bool = True,
     ) -> None:  # fmt: skip
         self.engine = engine  # phonemises (in the callers' thread) and is the first lane
         # An engine whose sessions use every core, for a new stream's first audio when
@@ -64,15 +87,20 @@ class Worker:
         self._keys = itertools.count()
         self._wake = threading.Condition()
         self._closed = False
+        self._cut = cut
+        self.cuts = 0  # works cut short
+        import onnxruntime  # noqa: PLC0415 - the serving extra
+
         engines = [engine] + [engine.lane(engine.threads or 1) for _ in range(lanes - 1)]
-        self._lanes = [
-            threading.Thread(target=self._run, args=(e,), name=f"tts-lane-{n}", daemon=True)
-            for n, e in enumerate(engines)
+        self._lanes = [_Lane(e, onnxruntime.RunOptions()) for e in engines]
+        self._threads = [
+            threading.Thread(target=self._run, args=(lane,), name=f"tts-lane-{n}", daemon=True)
+            for n, lane in enumerate(self._lanes)
         ]
 
     def start(self) -> Worker:
-        for lane in self._lanes:
-            lane.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -80,8 +108,8 @@ class Worker:
         with self._wake:
             self._closed = True
             self._wake.notify_all()
-        for lane in self._lanes:
-            lane.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
     @property
     def open_streams(self) -> int:
@@ -101,11 +129,33 @@ class Worker:
                 return
             key = next(self._keys)
             self._streams[key] = (stream, sink)
-            self.scheduler.add(key, self._clock(), priority, need)
+            now = self._clock()
+            self.scheduler.add(key, now, priority, need)
             self._wake.notify()
+            if priority == REALTIME and self._cut:
+                self._cut_for_first_audio(now)
 
-    def _next(self) -> tuple[Work, ChunkedSynthesizer | None] | None:
-        """The next work for a lane (its streams marked running) and the wide engine if
+    def _cut_for_first_audio(self, now: float) -> None:
+        """When every lane works and no live stream is short of audio, cut short the
+        cuttable work that began last (the least lost) and would not end within
+        CUT_LEFT_SECONDS (under the lock). Under load (streams short) nothing is cut:
+        the engine's time goes to audio, not to work made twice."""
+        if any(lane.work is None for lane in self._lanes) or self.scheduler.short(now):
+            return  # a lane is free for the new stream, or no work can be spared
+        costs = self.scheduler.costs
+        cuttable = [
+            lane for lane in self._lanes
+            if lane.work is not None and lane.work.cuttable and not lane.cut
+            and costs.estimate(lane.work.need, len(lane.work.streams)) - (now - lane.began)
+            > CUT_LEFT_SECONDS
+        ]  # fmt: skip
+        if cuttable:
+            lane = max(cuttable, key=lambda lane: lane.began)
+            lane.cut = True
+            lane.options.terminate = True
+
+    def _next(self, lane: _Lane) -> tuple[Work, ChunkedSynthesizer | None] | None:
+        """The next work for `lane` (its streams marked running) and the wide engine if
         it runs there (a first audio while no other lane works: then no other lane can
         take the wide engine until this work ends), waiting for some; None once
         stopped."""
@@ -119,6 +169,8 @@ class Worker:
                     first = all(self.scheduler.streams[k].started is None for k in work.streams)
                     wide = self._wide if first and not self._running else None
                     self._running.update(work.streams)
+                    lane.work, lane.began, lane.cut = work, now, False
+                    lane.options.terminate = False
                     return work, wide
                 self._wake.wait(min(self.scheduler.wake(now, self._running), IDLE_POLL_SECONDS))
             for key in [k for k in self._streams if k not in self._running]:
@@ -132,17 +184,18 @@ class Worker:
         with contextlib.suppress(Exception):  # the client is gone: nothing to tell
             sink.end(error)
 
-    def _run(self, engine: ChunkedSynthesizer) -> None:
-        engine.warm()  # this lane's thread runs its shapes (a GPU's graphs are per thread)
-        while (picked := self._next()) is not None:
+    def _run(self, lane: _Lane) -> None:
+        lane.engine.warm()  # this lane's thread runs its shapes (a GPU's graphs are per thread)
+        while (picked := self._next(lane)) is not None:
             work, wide = picked
             try:
                 live = self._live(work)
                 if live:
                     kept = Work(work.need, tuple(key for key, _, _ in live))
-                    self._step(wide or engine, kept, live)
+                    self._step(wide or lane.engine, kept, live, lane.options)
             finally:
                 with self._wake:
+                    lane.work = None
                     self._eager -= work.eager
                     self._running.difference_update(work.streams)
                     self._wake.notify_all()
@@ -163,12 +216,18 @@ class Worker:
         return live
 
     def _step(
-        self, engine: ChunkedSynthesizer, work: Work, live: list[tuple[Hashable, Stream, Sink]]
-    ) -> None:
-        """Run `work` on `engine`, send what it made, and tell the scheduler."""
+        self, engine: ChunkedSynthesizer, work: Work, live: list[tuple[Hashable, Stream, Sink]],
+        options: Any,
+    ) -> None:  # fmt: skip
+        """Run `work` on `engine`, send what it made, and tell the scheduler (nothing,
+        when it was cut short: its streams are as they were, and wait their turn)."""
         began = self._clock()
         try:
-            made = _make(engine, work, [stream for _, stream, _ in live])
+            made = _make(engine, work, [stream for _, stream, _ in live], options)
+        except CutShortError:
+            with self._wake:
+                self.cuts += 1
+            return
         except Exception as err:  # these streams fail; the others go on
             log.exception("synthesis failed")
             with self._wake:
@@ -199,9 +258,11 @@ class Worker:
 UNLOADING = "the model is unloading: retry on another replica"
 
 
-def _make(engine: ChunkedSynthesizer, work: Work, streams: list[Stream]) -> list[Audio | None]:
+def _make(
+    engine: ChunkedSynthesizer, work: Work, streams: list[Stream], options: Any
+) -> list[Audio | None]:
     if work.need.kind == "text":
         for stream in streams:
-            engine.run_text(stream)
+            engine.run_text(stream, options)
         return [None] * len(streams)
-    return list(engine.run_frames(streams, work.need.frames))
+    return list(engine.run_frames(streams, work.need.frames, options=options))

@@ -15,6 +15,7 @@ from ttsfleet.serving.backend import (
     Metrics,
     TritonSink,
     batch_sizes,
+    cut_short,
     error_message,
     lanes,
     load,
@@ -39,6 +40,7 @@ class TritonPythonModel:
                 sizes=batch_sizes(args),
                 lanes=lanes(args),
                 wide=wide_engine(self.engine),
+                cut=cut_short(args),
             ).start()
 
     def execute(self, requests):
