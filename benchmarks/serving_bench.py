@@ -9,10 +9,13 @@ on loopback with model repositories rendered by the same generator as `triton_mo
 and loads it with `ttsfleet.bench` (the code behind `ttsfleet bench`; percentiles by
 nearest rank, `harness.percentile`):
 1. live streams (`tts_stream`, one instance), open loop (`ttsfleet.listeners`): N listeners
-   each hear story after story of >= 15 s at 1x on their own clocks; per N, TTFA
+   each hear story after story of >= 15 s at 1x on their own clocks (--seconds per N,
+   longer at low N: `level_seconds`); per N, TTFA
    p50/p95/p99 (to the first samples) and underruns, with the chunked engine
    (`streaming`) and the sentence engine (`streaming_sentence_engine`) in the same
-   run; `streams_per_replica`: the most listeners with TTFA p95 <= 200 ms and no
+   run, and the chunked engine without cutting work short for a new stream
+   (`streaming_chunked_no_cut`, `cut_short: false`, at 8, 16 and 18 listeners);
+   `streams_per_replica`: the most listeners with TTFA p95 <= 200 ms and no
    underrun; and each engine's TTFA for a 400-character first sentence against a
    32-character one (`first_sentence_length`);
    bulk (`bulk`, chunked engine, both models): `tts_batch` audio-seconds per second
@@ -90,18 +93,31 @@ LONG_SENTENCE = (  # one sentence of about 400 characters
 
 
 REALTIME_TTFA_MS = 200.0
+# A listener starts a story about every 16 s: at low levels a minute holds a handful of
+# streams, whose p95 is their worst. Those levels run until about this many streams
+# have started (at most 4x --seconds).
+STREAMS_PER_LEVEL = 40
+STORY_SECONDS = 16.0
+
+
+def level_seconds(seconds: float, level: int) -> float:
+    """How long `level` listeners run: `seconds`, or longer at low levels (above)."""
+    return min(4 * seconds, max(seconds, STREAMS_PER_LEVEL * STORY_SECONDS / level))
 
 
 def streaming(
-    seconds: float, engine: str, levels: tuple[int, ...], precision: str = "fp32"
-) -> dict[str, Any]:
+    seconds: float, engine: str, levels: tuple[int, ...], precision: str = "fp32",
+    parameters: tuple[tuple[str, str], ...] = (),
+) -> dict[str, Any]:  # fmt: skip
     """Listeners at each level, then the TTFA of a long first sentence against a short
-    one (alone, 10 of each), with the given engine and precision."""
+    one (alone, 10 of each), with the given engine, precision and backend parameters."""
     out: list[dict[str, Any]] = []
-    config = ModelConfig(streaming=True, instances=1, engine=engine, precision=precision)
+    config = ModelConfig(
+        streaming=True, instances=1, engine=engine, precision=precision, parameters=parameters
+    )
     with triton(config) as address:
         for level in levels:
-            result = asyncio.run(listeners.listen(address, level, seconds))
+            result = asyncio.run(listeners.listen(address, level, level_seconds(seconds, level)))
             print(
                 f"stream ({engine}, {precision}) {level} listeners: {json.dumps(result)}",
                 flush=True,
@@ -289,8 +305,13 @@ def main() -> None:
         # The chunked engine and the sentence engine before it, in one run.
         chunked = streaming(args.seconds, "chunked", (1, 4, 8, 12, 16, 18, 20, 22))
         sentence = streaming(args.seconds, "sentence", (1, 4, 8))
+        # The chunked engine as it was before a new stream could cut work short.
+        uncut = streaming(
+            args.seconds, "chunked", (8, 16, 18), parameters=(("cut_short", "false"),)
+        )
         report["streaming"] = chunked["levels"]
         report["streaming_sentence_engine"] = sentence["levels"]
+        report["streaming_chunked_no_cut"] = uncut["levels"]
         report["streams_per_replica"] = {
             "ttfa_p95_ms_at_most": REALTIME_TTFA_MS, "underruns": 0,
             "chunked": chunked["streams_per_replica"],

@@ -23,6 +23,8 @@ class ModelConfig:
     max_queue_delay_microseconds: int = 2000
     cache: bool = False
     engine: str = "chunked"  # or sentence (both models run the same engine)
+    # More backend parameters (key, value), e.g. ("cut_short", "false") in a benchmark.
+    parameters: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -72,4 +74,5 @@ def render(config: ModelConfig) -> str:
         # A GPU runs a batch of windows for little more than one: the scheduler may
         # batch streams up to 16 rows, each size one captured graph (serving.frames).
         lines.append(_parameter("batch_sizes", GPU_BATCH_SIZES))
+    lines += [_parameter(key, value) for key, value in config.parameters]
     return "\n".join(lines) + "\n"
