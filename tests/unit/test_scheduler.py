@@ -170,6 +170,19 @@ def test_only_work_nobody_waits_for_may_be_cut_short() -> None:
     assert not scheduler.short(0.0) and scheduler.short(1.5)
 
 
+def test_demand_is_the_engine_time_the_live_streams_need() -> None:
+    """Each live stream plays a second of audio a second; what that costs the engine is
+    learnt from the windows run (bulk needs no pace)."""
+    scheduler = Scheduler()
+    for key in range(4):
+        scheduler.add(key, 0.0, need=WINDOW)
+    scheduler.add("bulk", 0.0, BULK, WINDOW)
+    assert scheduler.demand() == pytest.approx(4 * Costs().per_audio_second)
+    for _ in range(40):  # 0.3 s of engine for 1.5 s of audio
+        scheduler.done(Work(WINDOW, (0,)), 0.0, 0.3, {0: 1.5}, {0: WINDOW})
+    assert scheduler.demand() == pytest.approx(4 * 0.2, rel=1e-3)
+
+
 def test_batches_have_a_fixed_size_and_one_window_length() -> None:
     scheduler = Scheduler(sizes=(1, 2, 4, 8))
     running = [f"s{n}" for n in range(7)]

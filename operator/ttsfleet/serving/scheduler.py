@@ -82,6 +82,8 @@ class Costs:
     frame_seconds: float = 0.0005  # per frame of window per row
     decay: float = 0.2
     seen: dict[tuple[Need, int], float] = field(default_factory=dict)
+    # Engine seconds per second of audio the windows make (context and overlap included).
+    per_audio_second: float = 0.1
 
     def estimate(self, need: Need, batch: int) -> float:
         known = self.seen.get((need, batch))
@@ -126,6 +128,12 @@ class Scheduler:
 
     def ahead(self, key: Hashable, now: float) -> float:
         return self.streams[key].ahead(now)
+
+    def demand(self) -> float:
+        """Engine seconds a second the live streams need to keep playing (each plays 1 s
+        of audio a second): how busy the lanes must be, whatever they run now."""
+        live = sum(stream.priority == REALTIME for stream in self.streams.values())
+        return live * self.costs.per_audio_second
 
     def short(self, now: float) -> bool:
         """Whether a playing live stream has less than `low_lead` seconds of audio ahead
@@ -224,6 +232,11 @@ class Scheduler:
         """`work` ran from `began` to `ended`: each stream sent `sent[key]` seconds of
         audio at `ended` and now needs `needs[key]` (None: it is finished)."""
         self.costs.record(work.need, len(work.streams), ended - began)
+        if work.need.kind == "frames" and (audio := sum(sent.values())) > 0:
+            costs = self.costs
+            costs.per_audio_second += costs.decay * (
+                (ended - began) / audio - costs.per_audio_second
+            )
         for key in work.streams:
             stream = self.streams.get(key)
             if stream is None:  # dropped while its work ran

@@ -31,6 +31,9 @@ log = logging.getLogger("ttsfleet.serving")
 IDLE_POLL_SECONDS = 1.0  # the longest the thread sleeps with nothing runnable
 # Work that would end within this is left to end rather than cut (what it did is lost).
 CUT_LEFT_SECONDS = 0.015
+# Nothing is cut while the live streams need more than this share of the lanes' time:
+# near capacity, work made twice is audio some stream will miss.
+CUT_LOAD = 0.6
 
 
 class Sink(Protocol):
@@ -136,18 +139,29 @@ class Worker:
                 self._cut_for_first_audio(now)
 
     def _cut_for_first_audio(self, now: float) -> None:
-        """When every lane works and no live stream is short of audio, cut short the
-        cuttable work that began last (the least lost) and would not end within
-        CUT_LEFT_SECONDS (under the lock). Under load (streams short) nothing is cut:
+        """When every lane works, cut short the cuttable work that began last (the
+        least lost), if it would not end within CUT_LEFT_SECONDS and has more left to
+        run than it ran (under the lock). Near capacity nothing is cut (a live stream
+        short of audio, or the live streams needing more than CUT_LOAD of the lanes):
         the engine's time goes to audio, not to work made twice."""
-        if any(lane.work is None for lane in self._lanes) or self.scheduler.short(now):
-            return  # a lane is free for the new stream, or no work can be spared
-        costs = self.scheduler.costs
+        scheduler = self.scheduler
+        if (
+            any(lane.work is None for lane in self._lanes)  # one is free for the new stream
+            or scheduler.short(now)
+            or scheduler.demand() > CUT_LOAD * len(self._lanes)
+        ):
+            return
+        costs = scheduler.costs
+
+        def left(lane: _Lane) -> float:
+            assert lane.work is not None
+            return costs.estimate(lane.work.need, len(lane.work.streams)) - (now - lane.began)
+
         cuttable = [
             lane for lane in self._lanes
             if lane.work is not None and lane.work.cuttable and not lane.cut
-            and costs.estimate(lane.work.need, len(lane.work.streams)) - (now - lane.began)
-            > CUT_LEFT_SECONDS
+            # what the new stream would wait for exceeds what is lost (its time so far)
+            and left(lane) > max(CUT_LEFT_SECONDS, now - lane.began)
         ]  # fmt: skip
         if cuttable:
             lane = max(cuttable, key=lambda lane: lane.began)
