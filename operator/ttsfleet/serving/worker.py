@@ -67,8 +67,9 @@ class Worker:
 
     With `cut`, a new stream whose first audio would wait (every lane working) cuts
     short a lane's work that nobody waits for (`Work.cuttable`: bulk, streams ahead of
-    their listeners; onnxruntime stops it within ~2 ms), unless it is about to end:
-    that work runs again later, and the new stream's first audio does not wait for a
+    their listeners; onnxruntime stops it within ~2 ms), unless it is past its half
+    or about to end, or the engine is near capacity (`_cut_for_first_audio`): that
+    work runs again later, and the new stream's first audio does not wait for a
     200-frame window (~150 ms on one core here). Off for GPU instances, whose windows
     take a few milliseconds."""
 
