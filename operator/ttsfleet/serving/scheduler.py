@@ -18,7 +18,8 @@ seen before. The next piece goes, in this order, to
    reply gets it as fast as the engine can make it, not at the listener's pace).
 Work of classes 4 to 6 alone is `cuttable`: nobody waits for it yet, so a caller may
 cut it short (and run it again later) rather than make a new stream's first audio wait
-for it, while no live stream is `short` of audio.
+for it, unless the engine is near capacity (a live stream `short` of audio, or the
+live streams' `demand` near what the lanes make: `serving.worker`).
 A stream's playback starts when its first audio leaves and runs at 1x, so the audio
 ahead of the listener is `started + sent - now`. A chunk that leaves after that has
 run out is an underrun (`underruns` counts them: the replica was past its capacity).
@@ -55,8 +56,8 @@ class Work:
     need: Need
     streams: tuple[Hashable, ...]
     eager: bool = False  # only streams far ahead (class 6): work nobody waits for
-    # Only rows of class `Scheduler.cuttable` or later (bulk, streams ahead of their
-    # listeners): a lane may cut it short for a new stream's first audio.
+    # Only rows of class CUTTABLE or later (bulk, streams ahead of their listeners): a
+    # lane may cut it short for a new stream's first audio.
     cuttable: bool = False
 
 
