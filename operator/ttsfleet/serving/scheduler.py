@@ -98,11 +98,14 @@ class Costs:
             return self.text_seconds * batch
         return self.frame_seconds * need.frames * batch
 
-    def record(self, need: Need, batch: int, seconds: float) -> None:
+    def record(self, need: Need, batch: int, seconds: float, audio: float = 0.0) -> None:
+        """`need` for `batch` rows took `seconds` and made `audio` seconds of audio."""
         known = self.seen.get((need, batch))
         self.seen[(need, batch)] = (
             seconds if known is None else known + self.decay * (seconds - known)
         )
+        if need.kind == "frames" and audio > 0:
+            self.per_audio_second += self.decay * (seconds / audio - self.per_audio_second)
 
 
 class Scheduler:
@@ -232,12 +235,7 @@ class Scheduler:
     ) -> None:  # fmt: skip
         """`work` ran from `began` to `ended`: each stream sent `sent[key]` seconds of
         audio at `ended` and now needs `needs[key]` (None: it is finished)."""
-        self.costs.record(work.need, len(work.streams), ended - began)
-        if work.need.kind == "frames" and (audio := sum(sent.values())) > 0:
-            costs = self.costs
-            costs.per_audio_second += costs.decay * (
-                (ended - began) / audio - costs.per_audio_second
-            )
+        self.costs.record(work.need, len(work.streams), ended - began, sum(sent.values()))
         for key in work.streams:
             stream = self.streams.get(key)
             if stream is None:  # dropped while its work ran

@@ -442,7 +442,7 @@ class ChunkedSynthesizer:
             (audio,) = run_cuttable(lambda o: self._frames.run(["output"], feeds, o), options)
             rows = np.asarray(audio, dtype=np.float32).reshape(len(streams), -1)
         for stream, end in zip(streams, ends, strict=True):
-            stream.position, stream.first = end, False
+            stream.advance(end)
         return [_int16(row[a:b] * self.gain) for row, (a, b) in zip(rows, spans, strict=True)]
 
     def _window(
@@ -470,7 +470,7 @@ class ChunkedSynthesizer:
                 self.run_text(stream)
                 continue
             z, mask, _, end = self._window(stream, need.frames, CONTEXT)
-            stream.position, stream.first = end, False
+            stream.advance(end)
             yield {SPLIT_POINT[0]: z, SPLIT_POINT[1]: mask}
 
     def run(self, stream: Stream, need: Need) -> Audio | None:
@@ -503,7 +503,7 @@ class ChunkedSynthesizer:
         audio = self._frame_part(z, mask)[
             (stream.position - start) * self.hop : (end - start) * self.hop
         ]
-        stream.position, stream.first = end, False
+        stream.advance(end)
         return audio
 
     def chunks(
@@ -541,6 +541,10 @@ class Stream:
     mask: npt.NDArray[np.float32] | None = field(default=None, repr=False)
     position: int = 0  # the next frame of the current sentence to make audio of
     first: bool = True  # no audio made yet
+
+    def advance(self, end: int) -> None:
+        """Its audio up to frame `end` of the current sentence is made."""
+        self.position, self.first = end, False
 
     def need(self) -> Need | None:
         """What comes next: the next sentence's text part, a window (the short first

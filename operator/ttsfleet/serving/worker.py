@@ -83,7 +83,6 @@ class Worker:
         # no other lane is working (the first window takes 27 ms on two threads, 41 ms
         # on one): a lane that starts meanwhile shares the cores with it until it ends.
         self._wide = wide
-        self._eager = 0  # lanes running work nobody waits for (see Scheduler.next)
         self.scheduler = Scheduler(sizes=sizes)
         self._clock = clock
         self._streams: dict[Hashable, tuple[Stream, Sink]] = {}
@@ -177,10 +176,12 @@ class Worker:
         with self._wake:
             while not self._closed:
                 now = self._clock()
-                eager = self._eager == 0  # at most one lane on it
+                # work nobody waits for (see Scheduler.next): at most one lane on it
+                eager = not any(
+                    other.work is not None and other.work.eager for other in self._lanes
+                )
                 work = self.scheduler.next(now, busy=self._running, eager=eager)
                 if work is not None:
-                    self._eager += work.eager
                     first = all(self.scheduler.streams[k].started is None for k in work.streams)
                     wide = self._wide if first and not self._running else None
                     self._running.update(work.streams)
@@ -211,7 +212,6 @@ class Worker:
             finally:
                 with self._wake:
                     lane.work = None
-                    self._eager -= work.eager
                     self._running.difference_update(work.streams)
                     self._wake.notify_all()
                     if self._closed:  # a stream that ran while stopping ends now
