@@ -271,6 +271,53 @@ def test_nothing_goes_down_during_a_lull_and_a_retry_surge_is_sized_as_before_it
     assert recommend(surge, policy, fresh, now=0.0).replicas == 150
 
 
+def test_gaps_between_bursts_are_no_lull() -> None:
+    """Production traffic comes in bursts with gaps of seconds between them: arrivals
+    fall away again and again, which is the traffic's shape, not an outage. No lull
+    begins without a stable window of steady arrivals before it, so a burst's panic is
+    trimmed once it is over instead of held while the gaps go on (a lull renewed by
+    every gap held 2,731 replicas for 36 minutes on a production trace scaled up)."""
+    policy = replace(POLICY, max_replicas=1000, reversal_window=0)
+    state, replicas = State(replica_rate=4.0), 20
+    for tick in range(300):  # 2 s ticks: 4 with nothing, 1 at 400/s; one big burst early
+        burst = 20 <= tick < 24
+        rate = 4000.0 if burst else (400.0 if tick % 5 == 4 else 0.0)
+        seen = Snapshot(replicas, pending_requests=0.0, completed_per_second=rate,
+                        serving_replicas=replicas)  # fmt: skip
+        rec = recommend(seen, policy, state, now=2.0 * tick)
+        state, replicas = rec.state, rec.replicas
+        if burst:
+            assert rec.panic
+        assert "arrivals fell away" not in rec.reason
+    assert state.lull_at is None
+    assert replicas <= 30  # the 80/s the bursts carry: 20 replicas at 4/s, not the panic's 1,000
+    # After a stable window of steady arrivals, the same gap begins a lull.
+    steady = State(replica_rate=4.0)
+    snap = Snapshot(50, pending_requests=0.0, completed_per_second=200.0, serving_replicas=50)
+    for tick in range(35):
+        steady = recommend(snap, policy, steady, now=2.0 * tick).state
+    gap = recommend(replace(snap, completed_per_second=0.0), policy, steady, now=70.0)
+    assert gap.state.lull_at == 70.0 and gap.replicas == 50
+
+
+def test_a_queue_on_every_replica_teaches_the_rate_before_the_targets_are_ever_met() -> None:
+    """Bursty traffic may never sit near the targets, where the rate a replica carries
+    is learned, leaving the size to the time signals, which grow with the fleet they
+    read. A queue on every replica means they run flat out: the rate at the targets
+    is then SATURATED_SHARE (80 %) of what each completes, and arrivals drive."""
+    snap = Snapshot(10, pending_requests=200.0, queue_seconds_per_request=5.0,
+                    completed_per_second=50.0, serving_replicas=10)  # fmt: skip
+    rec = recommend(snap, replace(POLICY, max_replicas=1000), State(), now=10.0)
+    assert rec.state.replica_rate == pytest.approx(4.0)  # 0.8 x 50/s over 10
+    assert "arrivals" in rec.signals
+    # A queue shorter than the per-replica target teaches nothing.
+    short = replace(snap, pending_requests=20.0)
+    assert (
+        recommend(short, replace(POLICY, max_replicas=1000), State(), now=10.0).state.replica_rate
+        is None
+    )
+
+
 def test_no_scale_down_below_where_a_rise_goes_within_the_reversal_window() -> None:
     """On a rise, trimming a burst's overshoot stops where the rise will be in 600 s:
     going back up sooner would be a flap. The slope is the median of the pairwise

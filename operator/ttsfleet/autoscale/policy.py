@@ -122,7 +122,8 @@ class State:
     short_from: float = 0.0  # requests in the fleet (queued and streaming) at short_since
     wanting_since: float | None = None  # asking for more than the fleet since then
     trend: tuple[tuple[float, float], ...] = ()  # (time, stable ask), every trend_every
-    lull_at: float | None = None  # when arrivals were last far below the stable ask
+    lull_at: float | None = None  # when arrivals were last far below the stable ask in a lull
+    steady_since: float | None = None  # arrivals not far below the stable ask since then
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,13 @@ def _replica_rate(
             else (replica_rate + policy.rate_learning * (seen - replica_rate))
         )
     completed = snapshot.completed_per_second
+    queued = snapshot.pending_requests
+    if replica_rate is None and completed and queued and serving > 0:  # noqa: SIM102
+        if queued >= policy.queue_depth_per_replica * serving:
+            # Not learned yet (traffic in bursts may never sit near the targets), but
+            # every replica has a queue: they run flat out, and at the targets one
+            # carries SATURATED_SHARE of what it completes now.
+            replica_rate = SATURATED_SHARE * completed / serving
     inside = sum(v for v in (snapshot.pending_requests, snapshot.open_streams) if v is not None)
     over = bool(calm and completed and arrivals and serving > 0
                 and measured > (1 + policy.tolerance) * serving)  # fmt: skip
@@ -343,6 +351,23 @@ def _reversal(
     return desired, why
 
 
+def _lull(
+    fell_away: bool, policy: Policy, state: State, now: float
+) -> tuple[float | None, float | None]:
+    """When arrivals last fell away in a lull, and since when they have not fallen away.
+
+    A lull (an upstream outage) begins where arrivals fall far below the stable ask
+    after a stable window without that, and goes on while they stay down. Traffic that
+    comes in bursts with gaps between them falls away every few seconds: that is its
+    shape, not an outage, and a lull that began there and never ended held whatever
+    fleet it found (a burst's panic, for half an hour on a production trace)."""
+    if not fell_away:
+        return state.lull_at, now if state.steady_since is None else state.steady_since
+    going_on = state.lull_at is not None and now - state.lull_at < policy.scale_down_delay
+    steady = state.steady_since is not None and now - state.steady_since >= policy.stable_window
+    return (now if going_on or steady else state.lull_at), None
+
+
 def _stable_size(driver: str, stable: float, slope: float, policy: Policy) -> tuple[int, str]:
     """What the stable window asks for, ahead along a rise by `lead_seconds`."""
     why = f"{driver} asks for {stable:.1f} replicas over the last {policy.stable_window:.0f}s"
@@ -450,7 +475,7 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
     slope = _trend(trend)
     panic_until = state.panic_until
     fell_away = "arrivals" in asks and asks["arrivals"] < policy.lull_share * stable
-    lull_at = now if fell_away else state.lull_at
+    lull_at, steady_since = _lull(fell_away, policy, state, now)
     lull = lull_at is not None and now - lull_at < policy.scale_down_delay
     if current > 0 and panicking_now >= policy.panic_threshold * current:
         panic_until = now + policy.stable_window
@@ -504,6 +529,7 @@ def recommend(snapshot: Snapshot, policy: Policy, state: State, now: float) -> R
         panic_until=panic_until, in_system=in_system, replica_rate=replica_rate,
         direction=direction, turned_at=turned_at, short_since=short_since,
         short_from=short_from, wanting_since=wanting_since, trend=trend, lull_at=lull_at,
+        steady_since=steady_since,
     )  # fmt: skip
     signals = {k: round(v, 3) for k, v in reported.items()}
     return Recommendation(desired, why, signals, panic, new_state)
