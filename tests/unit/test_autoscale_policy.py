@@ -310,6 +310,15 @@ def test_a_queue_on_every_replica_teaches_the_rate_before_the_targets_are_ever_m
     rec = recommend(snap, replace(POLICY, max_replicas=1000), State(), now=10.0)
     assert rec.state.replica_rate == pytest.approx(4.0)  # 0.8 x 50/s over 10
     assert "arrivals" in rec.signals
+    # Nor while replicas are starting: the completions are not all the fleet's yet
+    # (a rate read then was 1.5x the one learned later near the targets).
+    starting = replace(snap, ready_replicas=20)
+    assert (
+        recommend(
+            starting, replace(POLICY, max_replicas=1000), State(), now=10.0
+        ).state.replica_rate
+        is None
+    )
     # A queue shorter than the per-replica target teaches nothing.
     short = replace(snap, pending_requests=20.0)
     assert (

@@ -234,11 +234,12 @@ def _replica_rate(
         )
     completed = snapshot.completed_per_second
     queued = snapshot.pending_requests
-    if replica_rate is None and completed and queued and serving > 0:  # noqa: SIM102
+    all_ready = serving == snapshot.ready_replicas  # none starting: completions are theirs
+    if replica_rate is None and completed and queued and serving > 0 and all_ready:  # noqa: SIM102
         if queued >= policy.queue_depth_per_replica * serving:
             # Not learned yet (traffic in bursts may never sit near the targets), but
-            # every replica has a queue: they run flat out, and at the targets one
-            # carries SATURATED_SHARE of what it completes now.
+            # every replica, all of them Ready, has a queue: they run flat out, and at
+            # the targets one carries SATURATED_SHARE of what it completes now.
             replica_rate = SATURATED_SHARE * completed / serving
     inside = sum(v for v in (snapshot.pending_requests, snapshot.open_streams) if v is not None)
     over = bool(calm and completed and arrivals and serving > 0
