@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from ttsfleet.sim import compare, engine, policies, report, traces, validate
 from ttsfleet.sim.engine import SimConfig, View, count_oscillations, simulate, steps
 from ttsfleet.sim.service import MEASURED_TTFA_P50_S, calibrated
 
+REPO = Path(__file__).resolve().parents[2]
 SERVICE = calibrated(samples=4000)
 STEP = traces.Trace("step", ((0.0, 100.0), (300.0, 100.0), (301.0, 800.0), (1500.0, 800.0)))
 UP_DOWN = traces.Trace(
@@ -301,3 +304,27 @@ def test_cli_json_has_a_builtin_traces_goals_of_its_kind() -> None:
     assert out.exit_code == 0, out.output
     goals = json.loads(out.output)["goals"]
     assert "within_3pct_of_oracle" in goals and "misses_over_oracle" in goals
+
+
+def test_recorded_arrivals_become_a_trace_that_keeps_their_gaps(tmp_path: Path) -> None:
+    """hack/arrivals_trace.py: a request a row with its time -> the rate of each bucket
+    times the scale, empty buckets kept (the gaps of production traffic), readable by
+    `ttsfleet sim`; a missing time column is named."""
+    arrivals = tmp_path / "arrivals.csv"
+    times = ["2023-11-16 18:15:46.6805900", "2023-11-16 18:15:46.9", "2023-11-16 18:15:47.2",
+             "2023-11-16 18:15:50.1"]  # fmt: skip
+    arrivals.write_text("TIMESTAMP,Tokens\n" + "".join(f"{t},7\n" for t in times))
+    script = [sys.executable, str(REPO / "hack" / "arrivals_trace.py"), str(arrivals)]
+    out = subprocess.run([*script, "--scale", "10"], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        "t_s,requests_per_s", "0,30", "1,0", "2,0", "3,10",
+    ]  # fmt: skip
+    (tmp_path / "trace.csv").write_text(out.stdout)
+    trace = traces.load(str(tmp_path / "trace.csv"))
+    assert trace.duration_s == 3.0 and trace.peak == 30.0
+    coarse = subprocess.run([*script, "--bucket", "2"], capture_output=True, text=True, check=True)
+    assert coarse.stdout.splitlines()[1:] == ["0,1.5", "2,0.5"]
+    wrong = subprocess.run(
+        [*script, "--column", "time"], check=False, capture_output=True, text=True
+    )
+    assert wrong.returncode != 0 and "no column 'time'" in wrong.stderr
