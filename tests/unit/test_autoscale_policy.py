@@ -300,33 +300,6 @@ def test_gaps_between_bursts_are_no_lull() -> None:
     assert gap.state.lull_at == 70.0 and gap.replicas == 50
 
 
-def test_a_queue_on_every_replica_teaches_the_rate_before_the_targets_are_ever_met() -> None:
-    """Bursty traffic may never sit near the targets, where the rate a replica carries
-    is learned, leaving the size to the time signals, which grow with the fleet they
-    read. A queue on every replica means they run flat out: the rate at the targets
-    is then SATURATED_SHARE (80 %) of what each completes, and arrivals drive."""
-    snap = Snapshot(10, pending_requests=200.0, queue_seconds_per_request=5.0,
-                    completed_per_second=50.0, serving_replicas=10)  # fmt: skip
-    rec = recommend(snap, replace(POLICY, max_replicas=1000), State(), now=10.0)
-    assert rec.state.replica_rate == pytest.approx(4.0)  # 0.8 x 50/s over 10
-    assert "arrivals" in rec.signals
-    # Nor while replicas are starting: the completions are not all the fleet's yet
-    # (a rate read then was 1.5x the one learned later near the targets).
-    starting = replace(snap, ready_replicas=20)
-    assert (
-        recommend(
-            starting, replace(POLICY, max_replicas=1000), State(), now=10.0
-        ).state.replica_rate
-        is None
-    )
-    # A queue shorter than the per-replica target teaches nothing.
-    short = replace(snap, pending_requests=20.0)
-    assert (
-        recommend(short, replace(POLICY, max_replicas=1000), State(), now=10.0).state.replica_rate
-        is None
-    )
-
-
 def test_no_scale_down_below_where_a_rise_goes_within_the_reversal_window() -> None:
     """On a rise, trimming a burst's overshoot stops where the rise will be in 600 s:
     going back up sooner would be a flap. The slope is the median of the pairwise

@@ -233,14 +233,6 @@ def _replica_rate(
             else (replica_rate + policy.rate_learning * (seen - replica_rate))
         )
     completed = snapshot.completed_per_second
-    queued = snapshot.pending_requests
-    all_ready = serving == snapshot.ready_replicas  # none starting: completions are theirs
-    if replica_rate is None and completed and queued and serving > 0 and all_ready:  # noqa: SIM102
-        if queued >= policy.queue_depth_per_replica * serving:
-            # Not learned yet (traffic in bursts may never sit near the targets), but
-            # every replica, all of them Ready, has a queue: they run flat out, and at
-            # the targets one carries SATURATED_SHARE of what it completes now.
-            replica_rate = SATURATED_SHARE * completed / serving
     inside = sum(v for v in (snapshot.pending_requests, snapshot.open_streams) if v is not None)
     over = bool(calm and completed and arrivals and serving > 0
                 and measured > (1 + policy.tolerance) * serving)  # fmt: skip
